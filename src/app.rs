@@ -1,0 +1,160 @@
+//! `walhook run`: wires the pipeline together and runs it until shutdown.
+//!
+//! replication → decode → route → dispatch (fast path) → store writer
+//!                                      outbox workers ↗
+//!
+//! What must hold: every channel between the stages is bounded; shutdown is a token passed
+//! in, observed by every stage; a fatal replication error stops the whole process (nothing
+//! keeps serving while the slot is not read).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::dispatch::http::{HttpError, Sender};
+use crate::dispatch::limits::Limits;
+use crate::dispatch::policy::RetryPolicy;
+use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::metrics::Metrics;
+use crate::outbox::{OutboxSettings, OutboxWorker};
+use crate::preflight::{self, PreflightError};
+use crate::replication::{Replication, ReplicationError, ReplicationStatus};
+use crate::route::{RouteError, Router};
+use crate::secrets::{SecretBox, SecretError};
+use crate::store::StoreWriter;
+
+/// Deliveries routed but not yet taken by dispatch.
+const DISPATCH_CHANNEL: usize = 1024;
+/// Writes waiting for the store writer.
+const STORE_CHANNEL: usize = 4096;
+
+/// Why `walhook run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Database setup failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The database is not ready.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    /// `secrets.encryption_key` is unusable.
+    #[error(transparent)]
+    Secrets(#[from] SecretError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// Endpoints could not be loaded.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Replication failed for good.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// A listener could not be opened.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Shared handles of a running walhook, for the HTTP servers.
+#[derive(Clone)]
+pub struct Shared {
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Database.
+    pub db: Db,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Replication state.
+    pub status: Arc<ReplicationStatus>,
+    /// Secret sealing.
+    pub secrets: SecretBox,
+}
+
+/// Runs walhook until `shutdown` is cancelled or replication fails for good.
+pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
+    let db = Db::new(&cfg.database)?;
+    preflight::check(&db, &cfg).await?;
+    let secrets = SecretBox::new(cfg.secrets.encryption_key.as_ref().map(|k| k.expose()))?;
+    if !secrets.encrypts() {
+        tracing::warn!("secrets.encryption_key is not set: endpoint signing secrets are stored unencrypted");
+    }
+    // Fail now, not on the first reconnect, if a stored secret cannot be opened.
+    Router::load(&db, secrets.clone()).await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let status = Arc::new(ReplicationStatus::default());
+    let shared = Shared {
+        cfg: cfg.clone(),
+        db: db.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+        secrets: secrets.clone(),
+    };
+    let ops_listener = bind(cfg.metrics.listen).await?;
+
+    let d = &cfg.dispatch;
+    let sender = Sender::new(d)?;
+    let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency));
+    let retry = RetryPolicy::new(d);
+    let lease_for = d.connect_timeout.get() + d.request_timeout.get() * 2 + Duration::from_secs(30);
+    let grace = cfg.shutdown.grace.get();
+    let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
+    let outbox_wake = Arc::new(Notify::new());
+    let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_CHANNEL);
+    let dispatcher = Dispatcher::new(
+        DispatchSettings {
+            endpoint_queue: d.endpoint_queue,
+            queue_capacity: d.queue_capacity,
+            spill_after: d.spill_after.get(),
+            lease_for,
+            retry: retry.clone(),
+        },
+        sender.clone(),
+        limits.clone(),
+        store_tx.clone(),
+        outbox_wake.clone(),
+        metrics.clone(),
+    );
+    let outbox = OutboxWorker::new(
+        db.clone(),
+        sender,
+        limits,
+        store_tx,
+        secrets.clone(),
+        OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, retry },
+        metrics.clone(),
+        outbox_wake,
+    );
+    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status);
+
+    let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
+    let writer = tokio::spawn(writer.run());
+    let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
+    let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));
+
+    let result = replication.run(shutdown.clone()).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "replication stopped; shutting down");
+    }
+    shutdown.cancel();
+    let _ = dispatcher.await;
+    let _ = outbox.await;
+    // The writer ends once every stage holding a sender has ended and its writes are in.
+    if tokio::time::timeout(grace + Duration::from_secs(10), writer).await.is_err() {
+        tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");
+    }
+    let _ = ops.await;
+    Ok(result?)
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| AppError::Listen { addr, source })
+}

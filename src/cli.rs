@@ -1,0 +1,137 @@
+//! Command line: `walhook run | migrate | check-config | demo`.
+//!
+//! What must hold: configuration errors are printed with the key named and exit non-zero
+//! before anything connects; SIGTERM/SIGINT start a graceful shutdown and a second signal
+//! exits at once; logs never carry secrets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+
+/// walhook: PostgreSQL changes as signed webhooks.
+#[derive(Debug, Parser)]
+#[command(name = "walhook", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream the slot and deliver webhooks until SIGTERM.
+    Run {
+        /// TOML configuration file (environment variables WALHOOK_<SECTION>__<KEY> override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Create or upgrade walhook's schema, the publication and the replica identity.
+    Migrate {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration, secrets redacted.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// A self-contained tour: throwaway Postgres, sample CRM, local HTTPS receiver.
+    Demo {
+        /// Keep running (and printing webhooks) until Ctrl-C after the tour.
+        #[arg(long)]
+        stay: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walhook: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walhook: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            print!("{}", cfg.render_redacted());
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(&cfg);
+            let db = crate::db::Db::new(&cfg.database)?;
+            let report = crate::migrate::migrate(&db, &cfg).await.context("migrate")?;
+            println!(
+                "walhook schema at version {}; applied {:?}; replica identity FULL set on {:?}; publication {} {}",
+                crate::migrate::latest_version(),
+                report.applied,
+                report.replica_identity_set,
+                cfg.replication.publication,
+                if report.publication_created {
+                    "created".to_string()
+                } else if report.publication_added.is_empty() {
+                    "up to date".to_string()
+                } else {
+                    format!("extended with {:?}", report.publication_added)
+                }
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let cfg = Arc::new(Config::load(config.as_deref())?);
+            init_logging(&cfg);
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "walhook starting");
+            crate::app::run(cfg, shutdown).await?;
+            tracing::info!("walhook stopped");
+            Ok(())
+        }
+        Command::Demo { stay } => crate::demo::run(stay).await,
+    }
+}
+
+/// Logging as configured; `RUST_LOG` wins over `log.level`.
+pub fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutting down (a second signal exits at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

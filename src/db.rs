@@ -1,0 +1,149 @@
+//! Connections to the CRM database: a pool for walhook's own tables and dedicated sessions
+//! for what must outlive a pooled checkout (the HA advisory lock).
+//!
+//! What must hold: TLS is used as the URL's `sslmode` asks (`require` verifies the server's
+//! certificate against `database.ca_cert` or the Mozilla roots); connecting never blocks
+//! forever; errors never carry the password.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::DatabaseConfig;
+
+/// Database access errors; each keeps its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A statement or connection failed.
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No pooled connection could be had.
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The URL or TLS material is unusable.
+    #[error("database configuration: {0}")]
+    Config(String),
+}
+
+impl DbError {
+    /// Whether retrying later may succeed (connection trouble rather than a bad statement).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            DbError::Pool(_) => true,
+            DbError::Config(_) => false,
+        }
+    }
+}
+
+/// The database handle shared by every part of walhook.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    pg: Arc<tokio_postgres::Config>,
+    tls: MakeRustlsConnect,
+    ca_cert: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("status", &self.pool.status()).finish()
+    }
+}
+
+impl Db {
+    /// Builds the pool; nothing connects until first use.
+    pub fn new(cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        let mut pg: tokio_postgres::Config =
+            cfg.url.expose().parse().map_err(|e| DbError::Config(format!("database.url: {e}")))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(10));
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("walhook");
+        }
+        pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        let tls = MakeRustlsConnect::new(client_tls(cfg.ca_cert.as_deref())?);
+        let manager =
+            Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(15)))
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Db { pool, pg: Arc::new(pg), tls, ca_cert: cfg.ca_cert.clone() })
+    }
+
+    /// A pooled connection.
+    pub async fn get(&self) -> Result<deadpool_postgres::Object, DbError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// A connection of its own, outside the pool; it closes when the client is dropped.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        let (client, conn) = self.pg.connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "dedicated database connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The parsed connection settings (host, port, user, database).
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+
+    /// The replication connection's settings, derived from the same URL.
+    pub fn replication_config(
+        &self,
+        slot: &str,
+        publication: &str,
+    ) -> Result<pgwire_replication::ReplicationConfig, DbError> {
+        use pgwire_replication::{ReplicationConfig, TlsConfig};
+        let (host, port) = match (self.pg.get_hosts().first(), self.pg.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(h)), p) => (h.clone(), p.copied().unwrap_or(5432)),
+            (Some(tokio_postgres::config::Host::Unix(dir)), p) => {
+                (dir.display().to_string(), p.copied().unwrap_or(5432))
+            }
+            (None, _) => return Err(DbError::Config("database.url names no host".into())),
+        };
+        let user = self.pg.get_user().unwrap_or("postgres").to_owned();
+        let password = self.pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+        let dbname = self.pg.get_dbname().unwrap_or(&user).to_owned();
+        let tls = match self.pg.get_ssl_mode() {
+            SslMode::Disable => TlsConfig::disabled(),
+            SslMode::Require => TlsConfig::verify_full(self.ca_cert.clone()),
+            _ => {
+                let mut t = TlsConfig::disabled();
+                t.mode = pgwire_replication::SslMode::Prefer;
+                t
+            }
+        };
+        Ok(ReplicationConfig::new(host, user, password, dbname, slot, publication).with_port(port).with_tls(tls))
+    }
+}
+
+/// The rustls client configuration used for database connections.
+fn client_tls(ca_cert: Option<&Path>) -> Result<rustls::ClientConfig, DbError> {
+    crate::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_cert {
+        Some(path) => {
+            for cert in
+                crate::tls::read_pem_certs(path).map_err(|e| DbError::Config(format!("database.ca_cert: {e}")))?
+            {
+                roots.add(cert).map_err(|e| DbError::Config(format!("database.ca_cert: {e}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}

@@ -1,0 +1,272 @@
+//! One HTTP attempt: sign, POST, classify the answer.
+//!
+//! What must hold: only `https` targets; literal IPs and resolved names both pass the
+//! address policy; redirects are never followed (a 3xx is a failure); the whole attempt is
+//! bounded by `dispatch.request_timeout` and at most 64 KiB of the response is read; the
+//! `webhook-id` is the delivery id (stable across attempts and restarts) while
+//! `webhook-timestamp` and the signature are fresh per attempt.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use url::{Host, Url};
+
+use super::ssrf::{AddressPolicy, GuardedResolver};
+use crate::config::DispatchConfig;
+use crate::route::Endpoint;
+
+/// Response bytes read at most.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Response bytes kept for the attempt record.
+pub const SNIPPET_BYTES: usize = 1024;
+/// `user-agent` of every request.
+pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
+
+/// Building the HTTP client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A `dispatch.ca_certs` file is unusable.
+    #[error("dispatch.ca_certs: {0}")]
+    CaCert(String),
+    /// reqwest refused the configuration.
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Non-2xx status.
+    Status,
+    /// No answer within the timeout.
+    Timeout,
+    /// Connection refused, reset, TLS failure, DNS failure…
+    Network,
+    /// The target is not allowed (scheme or address).
+    Refused,
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// HTTP status, when one was received.
+    pub status: Option<u16>,
+    /// `None` on 2xx.
+    pub failure: Option<FailureKind>,
+    /// Seconds asked for by `Retry-After`, if any.
+    pub retry_after: Option<Duration>,
+    /// Short description of a failure (never secrets or bodies).
+    pub error: Option<String>,
+    /// Start of the attempt.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// How long it took.
+    pub duration: Duration,
+    /// First bytes of the response body.
+    pub response_snippet: String,
+}
+
+impl Attempt {
+    /// Whether the receiver answered 2xx.
+    pub fn succeeded(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    /// Outcome class for metrics: 2xx, 3xx, 4xx, 5xx, timeout, network, refused.
+    pub fn class(&self) -> &'static str {
+        match (self.failure, self.status) {
+            (None, _) => "2xx",
+            (Some(FailureKind::Timeout), _) => "timeout",
+            (Some(FailureKind::Network), _) => "network",
+            (Some(FailureKind::Refused), _) => "refused",
+            (Some(FailureKind::Status), Some(300..=399)) => "3xx",
+            (Some(FailureKind::Status), Some(400..=499)) => "4xx",
+            (Some(FailureKind::Status), _) => "5xx",
+        }
+    }
+}
+
+/// Sends webhook requests.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+}
+
+impl Sender {
+    /// A sender configured by `[dispatch]`.
+    pub fn new(cfg: &DispatchConfig) -> Result<Sender, HttpError> {
+        crate::tls::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for path in &cfg.ca_certs {
+            let certs = crate::tls::read_pem_certs(path).map_err(|e| HttpError::CaCert(e.to_string()))?;
+            for c in certs {
+                roots.add(c).map_err(|e| HttpError::CaCert(format!("{}: {e}", path.display())))?;
+            }
+        }
+        let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let policy = Arc::new(AddressPolicy::new(cfg.allowed_cidrs.clone()));
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout.get())
+            .timeout(cfg.request_timeout.get())
+            .pool_max_idle_per_host(cfg.endpoint_concurrency)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(USER_AGENT)
+            .build()?;
+        Ok(Sender { client, policy })
+    }
+
+    /// Whether `url` may be targeted as written: `https`, a host, and not a forbidden
+    /// literal address. (Names are checked again at connect time.)
+    pub fn check_url(&self, url: &Url) -> Result<(), String> {
+        check_target(&self.policy, url)
+    }
+
+    /// Makes one attempt of delivery `msg_id` to `endpoint`.
+    pub async fn attempt(&self, endpoint: &Endpoint, msg_id: &str, body: Bytes) -> Attempt {
+        let started_at = chrono::Utc::now();
+        let clock = Instant::now();
+        let mut attempt = Attempt {
+            status: None,
+            failure: None,
+            retry_after: None,
+            error: None,
+            started_at,
+            duration: Duration::ZERO,
+            response_snippet: String::new(),
+        };
+        let url = match Url::parse(&endpoint.url).map_err(|e| e.to_string()).and_then(|u| {
+            check_target(&self.policy, &u)?;
+            Ok(u)
+        }) {
+            Ok(u) => u,
+            Err(why) => {
+                attempt.failure = Some(FailureKind::Refused);
+                attempt.error = Some(why);
+                return attempt;
+            }
+        };
+        let ts = started_at.timestamp();
+        let signature = endpoint.signer.sign(msg_id, ts, &body);
+        let request = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", ts)
+            .header("webhook-signature", signature)
+            .body(body);
+        match request.send().await {
+            Ok(mut resp) => {
+                let status = resp.status();
+                attempt.status = Some(status.as_u16());
+                attempt.retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+                let mut read = 0usize;
+                let mut snippet = Vec::new();
+                loop {
+                    match resp.chunk().await {
+                        Ok(Some(chunk)) => {
+                            if snippet.len() < SNIPPET_BYTES {
+                                let take = (SNIPPET_BYTES - snippet.len()).min(chunk.len());
+                                snippet.extend_from_slice(&chunk[..take]);
+                            }
+                            read += chunk.len();
+                            if read >= MAX_RESPONSE_BYTES {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            // The status already decided the outcome; a broken body only
+                            // matters for a 2xx we could not read completely.
+                            if !status.is_success() {
+                                break;
+                            }
+                            attempt.failure = Some(classify(&e));
+                            attempt.error = Some(describe(&e));
+                            break;
+                        }
+                    }
+                }
+                attempt.response_snippet = String::from_utf8_lossy(&snippet).into_owned();
+                if !status.is_success() && attempt.failure.is_none() {
+                    attempt.failure = Some(FailureKind::Status);
+                    attempt.error = Some(format!("HTTP {}", status.as_u16()));
+                }
+            }
+            Err(e) => {
+                attempt.failure = Some(classify(&e));
+                attempt.error = Some(describe(&e));
+            }
+        }
+        attempt.duration = clock.elapsed();
+        attempt
+    }
+}
+
+fn check_target(policy: &AddressPolicy, url: &Url) -> Result<(), String> {
+    if url.scheme() != "https" {
+        return Err(format!("refused: scheme {} (only https)", url.scheme()));
+    }
+    let ip = match url.host() {
+        Some(Host::Ipv4(v4)) => std::net::IpAddr::V4(v4),
+        Some(Host::Ipv6(v6)) => std::net::IpAddr::V6(v6),
+        Some(Host::Domain(_)) => return Ok(()),
+        None => return Err("refused: no host".into()),
+    };
+    policy.check(ip).map_err(|reason| format!("refused: {ip} is {reason}"))
+}
+
+fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(s).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
+}
+
+fn classify(e: &reqwest::Error) -> FailureKind {
+    if e.is_timeout() {
+        return FailureKind::Timeout;
+    }
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.is::<super::ssrf::Refused>() {
+            return FailureKind::Refused;
+        }
+        source = s.source();
+    }
+    FailureKind::Network
+}
+
+/// The error chain in one line, without the URL (which could carry a token in its path).
+fn describe(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    let head = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connect failed"
+    } else if e.is_body() || e.is_decode() {
+        "reading the response failed"
+    } else {
+        "request failed"
+    };
+    if parts.is_empty() {
+        head.to_owned()
+    } else {
+        format!("{head}: {}", parts.join(": "))
+    }
+}

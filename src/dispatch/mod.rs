@@ -1,0 +1,541 @@
+//! Dispatch, fast path: deliveries are sent from memory as they are routed.
+//!
+//! What must hold:
+//! - **Order per entity** (invariant 4): per endpoint, a row (`entity_key`) has at most one
+//!   delivery in flight; later ones wait behind it. When an attempt fails, the delivery goes
+//!   to the outbox and every later delivery of that row to that endpoint follows it there
+//!   (the row is *blocked*) until the outbox has settled the last of them. Other rows and
+//!   other endpoints are not held back.
+//! - **Bounded memory** (invariant 5): an endpoint whose queue is full, whose oldest waiting
+//!   delivery waited longer than `dispatch.spill_after`, or that has too many blocked rows is
+//!   *spilled*: its waiting deliveries go to the outbox, its in-flight ones are stored there
+//!   under a lease, and its new deliveries go straight to the outbox until it has nothing
+//!   pending. The total waiting in memory is capped; past the cap, routing (and so the
+//!   replication stream) waits.
+//! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
+//!   writer after its record or outbox row commits, or because its endpoint was deleted.
+
+pub mod http;
+pub mod limits;
+pub mod policy;
+pub mod ssrf;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+use crate::route::{Delivery, Endpoint};
+use crate::store::{Completion, Probe, ProbeAnswer, Record, Status, StoreOp};
+use http::{Attempt, Sender};
+use limits::{Limits, Permit};
+use policy::RetryPolicy;
+
+/// Blocked rows one endpoint may have before it is spilled as a whole.
+const MAX_BLOCKED_ROWS: usize = 1000;
+/// How often waiting times are checked and blocked rows probed.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What routing tells dispatch, in stream order.
+#[derive(Debug)]
+pub enum DispatchMsg {
+    /// Send this.
+    Deliver(Delivery),
+    /// An endpoint changed (URL, events, secret or active flag).
+    EndpointChanged(Arc<Endpoint>),
+    /// An endpoint was deleted: nothing more may be sent to it.
+    EndpointRemoved(Uuid),
+}
+
+/// Dispatch settings derived from `[dispatch]`.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Waiting deliveries per endpoint before it spills.
+    pub endpoint_queue: usize,
+    /// Waiting deliveries in all before routing waits.
+    pub queue_capacity: usize,
+    /// Longest wait in memory before the endpoint spills.
+    pub spill_after: Duration,
+    /// Lease on rows stored while their attempt is still in flight.
+    pub lease_for: Duration,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+}
+
+/// A delivery waiting in memory.
+#[derive(Debug)]
+struct Waiting {
+    delivery: Delivery,
+    since: Instant,
+}
+
+/// A delivery whose attempt is in flight.
+#[derive(Debug)]
+struct Flight {
+    delivery: Delivery,
+    /// Stored in the outbox under our lease while in flight (the endpoint spilled).
+    leased: bool,
+}
+
+/// An attempt that finished.
+#[derive(Debug)]
+struct Done {
+    endpoint_id: Uuid,
+    delivery_id: Uuid,
+    attempt: Attempt,
+}
+
+#[derive(Debug)]
+struct EndpointState {
+    endpoint: Arc<Endpoint>,
+    /// Deliveries ready to start, oldest first (their rows have nothing ahead of them).
+    ready: VecDeque<Waiting>,
+    /// Rows with a delivery ready or in flight, and what waits behind it.
+    behind: HashMap<String, VecDeque<Waiting>>,
+    /// Deliveries waiting in `ready` and `behind`.
+    waiting: usize,
+    in_flight: HashMap<Uuid, Flight>,
+    /// Rows whose latest delivery is in the outbox: row → that delivery's id.
+    blocked: HashMap<String, Uuid>,
+    /// Everything new goes to the outbox until the endpoint has nothing pending.
+    spilled: bool,
+    /// Generation of the last delivery this endpoint sent to the outbox.
+    spill_generation: u64,
+    /// A probe is out.
+    probing: bool,
+    /// Deleted: drop whatever is left.
+    removed: bool,
+}
+
+impl EndpointState {
+    fn new(endpoint: Arc<Endpoint>) -> Self {
+        EndpointState {
+            endpoint,
+            ready: VecDeque::new(),
+            behind: HashMap::new(),
+            waiting: 0,
+            in_flight: HashMap::new(),
+            blocked: HashMap::new(),
+            spilled: false,
+            spill_generation: 0,
+            probing: false,
+            removed: false,
+        }
+    }
+
+    fn oldest_wait(&self, now: Instant) -> Duration {
+        let fronts = self.ready.front().into_iter().chain(self.behind.values().filter_map(|q| q.front()));
+        fronts.map(|w| now - w.since).max().unwrap_or_default()
+    }
+
+    fn idle(&self) -> bool {
+        self.waiting == 0 && self.in_flight.is_empty() && self.blocked.is_empty() && !self.spilled && !self.probing
+    }
+}
+
+/// The fast-path dispatcher: one task owning every endpoint's in-memory state.
+pub struct Dispatcher {
+    settings: DispatchSettings,
+    sender: Sender,
+    limits: Arc<Limits>,
+    store: mpsc::Sender<StoreOp>,
+    outbox_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    endpoints: HashMap<Uuid, EndpointState>,
+    waiting: usize,
+    generation: u64,
+    lease_token: Uuid,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    probe_tx: mpsc::Sender<ProbeAnswer>,
+    probe_rx: mpsc::Receiver<ProbeAnswer>,
+}
+
+impl Dispatcher {
+    /// A dispatcher writing through `store` and waking the outbox workers with `outbox_wake`.
+    pub fn new(
+        settings: DispatchSettings,
+        sender: Sender,
+        limits: Arc<Limits>,
+        store: mpsc::Sender<StoreOp>,
+        outbox_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::channel(limits.global_available().max(1));
+        let (probe_tx, probe_rx) = mpsc::channel(1024);
+        Dispatcher {
+            settings,
+            sender,
+            limits,
+            store,
+            outbox_wake,
+            metrics,
+            endpoints: HashMap::new(),
+            waiting: 0,
+            generation: 0,
+            lease_token: Uuid::new_v4(),
+            done_tx,
+            done_rx,
+            probe_tx,
+            probe_rx,
+        }
+    }
+
+    /// Runs until `rx` closes (routing ended) or `shutdown`; then stores what waits in the
+    /// outbox and lets in-flight attempts finish within `grace`.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<DispatchMsg>, shutdown: CancellationToken, grace: Duration) {
+        let released = self.limits.released();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop taking deliveries.
+                _ = shutdown.cancelled() => break,
+                // 2. Finished attempts free a slot and may unblock the row behind them.
+                Some(done) = self.done_rx.recv() => self.on_done(done).await,
+                // 3. Outbox answers: rows and endpoints whose outbox work has drained.
+                Some(answer) = self.probe_rx.recv() => self.on_probe(answer),
+                // 4. A permit freed elsewhere (outbox workers): start what waits.
+                _ = released.notified() => self.pump_all().await,
+                // 5. New deliveries, while memory allows; backpressure reaches replication.
+                msg = rx.recv(), if self.waiting < self.settings.queue_capacity => match msg {
+                    Some(msg) => self.on_msg(msg).await,
+                    None => break,
+                },
+                // 6. Spill endpoints whose deliveries wait too long; probe blocked rows.
+                _ = tick.tick() => self.on_tick().await,
+            }
+            self.metrics.queued.set(self.waiting as i64);
+        }
+        self.drain(grace).await;
+    }
+
+    async fn on_msg(&mut self, msg: DispatchMsg) {
+        match msg {
+            DispatchMsg::Deliver(d) => self.accept(d).await,
+            DispatchMsg::EndpointChanged(ep) => {
+                let id = ep.id;
+                let inactive = !ep.is_active;
+                if let Some(state) = self.endpoints.get_mut(&id) {
+                    state.endpoint = ep;
+                    if inactive && !state.spilled {
+                        // Keep what waits for when it is enabled again.
+                        self.spill_endpoint(id).await;
+                    }
+                }
+            }
+            DispatchMsg::EndpointRemoved(id) => {
+                if let Some(mut state) = self.endpoints.remove(&id) {
+                    for w in state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)) {
+                        if let Some(t) = w.delivery.ticket {
+                            t.settle(); // deliberately dropped: the endpoint is gone
+                        }
+                        self.waiting -= 1;
+                    }
+                    state.waiting = 0;
+                    state.removed = true;
+                    if !state.in_flight.is_empty() {
+                        self.endpoints.insert(id, state); // let in-flight attempts finish
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept(&mut self, mut d: Delivery) {
+        let id = d.endpoint.id;
+        let state = self.endpoints.entry(id).or_insert_with(|| EndpointState::new(d.endpoint.clone()));
+        let key = d.event.entity_key.clone();
+        if state.removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // routed before the delete reached us; the endpoint is gone
+            }
+            return;
+        }
+        if state.spilled || !state.endpoint.is_active {
+            return self.spill_one(id, d, 0).await;
+        }
+        if let Some(tail) = state.blocked.get_mut(&key) {
+            *tail = d.id;
+            return self.spill_one(id, d, 0).await;
+        }
+        let w = Waiting { delivery: d, since: Instant::now() };
+        match state.behind.get_mut(&key) {
+            Some(q) => q.push_back(w),
+            None => {
+                state.behind.insert(key, VecDeque::new());
+                state.ready.push_back(w);
+            }
+        }
+        state.waiting += 1;
+        self.waiting += 1;
+        if state.waiting > self.settings.endpoint_queue {
+            return self.spill_endpoint(id).await;
+        }
+        self.pump(id);
+    }
+
+    /// Starts ready deliveries of endpoint `id` while permits allow.
+    fn pump(&mut self, id: Uuid) {
+        let Some(state) = self.endpoints.get_mut(&id) else { return };
+        while !state.ready.is_empty() {
+            let Some(permit) = self.limits.try_acquire(id) else { break };
+            let w = state.ready.pop_front().expect("checked non-empty");
+            state.waiting -= 1;
+            self.waiting -= 1;
+            let d = w.delivery;
+            spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
+            state.in_flight.insert(d.id, Flight { delivery: d, leased: false });
+        }
+    }
+
+    async fn pump_all(&mut self) {
+        let ids: Vec<Uuid> = self.endpoints.iter().filter(|(_, s)| !s.ready.is_empty()).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.pump(id);
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        let ep_id = done.endpoint_id;
+        let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
+        let Some(flight) = state.in_flight.remove(&done.delivery_id) else { return };
+        let removed = state.removed;
+        let mut d = flight.delivery;
+        let a = done.attempt;
+        let now = Utc::now();
+        if a.succeeded() {
+            let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
+            self.metrics.commit_to_delivered.observe(lag);
+        }
+        let (status, next) = match (a.succeeded(), self.settings.retry.next_delay(1, a.retry_after)) {
+            (true, _) => (Status::Delivered, None),
+            (false, Some(delay)) => (Status::Pending, Some(now + delay)),
+            (false, None) => (Status::Failed, None),
+        };
+        if status == Status::Failed {
+            self.metrics.failed.inc();
+        }
+        let completed_at = (status != Status::Pending).then_some(now);
+        if flight.leased {
+            // Already stored under our lease: record the outcome on that row.
+            let op = StoreOp::Complete(Completion {
+                id: d.id,
+                lease: self.lease_token,
+                status,
+                http_status: a.status,
+                next_attempt_at: next,
+                last_error: a.error.clone(),
+                completed_at,
+                attempt_no: 1,
+                attempt: a,
+            });
+            let _ = self.store.send(op).await;
+        } else if removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // the endpoint is gone: nothing to record
+            }
+        } else {
+            let path = if status == Status::Delivered { "direct" } else { "outbox" };
+            self.metrics.deliveries.with_label_values(&[path]).inc();
+            let record = Record {
+                id: d.id,
+                endpoint_id: ep_id,
+                event: d.event.clone(),
+                status,
+                attempt_count: 1,
+                http_status: a.status,
+                next_attempt_at: next,
+                lease: None,
+                last_error: a.error.clone(),
+                completed_at,
+                attempt: Some(a),
+                ticket: d.ticket.take(),
+            };
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+            self.after_first_attempt(ep_id, &d, status).await;
+        }
+        self.pump(ep_id);
+    }
+
+    /// Moves the row of `d` on after its first attempt: the next delivery of the row becomes
+    /// ready, or (when `d` is now waiting in the outbox) every later one follows it there and
+    /// the row stays blocked until the outbox has settled them.
+    async fn after_first_attempt(&mut self, ep_id: Uuid, d: &Delivery, status: Status) {
+        let key = &d.event.entity_key;
+        let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
+        if status != Status::Pending {
+            match state.behind.get_mut(key).and_then(VecDeque::pop_front) {
+                Some(next) => state.ready.push_back(next),
+                None => {
+                    state.behind.remove(key);
+                }
+            }
+            return;
+        }
+        let behind = state.behind.remove(key).unwrap_or_default();
+        state.waiting -= behind.len();
+        self.waiting -= behind.len();
+        let tail = behind.back().map(|w| w.delivery.id).unwrap_or(d.id);
+        state.blocked.insert(key.clone(), tail);
+        let over = state.blocked.len() > MAX_BLOCKED_ROWS;
+        self.generation += 1;
+        state.spill_generation = self.generation;
+        for w in behind {
+            self.spill_one(ep_id, w.delivery, 0).await;
+        }
+        if over {
+            self.spill_endpoint(ep_id).await;
+        }
+    }
+
+    fn on_probe(&mut self, answer: ProbeAnswer) {
+        let Some(state) = self.endpoints.get_mut(&answer.endpoint_id) else { return };
+        state.probing = false;
+        state.blocked.retain(|_, tail| !answer.settled.contains(tail));
+        if state.spilled
+            && answer.endpoint_pending == Some(false)
+            && answer.generation == state.spill_generation
+            && state.in_flight.is_empty()
+        {
+            tracing::info!(endpoint = %answer.endpoint_id, "endpoint's outbox drained; sending directly again");
+            state.spilled = false;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        let slow: Vec<Uuid> = self
+            .endpoints
+            .iter()
+            .filter(|(_, s)| !s.spilled && s.waiting > 0 && s.oldest_wait(now) > self.settings.spill_after)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in slow {
+            tracing::info!(endpoint = %id, "deliveries waited longer than dispatch.spill_after; spilling endpoint to the outbox");
+            self.spill_endpoint(id).await;
+        }
+        let mut probes = Vec::new();
+        for (id, s) in self.endpoints.iter_mut() {
+            if s.probing || (s.blocked.is_empty() && !s.spilled) {
+                continue;
+            }
+            s.probing = true;
+            probes.push(Probe {
+                endpoint_id: *id,
+                ids: s.blocked.values().copied().collect(),
+                whole_endpoint: s.spilled && s.in_flight.is_empty(),
+                generation: s.spill_generation,
+                reply: self.probe_tx.clone(),
+            });
+        }
+        for p in probes {
+            let _ = self.store.send(StoreOp::Probe(p)).await;
+        }
+        self.endpoints.retain(|_, s| !s.idle());
+    }
+
+    /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).
+    async fn spill_one(&mut self, endpoint_id: Uuid, mut d: Delivery, attempts: i32) {
+        self.generation += 1;
+        if let Some(s) = self.endpoints.get_mut(&endpoint_id) {
+            s.spill_generation = self.generation;
+        }
+        self.metrics.deliveries.with_label_values(&["outbox"]).inc();
+        let record = Record {
+            id: d.id,
+            endpoint_id,
+            event: d.event.clone(),
+            status: Status::Pending,
+            attempt_count: attempts,
+            http_status: None,
+            next_attempt_at: Some(Utc::now()),
+            lease: None,
+            last_error: None,
+            completed_at: None,
+            attempt: None,
+            ticket: d.ticket.take(),
+        };
+        let _ = self.store.send(StoreOp::Insert(record)).await;
+        self.outbox_wake.notify_one();
+    }
+
+    /// Moves everything of endpoint `id` to the outbox: in-flight attempts under our lease,
+    /// waiting deliveries due now.
+    async fn spill_endpoint(&mut self, id: Uuid) {
+        let Some(mut state) = self.endpoints.remove(&id) else { return };
+        let now = Utc::now();
+        let lease_until = now + self.settings.lease_for;
+        self.generation += 1;
+        for flight in state.in_flight.values_mut().filter(|f| !f.leased) {
+            flight.leased = true;
+            let d = &mut flight.delivery;
+            let record = Record {
+                id: d.id,
+                endpoint_id: id,
+                event: d.event.clone(),
+                status: Status::Pending,
+                attempt_count: 1,
+                http_status: None,
+                next_attempt_at: Some(now),
+                lease: Some((self.lease_token, lease_until)),
+                last_error: None,
+                completed_at: None,
+                attempt: None,
+                ticket: d.ticket.take(),
+            };
+            self.metrics.deliveries.with_label_values(&["outbox"]).inc();
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+        }
+        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
+        self.waiting -= state.waiting;
+        state.waiting = 0;
+        state.blocked.clear();
+        state.spilled = true;
+        self.endpoints.insert(id, state);
+        for w in waiting {
+            self.spill_one(id, w.delivery, 0).await;
+        }
+    }
+
+    /// Shutdown: store what waits, then give in-flight attempts until `grace` to finish.
+    async fn drain(&mut self, grace: Duration) {
+        let ids: Vec<Uuid> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            let has_work = self.endpoints.get(&id).is_some_and(|s| s.waiting > 0 || !s.in_flight.is_empty());
+            if has_work {
+                self.spill_endpoint(id).await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.endpoints.values().any(|s| !s.in_flight.is_empty()) {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(done)) => self.on_done(done).await,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Starts one attempt in its own task; its outcome comes back on `done`.
+fn spawn_attempt(sender: &Sender, metrics: &Arc<Metrics>, done: &mpsc::Sender<Done>, d: &Delivery, permit: Permit) {
+    let (sender, metrics, done) = (sender.clone(), metrics.clone(), done.clone());
+    let endpoint = d.endpoint.clone();
+    let body = d.event.body.clone();
+    let delivery_id = d.id;
+    tokio::spawn(async move {
+        metrics.in_flight.inc();
+        let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
+        metrics.in_flight.dec();
+        drop(permit);
+        metrics.attempts.with_label_values(&[attempt.class()]).inc();
+        metrics.request_duration.observe(attempt.duration.as_secs_f64());
+        let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
+    });
+}

@@ -1,0 +1,345 @@
+//! Webhook endpoints as customers manage them: validation, creation (with its signing
+//! secret), listing, update, deletion and delivery history. The admin API is a thin layer
+//! over this; tests use it directly.
+//!
+//! What must hold (invariants 3 and 7): every query is scoped to the caller's account, and
+//! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
+//! secret leaves this module only once, from `create`; a request that fails validation
+//! writes nothing.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use url::{Host, Url};
+use uuid::Uuid;
+
+use crate::db::{Db, DbError};
+use crate::decode::all_event_types;
+use crate::dispatch::ssrf::AddressPolicy;
+use crate::secrets::{SecretBox, SigningSecret};
+
+/// Longest accepted URL.
+pub const MAX_URL_LEN: usize = 2048;
+/// Longest accepted description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 500;
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's account; every query is scoped to it.
+    pub account_id: Uuid,
+    /// The caller, recorded as `created_by`.
+    pub user_id: Uuid,
+}
+
+/// Why an endpoint operation was refused. Messages name the field and never echo secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A field is malformed or out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// `url` is missing or empty.
+    #[error("url is required")]
+    UrlRequired,
+    /// `url` is not an acceptable HTTPS URL.
+    #[error("url {0}")]
+    InvalidUrl(String),
+    /// No such endpoint in the caller's account.
+    #[error("webhook endpoint not found")]
+    NotFound,
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for EndpointError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        EndpointError::Db(DbError::Postgres(e))
+    }
+}
+
+/// The endpoint object of the public API page.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EndpointView {
+    /// Unique identifier.
+    pub id: Uuid,
+    /// Account this webhook belongs to.
+    pub account_id: Uuid,
+    /// User who created it.
+    pub created_by: Uuid,
+    /// HTTPS endpoint URL.
+    pub url: String,
+    /// Description.
+    pub description: String,
+    /// First characters of the signing secret.
+    pub secret_prefix: String,
+    /// Subscribed events.
+    pub events: Vec<String>,
+    /// Whether the webhook is enabled.
+    pub is_active: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last update time.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A delivery as `webhooks-deliveries` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeliveryView {
+    /// Delivery id (also the `webhook-id` header).
+    pub id: Uuid,
+    /// e.g. `contact.created`.
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Last HTTP status received.
+    pub http_status_code: Option<i32>,
+    /// Attempts made.
+    pub attempt_count: i32,
+    /// When it was delivered or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When the change was committed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Fields of a new endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct NewEndpoint {
+    /// Target URL (required).
+    pub url: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// Events to subscribe to (required, non-empty).
+    pub events: Option<Vec<String>>,
+}
+
+/// Fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointPatch {
+    /// New URL.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New subscriptions.
+    pub events: Option<Vec<String>>,
+    /// Enable or disable.
+    pub is_active: Option<bool>,
+}
+
+const COLUMNS: &str =
+    "id, account_id, created_by, url, description, secret_prefix, events, is_active, created_at, updated_at";
+
+fn view(r: &tokio_postgres::Row) -> EndpointView {
+    EndpointView {
+        id: r.get(0),
+        account_id: r.get(1),
+        created_by: r.get(2),
+        url: r.get(3),
+        description: r.get(4),
+        secret_prefix: r.get(5),
+        events: r.get(6),
+        is_active: r.get(7),
+        created_at: r.get(8),
+        updated_at: r.get(9),
+    }
+}
+
+/// Endpoint management for one walhook process.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    db: Db,
+    secrets: SecretBox,
+    policy: AddressPolicy,
+}
+
+impl Endpoints {
+    /// Endpoint management storing secrets through `secrets` and judging literal-IP URLs
+    /// with `policy`.
+    pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy) -> Self {
+        Endpoints { db, secrets, policy }
+    }
+
+    /// Creates an endpoint; the returned secret is the only time it is shown in full.
+    pub async fn create(
+        &self,
+        caller: Caller,
+        new: NewEndpoint,
+    ) -> Result<(EndpointView, SigningSecret), EndpointError> {
+        let url = self.check_url(new.url.as_deref())?;
+        let description = check_description(new.description.as_deref())?.unwrap_or_default();
+        let events = check_events(new.events.as_deref().ok_or_else(|| invalid("events is required"))?)?;
+        let secret = SigningSecret::generate();
+        let client = self.db.get().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+                ),
+                &[
+                    &Uuid::new_v4(),
+                    &caller.account_id,
+                    &caller.user_id,
+                    &url,
+                    &description,
+                    &self.secrets.seal(&secret),
+                    &secret.prefix(),
+                    &events,
+                ],
+            )
+            .await?;
+        Ok((view(&row), secret))
+    }
+
+    /// The caller's endpoints, newest first.
+    pub async fn list(&self, caller: Caller) -> Result<Vec<EndpointView>, EndpointError> {
+        let client = self.db.get().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM walhook.endpoints WHERE account_id = $1 ORDER BY created_at DESC, id DESC"
+                ),
+                &[&caller.account_id],
+            )
+            .await?;
+        Ok(rows.iter().map(view).collect())
+    }
+
+    /// One of the caller's endpoints.
+    pub async fn get(&self, caller: Caller, id: Uuid) -> Result<EndpointView, EndpointError> {
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM walhook.endpoints WHERE id = $1 AND account_id = $2"),
+                &[&id, &caller.account_id],
+            )
+            .await?;
+        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+    }
+
+    /// Changes the given fields of one of the caller's endpoints; `updated_at` moves.
+    pub async fn update(&self, caller: Caller, id: Uuid, patch: EndpointPatch) -> Result<EndpointView, EndpointError> {
+        let url = match patch.url.as_deref() {
+            Some(u) => Some(self.check_url(Some(u))?),
+            None => None,
+        };
+        let description = check_description(patch.description.as_deref())?;
+        let events = patch.events.as_deref().map(check_events).transpose()?;
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE walhook.endpoints SET url = COALESCE($3, url), description = COALESCE($4, description), \
+                       events = COALESCE($5, events), is_active = COALESCE($6, is_active), \
+                       disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
+                       updated_at = greatest(now(), updated_at + interval '1 microsecond') \
+                     WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
+                ),
+                &[&id, &caller.account_id, &url, &description, &events, &patch.is_active],
+            )
+            .await?;
+        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+    }
+
+    /// Deletes one of the caller's endpoints. Nothing more is sent to it: routing drops it
+    /// as the delete replicates, and its waiting outbox rows are never claimed again
+    /// (retention removes them).
+    pub async fn delete(&self, caller: Caller, id: Uuid) -> Result<(), EndpointError> {
+        let client = self.db.get().await?;
+        let n = client
+            .execute("DELETE FROM walhook.endpoints WHERE id = $1 AND account_id = $2", &[&id, &caller.account_id])
+            .await?;
+        if n == 0 {
+            return Err(EndpointError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` deliveries of one of the caller's endpoints.
+    pub async fn deliveries(
+        &self,
+        caller: Caller,
+        endpoint_id: Uuid,
+        limit: i64,
+    ) -> Result<Vec<DeliveryView>, EndpointError> {
+        self.get(caller, endpoint_id).await?;
+        let client = self.db.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at \
+                 FROM walhook.deliveries WHERE endpoint_id = $1 ORDER BY commit_lsn DESC, seq DESC LIMIT $2",
+                &[&endpoint_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeliveryView {
+                id: r.get(0),
+                event_type: r.get(1),
+                status: r.get(2),
+                http_status_code: r.get(3),
+                attempt_count: r.get(4),
+                completed_at: r.get(5),
+                created_at: r.get(6),
+            })
+            .collect())
+    }
+
+    /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters, and
+    /// no literal address in a forbidden range.
+    pub fn check_url(&self, url: Option<&str>) -> Result<String, EndpointError> {
+        let raw = url.map(str::trim).filter(|u| !u.is_empty()).ok_or(EndpointError::UrlRequired)?;
+        if raw.len() > MAX_URL_LEN {
+            return Err(EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters")));
+        }
+        let parsed = Url::parse(raw).map_err(|_| EndpointError::InvalidUrl("must be a valid HTTPS URL".into()))?;
+        if parsed.scheme() != "https" {
+            return Err(EndpointError::InvalidUrl("must be a valid HTTPS URL (https://…)".into()));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(EndpointError::InvalidUrl("must not contain credentials".into()));
+        }
+        let ip = match parsed.host() {
+            None => return Err(EndpointError::InvalidUrl("must have a host".into())),
+            Some(Host::Domain("")) => return Err(EndpointError::InvalidUrl("must have a host".into())),
+            Some(Host::Domain(_)) => None,
+            Some(Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+        };
+        if let Some(ip) = ip {
+            self.policy
+                .check(ip)
+                .map_err(|reason| EndpointError::InvalidUrl(format!("must not target {ip} ({reason})")))?;
+        }
+        Ok(parsed.to_string())
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> EndpointError {
+    EndpointError::InvalidRequest(msg.into())
+}
+
+fn check_description(d: Option<&str>) -> Result<Option<String>, EndpointError> {
+    match d {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION_CHARS => {
+            Err(invalid(format!("description must be at most {MAX_DESCRIPTION_CHARS} characters")))
+        }
+        other => Ok(other.map(str::to_owned)),
+    }
+}
+
+fn check_events(events: &[String]) -> Result<Vec<String>, EndpointError> {
+    if events.is_empty() {
+        return Err(invalid("events must list at least one event"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(events.len());
+    for e in events {
+        if !all_event_types().any(|known| known == e) {
+            let shown: String = e.chars().take(64).collect();
+            return Err(invalid(format!("events: unknown event {shown:?}")));
+        }
+        if !out.contains(e) {
+            out.push(e.clone());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,57 @@
+//! Which replica streams: the holder of a session-level advisory lock named after the slot.
+//! The others serve the API and work the outbox, and take over when the holder's session
+//! ends (process death closes the connection, which releases the lock).
+//!
+//! What must hold: at most one walhook process streams a slot at a time; losing the lock's
+//! connection ends that process's streaming before another may start.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, DbError};
+
+/// The held lock; streaming must stop when `lost` resolves.
+pub struct Leadership {
+    client: tokio_postgres::Client,
+}
+
+impl Leadership {
+    /// Resolves when the lock's connection has closed.
+    pub async fn lost(&self) {
+        while !self.client.is_closed() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn lock_key(slot: &str) -> i64 {
+    let digest = Sha256::digest(format!("walhook:slot:{slot}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// Waits until this process holds the slot's lock; `None` on shutdown.
+pub async fn acquire(db: &Db, slot: &str, shutdown: &CancellationToken) -> Result<Option<Leadership>, DbError> {
+    let key = lock_key(slot);
+    let mut announced = false;
+    loop {
+        let client = db.connect().await?;
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?.get(0);
+        if got {
+            if announced {
+                tracing::info!(slot, "took over replication");
+            }
+            return Ok(Some(Leadership { client }));
+        }
+        if !announced {
+            tracing::info!(slot, "another walhook process streams this slot; standing by");
+            announced = true;
+        }
+        drop(client);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

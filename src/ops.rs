@@ -1,0 +1,106 @@
+//! The operations listener (`metrics.listen`): `/metrics`, `/healthz`, `/readyz`, and the
+//! background monitor that keeps the database-derived gauges current.
+//!
+//! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
+//! while the database answers and replication streams (or stands by for another replica),
+//! otherwise 503 with a JSON reason; scraping never waits on the database.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Shared;
+
+/// How often slot lag and outbox gauges are refreshed.
+const MONITOR_EVERY: Duration = Duration::from_secs(5);
+
+/// Serves the operations endpoints until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Shared, shutdown: CancellationToken) {
+    let monitor = tokio::spawn(monitor(shared.clone(), shutdown.clone()));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(shared);
+    let stop = shutdown.clone();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
+    monitor.abort();
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    let last = s.status.last_commit_us.load(Ordering::Relaxed);
+    if last > 0 {
+        let age = (chrono::Utc::now().timestamp_micros() - last).max(0) as f64 / 1e6;
+        s.metrics.last_commit_age.set(age);
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = s.db.get().await.ok()?;
+        client.query_one("SELECT 1", &[]).await.ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some();
+    let streaming = s.status.streaming.load(Ordering::Relaxed);
+    let standby = s.status.standby.load(Ordering::Relaxed);
+    let reason = if !db_ok {
+        Some("database unreachable")
+    } else if !streaming && !standby {
+        Some("replication is not streaming")
+    } else {
+        None
+    };
+    match reason {
+        None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    }
+}
+
+/// Refreshes slot lag and outbox gauges.
+async fn monitor(s: Shared, shutdown: CancellationToken) {
+    let slot = s.cfg.replication.slot.to_string();
+    loop {
+        let result: Result<(), crate::db::DbError> = async {
+            let client = s.db.get().await?;
+            if let Some(r) = client
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?
+            {
+                s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
+            }
+            let r = client
+                .query_one(
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) \
+                     FROM walhook.deliveries WHERE status = 'pending'",
+                    &[],
+                )
+                .await?;
+            s.metrics.pending.set(r.get(0));
+            s.metrics.oldest_pending_age.set(r.get(1));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "monitor query failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MONITOR_EVERY) => {}
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Outbox workers: send what waits in `walhook.deliveries` with status `pending`.
+//!
+//! What must hold:
+//! - A row is claimed with `FOR UPDATE SKIP LOCKED` and a lease (`lease_until`,
+//!   `leased_by`), so two processes never make the same attempt, and a row whose claimer
+//!   died is claimed again once its lease has run out.
+//! - Only the oldest pending delivery of a row (endpoint + `entity_key`) is claimable, so
+//!   deliveries of one row arrive in commit order across the fast path, the outbox and
+//!   restarts (invariant 4).
+//! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
+//!   cannot take the claims of a healthy one.
+//! - Inactive or deleted endpoints are not sent to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{Db, DbError};
+use crate::dispatch::http::{Attempt, FailureKind, Sender};
+use crate::dispatch::limits::Limits;
+use crate::dispatch::policy::RetryPolicy;
+use crate::metrics::Metrics;
+use crate::route::{event_mask, Endpoint};
+use crate::secrets::SecretBox;
+use crate::sign::Signer;
+use crate::store::{Completion, Status, StoreOp};
+
+/// Rows claimed per query at most.
+const CLAIM_BATCH: i64 = 512;
+
+/// Settings of the outbox workers.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Poll interval when nothing wakes the worker.
+    pub poll_interval: Duration,
+    /// Lease taken on a claimed row.
+    pub lease_for: Duration,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+}
+
+/// A claimed row, ready to send.
+struct Claimed {
+    id: Uuid,
+    endpoint: Arc<Endpoint>,
+    attempt_no: i32,
+    body: Option<Bytes>,
+}
+
+/// Claims due rows and sends them.
+pub struct OutboxWorker {
+    db: Db,
+    sender: Sender,
+    limits: Arc<Limits>,
+    store: mpsc::Sender<StoreOp>,
+    secrets: SecretBox,
+    settings: OutboxSettings,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    /// Claims in flight per endpoint; an endpoint is claimed again once they have finished.
+    busy: HashMap<Uuid, usize>,
+    finished_tx: mpsc::Sender<Uuid>,
+    finished_rx: mpsc::Receiver<Uuid>,
+}
+
+impl OutboxWorker {
+    /// A worker; `wake` makes it look for due rows at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: Db,
+        sender: Sender,
+        limits: Arc<Limits>,
+        store: mpsc::Sender<StoreOp>,
+        secrets: SecretBox,
+        settings: OutboxSettings,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let (finished_tx, finished_rx) = mpsc::channel(4096);
+        OutboxWorker {
+            db,
+            sender,
+            limits,
+            store,
+            secrets,
+            settings,
+            metrics,
+            wake,
+            busy: HashMap::new(),
+            finished_tx,
+            finished_rx,
+        }
+    }
+
+    /// Runs until `shutdown`; attempts in flight then get `grace` to finish.
+    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
+        let lease_token = Uuid::new_v4();
+        loop {
+            let claimed = if self.limits.global_available() > 0 {
+                match self.claim(lease_token).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming due deliveries failed");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let full = claimed.len() as i64 == CLAIM_BATCH;
+            for row in claimed {
+                *self.busy.entry(row.endpoint.id).or_default() += 1;
+                self.spawn(row, lease_token);
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                // 1. Shutdown.
+                _ = shutdown.cancelled() => break,
+                // 2. A claim finished: its endpoint may be claimed again.
+                Some(ep) = self.finished_rx.recv() => self.finished(ep),
+                // 3. The fast path stored something due now.
+                _ = self.wake.notified() => {}
+                // 4. Retries come due with time.
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            while let Ok(ep) = self.finished_rx.try_recv() {
+                self.finished(ep);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.busy.is_empty() {
+            match tokio::time::timeout_at(deadline, self.finished_rx.recv()).await {
+                Ok(Some(ep)) => self.finished(ep),
+                _ => break,
+            }
+        }
+    }
+
+    fn finished(&mut self, endpoint: Uuid) {
+        if let Some(n) = self.busy.get_mut(&endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy.remove(&endpoint);
+            }
+        }
+    }
+
+    async fn claim(&self, lease_token: Uuid) -> Result<Vec<Claimed>, DbError> {
+        let client = self.db.get().await?;
+        let busy: Vec<Uuid> = self.busy.keys().copied().collect();
+        let limit = CLAIM_BATCH.min(self.limits.global_available() as i64);
+        let per_endpoint = self.limits.endpoint_limit() as i64;
+        let lease_secs = self.settings.lease_for.as_secs_f64();
+        let st = client
+            .prepare_cached(
+                "WITH due AS ( \
+                   SELECT x.id FROM walhook.endpoints e \
+                   CROSS JOIN LATERAL ( \
+                     SELECT d.id FROM walhook.deliveries d \
+                     WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now() \
+                       AND (d.lease_until IS NULL OR d.lease_until < now()) \
+                       AND NOT EXISTS ( \
+                         SELECT 1 FROM walhook.deliveries p \
+                         WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
+                           AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq)) \
+                     ORDER BY d.next_attempt_at \
+                     LIMIT $2 \
+                     FOR UPDATE OF d SKIP LOCKED) x \
+                   WHERE e.is_active AND NOT (e.id = ANY($3)) \
+                   LIMIT $1) \
+                 UPDATE walhook.deliveries d \
+                 SET lease_until = now() + make_interval(secs => $4), leased_by = $5, \
+                     attempt_count = d.attempt_count + 1 \
+                 FROM due, walhook.endpoints e \
+                 WHERE d.id = due.id AND e.id = d.endpoint_id \
+                 RETURNING d.id, d.attempt_count, e.id, e.account_id, e.url, e.secret, e.events, \
+                   (SELECT ev.body FROM walhook.events ev WHERE ev.id = d.event_id)",
+            )
+            .await?;
+        let rows = client.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut endpoints: HashMap<Uuid, Option<Arc<Endpoint>>> = HashMap::new();
+        for r in rows {
+            let ep_id: Uuid = r.get(2);
+            let endpoint = endpoints
+                .entry(ep_id)
+                .or_insert_with(|| {
+                    let stored: String = r.get(5);
+                    let signer = self.secrets.open(&stored).and_then(|s| Signer::new(&s));
+                    match signer {
+                        Ok(signer) => Some(Arc::new(Endpoint {
+                            id: ep_id,
+                            account_id: r.get(3),
+                            url: r.get(4),
+                            events: event_mask(&r.get::<_, Vec<String>>(6)),
+                            is_active: true,
+                            signer,
+                        })),
+                        Err(e) => {
+                            tracing::error!(endpoint = %ep_id, error = %e, "cannot open endpoint secret");
+                            None
+                        }
+                    }
+                })
+                .clone();
+            let Some(endpoint) = endpoint else { continue };
+            out.push(Claimed {
+                id: r.get(0),
+                attempt_no: r.get(1),
+                endpoint,
+                body: r.get::<_, Option<Vec<u8>>>(7).map(Bytes::from),
+            });
+        }
+        Ok(out)
+    }
+
+    fn spawn(&self, row: Claimed, lease: Uuid) {
+        let (sender, limits, store, metrics, retry, finished) = (
+            self.sender.clone(),
+            self.limits.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            self.settings.retry.clone(),
+            self.finished_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let permanent = row.body.is_none();
+            let attempt = match row.body {
+                Some(body) => {
+                    let permit = limits.acquire(row.endpoint.id).await;
+                    metrics.in_flight.inc();
+                    let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
+                    metrics.in_flight.dec();
+                    drop(permit);
+                    metrics.attempts.with_label_values(&[a.class()]).inc();
+                    metrics.request_duration.observe(a.duration.as_secs_f64());
+                    a
+                }
+                None => missing_payload(),
+            };
+            let now = Utc::now();
+            let (status, next) =
+                match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {
+                    (true, _) => (Status::Delivered, None),
+                    (false, Some(delay)) if !permanent => (Status::Pending, Some(now + delay)),
+                    (false, _) => (Status::Failed, None),
+                };
+            if status == Status::Failed {
+                metrics.failed.inc();
+            }
+            let op = StoreOp::Complete(Completion {
+                id: row.id,
+                lease,
+                status,
+                http_status: attempt.status,
+                next_attempt_at: next,
+                last_error: attempt.error.clone(),
+                completed_at: (status != Status::Pending).then_some(now),
+                attempt_no: row.attempt_no,
+                attempt,
+            });
+            let _ = store.send(op).await;
+            let _ = finished.send(row.endpoint.id).await;
+        });
+    }
+}
+
+fn missing_payload() -> Attempt {
+    Attempt {
+        status: None,
+        failure: Some(FailureKind::Refused),
+        retry_after: None,
+        error: Some("the event payload is missing from walhook.events".into()),
+        started_at: Utc::now(),
+        duration: Duration::ZERO,
+        response_snippet: String::new(),
+    }
+}

@@ -1,0 +1,560 @@
+//! Replication: read the slot, decode, route, hand deliveries to dispatch, confirm.
+//!
+//! What must hold:
+//! - The confirmed LSN only moves to the end of a transaction whose deliveries (and every
+//!   earlier transaction's) are settled (invariant 1), or to a keepalive / heartbeat
+//!   position while nothing read is unsettled (invariant 6: an idle slot does not hoard WAL).
+//! - A replayed transaction (commit LSN at or below the newest recorded delivery) does not
+//!   send or store what is already recorded (invariant 2).
+//! - Routing waits when dispatch is full: backpressure stays in the slot, not in memory.
+//! - A lost connection or a restarted server is survived: the session is rebuilt with
+//!   backoff and resumes from the slot once what was in flight has settled.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::decode::{DecodeError, Decoded, Decoder, RowChange};
+use crate::dispatch::DispatchMsg;
+use crate::leader;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, Message};
+use crate::progress::Tracker;
+use crate::route::{self, Delivery, Event, RouteError, Router};
+use crate::secrets::SecretBox;
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+/// Deliveries of a replayed transaction checked against the database at once.
+const REPLAY_CHECK_BATCH: usize = 512;
+/// Session settings that make decoded text values independent of server defaults.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3";
+
+/// Why replication stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// A query on a normal connection failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The replication connection failed.
+    #[error("replication stream: {0}")]
+    Stream(#[from] PgWireError),
+    /// A message could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The server ended the stream.
+    #[error("the server closed the replication stream")]
+    Closed,
+    /// Another process streams the slot.
+    #[error(
+        "replication slot {slot} is in use by another process (pid {pid}, application {application:?}): \
+         stop that consumer or give walhook its own slot with replication.slot"
+    )]
+    SlotBusy {
+        /// The slot.
+        slot: String,
+        /// Server process streaming it.
+        pid: i32,
+        /// Its application_name.
+        application: String,
+    },
+    /// The slot exists but cannot be used by walhook.
+    #[error("replication slot {slot}: {why}")]
+    SlotUnusable {
+        /// The slot.
+        slot: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Endpoints could not be loaded.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// This process lost the advisory lock that makes it the streaming replica.
+    #[error("lost the replication leadership lock")]
+    LeadershipLost,
+}
+
+impl ReplicationError {
+    /// Whether reconnecting may help.
+    fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Db(e) => e.is_transient(),
+            ReplicationError::Stream(e) => !e.is_auth() && !e.is_message_too_large(),
+            ReplicationError::Decode(DecodeError::TypeLookup(_)) => true,
+            ReplicationError::Decode(_) => false,
+            ReplicationError::Closed | ReplicationError::LeadershipLost => true,
+            ReplicationError::SlotBusy { .. } => true,
+            ReplicationError::SlotUnusable { .. } => false,
+            ReplicationError::Route(RouteError::Db(e)) => e.is_transient(),
+            ReplicationError::Route(_) => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for ReplicationError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ReplicationError::Db(DbError::Postgres(e))
+    }
+}
+
+/// Replication state others look at (`/readyz`, metrics).
+#[derive(Debug, Default)]
+pub struct ReplicationStatus {
+    /// The stream is open.
+    pub streaming: AtomicBool,
+    /// Another process holds the slot; this one stands by.
+    pub standby: AtomicBool,
+    /// Unix microseconds of the last commit read (0: none yet).
+    pub last_commit_us: AtomicI64,
+}
+
+/// The transaction being read.
+struct TxCtx {
+    commit_lsn: u64,
+    commit_us: i64,
+    timestamp: String,
+    seq: u32,
+    replay: bool,
+    replay_buffer: Vec<Delivery>,
+}
+
+/// Reads the slot and feeds dispatch.
+pub struct Replication {
+    cfg: Arc<Config>,
+    db: Db,
+    secrets: SecretBox,
+    router: Option<Router>,
+    dispatch: mpsc::Sender<DispatchMsg>,
+    metrics: Arc<Metrics>,
+    status: Arc<ReplicationStatus>,
+    tracker: Tracker,
+    tx: Option<TxCtx>,
+    /// Commits at or below this LSN may already be recorded (replay after a restart).
+    replay_until: u64,
+}
+
+impl Replication {
+    /// A replication loop routing into `dispatch`.
+    pub fn new(
+        cfg: Arc<Config>,
+        db: Db,
+        secrets: SecretBox,
+        dispatch: mpsc::Sender<DispatchMsg>,
+        metrics: Arc<Metrics>,
+        status: Arc<ReplicationStatus>,
+    ) -> Self {
+        Replication {
+            cfg,
+            db,
+            secrets,
+            router: None,
+            dispatch,
+            metrics,
+            status,
+            tracker: Tracker::new(),
+            tx: None,
+            replay_until: 0,
+        }
+    }
+
+    /// Streams until `shutdown`, reconnecting after transient failures. The first session's
+    /// slot problems are returned (start-up must fail loudly); later ones are retried.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ReplicationError> {
+        let slot = self.cfg.replication.slot.to_string();
+        let mut backoff = Duration::from_secs(1);
+        let mut started_once = false;
+        loop {
+            self.status.standby.store(true, Ordering::Relaxed);
+            let lead = leader::acquire(&self.db, &slot, &shutdown).await;
+            self.status.standby.store(false, Ordering::Relaxed);
+            let lead = match lead {
+                Ok(Some(lead)) => lead,
+                Ok(None) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "cannot reach the database to take the replication lock; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let began = Instant::now();
+            let result = tokio::select! {
+                r = self.session(&shutdown, &mut started_once) => r,
+                _ = lead.lost() => Err(ReplicationError::LeadershipLost),
+            };
+            self.status.streaming.store(false, Ordering::Relaxed);
+            self.metrics.streaming.set(0);
+            self.tracker.abandon_open();
+            self.tx = None;
+            drop(lead);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if !e.is_transient() || (!started_once && matches!(e, ReplicationError::SlotBusy { .. })) => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    if began.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
+                    self.metrics.reconnects.inc();
+                    // Let what the old session routed settle, so the replay check sees it.
+                    let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
+                    let notify = self.tracker.notify();
+                    while !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
+                        self.tracker.confirmable();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = notify.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                    self.tracker = Tracker::new();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken, started_once: &mut bool) -> Result<(), ReplicationError> {
+        let slot = self.cfg.replication.slot.to_string();
+        ensure_slot(&self.db, &slot).await?;
+        // Endpoints as they are now; changes after the slot's position replay in LSN order.
+        self.router = Some(Router::load(&self.db, self.secrets.clone()).await?);
+        self.update_endpoint_gauges();
+        self.replay_until = {
+            let client = self.db.get().await?;
+            let row = client.query_one("SELECT COALESCE(max(commit_lsn), 0) FROM walhook.deliveries", &[]).await?;
+            row.get::<_, i64>(0) as u64
+        };
+        let repl_cfg = self
+            .db
+            .replication_config(&slot, self.cfg.replication.publication.as_str())?
+            .with_options(SESSION_OPTIONS)
+            .with_status_interval(self.cfg.replication.status_interval.get())
+            .with_wakeup_interval(Duration::from_secs(10))
+            .with_buffer_size(1024)
+            .with_application_name("walhook");
+        let mut stream = ReplicationClient::connect(repl_cfg).await?;
+        stream.wait_started().await?;
+        *started_once = true;
+        self.status.streaming.store(true, Ordering::Relaxed);
+        self.metrics.streaming.set(1);
+        tracing::info!(slot = %slot, "replication streaming");
+        let mut decoder = Decoder::new(self.cfg.database.crm_schema.as_str());
+        let notify = self.tracker.notify();
+        let heartbeat_every = self.cfg.replication.heartbeat_interval.get();
+        let mut heartbeat = tokio::time::interval(heartbeat_every.max(Duration::from_secs(1)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop reading, let what was read settle, confirm it.
+                _ = shutdown.cancelled() => {
+                    self.finish(&mut stream).await;
+                    return Ok(());
+                }
+                // 2. Deliveries settled: confirm the transactions they complete.
+                _ = notify.notified() => self.confirm(&stream),
+                // 3. Heartbeat: a WAL message so an idle publication still moves the slot.
+                _ = heartbeat.tick(), if !heartbeat_every.is_zero() => self.heartbeat().await,
+                // 4. The stream itself.
+                event = stream.recv() => match event? {
+                    Some(event) => self.handle(event, &mut decoder, &stream, shutdown).await?,
+                    None => return Err(ReplicationError::Closed),
+                },
+            }
+        }
+    }
+
+    /// Confirms the end of every settled transaction at the front.
+    fn confirm(&mut self, stream: &ReplicationClient) {
+        if let Some(lsn) = self.tracker.confirmable() {
+            stream.update_applied_lsn(Lsn::from_u64(lsn));
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        decoder: &mut Decoder,
+        stream: &ReplicationClient,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ReplicationError> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                self.tracker.begin();
+                let commit_us = commit_time_micros + PG_EPOCH_OFFSET_US;
+                let timestamp = chrono::DateTime::from_timestamp_micros(commit_us)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                self.tx = Some(TxCtx {
+                    commit_lsn: final_lsn.as_u64(),
+                    commit_us,
+                    timestamp,
+                    seq: 0,
+                    replay: final_lsn.as_u64() <= self.replay_until,
+                    replay_buffer: Vec::new(),
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::parse(data).map_err(DecodeError::from)? {
+                Message::Relation(rel) => {
+                    let unknown = decoder.unknown_types(&rel);
+                    if !unknown.is_empty() {
+                        let client = self.db.get().await?;
+                        decoder.resolve_types(&**client, unknown).await?;
+                    }
+                    decoder.add_relation(rel);
+                }
+                msg => {
+                    let timestamp = self.tx.as_ref().map(|t| t.timestamp.clone()).unwrap_or_default();
+                    match decoder.decode(msg, &timestamp)? {
+                        Decoded::Row(change) => {
+                            if let Some(tx) = self.tx.as_mut() {
+                                tx.seq += 1;
+                            }
+                            self.route(change, shutdown).await?;
+                        }
+                        Decoded::EndpointUpsert(row) => {
+                            let id = row.id;
+                            let router = self.router_mut();
+                            router.apply(row);
+                            if let Some(ep) = id.and_then(|id| router.get(id)) {
+                                self.send(DispatchMsg::EndpointChanged(ep), shutdown).await?;
+                            }
+                            self.update_endpoint_gauges();
+                        }
+                        Decoded::EndpointDelete(id) => {
+                            self.router_mut().remove(id);
+                            self.send(DispatchMsg::EndpointRemoved(id), shutdown).await?;
+                            self.update_endpoint_gauges();
+                        }
+                        Decoded::Truncate(tables) => {
+                            for t in tables {
+                                tracing::warn!(table = %t, "TRUNCATE replicated; no webhook events are sent for truncates");
+                                self.metrics.truncates.with_label_values(&[&t]).inc();
+                            }
+                        }
+                        Decoded::Nothing => {}
+                    }
+                }
+            },
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.flush_replay(shutdown).await?;
+                if let Some(tx) = self.tx.take() {
+                    self.status.last_commit_us.store(tx.commit_us, Ordering::Relaxed);
+                }
+                self.tracker.commit(end_lsn.as_u64());
+                self.confirm(stream);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => self.confirm_idle(stream, wal_end),
+            ReplicationEvent::Message { transactional: false, lsn, .. } => self.confirm_idle(stream, lsn),
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// With nothing unsettled and no transaction open, everything up to `lsn` is done.
+    fn confirm_idle(&mut self, stream: &ReplicationClient, lsn: Lsn) {
+        self.confirm(stream);
+        if !self.tracker.in_transaction() && self.tracker.is_settled() && !lsn.is_zero() {
+            stream.update_applied_lsn(lsn);
+        }
+    }
+
+    async fn route(&mut self, change: RowChange, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
+        let table = crate::catalog::CRM_TABLES[change.table_index];
+        let op = change.event_type.rsplit('.').next().unwrap_or_default();
+        self.metrics.changes.with_label_values(&[table, op]).inc();
+        let Some(account_id) = change.account_id else {
+            tracing::warn!(table, entity = %change.entity_key, "row image has no account_id; not routed");
+            self.metrics.unroutable.with_label_values(&[table]).inc();
+            return Ok(());
+        };
+        let targets: Vec<_> = self.router_mut().targets(&change).cloned().collect();
+        let Some(tx) = self.tx.as_mut() else { return Ok(()) };
+        if targets.is_empty() {
+            return Ok(());
+        }
+        self.metrics.events.with_label_values(&[change.event_type]).inc();
+        let event = Arc::new(Event {
+            id: route::event_id(tx.commit_lsn, tx.seq),
+            account_id,
+            event_type: change.event_type,
+            entity_key: change.entity_key,
+            commit_lsn: tx.commit_lsn,
+            seq: tx.seq,
+            committed_at_us: tx.commit_us,
+            body: change.body,
+        });
+        let replay = tx.replay;
+        for endpoint in targets {
+            let d = Delivery {
+                id: route::delivery_id(event.commit_lsn, event.seq, endpoint.id),
+                endpoint,
+                event: event.clone(),
+                ticket: self.tracker.ticket(),
+            };
+            if replay {
+                let tx = self.tx.as_mut().expect("checked above");
+                tx.replay_buffer.push(d);
+                if tx.replay_buffer.len() >= REPLAY_CHECK_BATCH {
+                    self.flush_replay(shutdown).await?;
+                }
+            } else {
+                self.send(DispatchMsg::Deliver(d), shutdown).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the replayed deliveries that are not recorded yet; settles the others.
+    async fn flush_replay(&mut self, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
+        let Some(tx) = self.tx.as_mut() else { return Ok(()) };
+        if tx.replay_buffer.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut tx.replay_buffer);
+        let ids: Vec<Uuid> = batch.iter().map(|d| d.id).collect();
+        let recorded: Vec<Uuid> = {
+            let client = self.db.get().await?;
+            client
+                .query("SELECT id FROM walhook.deliveries WHERE id = ANY($1)", &[&ids])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        for mut d in batch {
+            if recorded.contains(&d.id) {
+                if let Some(t) = d.ticket.take() {
+                    t.settle();
+                }
+            } else {
+                self.send(DispatchMsg::Deliver(d), shutdown).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, msg: DispatchMsg, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
+        tokio::select! {
+            r = self.dispatch.send(msg) => r.map_err(|_| ReplicationError::Closed),
+            // Shutdown while dispatch is full: the unsent delivery stays in the slot.
+            _ = shutdown.cancelled() => Ok(()),
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let result = async {
+            let client = self.db.get().await?;
+            client
+                .execute("SELECT pg_logical_emit_message(false, 'walhook.heartbeat', now()::text)", &[])
+                .await
+                .map_err(DbError::from)
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+
+    fn router_mut(&mut self) -> &mut Router {
+        self.router.as_mut().expect("loaded at session start")
+    }
+
+    fn update_endpoint_gauges(&self) {
+        let Some(router) = &self.router else { return };
+        let (all, active) = router.counts();
+        self.metrics.endpoints.with_label_values(&["active"]).set(active as i64);
+        self.metrics.endpoints.with_label_values(&["disabled"]).set((all - active) as i64);
+    }
+
+    /// Shutdown: wait for what was read to settle, confirm it, and close the stream.
+    async fn finish(&mut self, stream: &mut ReplicationClient) {
+        self.tracker.abandon_open();
+        let deadline = tokio::time::Instant::now() + self.cfg.shutdown.grace.get() + Duration::from_secs(5);
+        let notify = self.tracker.notify();
+        let mut confirmed = None;
+        loop {
+            if let Some(lsn) = self.tracker.confirmable() {
+                stream.update_applied_lsn(Lsn::from_u64(lsn));
+                confirmed = Some(lsn);
+            }
+            if self.tracker.is_settled() {
+                break;
+            }
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        // Give the worker one status interval to report the final position.
+        if let Some(lsn) = confirmed {
+            let until = tokio::time::Instant::now() + self.cfg.replication.status_interval.get() * 2;
+            while stream.metrics().last_applied_lsn().as_u64() < lsn && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+    }
+}
+
+/// Creates the slot when missing; refuses one that is busy or not walhook's kind.
+async fn ensure_slot(db: &Db, slot: &str) -> Result<(), ReplicationError> {
+    let client = db.get().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT s.plugin::text, s.slot_type, s.database::text, current_database()::text, s.active, \
+                        COALESCE(s.active_pid, 0), COALESCE(a.application_name, '') \
+                 FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+                 WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        let Some(row) = row else {
+            client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+            tracing::info!(slot, "created replication slot");
+            return Ok(());
+        };
+        let unusable = |why: String| ReplicationError::SlotUnusable { slot: slot.to_owned(), why };
+        let (plugin, kind): (Option<String>, String) = (row.get(0), row.get(1));
+        let (slot_db, this_db): (Option<String>, String) = (row.get(2), row.get(3));
+        if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+            return Err(unusable(format!(
+                "it is a {kind} slot with plugin {plugin:?}; walhook needs a logical pgoutput slot: drop it or set replication.slot"
+            )));
+        }
+        if slot_db.as_deref() != Some(this_db.as_str()) {
+            return Err(unusable(format!(
+                "it belongs to database {slot_db:?}, not {this_db}: set replication.slot to a slot of this database"
+            )));
+        }
+        let active: bool = row.get(4);
+        if !active {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ReplicationError::SlotBusy { slot: slot.to_owned(), pid: row.get(5), application: row.get(6) });
+        }
+        // A previous session's walsender may still be winding down.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,279 @@
+//! Test support: one throwaway PostgreSQL cluster per test binary, one database (with its own
+//! slot and publication) per test, a real HTTPS receiver, and walhook run either in-process
+//! or as the real binary (for kill -9 and signals). Waits are conditions with deadlines.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use walhook::config::Config;
+use walhook::db::Db;
+use walhook::dispatch::ssrf::AddressPolicy;
+use walhook::endpoints::{Caller, EndpointView, Endpoints, NewEndpoint};
+use walhook::local::cluster::{ClusterOptions, TempCluster};
+use walhook::local::receiver::Receiver;
+use walhook::local::tls::LocalCa;
+use walhook::local::SAMPLE_CRM_SCHEMA;
+use walhook::secrets::SecretBox;
+
+/// The cluster shared by the tests of one binary.
+pub fn cluster() -> &'static TempCluster {
+    static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| TempCluster::start(&ClusterOptions::default()).expect("throwaway PostgreSQL"))
+}
+
+/// A throwaway cluster of the test's own (for tests that restart or reconfigure it).
+pub fn own_cluster(extra_conf: &[&str]) -> TempCluster {
+    TempCluster::start(&ClusterOptions { fsync: false, extra_conf: extra_conf.iter().map(|s| s.to_string()).collect() })
+        .expect("throwaway PostgreSQL")
+}
+
+pub const ACCOUNT_A: Uuid = Uuid::from_u128(0xaaaa_0000_0000_4000_8000_0000_0000_0001);
+pub const ACCOUNT_B: Uuid = Uuid::from_u128(0xbbbb_0000_0000_4000_8000_0000_0000_0002);
+pub const USER: Uuid = Uuid::from_u128(0xcccc_0000_0000_4000_8000_0000_0000_0003);
+
+/// Everything one test needs: its database, a receiver, and a way to run walhook.
+pub struct Env {
+    pub name: String,
+    pub url: String,
+    pub db: Db,
+    pub ca: LocalCa,
+    pub ca_path: PathBuf,
+    pub receiver: Receiver,
+    pub dir: tempfile::TempDir,
+    pub client: tokio_postgres::Client,
+    pub metrics_port: u16,
+    pub api_port: u16,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Env {
+    /// A database named after the test with the sample CRM schema, migrated.
+    pub async fn new(name: &str) -> Env {
+        Self::on(cluster(), name).await
+    }
+
+    /// Like `new`, on a given cluster.
+    pub async fn on(cluster: &TempCluster, name: &str) -> Env {
+        let url = cluster.create_database(name).await.expect("create database");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        client.batch_execute(SAMPLE_CRM_SCHEMA).await.expect("sample schema");
+        let ca = LocalCa::generate().expect("CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_path = ca.write_ca_pem(dir.path()).expect("CA pem");
+        let receiver = Receiver::start(&ca).await.expect("receiver");
+        let mut env = Env {
+            name: name.to_owned(),
+            url,
+            db: Db::new(&Config::from_toml("[database]\nurl = \"postgres://x@localhost/x\"").unwrap().database)
+                .unwrap(),
+            ca,
+            ca_path,
+            receiver,
+            dir,
+            client,
+            metrics_port: free_port(),
+            api_port: free_port(),
+        };
+        let cfg = env.config("");
+        env.db = Db::new(&cfg.database).expect("db");
+        walhook::migrate::migrate(&env.db, &cfg).await.expect("migrate");
+        env
+    }
+
+    /// The test configuration with `extra` TOML merged over it, key by key.
+    pub fn config_toml(&self, extra: &str) -> String {
+        let base = format!(
+            "[database]\nurl = \"{url}\"\npool_size = 4\n\
+             [api]\nlisten = \"127.0.0.1:{api}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+             [replication]\nslot = \"{name}\"\npublication = \"{name}\"\nstatus_interval = \"100ms\"\n\
+             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{ca}\"]\n\
+             retry_schedule = [\"300ms\", \"600ms\", \"1s\"]\njitter = 0.0\nrequest_timeout = \"3s\"\n\
+             connect_timeout = \"2s\"\npoll_interval = \"100ms\"\n\
+             [shutdown]\ngrace = \"5s\"\n\
+             [log]\nlevel = \"info,walhook=debug\"\n",
+            url = self.url,
+            api = self.api_port,
+            metrics = self.metrics_port,
+            name = self.name,
+            ca = self.ca_path.display(),
+        );
+        let mut merged: toml::Table = base.parse().expect("base config");
+        let extra: toml::Table = extra.parse().unwrap_or_else(|e| panic!("extra config: {e}"));
+        merge(&mut merged, extra);
+        toml::to_string(&merged).expect("config renders")
+    }
+
+    pub fn config(&self, extra: &str) -> Config {
+        Config::from_toml(&self.config_toml(extra)).unwrap_or_else(|e| panic!("{e}\n{}", self.config_toml(extra)))
+    }
+
+    /// Registers an endpoint of `account` posting to receiver path `path`.
+    pub async fn endpoint(&self, account: Uuid, path: &str, events: &[&str]) -> EndpointView {
+        let endpoints = Endpoints::new(
+            self.db.clone(),
+            SecretBox::new(None).unwrap(),
+            AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        );
+        let (view, secret) = endpoints
+            .create(
+                Caller { account_id: account, user_id: USER },
+                NewEndpoint {
+                    url: Some(self.receiver.url(path)),
+                    description: None,
+                    events: Some(events.iter().map(|e| e.to_string()).collect()),
+                },
+            )
+            .await
+            .expect("create endpoint");
+        self.receiver.set_secret(path, secret.expose());
+        view
+    }
+
+    pub async fn sql(&self, q: &str) {
+        self.client.batch_execute(q).await.unwrap_or_else(|e| panic!("{q}: {e}"));
+    }
+
+    pub async fn scalar_i64(&self, q: &str) -> i64 {
+        self.client.query_one(q, &[]).await.unwrap_or_else(|e| panic!("{q}: {e}")).get(0)
+    }
+
+    /// Runs walhook in this process with `extra` config; stop it with `InProcess::stop`.
+    pub async fn start(&self, extra: &str) -> InProcess {
+        let cfg = Arc::new(self.config(extra));
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(walhook::app::run(cfg, token.clone()));
+        let ip = InProcess { token, handle: Some(handle) };
+        self.wait_streaming().await;
+        ip
+    }
+
+    /// Waits until the slot is streamed by someone.
+    pub async fn wait_streaming(&self) {
+        let q = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' AND active", self.name);
+        wait_for(Duration::from_secs(30), || async { self.scalar_i64(&q).await == 1 }).await;
+    }
+
+    /// Writes the config to a file and starts the real binary with it.
+    pub fn spawn_binary(&self, extra: &str) -> Proc {
+        let path = self.dir.path().join(format!("walhook-{}.toml", Uuid::new_v4()));
+        std::fs::write(&path, self.config_toml(extra)).unwrap();
+        let log = self.dir.path().join(format!("walhook-{}.log", Uuid::new_v4()));
+        let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn walhook");
+        Proc { child, log }
+    }
+
+    /// The slot's confirmed position.
+    pub async fn confirmed_lsn(&self) -> i64 {
+        self.scalar_i64(&format!(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = '{}'",
+            self.name
+        ))
+        .await
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// walhook running inside the test process.
+pub struct InProcess {
+    pub token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<Result<(), walhook::app::AppError>>>,
+}
+
+impl InProcess {
+    /// Graceful stop; returns walhook's result.
+    pub async fn stop(mut self) -> Result<(), walhook::app::AppError> {
+        self.token.cancel();
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), handle).await.expect("walhook stops within 30 s").unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// The walhook binary running as a child process.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for exit; `None` if still running after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` until it holds; panics after `timeout`.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
