@@ -8,12 +8,18 @@ use std::time::Duration;
 use common::{Env, ACCOUNT_A};
 
 /// Writes `setup` (not subscribed), then `action`, and expects exactly one `event` webhook.
-async fn one_event(name: &str, event: &str, setup: &str, action: &str, check: impl Fn(&serde_json::Value)) {
+async fn one_event(
+    name: &str,
+    event: &str,
+    setup: impl AsRef<str>,
+    action: impl AsRef<str>,
+    check: impl Fn(&serde_json::Value),
+) {
     let env = Env::new(name).await;
     env.endpoint(ACCOUNT_A, "hook", &[event]).await;
     let wh = env.start("").await;
-    env.sql(setup).await;
-    env.sql(action).await;
+    env.sql(setup.as_ref()).await;
+    env.sql(action.as_ref()).await;
     let got = env
         .receiver
         .wait_until(Duration::from_secs(20), |r| !r.is_empty())
@@ -42,7 +48,7 @@ macro_rules! event_test {
     ($fn:ident, $event:literal, $setup:expr, $action:expr, $check:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $fn() {
-            one_event(stringify!($fn), $event, &$setup, &$action, $check).await;
+            one_event(stringify!($fn), $event, $setup, $action, $check).await;
         }
     };
 }
@@ -53,13 +59,10 @@ fn ins(table: &str, id: &str, cols: &str, vals: &str) -> String {
 
 const ID: &str = "10000000-0000-4000-8000-000000000001";
 
-event_test!(
-    contact_created,
-    "contact.created",
-    String::new(),
-    ins("contacts", ID, "first_name", "'Jane'"),
-    |d| assert_eq!(d["first_name"], "Jane")
-);
+event_test!(contact_created, "contact.created", "", ins("contacts", ID, "first_name", "'Jane'"), |d| assert_eq!(
+    d["first_name"],
+    "Jane"
+));
 event_test!(
     contact_updated,
     "contact.updated",
@@ -77,7 +80,7 @@ event_test!(
         assert_eq!(d["first_name"], "Jane", "a delete carries the whole old row");
     }
 );
-event_test!(company_created, "company.created", String::new(), ins("companies", ID, "name", "'Acme'"), |d| assert_eq!(
+event_test!(company_created, "company.created", "", ins("companies", ID, "name", "'Acme'"), |d| assert_eq!(
     d["name"],
     "Acme"
 ));
@@ -95,13 +98,10 @@ event_test!(
     format!("DELETE FROM companies WHERE id = '{ID}'"),
     |d| assert_eq!(d["name"], "Acme")
 );
-event_test!(
-    activity_created,
-    "activity.created",
-    String::new(),
-    ins("activities", ID, "subject", "'Call'"),
-    |d| assert_eq!(d["kind"], "note")
-);
+event_test!(activity_created, "activity.created", "", ins("activities", ID, "subject", "'Call'"), |d| assert_eq!(
+    d["kind"],
+    "note"
+));
 event_test!(
     activity_updated,
     "activity.updated",
@@ -119,7 +119,7 @@ event_test!(
 event_test!(
     project_created,
     "project.created",
-    String::new(),
+    "",
     ins("projects", ID, "name, budget", "'Launch', 1000.50"),
     |d| assert_eq!(d["budget"], serde_json::json!(1000.50))
 );
