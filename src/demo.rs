@@ -140,7 +140,11 @@ async fn wait_streaming(db: &Db) -> anyhow::Result<()> {
     loop {
         let client = db.get().await?;
         let active: Option<bool> = client
-            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = 'walhook_demo'", &[])
+            .query_opt(
+                "SELECT true FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = 'walhook_demo'",
+                &[],
+            )
             .await?
             .map(|r| r.get(0));
         if active == Some(true) {

@@ -114,6 +114,9 @@ impl OutboxWorker {
                 Vec::new()
             };
             let full = claimed.len() as i64 == CLAIM_BATCH;
+            if !claimed.is_empty() {
+                tracing::debug!(claimed = claimed.len(), "claimed due deliveries");
+            }
             for row in claimed {
                 *self.busy.entry(row.endpoint.id).or_default() += 1;
                 self.spawn(row, lease_token);

@@ -231,6 +231,7 @@ impl Replication {
         }
     }
 
+    #[tracing::instrument(name = "replication", skip_all, fields(slot = %self.cfg.replication.slot))]
     async fn session(&mut self, shutdown: &CancellationToken, started_once: &mut bool) -> Result<(), ReplicationError> {
         let slot = self.cfg.replication.slot.to_string();
         ensure_slot(&self.db, &slot).await?;
@@ -275,7 +276,10 @@ impl Replication {
                 _ = heartbeat.tick(), if !heartbeat_every.is_zero() => self.heartbeat().await,
                 // 4. The stream itself.
                 event = stream.recv() => match event? {
-                    Some(event) => self.handle(event, &mut decoder, &stream, shutdown).await?,
+                    Some(event) => {
+                        tracing::trace!(?event, "replication event");
+                        self.handle(event, &mut decoder, &stream, shutdown).await?
+                    }
                     None => return Err(ReplicationError::Closed),
                 },
             }
@@ -355,6 +359,7 @@ impl Replication {
                 }
             },
             ReplicationEvent::Commit { end_lsn, .. } => {
+                tracing::trace!(end_lsn = %end_lsn, "commit");
                 self.flush_replay(shutdown).await?;
                 if let Some(tx) = self.tx.take() {
                     self.status.last_commit_us.store(tx.commit_us, Ordering::Relaxed);
@@ -392,6 +397,7 @@ impl Replication {
             return Ok(());
         }
         self.metrics.events.with_label_values(&[change.event_type]).inc();
+        tracing::debug!(event = change.event_type, entity = %change.entity_key, endpoints = targets.len(), commit_lsn = tx.commit_lsn, seq = tx.seq, "routed");
         let event = Arc::new(Event {
             id: route::event_id(tx.commit_lsn, tx.seq),
             account_id,

@@ -309,6 +309,7 @@ impl Dispatcher {
         let removed = state.removed;
         let mut d = flight.delivery;
         let a = done.attempt;
+        tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
         let now = Utc::now();
         if a.succeeded() {
             let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;

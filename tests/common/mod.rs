@@ -20,6 +20,21 @@ use walhook::local::tls::LocalCa;
 use walhook::local::SAMPLE_CRM_SCHEMA;
 use walhook::secrets::SecretBox;
 
+/// Logs of in-process walhook instances go to `$WALHOOK_TEST_LOG` when set.
+fn init_test_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Some(path) = std::env::var_os("WALHOOK_TEST_LOG") {
+            let file = std::fs::File::create(path).expect("log file");
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,walhook=trace,pgwire_replication=debug")
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .try_init();
+        }
+    });
+}
+
 /// The cluster shared by the tests of one binary.
 pub fn cluster() -> &'static TempCluster {
     static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
@@ -62,6 +77,7 @@ impl Env {
 
     /// Like `new`, on a given cluster.
     pub async fn on(cluster: &TempCluster, name: &str) -> Env {
+        init_test_logging();
         let url = cluster.create_database(name).await.expect("create database");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
         tokio::spawn(conn);
@@ -157,9 +173,14 @@ impl Env {
         ip
     }
 
-    /// Waits until the slot is streamed by someone.
+    /// Waits until a walsender streams the slot. (A slot being created also shows as active,
+    /// held by the creating backend; rows written then may precede its consistent point.)
     pub async fn wait_streaming(&self) {
-        let q = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' AND active", self.name);
+        let q = format!(
+            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = '{}'",
+            self.name
+        );
         wait_for(Duration::from_secs(30), || async { self.scalar_i64(&q).await == 1 }).await;
     }
 
