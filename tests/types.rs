@@ -13,7 +13,7 @@ const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_maps_to_the_api_json() {
     let env = Env::new("types_mapping").await;
-    env.sql(&format!(
+    env.sql(
         "ALTER DATABASE types_mapping SET timezone = 'Asia/Kolkata';
          CREATE DOMAIN short_code AS varchar(8);
          ALTER TABLE contacts ADD COLUMN doomed int;
@@ -27,8 +27,8 @@ async fn every_type_maps_to_the_api_json() {
            ADD COLUMN c_enum activity_kind, ADD COLUMN c_enums activity_kind[], ADD COLUMN c_domain short_code,
            ADD COLUMN c_char char(3), ADD COLUMN c_inet inet, ADD COLUMN c_empty text[], ADD COLUMN c_null text,
            ADD COLUMN c_bool_arr boolean[], ADD COLUMN c_num_arr numeric[];
-         ALTER TABLE contacts DROP COLUMN doomed;"
-    ))
+         ALTER TABLE contacts DROP COLUMN doomed;",
+    )
     .await;
     env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
     let wh = env.start("").await;
