@@ -56,9 +56,14 @@ CREATE TABLE walhook.deliveries (
 );
 CREATE INDEX deliveries_endpoint_recent ON walhook.deliveries (endpoint_id, commit_lsn DESC, seq DESC);
 CREATE INDEX deliveries_commit_lsn ON walhook.deliveries (commit_lsn);
-CREATE INDEX deliveries_due ON walhook.deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX deliveries_endpoint_due ON walhook.deliveries (endpoint_id, next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_entity_order ON walhook.deliveries (endpoint_id, entity_key, commit_lsn, seq)
     WHERE status = 'pending';
+-- A queue table: rows churn from pending to done quickly, so keep its statistics and
+-- visibility fresh rather than waiting for the default 10-20% of changed rows.
+ALTER TABLE walhook.deliveries SET (
+    autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.01,
+    autovacuum_vacuum_threshold = 1000, autovacuum_analyze_threshold = 1000);
 
 -- One row per HTTP attempt, for operators (why did this delivery fail?).
 CREATE TABLE walhook.attempts (

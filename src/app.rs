@@ -104,7 +104,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let sender = Sender::new(d)?;
     let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency));
     let retry = RetryPolicy::new(d);
-    let lease_for = d.connect_timeout.get() + d.request_timeout.get() * 2 + Duration::from_secs(30);
+    // Long enough for every claim an endpoint may have waiting to take its turn and time out.
+    let attempt_max = d.connect_timeout.get() + d.request_timeout.get();
+    let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(30);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
     let outbox_wake = Arc::new(Notify::new());

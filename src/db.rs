@@ -66,6 +66,9 @@ impl Db {
         if pg.get_application_name().is_none() {
             pg.application_name("walhook");
         }
+        // walhook's statements are small and frequent: JIT compilation only ever costs time.
+        let options = format!("{} -c jit=off", pg.get_options().unwrap_or_default());
+        pg.options(options.trim());
         pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
         let tls = MakeRustlsConnect::new(client_tls(cfg.ca_cert.as_deref())?);
         let manager =

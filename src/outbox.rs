@@ -33,6 +33,10 @@ use crate::store::{Completion, Status, StoreOp};
 
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
+/// Claims per endpoint at once, in multiples of its concurrency: enough to keep its
+/// connections busy while the next claim runs. An endpoint is claimed for again once fewer
+/// than one multiple are outstanding, so at most `CLAIM_DEPTH + 1` multiples wait for it.
+pub const CLAIM_DEPTH: usize = 2;
 
 /// Settings of the outbox workers.
 #[derive(Debug, Clone)]
@@ -63,7 +67,7 @@ pub struct OutboxWorker {
     settings: OutboxSettings,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
-    /// Claims in flight per endpoint; an endpoint is claimed again once they have finished.
+    /// Claims in flight per endpoint; an endpoint with a full cap of them is not claimed for.
     busy: HashMap<Uuid, usize>,
     finished_tx: mpsc::Sender<Uuid>,
     finished_rx: mpsc::Receiver<Uuid>,
@@ -102,6 +106,7 @@ impl OutboxWorker {
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
         let lease_token = Uuid::new_v4();
         loop {
+            let started = std::time::Instant::now();
             let claimed = if self.limits.global_available() > 0 {
                 match self.claim(lease_token).await {
                     Ok(rows) => rows,
@@ -115,7 +120,7 @@ impl OutboxWorker {
             };
             let full = claimed.len() as i64 == CLAIM_BATCH;
             if !claimed.is_empty() {
-                tracing::debug!(claimed = claimed.len(), "claimed due deliveries");
+                tracing::debug!(claimed = claimed.len(), took = ?started.elapsed(), "claimed due deliveries");
             }
             for row in claimed {
                 *self.busy.entry(row.endpoint.id).or_default() += 1;
@@ -158,12 +163,19 @@ impl OutboxWorker {
     }
 
     async fn claim(&self, lease_token: Uuid) -> Result<Vec<Claimed>, DbError> {
-        let client = self.db.get().await?;
-        let busy: Vec<Uuid> = self.busy.keys().copied().collect();
-        let limit = CLAIM_BATCH.min(self.limits.global_available() as i64);
-        let per_endpoint = self.limits.endpoint_limit() as i64;
+        let mut client = self.db.get().await?;
+        let cap = self.limits.endpoint_limit();
+        let busy: Vec<Uuid> = self.busy.iter().filter(|(_, &n)| n >= cap).map(|(id, _)| *id).collect();
+        let limit = CLAIM_BATCH.min(self.limits.global_available() as i64 * CLAIM_DEPTH as i64);
+        let per_endpoint = (cap * CLAIM_DEPTH) as i64;
         let lease_secs = self.settings.lease_for.as_secs_f64();
-        let st = client
+        let tx = client.transaction().await?;
+        // The queue table's statistics lag its contents (it fills and drains in seconds); with
+        // stale estimates the planner was seen to choose an O(n²) anti-join taking seconds.
+        // Pin the plan shape instead: walk each endpoint's due rows in index order and check
+        // each candidate's row order with an index probe (`OFFSET 0` keeps it a sub-plan).
+        tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off").await?;
+        let st = tx
             .prepare_cached(
                 "WITH due AS ( \
                    SELECT x.id FROM walhook.endpoints e \
@@ -174,7 +186,8 @@ impl OutboxWorker {
                        AND NOT EXISTS ( \
                          SELECT 1 FROM walhook.deliveries p \
                          WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
-                           AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq)) \
+                           AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq) \
+                         OFFSET 0) \
                      ORDER BY d.next_attempt_at \
                      LIMIT $2 \
                      FOR UPDATE OF d SKIP LOCKED) x \
@@ -189,7 +202,8 @@ impl OutboxWorker {
                    (SELECT ev.body FROM walhook.events ev WHERE ev.id = d.event_id)",
             )
             .await?;
-        let rows = client.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token]).await?;
+        let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token]).await?;
+        tx.commit().await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut endpoints: HashMap<Uuid, Option<Arc<Endpoint>>> = HashMap::new();
         for r in rows {

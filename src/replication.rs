@@ -289,6 +289,7 @@ impl Replication {
     /// Confirms the end of every settled transaction at the front.
     fn confirm(&mut self, stream: &ReplicationClient) {
         if let Some(lsn) = self.tracker.confirmable() {
+            tracing::trace!(lsn = %Lsn::from_u64(lsn), "confirming");
             stream.update_applied_lsn(Lsn::from_u64(lsn));
         }
     }
@@ -378,6 +379,7 @@ impl Replication {
     fn confirm_idle(&mut self, stream: &ReplicationClient, lsn: Lsn) {
         self.confirm(stream);
         if !self.tracker.in_transaction() && self.tracker.is_settled() && !lsn.is_zero() {
+            tracing::trace!(lsn = %lsn, "confirming idle position");
             stream.update_applied_lsn(lsn);
         }
     }
@@ -446,6 +448,7 @@ impl Replication {
                 .map(|r| r.get(0))
                 .collect()
         };
+        tracing::debug!(checked = ids.len(), recorded = recorded.len(), "replayed deliveries checked");
         for mut d in batch {
             if recorded.contains(&d.id) {
                 if let Some(t) = d.ticket.take() {

@@ -159,9 +159,13 @@ impl StoreWriter {
                 }
             }
             let mut backoff = Duration::from_millis(100);
+            let started = std::time::Instant::now();
             loop {
                 match write_batch(&self.db, &batch).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, ops = batch.len(), retry_in = ?backoff, "store write failed; retrying");
                         tokio::time::sleep(backoff).await;

@@ -81,10 +81,9 @@ impl TempCluster {
             "\n# walhook throwaway cluster\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
              unix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 200\n\
              max_wal_senders = 200\nmax_connections = 400\nshared_buffers = 128MB\n\
-             fsync = {}\nfull_page_writes = {}\nsynchronous_commit = {}\n\
+             fsync = {}\nfull_page_writes = {}\n\
              log_min_messages = warning\nlog_line_prefix = '%m [%p] %a '\n",
             cluster.root.display(),
-            on_off(opts.fsync),
             on_off(opts.fsync),
             on_off(opts.fsync),
         );

@@ -166,20 +166,25 @@ impl Env {
     /// Runs walhook in this process with `extra` config; stop it with `InProcess::stop`.
     pub async fn start(&self, extra: &str) -> InProcess {
         let cfg = Arc::new(self.config(extra));
+        let slot = cfg.replication.slot.to_string();
         let token = CancellationToken::new();
         let handle = tokio::spawn(walhook::app::run(cfg, token.clone()));
         let ip = InProcess { token, handle: Some(handle) };
-        self.wait_streaming().await;
+        self.wait_streaming_slot(&slot).await;
         ip
     }
 
     /// Waits until a walsender streams the slot. (A slot being created also shows as active,
     /// held by the creating backend; rows written then may precede its consistent point.)
     pub async fn wait_streaming(&self) {
+        self.wait_streaming_slot(&self.name).await
+    }
+
+    /// Waits until a walsender streams `slot`.
+    pub async fn wait_streaming_slot(&self, slot: &str) {
         let q = format!(
             "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-             WHERE s.slot_name = '{}'",
-            self.name
+             WHERE s.slot_name = '{slot}'"
         );
         wait_for(Duration::from_secs(30), || async { self.scalar_i64(&q).await == 1 }).await;
     }
