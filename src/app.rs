@@ -54,12 +54,12 @@ pub enum AppError {
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     /// A listener could not be opened.
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}: {cause}")]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -158,5 +158,5 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, AppError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|source| AppError::Listen { addr, source })
+    tokio::net::TcpListener::bind(addr).await.map_err(|cause| AppError::Listen { addr, cause })
 }

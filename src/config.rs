@@ -25,12 +25,12 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(String),
     /// The `--config` file could not be read.
-    #[error("configuration file {path}: {source}")]
+    #[error("configuration file {path}: {cause}")]
     File {
         /// The file that was asked for.
         path: PathBuf,
         /// Why it could not be read.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -223,21 +223,21 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
             let text =
-                std::fs::read_to_string(path).map_err(|source| ConfigError::File { path: path.to_owned(), source })?;
+                std::fs::read_to_string(path).map_err(|cause| ConfigError::File { path: path.to_owned(), cause })?;
             figment = figment.merge(Toml::string(&text));
         }
         figment = figment.merge(Env::prefixed("WALHOOK_").split("__"));
-        Self::from_figment(figment)
+        Self::from_figment(figment, file)
     }
 
     /// Loads from an explicit TOML string layered over the defaults (tests, demo).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)))
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(text)), None)
     }
 
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    fn from_figment(figment: Figment, file: Option<&Path>) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(|e| {
-            let msgs: Vec<String> = e.into_iter().map(describe_figment_error).collect();
+            let msgs: Vec<String> = e.into_iter().map(|e| describe_figment_error(e, file)).collect();
             ConfigError::Invalid(msgs.join("; "))
         })?;
         config.validate()?;
@@ -311,36 +311,28 @@ impl Config {
     }
 }
 
-/// Turns figment's error into one line that leads with the dotted key.
-fn describe_figment_error(e: figment::Error) -> String {
-    let key = e.path.join(".");
-    let source = e
-        .metadata
-        .as_ref()
-        .map(|m| match &m.source {
-            Some(figment::Source::File(p)) => format!(" (from {})", p.display()),
-            _ if m.name.contains("environment") => {
-                let var = format!("WALHOOK_{}", e.path.join("__").to_uppercase());
-                format!(" (from environment variable {var})")
-            }
-            _ => String::new(),
-        })
-        .unwrap_or_default();
-    let kind = match &e.kind {
-        figment::error::Kind::UnknownField(field, _) => {
-            let full = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
-            return format!("{full}: unknown key{source}");
-        }
-        figment::error::Kind::MissingField(field) => {
-            let full = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
-            return format!("{full}: missing (it has no default){source}");
-        }
-        other => other.to_string(),
-    };
-    if key.is_empty() {
-        format!("{kind}{source}")
+/// Turns figment's error into one line that leads with the dotted key and says where the
+/// value came from (the defaults are always valid, so a bad value is the file's or the
+/// environment's).
+fn describe_figment_error(e: figment::Error, file: Option<&Path>) -> String {
+    let mut path = e.path.clone();
+    if let figment::error::Kind::MissingField(f) = &e.kind {
+        path.push(f.to_string()); // (an unknown field is already the last element of the path)
+    }
+    let key = path.join(".");
+    let var = format!("WALHOOK_{}", path.join("__").to_uppercase());
+    let from = if std::env::var_os(&var).is_some() {
+        format!(" (environment variable {var})")
     } else {
-        format!("{key}: {kind}{source}")
+        file.map(|p| format!(" (in {})", p.display())).unwrap_or_default()
+    };
+    match &e.kind {
+        figment::error::Kind::UnknownField(..) => format!("{key}: unknown key{from}"),
+        figment::error::Kind::MissingField(_) => {
+            format!("{key}: missing and it has no default; set it in the config file or {var}")
+        }
+        other if key.is_empty() => format!("{other}{from}"),
+        other => format!("{key}: {other}{from}"),
     }
 }
 

@@ -20,13 +20,27 @@ use crate::config::DatabaseConfig;
 pub enum DbError {
     /// A statement or connection failed.
     #[error("database: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
     /// No pooled connection could be had.
     #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     /// The URL or TLS material is unusable.
     #[error("database configuration: {0}")]
     Config(String),
+}
+
+// Causes are part of each message (logs show `%error` only), so they are not also chained
+// as `source`, which would print them twice in `{:#}` renderings.
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Postgres(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::Pool(e)
+    }
 }
 
 impl DbError {

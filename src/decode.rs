@@ -28,7 +28,13 @@ pub enum DecodeError {
     UnknownRelation(u32),
     /// Looking up a column type failed.
     #[error("looking up column types: {0}")]
-    TypeLookup(#[from] tokio_postgres::Error),
+    TypeLookup(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for DecodeError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DecodeError::TypeLookup(e)
+    }
 }
 
 /// The row operation.

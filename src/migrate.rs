@@ -27,14 +27,14 @@ pub enum MigrateError {
     #[error(transparent)]
     Db(#[from] DbError),
     /// A migration file failed; nothing of it was applied.
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {cause}")]
     Migration {
         /// Version of the failed file.
         version: i32,
         /// Its name.
         name: &'static str,
         /// The database's error.
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
     /// The CRM schema is not there; walhook does not create it.
     #[error("{0}")]
@@ -116,7 +116,7 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
             tx.commit().await
         }
         .await;
-        applied.map_err(|source| MigrateError::Migration { version, name, source })?;
+        applied.map_err(|cause| MigrateError::Migration { version, name, cause })?;
         tracing::info!(version, name, "applied migration");
         report.applied.push(version);
     }

@@ -45,7 +45,7 @@ pub enum ReplicationError {
     Db(#[from] DbError),
     /// The replication connection failed.
     #[error("replication stream: {0}")]
-    Stream(#[from] PgWireError),
+    Stream(PgWireError),
     /// A message could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -95,6 +95,12 @@ impl ReplicationError {
             ReplicationError::Route(RouteError::Db(e)) => e.is_transient(),
             ReplicationError::Route(_) => false,
         }
+    }
+}
+
+impl From<PgWireError> for ReplicationError {
+    fn from(e: PgWireError) -> Self {
+        ReplicationError::Stream(e)
     }
 }
 

@@ -114,12 +114,12 @@ pub enum RouteError {
     #[error(transparent)]
     Db(#[from] DbError),
     /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`).
-    #[error("endpoint {id}: {source}")]
+    #[error("endpoint {id}: {cause}")]
     Secret {
         /// The endpoint.
         id: Uuid,
         /// Why.
-        source: crate::secrets::SecretError,
+        cause: crate::secrets::SecretError,
     },
 }
 
@@ -142,8 +142,8 @@ impl Router {
         for r in rows {
             let id: Uuid = r.get(0);
             let stored: String = r.get(3);
-            let secret = router.secrets.open(&stored).map_err(|source| RouteError::Secret { id, source })?;
-            let signer = Signer::new(&secret).map_err(|source| RouteError::Secret { id, source })?;
+            let secret = router.secrets.open(&stored).map_err(|cause| RouteError::Secret { id, cause })?;
+            let signer = Signer::new(&secret).map_err(|cause| RouteError::Secret { id, cause })?;
             let events: Vec<String> = r.get(4);
             router.insert(Endpoint {
                 id,

@@ -32,7 +32,13 @@ pub enum HttpError {
     CaCert(String),
     /// reqwest refused the configuration.
     #[error("HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(reqwest::Error),
+}
+
+impl From<reqwest::Error> for HttpError {
+    fn from(e: reqwest::Error) -> Self {
+        HttpError::Client(e)
+    }
 }
 
 /// How an attempt failed.

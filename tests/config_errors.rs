@@ -1,0 +1,104 @@
+//! Bad configuration stops start-up with an error naming the key, and `check-config` never
+//! prints a secret.
+
+use std::process::Command;
+
+fn check_config(toml: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walhook.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhook"));
+    cmd.args(["check-config", "--config", path.to_str().unwrap()]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const OK: &str = "[database]\nurl = \"postgres://walhook:hunter2@db.internal:5432/driftwood\"\n";
+
+fn fails_naming(toml: &str, env: &[(&str, &str)], key: &str) {
+    let (ok, _, err) = check_config(toml, env);
+    assert!(!ok, "config should be refused: {toml}");
+    assert!(err.contains(key), "error should name {key}: {err}");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    fails_naming(&format!("{OK}[dispatch]\nretries = 3\n"), &[], "dispatch.retries");
+    fails_naming(&format!("{OK}[bogus]\nx = 1\n"), &[], "bogus");
+}
+
+#[test]
+fn missing_database_url_is_named() {
+    fails_naming("[api]\nlisten = \"0.0.0.0:8080\"\n", &[], "database.url");
+}
+
+#[test]
+fn bad_values_are_named() {
+    for (section, key, value) in [
+        ("dispatch", "request_timeout", "\"soon\""),
+        ("dispatch", "retry_schedule", "[\"5s\", \"later\"]"),
+        ("dispatch", "retry_schedule", "[]"),
+        ("dispatch", "allowed_cidrs", "[\"10.0.0.0/33\"]"),
+        ("dispatch", "jitter", "2.0"),
+        ("dispatch", "max_concurrency", "0"),
+        ("dispatch", "ca_certs", "[\"/nonexistent/ca.pem\"]"),
+        ("replication", "slot", "\"Bad-Slot\""),
+        ("api", "listen", "\"not an address\""),
+        ("log", "format", "\"xml\""),
+        ("secrets", "encryption_key", "\"c2hvcnQ=\""),
+    ] {
+        fails_naming(&format!("{OK}[{section}]\n{key} = {value}\n"), &[], &format!("{section}.{key}"));
+    }
+    fails_naming("[database]\nurl = \"postgres://h/db?sslmode=sometimes\"\n", &[], "database.url");
+    fails_naming(
+        &format!("{OK}[auth]\nstatic_tokens = [{{ token_sha256 = \"abc\", account_id = \"aaaa0000-0000-4000-8000-000000000001\", user_id = \"aaaa0000-0000-4000-8000-000000000001\" }}]\n"),
+        &[],
+        "auth.static_tokens[0].token_sha256",
+    );
+}
+
+#[test]
+fn bad_environment_values_are_named_with_their_variable() {
+    let (ok, _, err) = check_config(OK, &[("WALHOOK_DISPATCH__MAX_CONCURRENCY", "lots")]);
+    assert!(!ok);
+    assert!(err.contains("dispatch.max_concurrency") && err.contains("WALHOOK_DISPATCH__MAX_CONCURRENCY"), "{err}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let (ok, out, err) = check_config(
+        OK,
+        &[("WALHOOK_REPLICATION__SLOT", "from_env"), ("WALHOOK_DISPATCH__RETRY_SCHEDULE", "[\"1s\",\"2s\"]")],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("slot = \"from_env\""), "{out}");
+    assert!(out.contains("retry_schedule = [\n    \"1s\",\n    \"2s\",\n]") || out.contains("\"2s\""), "{out}");
+}
+
+#[test]
+fn check_config_redacts_secrets() {
+    let toml = format!(
+        "{OK}[auth]\njwt_hs256_secret = \"jwt-signing-key-do-not-print\"\n[secrets]\nencryption_key = \"{}\"\n",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+    );
+    let (ok, out, err) = check_config(&toml, &[]);
+    assert!(ok, "{err}");
+    for secret in ["hunter2", "jwt-signing-key-do-not-print", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="] {
+        assert!(!out.contains(secret) && !err.contains(secret), "{secret} printed:\n{out}");
+    }
+    assert!(out.contains("db.internal"), "the rest of the URL is shown: {out}");
+}
+
+#[test]
+fn a_refused_encryption_key_is_not_echoed() {
+    let (ok, _, err) = check_config(&format!("{OK}[secrets]\nencryption_key = \"not-base64-but-secret!!\"\n"), &[]);
+    assert!(!ok);
+    assert!(!err.contains("not-base64-but-secret"), "{err}");
+}
