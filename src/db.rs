@@ -15,14 +15,30 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 
+/// An error and its causes on one line (`a: b: c`), skipping causes whose text repeats.
+/// tokio-postgres and deadpool put the server's message in the cause, not the top error.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// Database access errors; each keeps its cause.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// A statement or connection failed.
-    #[error("database: {0}")]
+    #[error("database: {}", error_chain(.0))]
     Postgres(tokio_postgres::Error),
     /// No pooled connection could be had.
-    #[error("database pool: {0}")]
+    #[error("database pool: {}", error_chain(.0))]
     Pool(deadpool_postgres::PoolError),
     /// The URL or TLS material is unusable.
     #[error("database configuration: {0}")]
@@ -163,4 +179,18 @@ fn client_tls(ca_cert: Option<&Path>) -> Result<rustls::ClientConfig, DbError> {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_includes_causes_once() {
+        let io = std::io::Error::other("server said no");
+        let e = std::io::Error::new(std::io::ErrorKind::Other, io);
+        assert_eq!(super::error_chain(&e), "server said no");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(super::error_chain(&Outer(std::io::Error::other("inner"))), "outer: inner");
+    }
 }

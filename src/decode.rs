@@ -27,7 +27,7 @@ pub enum DecodeError {
     #[error("row for unknown relation {0}: the stream skipped its Relation message")]
     UnknownRelation(u32),
     /// Looking up a column type failed.
-    #[error("looking up column types: {0}")]
+    #[error("looking up column types: {}", crate::db::error_chain(.0))]
     TypeLookup(tokio_postgres::Error),
 }
 

@@ -27,7 +27,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Db(#[from] DbError),
     /// A migration file failed; nothing of it was applied.
-    #[error("migration {version} ({name}) failed: {cause}")]
+    #[error("migration {version} ({name}) failed: {}", crate::db::error_chain(.cause))]
     Migration {
         /// Version of the failed file.
         version: i32,

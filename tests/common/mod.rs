@@ -77,6 +77,14 @@ impl Env {
 
     /// Like `new`, on a given cluster.
     pub async fn on(cluster: &TempCluster, name: &str) -> Env {
+        let env = Self::unmigrated(cluster, name).await;
+        let cfg = env.config("");
+        walhook::migrate::migrate(&env.db, &cfg).await.expect("migrate");
+        env
+    }
+
+    /// A database with the sample CRM schema that `walhook migrate` has not touched.
+    pub async fn unmigrated(cluster: &TempCluster, name: &str) -> Env {
         init_test_logging();
         let url = cluster.create_database(name).await.expect("create database");
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
@@ -99,9 +107,7 @@ impl Env {
             metrics_port: free_port(),
             api_port: free_port(),
         };
-        let cfg = env.config("");
-        env.db = Db::new(&cfg.database).expect("db");
-        walhook::migrate::migrate(&env.db, &cfg).await.expect("migrate");
+        env.db = Db::new(&env.config("").database).expect("db");
         env
     }
 
@@ -191,11 +197,16 @@ impl Env {
 
     /// Writes the config to a file and starts the real binary with it.
     pub fn spawn_binary(&self, extra: &str) -> Proc {
+        self.spawn_command("run", extra)
+    }
+
+    /// Starts `walhook <command> --config <this test's config + extra>`.
+    pub fn spawn_command(&self, command: &str, extra: &str) -> Proc {
         let path = self.dir.path().join(format!("walhook-{}.toml", Uuid::new_v4()));
         std::fs::write(&path, self.config_toml(extra)).unwrap();
         let log = self.dir.path().join(format!("walhook-{}.log", Uuid::new_v4()));
         let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
-            .args(["run", "--config", path.to_str().unwrap()])
+            .args([command, "--config", path.to_str().unwrap()])
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
