@@ -511,6 +511,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_documents_every_key() {
+        let example = include_str!("../config/walhook.example.toml");
+        Config::from_toml(example).expect("the example configuration loads");
+        let defaults: toml::Table = DEFAULT_TOML.parse().unwrap();
+        for (section, keys) in defaults {
+            assert!(example.contains(&format!("[{section}]")), "example lacks [{section}]");
+            for key in keys.as_table().unwrap().keys() {
+                let written = example.lines().any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} =")));
+                assert!(written, "example lacks {section}.{key}");
+            }
+        }
+        for optional in ["ca_cert", "jwt_hs256_secret", "encryption_key"] {
+            assert!(example.contains(&format!("# {optional} =")), "example lacks {optional}");
+        }
+    }
+
+    #[test]
     fn bad_identifier_is_named() {
         let e = load("[replication]\nslot = \"Bad-Slot\"\n").unwrap_err().to_string();
         assert!(e.contains("replication.slot"), "{e}");
