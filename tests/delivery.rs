@@ -195,3 +195,24 @@ async fn a_huge_transaction_spills_to_the_outbox_and_is_delivered_whole() {
     assert!(per_id.values().all(|&c| c == 1), "no delivery was sent twice");
     wh.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_retries_survive_a_restart() {
+    let env = Env::new("retries_survive_restart").await;
+    env.endpoint(ACCOUNT_A, "later", &["contact.created"]).await;
+    env.receiver.script("later", vec![Reply::Status(503)]);
+    let wh = env.start("[dispatch]\nretry_schedule = [\"2s\"]\n").await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'Patient')")).await;
+    let pending = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending' AND attempt_count = 1";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(pending).await == 1 }).await;
+    wh.stop().await.unwrap();
+    assert_eq!(env.receiver.count(), 1, "only the failed first attempt so far");
+    let wh = env.start("[dispatch]\nretry_schedule = [\"2s\"]\n").await;
+    let got =
+        env.receiver.wait_until(Duration::from_secs(20), |r| r.len() >= 2).await.expect("retried after the restart");
+    assert_eq!(got[0].webhook_id, got[1].webhook_id);
+    assert_eq!(got[1].answered, 200);
+    let delivered = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered' AND attempt_count = 2";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(delivered).await == 1 }).await;
+    wh.stop().await.unwrap();
+}
