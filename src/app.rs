@@ -99,6 +99,18 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         secrets: secrets.clone(),
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
+    let api_listener = bind(cfg.api.listen).await?;
+    let api_state = crate::api::ApiState::new(
+        crate::endpoints::Endpoints::new(
+            db.clone(),
+            secrets.clone(),
+            crate::dispatch::ssrf::AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+        ),
+        crate::api::auth::Authenticator::new(&cfg.auth),
+        crate::api::auth::RateLimiter::new(cfg.api.rate_limit_per_second, cfg.api.rate_limit_burst),
+        metrics.clone(),
+        cfg.api.max_body_bytes,
+    );
 
     let d = &cfg.dispatch;
     let sender = Sender::new(d)?;
@@ -138,6 +150,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status);
 
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
+    let api = tokio::spawn(crate::api::serve(api_listener, api_state, shutdown.clone()));
     let writer = tokio::spawn(writer.run());
     let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
     let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));
@@ -154,6 +167,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");
     }
     let _ = ops.await;
+    let _ = api.await;
     Ok(result?)
 }
 

@@ -111,10 +111,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Logging as configured; `RUST_LOG` wins over `log.level`.
+/// Logging as configured; `RUST_LOG` wins over `log.level`. tokio-postgres logs statement
+/// parameters (signing secrets among them) at debug level, so it is capped at info unless
+/// the filter names it explicitly.
 pub fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let mut directives =
+        std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| cfg.log.level.clone());
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=info");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},tokio_postgres=info", cfg.log.level)));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

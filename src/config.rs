@@ -85,6 +85,10 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Requests per second one account may make (429 beyond); 0 turns the limit off.
+    pub rate_limit_per_second: u32,
+    /// Requests an account may make at once before the rate applies.
+    pub rate_limit_burst: u32,
 }
 
 /// `[metrics]`
@@ -279,6 +283,9 @@ impl Config {
             if value.0.is_zero() {
                 return bad(key, "must be longer than 0s");
             }
+        }
+        if self.api.rate_limit_per_second > 0 && self.api.rate_limit_burst == 0 {
+            return bad("api.rate_limit_burst", "must be at least 1 when api.rate_limit_per_second is set");
         }
         if self.retention.batch_size < 1 {
             return bad("retention.batch_size", "must be at least 1");

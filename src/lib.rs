@@ -6,6 +6,7 @@
 //! retry what waits. [`progress`] decides which LSN the slot may confirm. See DESIGN.md for
 //! the invariants every module keeps.
 
+pub mod api;
 pub mod app;
 pub mod catalog;
 pub mod cli;

@@ -1,0 +1,122 @@
+//! Request bodies of the admin API and how they are read.
+//!
+//! What must hold: a body is read up to `api.max_body_bytes` (413 beyond); it must be a JSON
+//! object; unknown fields and wrong types are `webhooks.invalid_request` naming the field;
+//! ids that are not UUIDs are `webhooks.invalid_id`. An empty body reads as `{}`.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::error::ApiError;
+
+/// `webhooks-create`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// Required HTTPS URL.
+    pub url: Option<String>,
+    /// Optional description.
+    pub description: Option<String>,
+    /// Required, non-empty.
+    pub events: Option<Vec<String>>,
+}
+
+/// `webhooks-list`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {}
+
+/// `webhooks-get` and `webhooks-delete`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdRequest {
+    /// Endpoint id.
+    pub id: Option<String>,
+}
+
+/// `webhooks-update`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// Endpoint id.
+    pub id: Option<String>,
+    /// New URL.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New subscriptions.
+    pub events: Option<Vec<String>>,
+    /// Enable or disable.
+    pub is_active: Option<bool>,
+}
+
+/// `webhooks-deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveriesRequest {
+    /// Endpoint id.
+    pub endpoint_id: Option<String>,
+    /// 1–100, default 50.
+    pub limit: Option<i64>,
+}
+
+/// Fields each operation accepts (checked against the OpenAPI document in tests).
+pub const FIELDS: [(&str, &[&str]); 6] = [
+    ("webhooks-create", &["url", "description", "events"]),
+    ("webhooks-list", &[]),
+    ("webhooks-get", &["id"]),
+    ("webhooks-update", &["id", "url", "description", "events", "is_active"]),
+    ("webhooks-delete", &["id"]),
+    ("webhooks-deliveries", &["endpoint_id", "limit"]),
+];
+
+/// Parses a JSON object body into `T`, naming the field of any error.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidRequest(format!("request body is not valid JSON ({e})")))?;
+    if !value.is_object() {
+        return Err(ApiError::InvalidRequest("request body must be a JSON object".into()));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            ApiError::InvalidRequest(inner)
+        } else {
+            ApiError::InvalidRequest(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// A required UUID field.
+pub fn uuid_field(name: &str, value: Option<&str>) -> Result<Uuid, ApiError> {
+    let value = value.ok_or_else(|| ApiError::InvalidRequest(format!("{name} is required")))?;
+    Uuid::parse_str(value).map_err(|_| ApiError::InvalidId(format!("{name} must be a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse::<CreateRequest>(br#"{"url": "https://x", "events": ["a", 5]}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::InvalidRequest(m) if m.starts_with("events[1]")), "{e:?}");
+        let e = parse::<CreateRequest>(br#"{"url": "https://x", "colour": 1}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::InvalidRequest(m) if m.contains("colour")), "{e:?}");
+        let e = parse::<UpdateRequest>(br#"{"id": "x", "is_active": "yes"}"#).unwrap_err();
+        assert!(matches!(&e, ApiError::InvalidRequest(m) if m.starts_with("is_active")), "{e:?}");
+        assert!(matches!(parse::<ListRequest>(b"[]"), Err(ApiError::InvalidRequest(_))));
+        assert!(matches!(parse::<ListRequest>(b"{"), Err(ApiError::InvalidRequest(_))));
+        assert!(parse::<ListRequest>(b"").is_ok());
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        assert!(matches!(uuid_field("id", Some("nope")), Err(ApiError::InvalidId(_))));
+        assert!(matches!(uuid_field("id", None), Err(ApiError::InvalidRequest(_))));
+        assert!(uuid_field("id", Some("aaaa0000-0000-4000-8000-000000000001")).is_ok());
+    }
+}
