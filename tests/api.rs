@@ -433,7 +433,7 @@ async fn endpoint_changes_reach_routing_in_order_with_the_rows() {
     // Deleted: nothing more is sent to it.
     api.ok("webhooks-delete", &a, json!({ "id": id })).await;
     env.sql("UPDATE contacts SET last_name = 'y' WHERE first_name = 'after'").await;
-    env.sql(&format!("INSERT INTO audit_log (message) VALUES ('marker')")).await;
+    env.sql("INSERT INTO audit_log (message) VALUES ('marker')").await;
     let target = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
     common::wait_for(Duration::from_secs(20), || async { env.confirmed_lsn().await >= target }).await;
     assert_eq!(env.receiver.count(), 2, "a deleted endpoint gets nothing more");
