@@ -16,7 +16,11 @@ CREATE TABLE walhook.endpoints (
     secret_prefix   text NOT NULL,
     events          text[] NOT NULL,
     is_active       boolean NOT NULL DEFAULT true,
+    -- Set when walhook disabled the endpoint itself ('gone': it answered 410; 'failing':
+    -- every delivery failed for dispatch.disable_after). NULL when enabled or disabled by hand.
     disabled_reason text,
+    -- Start of the current run of failed attempts (NULL after any success).
+    failing_since   timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
@@ -59,6 +63,10 @@ CREATE INDEX deliveries_commit_lsn ON walhook.deliveries (commit_lsn);
 CREATE INDEX deliveries_endpoint_due ON walhook.deliveries (endpoint_id, next_attempt_at) WHERE status = 'pending';
 CREATE INDEX deliveries_entity_order ON walhook.deliveries (endpoint_id, entity_key, commit_lsn, seq)
     WHERE status = 'pending';
+-- Retention: finished rows by age; events still needed by a pending delivery.
+CREATE INDEX deliveries_completed ON walhook.deliveries (completed_at) WHERE status <> 'pending';
+CREATE INDEX deliveries_pending_event ON walhook.deliveries (event_id) WHERE status = 'pending';
+CREATE INDEX events_created ON walhook.events (created_at);
 -- A queue table: rows churn from pending to done quickly, so keep its statistics and
 -- visibility fresh rather than waiting for the default 10-20% of changed rows.
 ALTER TABLE walhook.deliveries SET (

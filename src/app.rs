@@ -118,10 +118,19 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let retry = RetryPolicy::new(d);
     // Long enough for every claim an endpoint may have waiting to take its turn and time out.
     let attempt_max = d.connect_timeout.get() + d.request_timeout.get();
-    let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(30);
+    let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
     let outbox_wake = Arc::new(Notify::new());
+    let pending_at_start: Vec<uuid::Uuid> = db
+        .get()
+        .await?
+        .query("SELECT DISTINCT endpoint_id FROM walhook.deliveries WHERE status = 'pending'", &[])
+        .await
+        .map_err(DbError::from)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_CHANNEL);
     let dispatcher = Dispatcher::new(
         DispatchSettings {
@@ -136,7 +145,15 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         store_tx.clone(),
         outbox_wake.clone(),
         metrics.clone(),
-    );
+    )
+    .with_pending_at_start(pending_at_start);
+    let maintenance = tokio::spawn(crate::maintenance::run(
+        db.clone(),
+        cfg.clone(),
+        metrics.clone(),
+        store_tx.clone(),
+        shutdown.clone(),
+    ));
     let outbox = OutboxWorker::new(
         db.clone(),
         sender,
@@ -162,6 +179,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     shutdown.cancel();
     let _ = dispatcher.await;
     let _ = outbox.await;
+    let _ = maintenance.await;
     // The writer ends once every stage holding a sender has ended and its writes are in.
     if tokio::time::timeout(grace + Duration::from_secs(10), writer).await.is_err() {
         tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");

@@ -95,6 +95,8 @@ pub struct EndpointRow {
     pub events: Option<Vec<String>>,
     /// Enabled?
     pub is_active: Option<bool>,
+    /// Why walhook disabled it (NULL: enabled, or disabled by hand).
+    pub disabled_reason: Option<String>,
 }
 
 /// What a row message means to walhook.
@@ -344,6 +346,7 @@ fn endpoint_change(info: &RelInfo, op: Op, new: Option<&Tuple>, old: Option<&Tup
             serde_json::from_slice(&json).ok()
         }),
         is_active: text("is_active").map(|s| s == "t"),
+        disabled_reason: text("disabled_reason"),
     };
     match (op, row.id) {
         (Op::Deleted, Some(id)) => Decoded::EndpointDelete(id),

@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod endpoints;
 pub mod leader;
 pub mod local;
+pub mod maintenance;
 pub mod metrics;
 pub mod migrate;
 pub mod ops;

@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::route::{event_mask, Endpoint};
 use crate::secrets::SecretBox;
 use crate::sign::Signer;
-use crate::store::{Completion, Status, StoreOp};
+use crate::store::{Completion, Status, StoreOp, DISABLED_GONE};
 
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
@@ -220,6 +220,7 @@ impl OutboxWorker {
                             url: r.get(4),
                             events: event_mask(&r.get::<_, Vec<String>>(6)),
                             is_active: true,
+                            auto_disabled: false,
                             signer,
                         })),
                         Err(e) => {
@@ -265,10 +266,11 @@ impl OutboxWorker {
                 None => missing_payload(),
             };
             let now = Utc::now();
+            let gone = attempt.status == Some(410);
             let (status, next) =
                 match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {
                     (true, _) => (Status::Delivered, None),
-                    (false, Some(delay)) if !permanent => (Status::Pending, Some(now + delay)),
+                    (false, Some(delay)) if !permanent && !gone => (Status::Pending, Some(now + delay)),
                     (false, _) => (Status::Failed, None),
                 };
             if status == Status::Failed {
@@ -276,6 +278,7 @@ impl OutboxWorker {
             }
             let op = StoreOp::Complete(Completion {
                 id: row.id,
+                endpoint_id: row.endpoint.id,
                 lease,
                 status,
                 http_status: attempt.status,
@@ -286,6 +289,11 @@ impl OutboxWorker {
                 attempt,
             });
             let _ = store.send(op).await;
+            if gone {
+                tracing::warn!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it and failing its pending deliveries");
+                metrics.endpoints_disabled.with_label_values(&[DISABLED_GONE]).inc();
+                let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
+            }
             let _ = finished.send(row.endpoint.id).await;
         });
     }

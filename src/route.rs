@@ -33,6 +33,8 @@ pub struct Endpoint {
     pub events: u16,
     /// Enabled?
     pub is_active: bool,
+    /// Disabled by walhook itself (410 Gone, or failing too long): what waits for it fails.
+    pub auto_disabled: bool,
     /// Signs bodies with the endpoint's secret.
     pub signer: Signer,
 }
@@ -135,7 +137,10 @@ impl Router {
     pub async fn load(db: &Db, secrets: SecretBox) -> Result<Router, RouteError> {
         let client = db.get().await?;
         let rows = client
-            .query("SELECT id, account_id, url, secret, events, is_active FROM walhook.endpoints", &[])
+            .query(
+                "SELECT id, account_id, url, secret, events, is_active, disabled_reason IS NOT NULL FROM walhook.endpoints",
+                &[],
+            )
             .await
             .map_err(DbError::from)?;
         let mut router = Router { by_account: HashMap::new(), secrets };
@@ -151,6 +156,7 @@ impl Router {
                 url: r.get(2),
                 events: event_mask(&events),
                 is_active: r.get(5),
+                auto_disabled: !r.get::<_, bool>(5) && r.get::<_, bool>(6),
                 signer,
             });
         }
@@ -214,7 +220,8 @@ impl Router {
             return;
         };
         let is_active = row.is_active.or(current.as_ref().map(|c| c.is_active)).unwrap_or(false);
-        self.insert(Endpoint { id, account_id, url, events, is_active, signer });
+        let auto_disabled = !is_active && row.disabled_reason.is_some();
+        self.insert(Endpoint { id, account_id, url, events, is_active, auto_disabled, signer });
     }
 
     /// The endpoints that receive `change`: same account, active, subscribed.

@@ -77,6 +77,8 @@ pub struct Record {
 pub struct Completion {
     /// Delivery id.
     pub id: Uuid,
+    /// Its endpoint.
+    pub endpoint_id: Uuid,
     /// The lease the attempt was made under; a row leased by someone else is left alone.
     pub lease: Uuid,
     /// New status.
@@ -123,6 +125,11 @@ pub struct ProbeAnswer {
     pub generation: u64,
 }
 
+/// Why walhook disables an endpoint itself (`walhook.endpoints.disabled_reason`).
+pub const DISABLED_GONE: &str = "gone";
+/// See [`DISABLED_GONE`].
+pub const DISABLED_FAILING: &str = "failing";
+
 /// One write of the delivery path.
 #[derive(Debug)]
 pub enum StoreOp {
@@ -132,6 +139,20 @@ pub enum StoreOp {
     Complete(Completion),
     /// Ask about pending rows.
     Probe(Probe),
+    /// Disable an endpoint (`reason` is [`DISABLED_GONE`] or [`DISABLED_FAILING`]) and fail
+    /// what waits for it.
+    Disable {
+        /// The endpoint.
+        endpoint_id: Uuid,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Fail whatever still waits for an endpoint that walhook disabled (rows stored after
+    /// the disable, before its replicated change reached dispatch).
+    FailPending {
+        /// The endpoint.
+        endpoint_id: Uuid,
+    },
 }
 
 /// Applies [`StoreOp`]s in batches.
@@ -191,7 +212,7 @@ fn settle(batch: &mut Vec<StoreOp>) -> Vec<Probe> {
                     t.settle();
                 }
             }
-            StoreOp::Complete(_) => {}
+            StoreOp::Complete(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
             StoreOp::Probe(p) => probes.push(p),
         }
     }
@@ -289,6 +310,15 @@ async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
     let (mut c_id, mut c_lease, mut c_status, mut c_http, mut c_next, mut c_err, mut c_done) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut attempts = AttemptRows::default();
+    // Endpoints whose attempts succeeded / failed in this batch (failure streak tracking).
+    let (mut ep_ok, mut ep_failed): (Vec<Uuid>, Vec<Uuid>) = (Vec::new(), Vec::new());
+    let mut note = |ep: Uuid, a: &Attempt| {
+        let list = if a.succeeded() { &mut ep_ok } else { &mut ep_failed };
+        if !list.contains(&ep) {
+            list.push(ep);
+        }
+    };
+    let (mut disable_ids, mut disable_reasons, mut fail_pending) = (Vec::new(), Vec::new(), Vec::new());
     for op in batch {
         match op {
             StoreOp::Insert(r) => {
@@ -320,6 +350,7 @@ async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
                 d_done.push(r.completed_at);
                 if let Some(a) = &r.attempt {
                     attempts.push(r.id, r.attempt_count, a);
+                    note(r.endpoint_id, a);
                 }
             }
             StoreOp::Complete(c) => {
@@ -331,11 +362,18 @@ async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
                 c_err.push(c.last_error.as_deref());
                 c_done.push(c.completed_at);
                 attempts.push(c.id, c.attempt_no, &c.attempt);
+                note(c.endpoint_id, &c.attempt);
             }
             StoreOp::Probe(_) => {}
+            StoreOp::Disable { endpoint_id, reason } => {
+                disable_ids.push(*endpoint_id);
+                disable_reasons.push(*reason);
+                fail_pending.push(*endpoint_id);
+            }
+            StoreOp::FailPending { endpoint_id } => fail_pending.push(*endpoint_id),
         }
     }
-    if d_id.is_empty() && c_id.is_empty() {
+    if d_id.is_empty() && c_id.is_empty() && fail_pending.is_empty() {
         return Ok(());
     }
     let mut client = db.get().await?;
@@ -414,6 +452,45 @@ async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
             &[&a.delivery, &a.number, &a.started, &a.duration_ms, &a.status, &a.kind, &a.error, &a.snippet],
         )
         .await?;
+    }
+    if !ep_ok.is_empty() {
+        // Only rows that change are written (and replicated).
+        let st = tx
+            .prepare_cached(
+                "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($1) AND failing_since IS NOT NULL",
+            )
+            .await?;
+        tx.execute(&st, &[&ep_ok]).await?;
+    }
+    if !ep_failed.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "UPDATE walhook.endpoints SET failing_since = now() \
+                 WHERE id = ANY($1) AND failing_since IS NULL AND NOT (id = ANY($2))",
+            )
+            .await?;
+        tx.execute(&st, &[&ep_failed, &ep_ok]).await?;
+    }
+    if !disable_ids.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "UPDATE walhook.endpoints e SET is_active = false, disabled_reason = u.reason, updated_at = now() \
+                 FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active",
+            )
+            .await?;
+        tx.execute(&st, &[&disable_ids, &disable_reasons]).await?;
+    }
+    if !fail_pending.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "UPDATE walhook.deliveries d SET status = 'failed', completed_at = now(), lease_until = NULL, \
+                   leased_by = NULL, last_error = 'endpoint disabled: ' || e.disabled_reason \
+                 FROM walhook.endpoints e \
+                 WHERE d.endpoint_id = ANY($1) AND d.status = 'pending' AND e.id = d.endpoint_id \
+                   AND NOT e.is_active AND e.disabled_reason IS NOT NULL",
+            )
+            .await?;
+        tx.execute(&st, &[&fail_pending]).await?;
     }
     tx.commit().await?;
     Ok(())

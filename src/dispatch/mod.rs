@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::route::{Delivery, Endpoint};
-use crate::store::{Completion, Probe, ProbeAnswer, Record, Status, StoreOp};
+use crate::store::{Completion, Probe, ProbeAnswer, Record, Status, StoreOp, DISABLED_GONE};
 use http::{Attempt, Sender};
 use limits::{Limits, Permit};
 use policy::RetryPolicy;
@@ -110,12 +110,13 @@ struct EndpointState {
     probing: bool,
     /// Deleted: drop whatever is left.
     removed: bool,
+    /// Disabled by walhook (410 Gone, failing too long): whatever waits fails.
+    disabled: bool,
 }
 
 impl EndpointState {
     fn new(endpoint: Arc<Endpoint>) -> Self {
         EndpointState {
-            endpoint,
             ready: VecDeque::new(),
             behind: HashMap::new(),
             waiting: 0,
@@ -125,6 +126,8 @@ impl EndpointState {
             spill_generation: 0,
             probing: false,
             removed: false,
+            disabled: endpoint.auto_disabled,
+            endpoint,
         }
     }
 
@@ -147,6 +150,9 @@ pub struct Dispatcher {
     outbox_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     endpoints: HashMap<Uuid, EndpointState>,
+    /// Endpoints that had deliveries waiting in the outbox when this process started: they
+    /// start spilled, so rows queue behind what waits there (order holds across restarts).
+    pending_at_start: std::collections::HashSet<Uuid>,
     waiting: usize,
     generation: u64,
     lease_token: Uuid,
@@ -176,6 +182,7 @@ impl Dispatcher {
             outbox_wake,
             metrics,
             endpoints: HashMap::new(),
+            pending_at_start: Default::default(),
             waiting: 0,
             generation: 0,
             lease_token: Uuid::new_v4(),
@@ -184,6 +191,12 @@ impl Dispatcher {
             probe_tx,
             probe_rx,
         }
+    }
+
+    /// Endpoints with deliveries already waiting in the outbox (read at start).
+    pub fn with_pending_at_start(mut self, endpoints: impl IntoIterator<Item = Uuid>) -> Self {
+        self.pending_at_start.extend(endpoints);
+        self
     }
 
     /// Runs until `rx` closes (routing ended) or `shutdown`; then stores what waits in the
@@ -221,13 +234,18 @@ impl Dispatcher {
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
                 let id = ep.id;
-                let inactive = !ep.is_active;
-                if let Some(state) = self.endpoints.get_mut(&id) {
-                    state.endpoint = ep;
-                    if inactive && !state.spilled {
-                        // Keep what waits for when it is enabled again.
-                        self.spill_endpoint(id).await;
-                    }
+                let Some(state) = self.endpoints.get_mut(&id) else { return };
+                let (auto_disabled, active) = (ep.auto_disabled, ep.is_active);
+                state.endpoint = ep;
+                if auto_disabled {
+                    self.disable_local(id).await;
+                    // Rows this dispatcher stored after the disable committed fail too.
+                    let _ = self.store.send(StoreOp::FailPending { endpoint_id: id }).await;
+                } else if !active && !state.spilled {
+                    // Disabled by hand: keep what waits for when it is enabled again.
+                    self.spill_endpoint(id).await;
+                } else if active {
+                    state.disabled = false;
                 }
             }
             DispatchMsg::EndpointRemoved(id) => {
@@ -250,13 +268,25 @@ impl Dispatcher {
 
     async fn accept(&mut self, mut d: Delivery) {
         let id = d.endpoint.id;
-        let state = self.endpoints.entry(id).or_insert_with(|| EndpointState::new(d.endpoint.clone()));
+        if !self.endpoints.contains_key(&id) {
+            let mut state = EndpointState::new(d.endpoint.clone());
+            if self.pending_at_start.remove(&id) {
+                // Spilled until a probe finds its outbox empty.
+                state.spilled = true;
+                state.spill_generation = self.generation;
+            }
+            self.endpoints.insert(id, state);
+        }
+        let state = self.endpoints.get_mut(&id).expect("inserted above");
         let key = d.event.entity_key.clone();
         if state.removed {
             if let Some(t) = d.ticket.take() {
                 t.settle(); // routed before the delete reached us; the endpoint is gone
             }
             return;
+        }
+        if state.disabled {
+            return self.fail_unsent(id, d).await;
         }
         if state.spilled || !state.endpoint.is_active {
             return self.spill_one(id, d, 0).await;
@@ -306,10 +336,14 @@ impl Dispatcher {
         let ep_id = done.endpoint_id;
         let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
         let Some(flight) = state.in_flight.remove(&done.delivery_id) else { return };
-        let removed = state.removed;
+        let (removed, disabled) = (state.removed, state.disabled);
         let mut d = flight.delivery;
         let a = done.attempt;
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
+        let gone = a.status == Some(410);
+        if gone && !disabled && !removed {
+            self.disable(ep_id).await;
+        }
         let now = Utc::now();
         if a.succeeded() {
             let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
@@ -317,6 +351,7 @@ impl Dispatcher {
         }
         let (status, next) = match (a.succeeded(), self.settings.retry.next_delay(1, a.retry_after)) {
             (true, _) => (Status::Delivered, None),
+            (false, _) if gone || disabled => (Status::Failed, None),
             (false, Some(delay)) => (Status::Pending, Some(now + delay)),
             (false, None) => (Status::Failed, None),
         };
@@ -328,6 +363,7 @@ impl Dispatcher {
             // Already stored under our lease: record the outcome on that row.
             let op = StoreOp::Complete(Completion {
                 id: d.id,
+                endpoint_id: ep_id,
                 lease: self.lease_token,
                 status,
                 http_status: a.status,
@@ -440,6 +476,49 @@ impl Dispatcher {
             let _ = self.store.send(StoreOp::Probe(p)).await;
         }
         self.endpoints.retain(|_, s| !s.idle());
+    }
+
+    /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
+    /// what waits in the outbox) and fail what waits here.
+    async fn disable(&mut self, id: Uuid) {
+        tracing::warn!(endpoint = %id, "endpoint answered 410 Gone; disabling it and failing its pending deliveries");
+        self.metrics.endpoints_disabled.with_label_values(&[DISABLED_GONE]).inc();
+        let _ = self.store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_GONE }).await;
+        self.disable_local(id).await;
+    }
+
+    /// Fails every delivery of endpoint `id` waiting in memory; later ones fail on arrival.
+    async fn disable_local(&mut self, id: Uuid) {
+        let Some(state) = self.endpoints.get_mut(&id) else { return };
+        state.disabled = true;
+        state.spilled = false;
+        state.blocked.clear();
+        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
+        self.waiting -= state.waiting;
+        state.waiting = 0;
+        for w in waiting {
+            self.fail_unsent(id, w.delivery).await;
+        }
+    }
+
+    /// Records a delivery as failed without an attempt (its endpoint was disabled).
+    async fn fail_unsent(&mut self, endpoint_id: Uuid, mut d: Delivery) {
+        self.metrics.failed.inc();
+        let record = Record {
+            id: d.id,
+            endpoint_id,
+            event: d.event.clone(),
+            status: Status::Failed,
+            attempt_count: 0,
+            http_status: None,
+            next_attempt_at: None,
+            lease: None,
+            last_error: Some("endpoint disabled".into()),
+            completed_at: Some(Utc::now()),
+            attempt: None,
+            ticket: d.ticket.take(),
+        };
+        let _ = self.store.send(StoreOp::Insert(record)).await;
     }
 
     /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).

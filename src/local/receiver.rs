@@ -235,7 +235,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
         header("user-agent"),
         header("content-type"),
     );
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    // A request whose body never fully arrived (the sender died mid-request) was not received.
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return Err(ScriptedReset);
+    };
     let timestamp: i64 = ts.parse().unwrap_or(0);
     let verified = st
         .secrets

@@ -141,24 +141,45 @@ impl Env {
 
     /// Registers an endpoint of `account` posting to receiver path `path`.
     pub async fn endpoint(&self, account: Uuid, path: &str, events: &[&str]) -> EndpointView {
-        let endpoints = Endpoints::new(
-            self.db.clone(),
-            SecretBox::new(None).unwrap(),
-            AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-        );
+        let (view, secret) = self.endpoint_url(account, &self.receiver.url(path), events).await;
+        self.receiver.set_secret(path, &secret);
+        view
+    }
+
+    /// Registers an endpoint of `account` posting to any `url`; returns it and its secret.
+    /// (The address policy is wide open here: what dispatch refuses at connect time is what
+    /// some tests are about.)
+    pub async fn endpoint_url(&self, account: Uuid, url: &str, events: &[&str]) -> (EndpointView, String) {
+        let open = AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
+        let endpoints = Endpoints::new(self.db.clone(), SecretBox::new(None).unwrap(), open);
         let (view, secret) = endpoints
             .create(
                 Caller { account_id: account, user_id: USER },
                 NewEndpoint {
-                    url: Some(self.receiver.url(path)),
+                    url: Some(url.to_owned()),
                     description: None,
                     events: Some(events.iter().map(|e| e.to_string()).collect()),
                 },
             )
             .await
             .expect("create endpoint");
-        self.receiver.set_secret(path, secret.expose());
-        view
+        (view, secret.expose().to_owned())
+    }
+
+    /// The instance's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one sample line of `/metrics` (0 when absent).
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub async fn sql(&self, q: &str) {
