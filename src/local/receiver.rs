@@ -219,13 +219,13 @@ fn normal(path: &str) -> String {
     format!("/{}", path.trim_start_matches('/'))
 }
 
-/// A scripted reset: returning it makes hyper drop the connection (HTTP/1) or reset the
-/// stream (HTTP/2) without an answer.
+/// No answer: returning it makes hyper drop the connection (HTTP/1) or reset the stream
+/// (HTTP/2). Used for scripted resets and for requests that never fully arrived.
 #[derive(Debug, thiserror::Error)]
-#[error("scripted connection reset")]
-struct ScriptedReset;
+#[error("connection dropped without an answer")]
+struct Dropped;
 
-async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<Response<Full<Bytes>>, ScriptedReset> {
+async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<Response<Full<Bytes>>, Dropped> {
     let path = req.uri().path().to_owned();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let (webhook_id, ts, signature, user_agent, content_type) = (
@@ -237,7 +237,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
     );
     // A request whose body never fully arrived (the sender died mid-request) was not received.
     let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
-        return Err(ScriptedReset);
+        return Err(Dropped);
     };
     let timestamp: i64 = ts.parse().unwrap_or(0);
     let verified = st
@@ -279,7 +279,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
             (s, Vec::new())
         }
         Reply::Hang => std::future::pending().await,
-        Reply::Reset => return Err(ScriptedReset),
+        Reply::Reset => return Err(Dropped),
     };
     let mut resp = Response::builder().status(status);
     for (k, v) in headers {
