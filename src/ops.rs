@@ -92,6 +92,14 @@ async fn monitor(s: Shared, shutdown: CancellationToken) {
                 .await?;
             s.metrics.pending.set(r.get(0));
             s.metrics.oldest_pending_age.set(r.get(1));
+            let r = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active) FROM walhook.endpoints",
+                    &[],
+                )
+                .await?;
+            s.metrics.endpoints.with_label_values(&["active"]).set(r.get(0));
+            s.metrics.endpoints.with_label_values(&["disabled"]).set(r.get(1));
             Ok(())
         }
         .await;

@@ -55,6 +55,8 @@ struct Claimed {
     endpoint: Arc<Endpoint>,
     attempt_no: i32,
     body: Option<Bytes>,
+    /// Commit time of the source change.
+    committed_at: chrono::DateTime<Utc>,
 }
 
 /// Claims due rows and sends them.
@@ -199,7 +201,7 @@ impl OutboxWorker {
                  FROM due, walhook.endpoints e \
                  WHERE d.id = due.id AND e.id = d.endpoint_id \
                  RETURNING d.id, d.attempt_count, e.id, e.account_id, e.url, e.secret, e.events, \
-                   (SELECT ev.body FROM walhook.events ev WHERE ev.id = d.event_id)",
+                   (SELECT ev.body FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at",
             )
             .await?;
         let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token]).await?;
@@ -236,6 +238,7 @@ impl OutboxWorker {
                 attempt_no: r.get(1),
                 endpoint,
                 body: r.get::<_, Option<Vec<u8>>>(7).map(Bytes::from),
+                committed_at: r.get(8),
             });
         }
         Ok(out)
@@ -266,6 +269,9 @@ impl OutboxWorker {
                 None => missing_payload(),
             };
             let now = Utc::now();
+            if attempt.succeeded() {
+                metrics.commit_to_delivered.observe((now - row.committed_at).as_seconds_f64().max(0.0));
+            }
             let gone = attempt.status == Some(410);
             let (status, next) =
                 match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {

@@ -243,7 +243,6 @@ impl Replication {
         ensure_slot(&self.db, &slot).await?;
         // Endpoints as they are now; changes after the slot's position replay in LSN order.
         self.router = Some(Router::load(&self.db, self.secrets.clone()).await?);
-        self.update_endpoint_gauges();
         self.replay_until = {
             let client = self.db.get().await?;
             let row = client.query_one("SELECT COALESCE(max(commit_lsn), 0) FROM walhook.deliveries", &[]).await?;
@@ -348,12 +347,10 @@ impl Replication {
                             if let Some(ep) = id.and_then(|id| router.get(id)) {
                                 self.send(DispatchMsg::EndpointChanged(ep), shutdown).await?;
                             }
-                            self.update_endpoint_gauges();
                         }
                         Decoded::EndpointDelete(id) => {
                             self.router_mut().remove(id);
                             self.send(DispatchMsg::EndpointRemoved(id), shutdown).await?;
-                            self.update_endpoint_gauges();
                         }
                         Decoded::Truncate(tables) => {
                             for t in tables {
@@ -491,13 +488,6 @@ impl Replication {
 
     fn router_mut(&mut self) -> &mut Router {
         self.router.as_mut().expect("loaded at session start")
-    }
-
-    fn update_endpoint_gauges(&self) {
-        let Some(router) = &self.router else { return };
-        let (all, active) = router.counts();
-        self.metrics.endpoints.with_label_values(&["active"]).set(active as i64);
-        self.metrics.endpoints.with_label_values(&["disabled"]).set((all - active) as i64);
     }
 
     /// Shutdown: wait for what was read to settle, confirm it, and close the stream.

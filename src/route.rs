@@ -163,13 +163,6 @@ impl Router {
         Ok(router)
     }
 
-    /// Number of endpoints known, and of those active.
-    pub fn counts(&self) -> (usize, usize) {
-        let all = self.by_account.values().map(Vec::len).sum();
-        let active = self.by_account.values().flatten().filter(|e| e.is_active).count();
-        (all, active)
-    }
-
     fn insert(&mut self, ep: Endpoint) {
         self.remove(ep.id);
         self.by_account.entry(ep.account_id).or_default().push(Arc::new(ep));
