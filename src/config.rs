@@ -171,7 +171,8 @@ pub struct DispatchConfig {
     pub endpoint_queue: usize,
     /// Deliveries waiting in memory across endpoints before replication is paused.
     pub queue_capacity: usize,
-    /// A delivery waiting longer than this in memory spills its endpoint to the outbox.
+    /// An endpoint that has not finished an attempt for this long while deliveries wait for
+    /// it spills them to the outbox.
     pub spill_after: HumanDuration,
     /// How often the outbox is polled for due retries when nothing wakes it.
     pub poll_interval: HumanDuration,

@@ -72,6 +72,8 @@ pub struct RowChange {
     pub event_type: &'static str,
     /// Index into [`CRM_TABLES`].
     pub table_index: usize,
+    /// The operation.
+    pub op: Op,
     /// The row's account; `None` when the row image lacks it (cannot be routed).
     pub account_id: Option<Uuid>,
     /// `table:id`, the unit of ordering.
@@ -275,6 +277,7 @@ impl Decoder {
                 Ok(Decoded::Row(RowChange {
                     event_type,
                     table_index,
+                    op,
                     account_id,
                     entity_key: format!("{}:{id}", info.rel.name),
                     body: Bytes::from(body),

@@ -103,6 +103,12 @@ pub struct Metrics {
     pub api_duration: HistogramVec,
     /// See [`RETENTION_DELETED_TOTAL`].
     pub retention_deleted: IntCounterVec,
+    /// Hot-path children, resolved once: attempts by outcome class.
+    attempt_children: Vec<(&'static str, IntCounter)>,
+    /// Changes by (table index, op index), events by event index, deliveries by path.
+    change_children: Vec<IntCounter>,
+    event_children: Vec<IntCounter>,
+    delivery_children: [IntCounter; 2],
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -134,8 +140,27 @@ impl Metrics {
                     .expect("valid metric"),
             )
         };
+        let changes = counter_vec(CHANGES_TOTAL, "Row changes decoded from the replication stream.", &["table", "op"]);
+        let events = counter_vec(EVENTS_TOTAL, "Events routed to at least one endpoint.", &["event_type"]);
+        let deliveries = counter_vec(DELIVERIES_TOTAL, "Deliveries created, by path.", &["path"]);
+        let attempts = counter_vec(ATTEMPTS_TOTAL, "HTTP attempts by outcome class.", &["outcome"]);
+        let ops = ["created", "updated", "deleted"];
         Metrics {
-            changes: counter_vec(CHANGES_TOTAL, "Row changes decoded from the replication stream.", &["table", "op"]),
+            attempt_children: ["2xx", "3xx", "4xx", "5xx", "timeout", "network", "refused"]
+                .into_iter()
+                .map(|c| (c, attempts.with_label_values(&[c])))
+                .collect(),
+            change_children: crate::catalog::CRM_TABLES
+                .iter()
+                .flat_map(|t| ops.iter().map(move |op| (*t, *op)))
+                .map(|(t, op)| changes.with_label_values(&[t, op]))
+                .collect(),
+            event_children: crate::decode::all_event_types().map(|e| events.with_label_values(&[e])).collect(),
+            delivery_children: [deliveries.with_label_values(&["direct"]), deliveries.with_label_values(&["outbox"])],
+            changes,
+            events,
+            deliveries,
+            attempts,
             truncates: counter_vec(
                 TRUNCATES_TOTAL,
                 "TRUNCATEs of CRM tables seen (no events are sent for them).",
@@ -157,9 +182,6 @@ impl Metrics {
                 IntCounter::new(RECONNECTS_TOTAL, "Replication sessions re-established after a failure.")
                     .expect("valid metric"),
             ),
-            events: counter_vec(EVENTS_TOTAL, "Events routed to at least one endpoint.", &["event_type"]),
-            deliveries: counter_vec(DELIVERIES_TOTAL, "Deliveries created, by path.", &["path"]),
-            attempts: counter_vec(ATTEMPTS_TOTAL, "HTTP attempts by outcome class.", &["outcome"]),
             failed: reg(
                 &registry,
                 IntCounter::new(FAILED_TOTAL, "Deliveries that failed after their last attempt.")
@@ -204,6 +226,28 @@ impl Metrics {
             retention_deleted: counter_vec(RETENTION_DELETED_TOTAL, "Rows deleted by retention.", &["table"]),
             registry,
         }
+    }
+
+    /// The attempts counter of an outcome class (see `Attempt::class`).
+    pub fn attempt(&self, class: &str) -> &IntCounter {
+        let found = self.attempt_children.iter().find(|(c, _)| *c == class);
+        &found.unwrap_or(&self.attempt_children[6]).1
+    }
+
+    /// The changes counter of CRM table `table` (index into `CRM_TABLES`) and op index
+    /// (0 created, 1 updated, 2 deleted).
+    pub fn change(&self, table: usize, op: usize) -> &IntCounter {
+        &self.change_children[table * 3 + op]
+    }
+
+    /// The events counter of the event at `index` of `all_event_types()`.
+    pub fn event(&self, index: usize) -> &IntCounter {
+        &self.event_children[index]
+    }
+
+    /// Deliveries created, sent directly (`true`) or through the outbox.
+    pub fn delivery(&self, direct: bool) -> &IntCounter {
+        &self.delivery_children[usize::from(!direct)]
     }
 
     /// The Prometheus text exposition of every metric.

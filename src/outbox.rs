@@ -215,11 +215,12 @@ impl OutboxWorker {
                 .or_insert_with(|| {
                     let stored: String = r.get(5);
                     let signer = self.secrets.open(&stored).and_then(|s| Signer::new(&s));
+                    let url = crate::route::parse_url(ep_id, &r.get::<_, String>(4))?;
                     match signer {
                         Ok(signer) => Some(Arc::new(Endpoint {
                             id: ep_id,
                             account_id: r.get(3),
-                            url: r.get(4),
+                            url,
                             events: event_mask(&r.get::<_, Vec<String>>(6)),
                             is_active: true,
                             auto_disabled: false,
@@ -262,7 +263,7 @@ impl OutboxWorker {
                     let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
                     metrics.in_flight.dec();
                     drop(permit);
-                    metrics.attempts.with_label_values(&[a.class()]).inc();
+                    metrics.attempt(a.class()).inc();
                     metrics.request_duration.observe(a.duration.as_secs_f64());
                     a
                 }

@@ -389,8 +389,7 @@ impl Replication {
 
     async fn route(&mut self, change: RowChange, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
         let table = crate::catalog::CRM_TABLES[change.table_index];
-        let op = change.event_type.rsplit('.').next().unwrap_or_default();
-        self.metrics.changes.with_label_values(&[table, op]).inc();
+        self.metrics.change(change.table_index, change.op as usize).inc();
         let Some(account_id) = change.account_id else {
             tracing::warn!(table, entity = %change.entity_key, "row image has no account_id; not routed");
             self.metrics.unroutable.with_label_values(&[table]).inc();
@@ -401,7 +400,7 @@ impl Replication {
         if targets.is_empty() {
             return Ok(());
         }
-        self.metrics.events.with_label_values(&[change.event_type]).inc();
+        self.metrics.event(change.table_index * 3 + change.op as usize).inc();
         tracing::debug!(event = change.event_type, entity = %change.entity_key, endpoints = targets.len(), commit_lsn = tx.commit_lsn, seq = tx.seq, "routed");
         let event = Arc::new(Event {
             id: route::event_id(tx.commit_lsn, tx.seq),

@@ -27,8 +27,8 @@ pub struct Endpoint {
     pub id: Uuid,
     /// Owning account.
     pub account_id: Uuid,
-    /// Target URL.
-    pub url: String,
+    /// Target URL, parsed once.
+    pub url: url::Url,
     /// Bit `i` set: subscribed to the `i`-th of [`decode::all_event_types`].
     pub events: u16,
     /// Enabled?
@@ -49,6 +49,18 @@ pub fn event_mask<S: AsRef<str>>(names: &[S]) -> u16 {
 
 fn event_bit(event_type: &str) -> u16 {
     decode::all_event_types().position(|e| e == event_type).map(|i| 1 << i).unwrap_or(0)
+}
+
+/// An endpoint's URL; `None` (logged) when the stored text is not a URL, which the admin
+/// API never lets through.
+pub fn parse_url(endpoint: Uuid, text: &str) -> Option<url::Url> {
+    match url::Url::parse(text) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::error!(%endpoint, error = %e, "stored endpoint URL does not parse; endpoint skipped");
+            None
+        }
+    }
 }
 
 /// One change, as every endpoint receives it.
@@ -150,10 +162,11 @@ impl Router {
             let secret = router.secrets.open(&stored).map_err(|cause| RouteError::Secret { id, cause })?;
             let signer = Signer::new(&secret).map_err(|cause| RouteError::Secret { id, cause })?;
             let events: Vec<String> = r.get(4);
+            let Some(url) = parse_url(id, &r.get::<_, String>(2)) else { continue };
             router.insert(Endpoint {
                 id,
                 account_id: r.get(1),
-                url: r.get(2),
+                url,
                 events: event_mask(&events),
                 is_active: r.get(5),
                 auto_disabled: !r.get::<_, bool>(5) && r.get::<_, bool>(6),
@@ -206,11 +219,13 @@ impl Router {
             (None, Some(cur)) => cur.events,
             (None, None) => 0,
         };
-        let (Some(account_id), Some(url)) = (
-            row.account_id.or(current.as_ref().map(|c| c.account_id)),
-            row.url.or(current.as_ref().map(|c| c.url.clone())),
-        ) else {
-            return;
+        let url = match (&row.url, &current) {
+            (Some(text), _) => parse_url(id, text),
+            (None, Some(cur)) => Some(cur.url.clone()),
+            (None, None) => None,
+        };
+        let (Some(account_id), Some(url)) = (row.account_id.or(current.as_ref().map(|c| c.account_id)), url) else {
+            return self.remove(id);
         };
         let is_active = row.is_active.or(current.as_ref().map(|c| c.is_active)).unwrap_or(false);
         let auto_disabled = !is_active && row.disabled_reason.is_some();

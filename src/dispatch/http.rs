@@ -148,11 +148,8 @@ impl Sender {
             duration: Duration::ZERO,
             response_snippet: String::new(),
         };
-        let url = match Url::parse(&endpoint.url).map_err(|e| e.to_string()).and_then(|u| {
-            check_target(&self.policy, &u)?;
-            Ok(u)
-        }) {
-            Ok(u) => u,
+        let url = match check_target(&self.policy, &endpoint.url) {
+            Ok(()) => endpoint.url.clone(),
             Err(why) => {
                 attempt.failure = Some(FailureKind::Refused);
                 attempt.error = Some(why);

@@ -50,9 +50,15 @@ impl Limits {
         map.entry(id).or_insert_with(|| Arc::new(Semaphore::new(self.endpoint_limit))).clone()
     }
 
-    /// A permit now, or `None` when either limit is reached.
-    pub fn try_acquire(&self, endpoint: Uuid) -> Option<Permit> {
-        let ep = self.endpoint(endpoint).try_acquire_owned().ok()?;
+    /// The per-endpoint semaphore of `endpoint`, for callers that keep it.
+    pub fn gate(&self, endpoint: Uuid) -> Arc<Semaphore> {
+        self.endpoint(endpoint)
+    }
+
+    /// A permit now through `gate` (from [`Limits::gate`]), or `None` when either limit is
+    /// reached.
+    pub fn try_acquire(&self, gate: &Arc<Semaphore>) -> Option<Permit> {
+        let ep = gate.clone().try_acquire_owned().ok()?;
         let global = self.global.clone().try_acquire_owned().ok()?;
         Some(Permit { _global: global, _endpoint: ep, released: self.released.clone() })
     }

@@ -112,10 +112,14 @@ struct EndpointState {
     removed: bool,
     /// Disabled by walhook (410 Gone, failing too long): whatever waits fails.
     disabled: bool,
+    /// When an attempt of this endpoint last finished (or when it was first seen).
+    last_progress: Instant,
+    /// The endpoint's concurrency limit (shared with the outbox workers).
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl EndpointState {
-    fn new(endpoint: Arc<Endpoint>) -> Self {
+    fn new(endpoint: Arc<Endpoint>, gate: Arc<tokio::sync::Semaphore>) -> Self {
         EndpointState {
             ready: VecDeque::new(),
             behind: HashMap::new(),
@@ -127,6 +131,8 @@ impl EndpointState {
             probing: false,
             removed: false,
             disabled: endpoint.auto_disabled,
+            last_progress: Instant::now(),
+            gate,
             endpoint,
         }
     }
@@ -269,7 +275,7 @@ impl Dispatcher {
     async fn accept(&mut self, mut d: Delivery) {
         let id = d.endpoint.id;
         if !self.endpoints.contains_key(&id) {
-            let mut state = EndpointState::new(d.endpoint.clone());
+            let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id));
             if self.pending_at_start.remove(&id) {
                 // Spilled until a probe finds its outbox empty.
                 state.spilled = true;
@@ -315,7 +321,7 @@ impl Dispatcher {
     fn pump(&mut self, id: Uuid) {
         let Some(state) = self.endpoints.get_mut(&id) else { return };
         while !state.ready.is_empty() {
-            let Some(permit) = self.limits.try_acquire(id) else { break };
+            let Some(permit) = self.limits.try_acquire(&state.gate) else { break };
             let w = state.ready.pop_front().expect("checked non-empty");
             state.waiting -= 1;
             self.waiting -= 1;
@@ -336,6 +342,7 @@ impl Dispatcher {
         let ep_id = done.endpoint_id;
         let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
         let Some(flight) = state.in_flight.remove(&done.delivery_id) else { return };
+        state.last_progress = Instant::now();
         let (removed, disabled) = (state.removed, state.disabled);
         let mut d = flight.delivery;
         let a = done.attempt;
@@ -379,8 +386,7 @@ impl Dispatcher {
                 t.settle(); // the endpoint is gone: nothing to record
             }
         } else {
-            let path = if status == Status::Delivered { "direct" } else { "outbox" };
-            self.metrics.deliveries.with_label_values(&[path]).inc();
+            self.metrics.delivery(status == Status::Delivered).inc();
             let record = Record {
                 id: d.id,
                 endpoint_id: ep_id,
@@ -448,10 +454,16 @@ impl Dispatcher {
 
     async fn on_tick(&mut self) {
         let now = Instant::now();
+        // An endpoint that keeps answering is only busy: replication waits for it (backpressure).
+        // One that has not finished an attempt for spill_after while deliveries wait is stuck:
+        // its deliveries go to the outbox so they neither hold memory nor the slot.
+        let spill_after = self.settings.spill_after;
         let slow: Vec<Uuid> = self
             .endpoints
             .iter()
-            .filter(|(_, s)| !s.spilled && s.waiting > 0 && s.oldest_wait(now) > self.settings.spill_after)
+            .filter(|(_, s)| {
+                !s.spilled && s.waiting > 0 && s.oldest_wait(now) > spill_after && now - s.last_progress > spill_after
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in slow {
@@ -527,7 +539,7 @@ impl Dispatcher {
         if let Some(s) = self.endpoints.get_mut(&endpoint_id) {
             s.spill_generation = self.generation;
         }
-        self.metrics.deliveries.with_label_values(&["outbox"]).inc();
+        self.metrics.delivery(false).inc();
         let record = Record {
             id: d.id,
             endpoint_id,
@@ -570,7 +582,7 @@ impl Dispatcher {
                 attempt: None,
                 ticket: d.ticket.take(),
             };
-            self.metrics.deliveries.with_label_values(&["outbox"]).inc();
+            self.metrics.delivery(false).inc();
             let _ = self.store.send(StoreOp::Insert(record)).await;
         }
         let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
@@ -614,7 +626,7 @@ fn spawn_attempt(sender: &Sender, metrics: &Arc<Metrics>, done: &mpsc::Sender<Do
         let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
         metrics.in_flight.dec();
         drop(permit);
-        metrics.attempts.with_label_values(&[attempt.class()]).inc();
+        metrics.attempt(attempt.class()).inc();
         metrics.request_duration.observe(attempt.duration.as_secs_f64());
         let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
     });

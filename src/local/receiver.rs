@@ -81,7 +81,9 @@ struct State {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Received>>>,
     changed: Notify,
     connections: AtomicUsize,
+    received: AtomicUsize,
     keep_bodies: std::sync::atomic::AtomicBool,
+    keep_log: std::sync::atomic::AtomicBool,
 }
 
 /// A running receiver; stops when dropped.
@@ -111,6 +113,7 @@ impl Receiver {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         state.keep_bodies.store(true, Ordering::Relaxed);
+        state.keep_log.store(true, Ordering::Relaxed);
         let stop = CancellationToken::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let (st, stop2) = (state.clone(), stop.clone());
@@ -162,6 +165,16 @@ impl Receiver {
     /// Stops keeping bodies (benchmarks).
     pub fn keep_bodies(&self, keep: bool) {
         self.state.keep_bodies.store(keep, Ordering::Relaxed);
+    }
+
+    /// Stops keeping the request log (benchmarks: `subscribe` and `total` still work).
+    pub fn keep_log(&self, keep: bool) {
+        self.state.keep_log.store(keep, Ordering::Relaxed);
+    }
+
+    /// Requests received in all, kept in the log or not.
+    pub fn total(&self) -> usize {
+        self.state.received.load(Ordering::Relaxed)
     }
 
     /// Everything received so far.
@@ -268,8 +281,11 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
         answered,
         http2,
     };
+    st.received.fetch_add(1, Ordering::Relaxed);
     st.subscribers.lock().expect("lock").retain(|s| s.send(received.clone()).is_ok());
-    st.log.lock().expect("lock").push(received);
+    if st.keep_log.load(Ordering::Relaxed) {
+        st.log.lock().expect("lock").push(received);
+    }
     st.changed.notify_waiters();
     let (status, headers) = match reply {
         Reply::Status(s) => (s, Vec::new()),

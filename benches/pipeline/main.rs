@@ -1,0 +1,486 @@
+//! walhook's end-to-end benchmark: `cargo bench --bench pipeline` (see BENCHMARKS.md).
+//!
+//! Everything runs on this machine in one run, so ratios are fair on a noisy shared host:
+//! a throwaway PostgreSQL (fsync on) with the sample CRM schema, a local HTTPS receiver that
+//! verifies every signature, the release `walhook` binary as its own process (its RSS and
+//! CPU are its own), and `pg_recvlogical` draining the same WAL as the decode-limit
+//! reference. Phases: backlog drain, live latency at two rates, fan-out, and a dead endpoint
+//! building a million-delivery backlog beside a healthy one. Every phase checks that the
+//! receiver got every expected event.
+
+mod load;
+mod measure;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::ensure;
+use clap::Parser;
+use measure::{Latency, Memory, RssSampler};
+use walhook::config::Config;
+use walhook::db::Db;
+use walhook::decode::all_event_types;
+use walhook::dispatch::ssrf::AddressPolicy;
+use walhook::endpoints::{Caller, Endpoints, NewEndpoint};
+use walhook::local::cluster::{ClusterOptions, TempCluster};
+use walhook::local::receiver::{Received, Receiver, Reply};
+use walhook::local::tls::LocalCa;
+use walhook::local::SAMPLE_CRM_SCHEMA;
+use walhook::secrets::SecretBox;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Changes in the backlog drain.
+    #[arg(long, default_value_t = 100_000)]
+    changes: usize,
+    /// Accounts of the drain and latency phases (one endpoint each, all events).
+    #[arg(long, default_value_t = 100)]
+    accounts: usize,
+    /// Seconds of each live-latency phase.
+    #[arg(long, default_value_t = 30.0)]
+    latency_secs: f64,
+    /// Endpoints of the fan-out account.
+    #[arg(long, default_value_t = 100)]
+    fanout_endpoints: usize,
+    /// Changes written for the fan-out account.
+    #[arg(long, default_value_t = 2_000)]
+    fanout_changes: usize,
+    /// Deliveries the dead endpoint accumulates (0 skips the phase).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
+    /// A small, quick run that only checks the benchmark still works.
+    #[arg(long)]
+    smoke: bool,
+    /// Ignored (cargo bench passes it).
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const PHASE_DRAIN: u8 = 1;
+const PHASE_LOW: u8 = 2;
+const PHASE_HIGH: u8 = 3;
+const PHASE_FANOUT: u8 = 4;
+const PHASE_BACKLOG: u8 = 5;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        (args.changes, args.accounts, args.latency_secs) = (2_000, 10, 3.0);
+        (args.fanout_endpoints, args.fanout_changes, args.backlog) = (10, 100, 2_000);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+fn account(i: usize) -> uuid::Uuid {
+    uuid::Uuid::from_u128(0xacc0_0000_0000_4000_8000_0000_0000_0000 | i as u128)
+}
+const FANOUT_ACCOUNT: usize = 0xf0f0;
+const DEAD_ACCOUNT: usize = 0xdead;
+
+/// What the receiver saw, per phase.
+#[derive(Default)]
+struct Seen {
+    count: usize,
+    ids: HashSet<u128>,
+    unverified: usize,
+    by_event: HashMap<String, usize>,
+    /// (row number, path, arrival) of each request.
+    arrivals: Vec<(usize, bool, SystemTime)>,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
+}
+
+/// Reads phase, row number and event type out of a body without parsing all of it.
+fn peek(body: &[u8]) -> Option<(u8, usize, &str)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let event = text.strip_prefix("{\"event\":\"")?.split('"').next()?;
+    let id_at = text.find("\"data\":{\"id\":\"")? + 14;
+    let (phase, n) = load::parse_row_id(text.get(id_at..id_at + 36)?)?;
+    Some((phase, n, event))
+}
+
+fn collect(mut feed: tokio::sync::mpsc::UnboundedReceiver<Received>, seen: Arc<Mutex<HashMap<u8, Seen>>>) {
+    tokio::spawn(async move {
+        while let Some(r) = feed.recv().await {
+            let Some((phase, n, event)) = peek(&r.body) else { continue };
+            let mut all = seen.lock().unwrap();
+            let s = all.entry(phase).or_default();
+            s.count += 1;
+            if let Ok(id) = uuid::Uuid::parse_str(&r.webhook_id) {
+                s.ids.insert(id.as_u128());
+            }
+            s.unverified += usize::from(!r.verified);
+            *s.by_event.entry(event.to_owned()).or_default() += 1;
+            s.arrivals.push((n, r.path != "/dead", r.at));
+            s.first = Some(s.first.map_or(r.at, |f| f.min(r.at)));
+            s.last = Some(s.last.map_or(r.at, |l| l.max(r.at)));
+        }
+    });
+}
+
+struct Bench {
+    cluster: TempCluster,
+    url: String,
+    client: tokio_postgres::Client,
+    receiver: Receiver,
+    dir: tempfile::TempDir,
+    ca_path: std::path::PathBuf,
+    seen: Arc<Mutex<HashMap<u8, Seen>>>,
+}
+
+impl Bench {
+    async fn new() -> anyhow::Result<Bench> {
+        let cluster = tokio::task::spawn_blocking(|| {
+            TempCluster::start(&ClusterOptions {
+                fsync: true,
+                extra_conf: vec!["max_wal_size = 8GB".into(), "checkpoint_timeout = 30min".into()],
+            })
+        })
+        .await??;
+        let url = cluster.create_database("bench").await?;
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client.batch_execute(SAMPLE_CRM_SCHEMA).await?;
+        let ca = LocalCa::generate()?;
+        let dir = tempfile::tempdir()?;
+        let ca_path = ca.write_ca_pem(dir.path())?;
+        let receiver = Receiver::start(&ca).await?;
+        receiver.keep_log(false);
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        collect(receiver.subscribe(), seen.clone());
+        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen })
+    }
+
+    fn config_toml(&self) -> String {
+        format!(
+            "[database]\nurl = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [replication]\nslot = \"bench\"\npublication = \"bench\"\n\
+             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n[log]\nlevel = \"warn\"\n",
+            self.url,
+            self.ca_path.display()
+        )
+    }
+
+    async fn endpoints(&self, args: &Args) -> anyhow::Result<()> {
+        let cfg = Config::from_toml(&self.config_toml())?;
+        let db = Db::new(&cfg.database)?;
+        walhook::migrate::migrate(&db, &cfg).await?;
+        let endpoints =
+            Endpoints::new(db, SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
+        let all: Vec<String> = all_event_types().map(str::to_owned).collect();
+        let make = |acct: usize, path: String| {
+            let (endpoints, url, all) = (endpoints.clone(), self.receiver.url(&path), all.clone());
+            async move {
+                let caller = Caller { account_id: account(acct), user_id: account(acct) };
+                let new = NewEndpoint { url: Some(url), description: None, events: Some(all) };
+                let (_, secret) = endpoints.create(caller, new).await?;
+                anyhow::Ok((path, secret.expose().to_owned()))
+            }
+        };
+        let mut jobs = Vec::new();
+        for i in 0..args.accounts {
+            jobs.push(make(i, format!("acct{i}")));
+        }
+        for j in 0..args.fanout_endpoints {
+            jobs.push(make(FANOUT_ACCOUNT, format!("fan{j}")));
+        }
+        jobs.push(make(DEAD_ACCOUNT, "dead".into()));
+        jobs.push(make(DEAD_ACCOUNT, "alive".into()));
+        for job in jobs {
+            let (path, secret) = job.await?;
+            self.receiver.set_secret(&path, &secret);
+        }
+        self.receiver.set_default("dead", Reply::Hang);
+        Ok(())
+    }
+
+    fn spawn_walhook(&self) -> anyhow::Result<Child> {
+        let path = self.dir.path().join("walhook.toml");
+        std::fs::write(&path, self.config_toml())?;
+        Ok(Command::new(env!("CARGO_BIN_EXE_walhook"))
+            .args(["run", "--config", path.to_str().unwrap_or_default()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?)
+    }
+
+    async fn scalar(&self, q: &str) -> anyhow::Result<i64> {
+        Ok(self.client.query_one(q, &[]).await?.get(0))
+    }
+
+    fn phase<T>(&self, phase: u8, f: impl FnOnce(&Seen) -> T) -> T {
+        let all = self.seen.lock().unwrap();
+        f(all.get(&phase).unwrap_or(&Seen::default()))
+    }
+
+    async fn wait_for_phase(&self, phase: u8, expected: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.phase(phase, |s| s.count);
+            if got >= expected {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "phase {phase}: only {got} of {expected} webhooks arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Checks a phase's deliveries: all arrived once, signed, with the right mix of operations.
+fn verify(b: &Bench, phase: u8, expected: usize, per_change: usize) -> anyhow::Result<()> {
+    b.phase(phase, |s| {
+        ensure!(s.count == expected, "phase {phase}: {} webhooks, expected {expected}", s.count);
+        ensure!(s.ids.len() == expected, "phase {phase}: {} distinct webhook ids of {expected}", s.ids.len());
+        ensure!(s.unverified == 0, "phase {phase}: {} signatures did not verify", s.unverified);
+        let ops = |op: &str| s.by_event.iter().filter(|(e, _)| e.ends_with(op)).map(|(_, c)| c).sum::<usize>();
+        if let Some(changes) = expected.checked_div(per_change) {
+            ensure!(
+                (ops(".created"), ops(".updated"), ops(".deleted"))
+                    == (changes * 6 / 10 * per_change, changes * 3 / 10 * per_change, changes / 10 * per_change),
+                "phase {phase}: wrong mix of operations {:?}",
+                s.by_event
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Latencies (ms) of a phase's arrivals on healthy paths against commit return times.
+fn latencies(b: &Bench, phase: u8, commits: &HashMap<usize, SystemTime>, tx_of: impl Fn(usize) -> usize) -> Latency {
+    b.phase(phase, |s| {
+        Latency::of(
+            s.arrivals
+                .iter()
+                .filter(|(_, healthy, _)| *healthy)
+                .filter_map(|(n, _, at)| {
+                    let committed = commits.get(&tx_of(*n))?;
+                    Some(at.duration_since(*committed).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0))
+                })
+                .collect(),
+        )
+    })
+}
+
+struct Row {
+    figure: String,
+    value: String,
+    target: String,
+    holds: Option<bool>,
+}
+
+fn row(figure: impl Into<String>, value: impl Into<String>, target: impl Into<String>, holds: Option<bool>) -> Row {
+    Row { figure: figure.into(), value: value.into(), target: target.into(), holds }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let b = Bench::new().await?;
+    b.endpoints(&args).await?;
+    b.client
+        .batch_execute(
+            "SELECT pg_create_logical_replication_slot('bench', 'pgoutput');
+             SELECT pg_create_logical_replication_slot('reference', 'pgoutput');",
+        )
+        .await?;
+    let mut rows = Vec::new();
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!("machine: {} cores, {machine}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+
+    // 1 + 2. Backlog written while walhook is stopped; the decode limit over the same WAL.
+    let txs = args.changes / 10;
+    let t = Instant::now();
+    let accounts = args.accounts;
+    load::bulk(&b.url, PHASE_DRAIN, txs, 4, move |t| account(t % accounts)).await?;
+    let n = txs * 10;
+    println!("loaded {n} changes in {:.1} s", t.elapsed().as_secs_f64());
+    let end_lsn: String = b.client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let t = Instant::now();
+    let status = Command::new(b.cluster.bindir().join("pg_recvlogical"))
+        .args(["-h", "127.0.0.1", "-p", &b.cluster.port().to_string(), "-U", "postgres", "-d", "bench"])
+        .args(["--slot", "reference", "--start", "-E", &end_lsn, "-f", "/dev/null", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=bench"])
+        .status()?;
+    ensure!(status.success(), "pg_recvlogical failed");
+    let decode_rate = n as f64 / t.elapsed().as_secs_f64();
+    b.client.batch_execute("SELECT pg_drop_replication_slot('reference')").await?;
+
+    let pg_before = measure::pg_cpu_by_kind();
+    let self_before = measure::cpu_secs(std::process::id());
+    let started = Instant::now();
+    let mut walhook = b.spawn_walhook()?;
+    let pid = walhook.id();
+    let rss = RssSampler::start(pid);
+    b.wait_for_phase(PHASE_DRAIN, n, Duration::from_secs(1800)).await?;
+    let drained = Instant::now();
+    let recorded = loop {
+        if b.scalar("SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'").await? >= n as i64 {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let walhook_cpu = measure::cpu_secs(pid);
+    let (pg_cpu, pg_parts) = measure::pg_cpu_delta(&pg_before, &measure::pg_cpu_by_kind());
+    let bench_cpu = measure::cpu_secs(std::process::id()) - self_before;
+    verify(&b, PHASE_DRAIN, n, 1)?;
+    let (first, last) = b.phase(PHASE_DRAIN, |s| (s.first, s.last));
+    let span = last.zip(first).and_then(|(l, f)| l.duration_since(f).ok()).map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
+    let drain_rate = n as f64 / span;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let drain_mem = Memory::of(&rss.between(started, recorded));
+    let idle_mem = Memory::of(&rss.between(recorded + Duration::from_secs(1), Instant::now()));
+    let ratio = drain_rate / decode_rate;
+    println!(
+        "drain: {n} events, first→last {span:.2} s = {drain_rate:.0}/s = {:.0}% of decode limit {decode_rate:.0}/s; recorded {:.2} s after start",
+        100.0 * ratio,
+        recorded.duration_since(started).as_secs_f64()
+    );
+    println!(
+        "drain CPU: walhook {walhook_cpu:.1} s, postgres {pg_cpu:.1} s ({pg_parts}), receiver+bench {bench_cpu:.1} s; wall {:.1} s",
+        drained.duration_since(started).as_secs_f64()
+    );
+    rows.push(row("Decode limit (pg_recvlogical, pgoutput)", format!("{decode_rate:.0} rows/s"), "reference", None));
+    rows.push(row(
+        "Backlog drain",
+        format!("{drain_rate:.0} events/s ({:.0}% of decode limit)", 100.0 * ratio),
+        "≥ 50% of decode limit",
+        Some(ratio >= 0.5),
+    ));
+    rows.push(row(
+        "CPU per 1,000 events (drain)",
+        format!(
+            "walhook {:.3} s; postgres {:.3} s; receiver {:.3} s",
+            1e3 * walhook_cpu / n as f64,
+            1e3 * pg_cpu / n as f64,
+            1e3 * bench_cpu / n as f64
+        ),
+        "—",
+        None,
+    ));
+
+    // 3. Live latency at two rates.
+    let mut latency_mem = Vec::new();
+    for (phase, rate, p50_max, p99_max) in [(PHASE_LOW, 200.0, Some(5.0), 25.0), (PHASE_HIGH, 1000.0, None, 50.0)] {
+        let from = Instant::now();
+        let cpu0 = measure::cpu_secs(pid);
+        let commits = load::paced(&b.url, phase, rate, args.latency_secs, account(0)).await?;
+        let expected = commits.len();
+        b.wait_for_phase(phase, expected, Duration::from_secs(120)).await?;
+        verify(&b, phase, expected, 0)?;
+        let lat = latencies(&b, phase, &commits, |n| n);
+        let mem = Memory::of(&rss.between(from, Instant::now()));
+        latency_mem.push(mem);
+        let cpu = measure::cpu_secs(pid) - cpu0;
+        println!(
+            "latency at {rate}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} events; RSS peak {:.1} MiB median {:.1}; walhook CPU {:.3} s per 1,000",
+            lat.p50, lat.p99, lat.max, lat.count, mem.peak, mem.median, 1e3 * cpu / expected as f64
+        );
+        let holds = p50_max.is_none_or(|m| lat.p50 <= m) && lat.p99 <= p99_max;
+        let target = match p50_max {
+            Some(m) => format!("p50 ≤ {m} ms, p99 ≤ {p99_max} ms"),
+            None => format!("p99 ≤ {p99_max} ms"),
+        };
+        rows.push(row(
+            format!("Live latency at {rate}/s"),
+            format!("p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", lat.p50, lat.p99, lat.max),
+            target,
+            Some(holds),
+        ));
+    }
+
+    // 4. Fan-out: one account, many endpoints.
+    let txs = args.fanout_changes / 10;
+    load::bulk(&b.url, PHASE_FANOUT, txs, 4, |_| account(FANOUT_ACCOUNT)).await?;
+    let expected = txs * 10 * args.fanout_endpoints;
+    b.wait_for_phase(PHASE_FANOUT, expected, Duration::from_secs(600)).await?;
+    verify(&b, PHASE_FANOUT, expected, args.fanout_endpoints)?;
+    let (first, last) = b.phase(PHASE_FANOUT, |s| (s.first, s.last));
+    let span = last.zip(first).and_then(|(l, f)| l.duration_since(f).ok()).map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
+    let fanout_rate = expected as f64 / span;
+    println!(
+        "fan-out: {expected} deliveries to {} endpoints in {span:.2} s = {fanout_rate:.0}/s",
+        args.fanout_endpoints
+    );
+    rows.push(row(
+        format!("Fan-out (1 account, {} endpoints)", args.fanout_endpoints),
+        format!("{fanout_rate:.0} deliveries/s"),
+        "≥ 20,000 deliveries/s",
+        Some(fanout_rate >= 20_000.0),
+    ));
+
+    // 5. A dead endpoint builds a backlog beside a healthy one.
+    if args.backlog > 0 {
+        let from = Instant::now();
+        let txs = args.backlog / 10;
+        let commits = load::bulk(&b.url, PHASE_BACKLOG, txs, 2, |_| account(DEAD_ACCOUNT)).await?;
+        let healthy_expected = txs * 10;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let pending_q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'";
+        loop {
+            let healthy = b.phase(PHASE_BACKLOG, |s| s.arrivals.iter().filter(|a| a.1).count());
+            let pending = b.scalar(pending_q).await?;
+            if healthy >= healthy_expected && pending >= healthy_expected as i64 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "backlog: {healthy} healthy deliveries, {pending} pending");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let built = Instant::now();
+        // Flat means: the second half of the build and the minute after look like the first.
+        tokio::time::sleep(Duration::from_secs(if args.smoke { 2 } else { 30 })).await;
+        let mem = Memory::of(&rss.between(from, Instant::now()));
+        let half = from + built.duration_since(from) / 2;
+        let early = Memory::of(&rss.between(from, half));
+        let late = Memory::of(&rss.between(half, Instant::now()));
+        let drift = (late.median - early.median) / early.median;
+        let lat = latencies(&b, PHASE_BACKLOG, &commits, |n| n / 10 * 10);
+        let pending = b.scalar(pending_q).await?;
+        println!(
+            "dead endpoint: {pending} pending deliveries in {:.0} s; RSS peak {:.1} MiB, median {:.1} (first half {:.1}, second half {:.1}, drift {:+.0}%); healthy p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            built.duration_since(from).as_secs_f64(), mem.peak, mem.median, early.median, late.median, 100.0 * drift, lat.p50, lat.p99, lat.max
+        );
+        rows.push(row(
+            format!("RSS with a dead endpoint's {pending}-delivery backlog"),
+            format!("peak {:.1} MiB, median {:.1} MiB, drift {:+.0}%", mem.peak, mem.median, 100.0 * drift),
+            "≤ 40 MiB steady, ≤ 64 MiB peak, flat ±10%",
+            Some(mem.median <= 40.0 && mem.peak <= 64.0 && drift.abs() <= 0.10),
+        ));
+        rows.push(row(
+            "Healthy endpoint beside it (bulk writes)",
+            format!("p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", lat.p50, lat.p99, lat.max),
+            "—",
+            None,
+        ));
+    }
+    let steady = latency_mem.iter().map(|m| m.median).fold(idle_mem.median, f64::max);
+    let peak = latency_mem.iter().map(|m| m.peak).fold(drain_mem.peak, f64::max);
+    rows.insert(
+        3,
+        row(
+            "RSS during drain and live latency",
+            format!("peak {peak:.1} MiB, steady {steady:.1} MiB (idle after drain {:.1})", idle_mem.median),
+            "≤ 40 MiB steady, ≤ 64 MiB peak",
+            Some(steady <= 40.0 && peak <= 64.0),
+        ),
+    );
+
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = walhook.wait();
+    drop(rss);
+    println!("\n| Figure | Measured | Target | Holds |\n|---|---|---|---|");
+    for r in &rows {
+        let holds = match r.holds {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        println!("| {} | {} | {} | {holds} |", r.figure, r.value, r.target);
+    }
+    Ok(())
+}
