@@ -121,7 +121,7 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(cfg.connect_timeout.get())
             .timeout(cfg.request_timeout.get())
-            .pool_max_idle_per_host(cfg.endpoint_concurrency)
+            .pool_max_idle_per_host(cfg.max_concurrency)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .user_agent(USER_AGENT)
