@@ -10,7 +10,10 @@ use crate::config::Config;
 use crate::db::{Db, DbError};
 
 /// Versioned migration files, in order. Never edit a released one; add a new one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "walhook_schema", include_str!("../sql/0001_walhook_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "walhook_schema", include_str!("../sql/0001_walhook_schema.sql")),
+    (2, "drop_unused_index", include_str!("../sql/0002_drop_unused_index.sql")),
+];
 
 /// The schema version this build expects.
 pub fn latest_version() -> i32 {

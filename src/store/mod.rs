@@ -1,0 +1,267 @@
+//! The store writer: every write of the delivery path, batched, in arrival order.
+//!
+//! What must hold: a delivery's ticket is settled only after the transaction holding its
+//! record (delivered) or its outbox row (pending, with the payload) has committed; rows have
+//! deterministic ids and inserts are `ON CONFLICT DO NOTHING`, so a replay inserts nothing
+//! twice; ops are applied in the order they were sent (a spilled row's later deliveries
+//! never commit before it); a failed write is retried, never dropped; probes run after
+//! every op sent before them has committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+mod write;
+
+use crate::db::{Db, DbError};
+use crate::dispatch::http::Attempt;
+use crate::progress::Ticket;
+use crate::route::Event;
+
+/// Ops written per transaction at most.
+const MAX_BATCH: usize = 1024;
+
+/// A delivery's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting in the outbox.
+    Pending,
+    /// Receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed.
+    Failed,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// A new delivery row.
+#[derive(Debug)]
+pub struct Record {
+    /// Delivery id.
+    pub id: Uuid,
+    /// Target endpoint.
+    pub endpoint_id: Uuid,
+    /// The event (its payload is stored when the row is pending).
+    pub event: Arc<Event>,
+    /// Row status.
+    pub status: Status,
+    /// Attempts made so far.
+    pub attempt_count: i32,
+    /// Last HTTP status.
+    pub http_status: Option<u16>,
+    /// When a pending row becomes due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// A lease held on a pending row whose attempt is still in flight.
+    pub lease: Option<(Uuid, DateTime<Utc>)>,
+    /// Last failure, for operators.
+    pub last_error: Option<String>,
+    /// When it was delivered or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The attempt this record reports, if one was made.
+    pub attempt: Option<Attempt>,
+    /// Settled once this row commits.
+    pub ticket: Option<Ticket>,
+}
+
+/// The outcome of an attempt on a leased pending row.
+#[derive(Debug)]
+pub struct Completion {
+    /// Delivery id.
+    pub id: Uuid,
+    /// Its endpoint.
+    pub endpoint_id: Uuid,
+    /// The lease the attempt was made under; a row leased by someone else is left alone.
+    pub lease: Uuid,
+    /// New status.
+    pub status: Status,
+    /// HTTP status, if any.
+    pub http_status: Option<u16>,
+    /// Next attempt time while still pending.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Set when delivered or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Number of the attempt reported.
+    pub attempt_no: i32,
+    /// The attempt.
+    pub attempt: Attempt,
+}
+
+/// A question about the outbox, answered after everything sent before it has committed.
+#[derive(Debug)]
+pub struct Probe {
+    /// The endpoint asked about.
+    pub endpoint_id: Uuid,
+    /// Delivery ids to check: which are still pending?
+    pub ids: Vec<Uuid>,
+    /// Also ask whether the endpoint has any pending delivery at all.
+    pub whole_endpoint: bool,
+    /// Echoed back so the asker can tell stale answers from fresh ones.
+    pub generation: u64,
+    /// Where the answer goes.
+    pub reply: mpsc::Sender<ProbeAnswer>,
+}
+
+/// The answer to a [`Probe`].
+#[derive(Debug)]
+pub struct ProbeAnswer {
+    /// The endpoint asked about.
+    pub endpoint_id: Uuid,
+    /// Ids asked about that are no longer pending (delivered, failed or deleted).
+    pub settled: Vec<Uuid>,
+    /// With `whole_endpoint`: whether any delivery of the endpoint is pending.
+    pub endpoint_pending: Option<bool>,
+    /// The probe's generation.
+    pub generation: u64,
+}
+
+/// Why walhook disables an endpoint itself (`walhook.endpoints.disabled_reason`).
+pub const DISABLED_GONE: &str = "gone";
+/// See [`DISABLED_GONE`].
+pub const DISABLED_FAILING: &str = "failing";
+
+/// One write of the delivery path.
+#[derive(Debug)]
+pub enum StoreOp {
+    /// Insert a delivery row (delivered record or outbox row).
+    Insert(Record),
+    /// Record the outcome of an attempt on a leased row.
+    Complete(Completion),
+    /// Ask about pending rows.
+    Probe(Probe),
+    /// Disable an endpoint (`reason` is [`DISABLED_GONE`] or [`DISABLED_FAILING`]) and fail
+    /// what waits for it.
+    Disable {
+        /// The endpoint.
+        endpoint_id: Uuid,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Fail whatever still waits for an endpoint that walhook disabled (rows stored after
+    /// the disable, before its replicated change reached dispatch).
+    FailPending {
+        /// The endpoint.
+        endpoint_id: Uuid,
+    },
+}
+
+/// Applies [`StoreOp`]s in batches.
+pub struct StoreWriter {
+    db: Db,
+    rx: mpsc::Receiver<StoreOp>,
+}
+
+impl StoreWriter {
+    /// A writer and the channel feeding it (`capacity` ops).
+    pub fn new(db: Db, capacity: usize) -> (StoreWriter, mpsc::Sender<StoreOp>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (StoreWriter { db, rx }, tx)
+    }
+
+    /// Runs until every sender is gone and everything sent is written.
+    pub async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(op) = self.rx.recv().await {
+            batch.push(op);
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let mut backoff = Duration::from_millis(100);
+            let started = std::time::Instant::now();
+            loop {
+                match write::write_batch(&self.db, &batch).await {
+                    Ok(()) => {
+                        tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ops = batch.len(), retry_in = ?backoff, "store write failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            let probes = settle(&mut batch);
+            for probe in probes {
+                answer_probe(&self.db, probe).await;
+            }
+        }
+    }
+}
+
+/// Settles the tickets of a committed batch; returns its probes.
+fn settle(batch: &mut Vec<StoreOp>) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    for op in batch.drain(..) {
+        match op {
+            StoreOp::Insert(mut r) => {
+                if let Some(t) = r.ticket.take() {
+                    t.settle();
+                }
+            }
+            StoreOp::Complete(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
+            StoreOp::Probe(p) => probes.push(p),
+        }
+    }
+    probes
+}
+
+async fn answer_probe(db: &Db, p: Probe) {
+    let mut backoff = Duration::from_millis(100);
+    let answer = loop {
+        let result: Result<ProbeAnswer, DbError> = async {
+            let client = db.get().await?;
+            let settled = if p.ids.is_empty() {
+                Vec::new()
+            } else {
+                let pending: Vec<Uuid> = client
+                    .query(
+                        "SELECT id FROM walhook.deliveries WHERE id = ANY($1) AND status = 'pending'",
+                        &[&p.ids],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                p.ids.iter().filter(|id| !pending.contains(id)).copied().collect()
+            };
+            let endpoint_pending = if p.whole_endpoint {
+                let row = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM walhook.deliveries WHERE endpoint_id = $1 AND status = 'pending')",
+                        &[&p.endpoint_id],
+                    )
+                    .await?;
+                Some(row.get(0))
+            } else {
+                None
+            };
+            Ok(ProbeAnswer { endpoint_id: p.endpoint_id, settled, endpoint_pending, generation: p.generation })
+        }
+        .await;
+        match result {
+            Ok(a) => break a,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox probe failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let _ = p.reply.send(answer).await;
+}

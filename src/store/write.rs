@@ -1,0 +1,344 @@
+//! Turns a batch of [`StoreOp`]s into SQL: column arrays, `unnest`, one round trip.
+//!
+//! What must hold: a batch commits as a whole or not at all; inserts are
+//! `ON CONFLICT DO NOTHING` (replays insert nothing twice). A batch of inserts and completions
+//! is one statement (its data-modifying CTEs run atomically, and no sibling sees another's
+//! rows); a batch that completes a row inserted in the same batch, or disables an endpoint,
+//! needs statements that see each other's writes, so it runs as a transaction in op order.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{Status, StoreOp};
+use crate::db::{Db, DbError};
+use crate::dispatch::http::{Attempt, FailureKind};
+
+const INSERT_EVENTS: &str =
+    "INSERT INTO walhook.events (id, account_id, event_type, commit_lsn, seq, body, created_at) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int4[], $6::bytea[], $7::timestamptz[]) \
+     ON CONFLICT (id) DO NOTHING";
+const INSERT_DELIVERIES: &str = "INSERT INTO walhook.deliveries (id, endpoint_id, event_id, event_type, entity_key, \
+       commit_lsn, seq, status, http_status_code, attempt_count, next_attempt_at, lease_until, leased_by, last_error, \
+       created_at, completed_at) \
+     SELECT * FROM unnest($8::uuid[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::int8[], $14::int4[], \
+       $15::text[], $16::int4[], $17::int4[], $18::timestamptz[], $19::timestamptz[], $20::uuid[], $21::text[], \
+       $22::timestamptz[], $23::timestamptz[]) \
+     ON CONFLICT (id) DO NOTHING";
+const COMPLETE: &str = "UPDATE walhook.deliveries d SET status = u.status, \
+       http_status_code = COALESCE(u.http, d.http_status_code), next_attempt_at = u.next_at, \
+       lease_until = NULL, leased_by = NULL, last_error = u.err, completed_at = u.done \
+     FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::int4[], $28::timestamptz[], $29::text[], \
+       $30::timestamptz[]) AS u(id, lease, status, http, next_at, err, done) \
+     WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
+const INSERT_ATTEMPTS: &str = "INSERT INTO walhook.attempts (delivery_id, attempt, started_at, duration_ms, \
+       http_status_code, error_kind, error, response_snippet) \
+     SELECT * FROM unnest($31::uuid[], $32::int4[], $33::timestamptz[], $34::int4[], $35::int4[], $36::text[], \
+       $37::text[], $38::text[]) \
+     ON CONFLICT (delivery_id, attempt) DO NOTHING";
+/// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
+const ENDPOINTS_OK: &str =
+    "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($39) AND failing_since IS NOT NULL";
+const ENDPOINTS_FAILING: &str = "UPDATE walhook.endpoints SET failing_since = now() \
+     WHERE id = ANY($40) AND failing_since IS NULL AND NOT (id = ANY($39))";
+const DISABLE: &str =
+    "UPDATE walhook.endpoints e SET is_active = false, disabled_reason = u.reason, updated_at = now() \
+     FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active";
+const FAIL_PENDING: &str = "UPDATE walhook.deliveries d SET status = 'failed', completed_at = now(), \
+       lease_until = NULL, leased_by = NULL, last_error = 'endpoint disabled: ' || e.disabled_reason \
+     FROM walhook.endpoints e \
+     WHERE d.endpoint_id = ANY($1) AND d.status = 'pending' AND e.id = d.endpoint_id \
+       AND NOT e.is_active AND e.disabled_reason IS NOT NULL";
+
+/// The column arrays of one batch; parameter `$n` is `params()[n - 1]`.
+#[derive(Default)]
+struct Columns<'a> {
+    // Events (payloads of pending rows): $1-$7.
+    e_id: Vec<Uuid>,
+    e_acct: Vec<Uuid>,
+    e_type: Vec<&'a str>,
+    e_lsn: Vec<i64>,
+    e_seq: Vec<i32>,
+    e_body: Vec<&'a [u8]>,
+    e_at: Vec<DateTime<Utc>>,
+    // Deliveries: $8-$23.
+    d_id: Vec<Uuid>,
+    d_ep: Vec<Uuid>,
+    d_ev: Vec<Uuid>,
+    d_type: Vec<&'a str>,
+    d_key: Vec<&'a str>,
+    d_lsn: Vec<i64>,
+    d_seq: Vec<i32>,
+    d_status: Vec<&'static str>,
+    d_http: Vec<Option<i32>>,
+    d_count: Vec<i32>,
+    d_next: Vec<Option<DateTime<Utc>>>,
+    d_lease_until: Vec<Option<DateTime<Utc>>>,
+    d_lease_by: Vec<Option<Uuid>>,
+    d_err: Vec<Option<&'a str>>,
+    d_created: Vec<DateTime<Utc>>,
+    d_done: Vec<Option<DateTime<Utc>>>,
+    // Completions of leased rows: $24-$30.
+    c_id: Vec<Uuid>,
+    c_lease: Vec<Uuid>,
+    c_status: Vec<&'static str>,
+    c_http: Vec<Option<i32>>,
+    c_next: Vec<Option<DateTime<Utc>>>,
+    c_err: Vec<Option<&'a str>>,
+    c_done: Vec<Option<DateTime<Utc>>>,
+    // Attempts: $31-$38.
+    a_delivery: Vec<Uuid>,
+    a_number: Vec<i32>,
+    a_started: Vec<DateTime<Utc>>,
+    a_duration_ms: Vec<i32>,
+    a_status: Vec<Option<i32>>,
+    a_kind: Vec<Option<&'static str>>,
+    a_error: Vec<Option<&'a str>>,
+    a_snippet: Vec<Option<&'a str>>,
+    // Endpoints whose attempts succeeded ($39) / failed ($40) in this batch.
+    ep_ok: Vec<Uuid>,
+    ep_failed: Vec<Uuid>,
+    // Endpoint-wide changes (transaction path only).
+    disable_ids: Vec<Uuid>,
+    disable_reasons: Vec<&'static str>,
+    fail_pending: Vec<Uuid>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a [StoreOp]) -> Self {
+        let mut c = Columns::default();
+        let mut events = HashSet::new();
+        for op in batch {
+            match op {
+                StoreOp::Insert(r) => {
+                    let ev = &r.event;
+                    if r.status == Status::Pending && events.insert(ev.id) {
+                        c.e_id.push(ev.id);
+                        c.e_acct.push(ev.account_id);
+                        c.e_type.push(ev.event_type);
+                        c.e_lsn.push(ev.commit_lsn as i64);
+                        c.e_seq.push(ev.seq as i32);
+                        c.e_body.push(ev.body.as_ref());
+                        c.e_at.push(micros_to_time(ev.committed_at_us));
+                    }
+                    c.d_id.push(r.id);
+                    c.d_ep.push(r.endpoint_id);
+                    c.d_ev.push(ev.id);
+                    c.d_type.push(ev.event_type);
+                    c.d_key.push(ev.entity_key.as_str());
+                    c.d_lsn.push(ev.commit_lsn as i64);
+                    c.d_seq.push(ev.seq as i32);
+                    c.d_status.push(r.status.as_str());
+                    c.d_http.push(r.http_status.map(i32::from));
+                    c.d_count.push(r.attempt_count);
+                    c.d_next.push(r.next_attempt_at);
+                    c.d_lease_until.push(r.lease.map(|l| l.1));
+                    c.d_lease_by.push(r.lease.map(|l| l.0));
+                    c.d_err.push(r.last_error.as_deref());
+                    c.d_created.push(micros_to_time(ev.committed_at_us));
+                    c.d_done.push(r.completed_at);
+                    if let Some(a) = &r.attempt {
+                        c.attempt(r.id, r.endpoint_id, r.attempt_count, a);
+                    }
+                }
+                StoreOp::Complete(x) => {
+                    c.c_id.push(x.id);
+                    c.c_lease.push(x.lease);
+                    c.c_status.push(x.status.as_str());
+                    c.c_http.push(x.http_status.map(i32::from));
+                    c.c_next.push(x.next_attempt_at);
+                    c.c_err.push(x.last_error.as_deref());
+                    c.c_done.push(x.completed_at);
+                    c.attempt(x.id, x.endpoint_id, x.attempt_no, &x.attempt);
+                }
+                StoreOp::Probe(_) => {}
+                StoreOp::Disable { endpoint_id, reason } => {
+                    c.disable_ids.push(*endpoint_id);
+                    c.disable_reasons.push(reason);
+                    c.fail_pending.push(*endpoint_id);
+                }
+                StoreOp::FailPending { endpoint_id } => c.fail_pending.push(*endpoint_id),
+            }
+        }
+        c
+    }
+
+    fn attempt(&mut self, id: Uuid, endpoint: Uuid, number: i32, a: &'a Attempt) {
+        self.a_delivery.push(id);
+        self.a_number.push(number);
+        self.a_started.push(a.started_at);
+        self.a_duration_ms.push(a.duration.as_millis().min(i32::MAX as u128) as i32);
+        self.a_status.push(a.status.map(i32::from));
+        self.a_kind.push(a.failure.map(|k| match k {
+            FailureKind::Status => "status",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Network => "network",
+            FailureKind::Refused => "refused",
+        }));
+        self.a_error.push(a.error.as_deref());
+        self.a_snippet.push((!a.response_snippet.is_empty()).then_some(a.response_snippet.as_str()));
+        let list = if a.succeeded() { &mut self.ep_ok } else { &mut self.ep_failed };
+        if !list.contains(&endpoint) {
+            list.push(endpoint);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.d_id.is_empty() && self.c_id.is_empty() && self.fail_pending.is_empty()
+    }
+
+    /// Whether one statement can write this batch: no endpoint-wide change, and no row that
+    /// is both inserted and completed here (the update would not see the insert).
+    fn fits_one_statement(&self) -> bool {
+        if !self.fail_pending.is_empty() {
+            return false;
+        }
+        if self.c_id.is_empty() || self.d_id.is_empty() {
+            return true;
+        }
+        let inserted: HashSet<&Uuid> = self.d_id.iter().collect();
+        !self.c_id.iter().any(|id| inserted.contains(id))
+    }
+
+    /// `$1`-`$40` in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 40] {
+        [
+            &self.e_id,
+            &self.e_acct,
+            &self.e_type,
+            &self.e_lsn,
+            &self.e_seq,
+            &self.e_body,
+            &self.e_at,
+            &self.d_id,
+            &self.d_ep,
+            &self.d_ev,
+            &self.d_type,
+            &self.d_key,
+            &self.d_lsn,
+            &self.d_seq,
+            &self.d_status,
+            &self.d_http,
+            &self.d_count,
+            &self.d_next,
+            &self.d_lease_until,
+            &self.d_lease_by,
+            &self.d_err,
+            &self.d_created,
+            &self.d_done,
+            &self.c_id,
+            &self.c_lease,
+            &self.c_status,
+            &self.c_http,
+            &self.c_next,
+            &self.c_err,
+            &self.c_done,
+            &self.a_delivery,
+            &self.a_number,
+            &self.a_started,
+            &self.a_duration_ms,
+            &self.a_status,
+            &self.a_kind,
+            &self.a_error,
+            &self.a_snippet,
+            &self.ep_ok,
+            &self.ep_failed,
+        ]
+    }
+}
+
+/// The whole batch as one statement (one round trip, one commit).
+fn one_statement() -> String {
+    format!(
+        "WITH ev AS ({INSERT_EVENTS}), dl AS ({INSERT_DELIVERIES}), cp AS ({COMPLETE}), at AS ({INSERT_ATTEMPTS}), \
+         ok AS ({ENDPOINTS_OK}), bad AS ({ENDPOINTS_FAILING}) SELECT 1"
+    )
+}
+
+/// Writes `batch` atomically.
+pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
+    let cols = Columns::of(batch);
+    if cols.is_empty() {
+        return Ok(());
+    }
+    let params = cols.params();
+    let mut client = db.get().await?;
+    if cols.fits_one_statement() {
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let st = client.prepare_cached(SQL.get_or_init(one_statement)).await?;
+        client.execute(&st, &params).await?;
+        return Ok(());
+    }
+    // Statement by statement, each seeing the ones before: events, deliveries, completions,
+    // attempts, failure streaks, then disables and what they fail.
+    let tx = client.transaction().await?;
+    let steps: [(&str, &[&(dyn ToSql + Sync)], bool); 6] = [
+        (INSERT_EVENTS, &params[0..7], !cols.e_id.is_empty()),
+        (INSERT_DELIVERIES, &params[7..23], !cols.d_id.is_empty()),
+        (COMPLETE, &params[23..30], !cols.c_id.is_empty()),
+        (INSERT_ATTEMPTS, &params[30..38], !cols.a_delivery.is_empty()),
+        (ENDPOINTS_OK, &params[38..39], !cols.ep_ok.is_empty()),
+        (ENDPOINTS_FAILING, &params[38..40], !cols.ep_failed.is_empty()),
+    ];
+    for (sql, params, needed) in steps {
+        if needed {
+            let st = tx.prepare_cached(&renumber(sql)).await?;
+            tx.execute(&st, params).await?;
+        }
+    }
+    if !cols.disable_ids.is_empty() {
+        let st = tx.prepare_cached(DISABLE).await?;
+        tx.execute(&st, &[&cols.disable_ids, &cols.disable_reasons]).await?;
+    }
+    if !cols.fail_pending.is_empty() {
+        let st = tx.prepare_cached(FAIL_PENDING).await?;
+        tx.execute(&st, &[&cols.fail_pending]).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `sql` with its parameters renumbered from `$1` (each statement on its own), in one pass.
+fn renumber(sql: &str) -> String {
+    let number_at = |i: usize| -> Option<(usize, usize)> {
+        let digits = sql[i + 1..].bytes().take_while(u8::is_ascii_digit).count();
+        sql[i + 1..i + 1 + digits].parse().ok().map(|n| (n, digits))
+    };
+    let dollars = sql.match_indices('$').map(|(i, _)| i);
+    let base = dollars.filter_map(|i| number_at(i).map(|(n, _)| n)).min().unwrap_or(1);
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
+    for (i, _) in sql.match_indices('$') {
+        if let Some((n, digits)) = number_at(i) {
+            out.push_str(&sql[copied..i]);
+            out.push_str(&format!("${}", n + 1 - base));
+            copied = i + 1 + digits;
+        }
+    }
+    out.push_str(&sql[copied..]);
+    out
+}
+
+fn micros_to_time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renumbering_starts_each_statement_at_one() {
+        assert_eq!(renumber(ENDPOINTS_FAILING), ENDPOINTS_FAILING.replace("$40", "$2").replace("$39", "$1"));
+        let attempts = renumber(INSERT_ATTEMPTS);
+        assert!(attempts.contains("$1::uuid[]") && attempts.contains("$8::text[]"), "{attempts}");
+        assert!(!attempts.contains("$31") && !attempts.contains("$38"), "{attempts}");
+        assert_eq!(renumber(INSERT_EVENTS), INSERT_EVENTS);
+        let deliveries = renumber(INSERT_DELIVERIES);
+        for n in 1..=16 {
+            assert_eq!(deliveries.matches(&format!("${n}::")).count(), 1, "${n} in {deliveries}");
+        }
+    }
+}
