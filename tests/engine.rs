@@ -277,3 +277,28 @@ async fn attempt_records_describe_each_attempt() {
     assert_eq!(rows[1].get::<_, Option<String>>(4), None);
     wh.stop().await.unwrap();
 }
+
+/// Many endpoints on one HTTP/1.1-only host (a shared ingestion service) keep their
+/// connections: none is closed for want of idle slots and re-opened with a new TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_sharing_an_http1_host_reuse_their_connections() {
+    let env = Env::new("engine_http1_reuse").await;
+    let h1 = walhook::local::receiver::Receiver::start_http1(&env.ca).await.unwrap();
+    for i in 0..4 {
+        let path = format!("h{i}");
+        let (_, secret) = env.endpoint_url(ACCOUNT_A, &h1.url(&path), &["contact.created"]).await;
+        h1.set_secret(&path, &secret);
+        // Slow enough that the four endpoints' requests overlap.
+        h1.set_default(&path, Reply::Delay(Duration::from_millis(30), 200));
+    }
+    let wh = env.start("[dispatch]\nendpoint_concurrency = 1\n").await;
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'c' || i FROM generate_series(1, 25) i"
+    ))
+    .await;
+    let all = h1.wait_until(Duration::from_secs(60), |r| r.len() >= 100).await.expect("100 webhooks");
+    assert!(all.iter().all(|r| r.verified), "every signature verifies");
+    let connections = h1.connections();
+    assert!(connections <= 8, "100 requests over {connections} connections: idle connections were dropped");
+    wh.stop().await.unwrap();
+}

@@ -121,6 +121,9 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(cfg.connect_timeout.get())
             .timeout(cfg.request_timeout.get())
+            // The pool is per host, not per endpoint: many endpoints on one HTTP/1.1 host (a
+            // shared ingestion service) each need their connections kept, or every request
+            // beyond the idle cap pays a new TLS handshake.
             .pool_max_idle_per_host(cfg.max_concurrency)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)

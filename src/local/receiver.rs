@@ -106,9 +106,22 @@ impl Drop for Receiver {
 }
 
 impl Receiver {
-    /// Starts a receiver on a free port of 127.0.0.1 with `ca`'s server certificate.
+    /// Starts a receiver on a free port of 127.0.0.1 with `ca`'s server certificate,
+    /// offering HTTP/2 and HTTP/1.1.
     pub async fn start(ca: &LocalCa) -> std::io::Result<Receiver> {
-        let tls = ca.server_config().map_err(std::io::Error::other)?;
+        Self::start_with(ca, true).await
+    }
+
+    /// Like [`Receiver::start`], offering HTTP/1.1 only (as many real receivers do).
+    pub async fn start_http1(ca: &LocalCa) -> std::io::Result<Receiver> {
+        Self::start_with(ca, false).await
+    }
+
+    async fn start_with(ca: &LocalCa, offer_h2: bool) -> std::io::Result<Receiver> {
+        let mut tls = ca.server_config().map_err(std::io::Error::other)?;
+        if !offer_h2 {
+            Arc::make_mut(&mut tls).alpn_protocols = vec![b"http/1.1".to_vec()];
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
