@@ -302,3 +302,50 @@ async fn endpoints_sharing_an_http1_host_reuse_their_connections() {
     assert!(connections <= 8, "100 requests over {connections} connections: idle connections were dropped");
     wh.stop().await.unwrap();
 }
+
+/// An endpoint spilled to the outbox (it was stuck for a while) goes back to direct sending
+/// once the outbox has caught up, although deliveries never stop arriving; each row's changes
+/// still arrive in order across the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spilled_endpoint_returns_to_direct_sending_under_steady_traffic() {
+    let env = Env::new("engine_unspill_under_traffic").await;
+    let ep = env.endpoint(ACCOUNT_A, "busy", &["contact.created", "contact.updated"]).await;
+    // The first request hangs past spill_after: everything after it goes to the outbox.
+    env.receiver.script("busy", vec![Reply::Delay(Duration::from_millis(1500), 200)]);
+    let wh =
+        env.start("[dispatch]\nendpoint_concurrency = 1\nspill_after = \"300ms\"\npoll_interval = \"100ms\"\n").await;
+    let tracker = "cccc0000-0000-4000-8000-00000000000c";
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{tracker}', '{A}', 'v0')")).await;
+    // Steady traffic for about 4 s: new contacts and a change of the tracked row every 10 ms.
+    let rounds = 400;
+    for i in 1..=rounds {
+        env.sql(&format!(
+            "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'n' || g FROM generate_series(1, 3) g;
+             UPDATE contacts SET first_name = 'v{i}' WHERE id = '{tracker}';"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expected = 1 + rounds * 4;
+    let got = env
+        .receiver
+        .wait_until(Duration::from_secs(60), |r| r.len() >= expected)
+        .await
+        .unwrap_or_else(|r| panic!("{} of {expected} webhooks", r.len()));
+    let versions: Vec<u32> = got
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+        .filter(|b| b["data"]["id"] == tracker)
+        .filter_map(|b| b["data"]["first_name"].as_str()?.strip_prefix('v')?.parse().ok())
+        .collect();
+    assert_eq!(versions, (0..=rounds as u32).collect::<Vec<_>>(), "the tracked row's changes arrive in order");
+    // Direct deliveries leave no stored payload; outbox ones do.
+    let direct = format!(
+        "SELECT count(*) FROM walhook.deliveries d WHERE d.endpoint_id = '{}' \
+         AND NOT EXISTS (SELECT 1 FROM walhook.events e WHERE e.id = d.event_id)",
+        ep.id
+    );
+    let direct = env.scalar_i64(&direct).await;
+    assert!(direct >= expected as i64 / 4, "only {direct} of {expected} were sent directly after the spill");
+    wh.stop().await.unwrap();
+}

@@ -9,9 +9,10 @@
 //! - **Bounded memory** (invariant 5): an endpoint whose queue is full, whose oldest waiting
 //!   delivery waited longer than `dispatch.spill_after`, or that has too many blocked rows is
 //!   *spilled*: its waiting deliveries go to the outbox, its in-flight ones are stored there
-//!   under a lease, and its new deliveries go straight to the outbox until it has nothing
-//!   pending. The total waiting in memory is capped; past the cap, routing (and so the
-//!   replication stream) waits.
+//!   under a lease, and its new deliveries go straight to the outbox until a probe finds
+//!   nothing pending from before the probe; rows sent there after it stay blocked, the rest
+//!   is sent directly again. The total waiting in memory is capped; past the cap, routing
+//!   (and so the replication stream) waits.
 //! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
 //!   writer after its record or outbox row commits, or because its endpoint was deleted.
 
@@ -104,8 +105,13 @@ struct EndpointState {
     blocked: HashMap<String, Uuid>,
     /// Everything new goes to the outbox until the endpoint has nothing pending.
     spilled: bool,
-    /// Generation of the last delivery this endpoint sent to the outbox.
-    spill_generation: u64,
+    /// Some row may wait in the outbox without being in `blocked` (it was full, or the
+    /// endpoint had pending rows when this process started).
+    lost_track: bool,
+    /// Deliveries sent to the outbox without being tracked in `blocked`.
+    untracked_spills: u64,
+    /// `untracked_spills` when the outstanding whole-endpoint probe went out.
+    untracked_at_probe: u64,
     /// A probe is out.
     probing: bool,
     /// Deleted: drop whatever is left.
@@ -127,7 +133,9 @@ impl EndpointState {
             in_flight: HashMap::new(),
             blocked: HashMap::new(),
             spilled: false,
-            spill_generation: 0,
+            lost_track: false,
+            untracked_spills: 0,
+            untracked_at_probe: 0,
             probing: false,
             removed: false,
             disabled: endpoint.auto_disabled,
@@ -160,7 +168,6 @@ pub struct Dispatcher {
     /// start spilled, so rows queue behind what waits there (order holds across restarts).
     pending_at_start: std::collections::HashSet<Uuid>,
     waiting: usize,
-    generation: u64,
     lease_token: Uuid,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
@@ -190,7 +197,6 @@ impl Dispatcher {
             endpoints: HashMap::new(),
             pending_at_start: Default::default(),
             waiting: 0,
-            generation: 0,
             lease_token: Uuid::new_v4(),
             done_tx,
             done_rx,
@@ -279,7 +285,7 @@ impl Dispatcher {
             if self.pending_at_start.remove(&id) {
                 // Spilled until a probe finds its outbox empty.
                 state.spilled = true;
-                state.spill_generation = self.generation;
+                state.lost_track = true;
             }
             self.endpoints.insert(id, state);
         }
@@ -428,8 +434,6 @@ impl Dispatcher {
         let tail = behind.back().map(|w| w.delivery.id).unwrap_or(d.id);
         state.blocked.insert(key.clone(), tail);
         let over = state.blocked.len() > MAX_BLOCKED_ROWS;
-        self.generation += 1;
-        state.spill_generation = self.generation;
         for w in behind {
             self.spill_one(ep_id, w.delivery, 0).await;
         }
@@ -442,13 +446,17 @@ impl Dispatcher {
         let Some(state) = self.endpoints.get_mut(&answer.endpoint_id) else { return };
         state.probing = false;
         state.blocked.retain(|_, tail| !answer.settled.contains(tail));
+        // Nothing of this endpoint waits in the outbox except behind blocked rows, and every
+        // delivery sent there since the probe is tracked too: the blocked rows keep their
+        // order and everything else goes direct again, even while deliveries keep arriving.
         if state.spilled
             && answer.endpoint_pending == Some(false)
-            && answer.generation == state.spill_generation
             && state.in_flight.is_empty()
+            && state.untracked_spills == state.untracked_at_probe
         {
-            tracing::info!(endpoint = %answer.endpoint_id, "endpoint's outbox drained; sending directly again");
+            tracing::info!(endpoint = %answer.endpoint_id, blocked_rows = state.blocked.len(), "endpoint's outbox caught up; sending directly again");
             state.spilled = false;
+            state.lost_track = false;
         }
     }
 
@@ -476,11 +484,16 @@ impl Dispatcher {
                 continue;
             }
             s.probing = true;
+            let whole_endpoint = s.spilled && s.in_flight.is_empty();
+            s.untracked_at_probe = s.untracked_spills;
+            // Pending rows behind these keys are accounted for; with lost track, none are.
+            let known_rows =
+                if whole_endpoint && !s.lost_track { s.blocked.keys().cloned().collect() } else { Vec::new() };
             probes.push(Probe {
                 endpoint_id: *id,
                 ids: s.blocked.values().copied().collect(),
-                whole_endpoint: s.spilled && s.in_flight.is_empty(),
-                generation: s.spill_generation,
+                whole_endpoint,
+                known_rows,
                 reply: self.probe_tx.clone(),
             });
         }
@@ -535,9 +548,16 @@ impl Dispatcher {
 
     /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).
     async fn spill_one(&mut self, endpoint_id: Uuid, mut d: Delivery, attempts: i32) {
-        self.generation += 1;
-        if let Some(s) = self.endpoints.get_mut(&endpoint_id) {
-            s.spill_generation = self.generation;
+        if let Some(s) = self.endpoints.get_mut(&endpoint_id).filter(|s| s.spilled) {
+            let key = &d.event.entity_key;
+            if let Some(tail) = s.blocked.get_mut(key) {
+                *tail = d.id;
+            } else if s.blocked.len() < MAX_BLOCKED_ROWS {
+                s.blocked.insert(key.clone(), d.id);
+            } else {
+                s.lost_track = true;
+                s.untracked_spills += 1;
+            }
         }
         self.metrics.delivery(false).inc();
         let record = Record {
@@ -564,7 +584,6 @@ impl Dispatcher {
         let Some(mut state) = self.endpoints.remove(&id) else { return };
         let now = Utc::now();
         let lease_until = now + self.settings.lease_for;
-        self.generation += 1;
         for flight in state.in_flight.values_mut().filter(|f| !f.leased) {
             flight.leased = true;
             let d = &mut flight.delivery;
@@ -588,7 +607,19 @@ impl Dispatcher {
         let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
         self.waiting -= state.waiting;
         state.waiting = 0;
-        state.blocked.clear();
+        // Rows in flight under the lease may stay in the outbox: their rows are blocked too
+        // (blocked rows stay blocked; what waits behind them follows via spill_one).
+        for flight in state.in_flight.values() {
+            let key = &flight.delivery.event.entity_key;
+            if !state.blocked.contains_key(key) {
+                if state.blocked.len() < MAX_BLOCKED_ROWS {
+                    state.blocked.insert(key.clone(), flight.delivery.id);
+                } else {
+                    state.lost_track = true;
+                    state.untracked_spills += 1;
+                }
+            }
+        }
         state.spilled = true;
         self.endpoints.insert(id, state);
         for w in waiting {

@@ -1,11 +1,11 @@
 //! The store writer: every write of the delivery path, batched, in arrival order.
 //!
-//! What must hold: a delivery's ticket is settled only after the transaction holding its
+//! What must hold: a delivery's ticket is settled only after the batch holding its
 //! record (delivered) or its outbox row (pending, with the payload) has committed; rows have
 //! deterministic ids and inserts are `ON CONFLICT DO NOTHING`, so a replay inserts nothing
 //! twice; ops are applied in the order they were sent (a spilled row's later deliveries
-//! never commit before it); a failed write is retried, never dropped; probes run after
-//! every op sent before them has committed.
+//! never commit before it); a failed write is retried, never dropped; probes are answered after
+//! every op sent before them has committed and before any op sent after them does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +14,14 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-mod write;
-
 use crate::db::{Db, DbError};
 use crate::dispatch::http::Attempt;
 use crate::progress::Ticket;
 use crate::route::Event;
 
-/// Ops written per transaction at most.
+mod write;
+
+/// Ops written per batch (one atomic write) at most.
 const MAX_BATCH: usize = 1024;
 
 /// A delivery's state.
@@ -106,10 +106,10 @@ pub struct Probe {
     pub endpoint_id: Uuid,
     /// Delivery ids to check: which are still pending?
     pub ids: Vec<Uuid>,
-    /// Also ask whether the endpoint has any pending delivery at all.
+    /// Also ask whether the endpoint has any pending delivery outside `known_rows`.
     pub whole_endpoint: bool,
-    /// Echoed back so the asker can tell stale answers from fresh ones.
-    pub generation: u64,
+    /// Rows (`entity_key`) whose pending deliveries the asker already accounts for.
+    pub known_rows: Vec<String>,
     /// Where the answer goes.
     pub reply: mpsc::Sender<ProbeAnswer>,
 }
@@ -121,10 +121,9 @@ pub struct ProbeAnswer {
     pub endpoint_id: Uuid,
     /// Ids asked about that are no longer pending (delivered, failed or deleted).
     pub settled: Vec<Uuid>,
-    /// With `whole_endpoint`: whether any delivery of the endpoint is pending.
+    /// With `whole_endpoint`: whether any delivery of the endpoint outside `known_rows` is
+    /// pending (among those sent before the probe: a probe ends its batch).
     pub endpoint_pending: Option<bool>,
-    /// The probe's generation.
-    pub generation: u64,
 }
 
 /// Why walhook disables an endpoint itself (`walhook.endpoints.disabled_reason`).
@@ -175,7 +174,8 @@ impl StoreWriter {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(op) = self.rx.recv().await {
             batch.push(op);
-            while batch.len() < MAX_BATCH {
+            // A probe ends its batch: it is answered before anything sent after it commits.
+            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Probe(_))) {
                 match self.rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
@@ -230,10 +230,7 @@ async fn answer_probe(db: &Db, p: Probe) {
                 Vec::new()
             } else {
                 let pending: Vec<Uuid> = client
-                    .query(
-                        "SELECT id FROM walhook.deliveries WHERE id = ANY($1) AND status = 'pending'",
-                        &[&p.ids],
-                    )
+                    .query("SELECT id FROM walhook.deliveries WHERE id = ANY($1) AND status = 'pending'", &[&p.ids])
                     .await?
                     .iter()
                     .map(|r| r.get(0))
@@ -243,15 +240,16 @@ async fn answer_probe(db: &Db, p: Probe) {
             let endpoint_pending = if p.whole_endpoint {
                 let row = client
                     .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM walhook.deliveries WHERE endpoint_id = $1 AND status = 'pending')",
-                        &[&p.endpoint_id],
+                        "SELECT EXISTS (SELECT 1 FROM walhook.deliveries \
+                         WHERE endpoint_id = $1 AND status = 'pending' AND NOT (entity_key = ANY($2)))",
+                        &[&p.endpoint_id, &p.known_rows],
                     )
                     .await?;
                 Some(row.get(0))
             } else {
                 None
             };
-            Ok(ProbeAnswer { endpoint_id: p.endpoint_id, settled, endpoint_pending, generation: p.generation })
+            Ok(ProbeAnswer { endpoint_id: p.endpoint_id, settled, endpoint_pending })
         }
         .await;
         match result {
