@@ -105,10 +105,7 @@ struct EndpointState {
     blocked: HashMap<String, Uuid>,
     /// Everything new goes to the outbox until the endpoint has nothing pending.
     spilled: bool,
-    /// Some row may wait in the outbox without being in `blocked` (it was full, or the
-    /// endpoint had pending rows when this process started).
-    lost_track: bool,
-    /// Deliveries sent to the outbox without being tracked in `blocked`.
+    /// Deliveries sent to the outbox without being tracked in `blocked` (it was full).
     untracked_spills: u64,
     /// `untracked_spills` when the outstanding whole-endpoint probe went out.
     untracked_at_probe: u64,
@@ -133,7 +130,6 @@ impl EndpointState {
             in_flight: HashMap::new(),
             blocked: HashMap::new(),
             spilled: false,
-            lost_track: false,
             untracked_spills: 0,
             untracked_at_probe: 0,
             probing: false,
@@ -285,7 +281,6 @@ impl Dispatcher {
             if self.pending_at_start.remove(&id) {
                 // Spilled until a probe finds its outbox empty.
                 state.spilled = true;
-                state.lost_track = true;
             }
             self.endpoints.insert(id, state);
         }
@@ -456,7 +451,6 @@ impl Dispatcher {
         {
             tracing::info!(endpoint = %answer.endpoint_id, blocked_rows = state.blocked.len(), "endpoint's outbox caught up; sending directly again");
             state.spilled = false;
-            state.lost_track = false;
         }
     }
 
@@ -486,9 +480,9 @@ impl Dispatcher {
             s.probing = true;
             let whole_endpoint = s.spilled && s.in_flight.is_empty();
             s.untracked_at_probe = s.untracked_spills;
-            // Pending rows behind these keys are accounted for; with lost track, none are.
-            let known_rows =
-                if whole_endpoint && !s.lost_track { s.blocked.keys().cloned().collect() } else { Vec::new() };
+            // Pending deliveries of blocked rows are accounted for; any other pending one (an
+            // untracked row, or one pending since before this process) keeps it spilled.
+            let known_rows = if whole_endpoint { s.blocked.keys().cloned().collect() } else { Vec::new() };
             probes.push(Probe {
                 endpoint_id: *id,
                 ids: s.blocked.values().copied().collect(),
@@ -555,7 +549,6 @@ impl Dispatcher {
             } else if s.blocked.len() < MAX_BLOCKED_ROWS {
                 s.blocked.insert(key.clone(), d.id);
             } else {
-                s.lost_track = true;
                 s.untracked_spills += 1;
             }
         }
@@ -615,7 +608,6 @@ impl Dispatcher {
                 if state.blocked.len() < MAX_BLOCKED_ROWS {
                     state.blocked.insert(key.clone(), flight.delivery.id);
                 } else {
-                    state.lost_track = true;
                     state.untracked_spills += 1;
                 }
             }
