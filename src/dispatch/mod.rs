@@ -9,10 +9,11 @@
 //! - **Bounded memory** (invariant 5): an endpoint whose queue is full, whose oldest waiting
 //!   delivery waited longer than `dispatch.spill_after`, or that has too many blocked rows is
 //!   *spilled*: its waiting deliveries go to the outbox, its in-flight ones are stored there
-//!   under a lease, and its new deliveries go straight to the outbox until a probe finds
-//!   nothing pending from before the probe; rows sent there after it stay blocked, the rest
-//!   is sent directly again. The total waiting in memory is capped; past the cap, routing
-//!   (and so the replication stream) waits.
+//!   under a lease, and its new deliveries go straight to the outbox, each row tracked as
+//!   blocked, until a probe finds nothing of it pending outside those rows. Then the blocked
+//!   rows keep waiting behind the outbox and the rest is sent directly again, even under
+//!   steady traffic. The total waiting in memory is capped; past the cap, routing (and so
+//!   the replication stream) waits.
 //! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
 //!   writer after its record or outbox row commits, or because its endpoint was deleted.
 
@@ -103,7 +104,8 @@ struct EndpointState {
     in_flight: HashMap<Uuid, Flight>,
     /// Rows whose latest delivery is in the outbox: row → that delivery's id.
     blocked: HashMap<String, Uuid>,
-    /// Everything new goes to the outbox until the endpoint has nothing pending.
+    /// Everything new goes to the outbox (and its row into `blocked`) until a probe finds
+    /// nothing of the endpoint pending outside the blocked rows.
     spilled: bool,
     /// Deliveries sent to the outbox without being tracked in `blocked` (it was full).
     untracked_spills: u64,

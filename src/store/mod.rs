@@ -126,6 +126,20 @@ pub struct ProbeAnswer {
     pub endpoint_pending: Option<bool>,
 }
 
+/// Whether endpoint `$1` has a pending delivery of a row outside `$2`. It walks the distinct
+/// pending rows in key order (one index probe each, via `deliveries_entity_order`) and stops
+/// at the first unknown one, so a million pending deliveries of a few known rows cost a few
+/// probes, not a scan.
+const PENDING_OUTSIDE_KNOWN_ROWS: &str = "WITH RECURSIVE k(key) AS ( \
+       (SELECT entity_key FROM walhook.deliveries WHERE endpoint_id = $1 AND status = 'pending' \
+        ORDER BY entity_key LIMIT 1) \
+     UNION ALL \
+       SELECT (SELECT d.entity_key FROM walhook.deliveries d \
+               WHERE d.endpoint_id = $1 AND d.status = 'pending' AND d.entity_key > k.key \
+               ORDER BY d.entity_key LIMIT 1) \
+       FROM k WHERE k.key = ANY($2)) \
+     SELECT EXISTS (SELECT 1 FROM k WHERE k.key IS NOT NULL AND NOT (k.key = ANY($2)))";
+
 /// Why walhook disables an endpoint itself (`walhook.endpoints.disabled_reason`).
 pub const DISABLED_GONE: &str = "gone";
 /// See [`DISABLED_GONE`].
@@ -238,13 +252,7 @@ async fn answer_probe(db: &Db, p: Probe) {
                 p.ids.iter().filter(|id| !pending.contains(id)).copied().collect()
             };
             let endpoint_pending = if p.whole_endpoint {
-                let row = client
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM walhook.deliveries \
-                         WHERE endpoint_id = $1 AND status = 'pending' AND NOT (entity_key = ANY($2)))",
-                        &[&p.endpoint_id, &p.known_rows],
-                    )
-                    .await?;
+                let row = client.query_one(PENDING_OUTSIDE_KNOWN_ROWS, &[&p.endpoint_id, &p.known_rows]).await?;
                 Some(row.get(0))
             } else {
                 None
