@@ -201,8 +201,9 @@ impl Bench {
     fn spawn_walhook(&self) -> anyhow::Result<Child> {
         let path = self.dir.path().join("walhook.toml");
         std::fs::write(&path, self.config_toml())?;
-        // WALHOOK_BENCH_WRAP runs walhook under a profiler (e.g. "heaptrack -o /tmp/walhook").
-        let wrap = std::env::var("WALHOOK_BENCH_WRAP").unwrap_or_default();
+        // PIPELINE_BENCH_WRAP puts a wrapper that execs walhook in front of it (e.g. "taskset -c 1").
+        // (Not WALHOOK_*: walhook reads those as configuration and refuses unknown keys.)
+        let wrap = std::env::var("PIPELINE_BENCH_WRAP").unwrap_or_default();
         let mut argv: Vec<String> = wrap.split_whitespace().map(str::to_owned).collect();
         argv.push(env!("CARGO_BIN_EXE_walhook").to_owned());
         Ok(Command::new(&argv[0])
