@@ -148,6 +148,18 @@ impl EndpointState {
         fronts.map(|w| now - w.since).max().unwrap_or_default()
     }
 
+    /// Marks `key` blocked behind outbox delivery `id` (its latest there); past
+    /// `MAX_BLOCKED_ROWS` the row is counted as untracked instead.
+    fn block_row(&mut self, key: &str, id: Uuid) {
+        if let Some(tail) = self.blocked.get_mut(key) {
+            *tail = id;
+        } else if self.blocked.len() < MAX_BLOCKED_ROWS {
+            self.blocked.insert(key.to_owned(), id);
+        } else {
+            self.untracked_spills += 1;
+        }
+    }
+
     fn idle(&self) -> bool {
         self.waiting == 0 && self.in_flight.is_empty() && self.blocked.is_empty() && !self.spilled && !self.probing
     }
@@ -545,14 +557,7 @@ impl Dispatcher {
     /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).
     async fn spill_one(&mut self, endpoint_id: Uuid, mut d: Delivery, attempts: i32) {
         if let Some(s) = self.endpoints.get_mut(&endpoint_id).filter(|s| s.spilled) {
-            let key = &d.event.entity_key;
-            if let Some(tail) = s.blocked.get_mut(key) {
-                *tail = d.id;
-            } else if s.blocked.len() < MAX_BLOCKED_ROWS {
-                s.blocked.insert(key.clone(), d.id);
-            } else {
-                s.untracked_spills += 1;
-            }
+            s.block_row(&d.event.entity_key, d.id);
         }
         self.metrics.delivery(false).inc();
         let record = Record {
@@ -604,15 +609,12 @@ impl Dispatcher {
         state.waiting = 0;
         // Rows in flight under the lease may stay in the outbox: their rows are blocked too
         // (blocked rows stay blocked; what waits behind them follows via spill_one).
-        for flight in state.in_flight.values() {
-            let key = &flight.delivery.event.entity_key;
-            if !state.blocked.contains_key(key) {
-                if state.blocked.len() < MAX_BLOCKED_ROWS {
-                    state.blocked.insert(key.clone(), flight.delivery.id);
-                } else {
-                    state.untracked_spills += 1;
-                }
-            }
+        let flights: Vec<(String, Uuid)> = (state.in_flight.values())
+            .filter(|f| !state.blocked.contains_key(&f.delivery.event.entity_key))
+            .map(|f| (f.delivery.event.entity_key.clone(), f.delivery.id))
+            .collect();
+        for (key, id) in flights {
+            state.block_row(&key, id);
         }
         state.spilled = true;
         self.endpoints.insert(id, state);
