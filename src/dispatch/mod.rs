@@ -613,8 +613,8 @@ impl Dispatcher {
             .filter(|f| !state.blocked.contains_key(&f.delivery.event.entity_key))
             .map(|f| (f.delivery.event.entity_key.clone(), f.delivery.id))
             .collect();
-        for (key, id) in flights {
-            state.block_row(&key, id);
+        for (key, delivery) in flights {
+            state.block_row(&key, delivery);
         }
         state.spilled = true;
         self.endpoints.insert(id, state);
