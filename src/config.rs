@@ -15,6 +15,11 @@ use figment::Figment;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod conninfo;
+
+/// Shortest accepted `auth.jwt_hs256_secret`, in bytes (the HMAC-SHA256 output size).
+pub const MIN_JWT_KEY_BYTES: usize = 32;
+
 /// The defaults every other layer overrides, embedded at build time.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -89,6 +94,8 @@ pub struct ApiConfig {
     pub rate_limit_per_second: u32,
     /// Requests an account may make at once before the rate applies.
     pub rate_limit_burst: u32,
+    /// Webhook endpoints one account may have; `webhooks-create` beyond it is refused.
+    pub max_endpoints_per_account: u32,
 }
 
 /// `[metrics]`
@@ -117,9 +124,18 @@ pub struct ReplicationConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HS256 key that signs Driftwood access tokens; absent means JWTs are refused.
+    /// HS256 key that signs Driftwood access tokens, at least 32 bytes; absent means JWTs
+    /// are refused.
     #[serde(default)]
     pub jwt_hs256_secret: Option<Secret>,
+    /// When set, a JWT must carry this audience in `aud`; absent or empty means `aud` is not
+    /// checked.
+    #[serde(default)]
+    pub jwt_audience: Option<String>,
+    /// When set, a JWT must carry this issuer in `iss`; absent or empty means `iss` is not
+    /// checked.
+    #[serde(default)]
+    pub jwt_issuer: Option<String>,
     /// JWT claim holding the caller's account id.
     pub account_claim: String,
     /// Operator tokens, stored as hex SHA-256 of the token.
@@ -167,6 +183,9 @@ pub struct DispatchConfig {
     pub max_concurrency: usize,
     /// Requests in flight to one endpoint.
     pub endpoint_concurrency: usize,
+    /// Requests in flight to the endpoints of one account, so that one account cannot take
+    /// every request slot from the others.
+    pub account_concurrency: usize,
     /// Deliveries one endpoint may have waiting in memory before it spills to the outbox.
     pub endpoint_queue: usize,
     /// Deliveries waiting in memory across endpoints before replication is paused.
@@ -267,6 +286,8 @@ impl Config {
         for (key, value) in [
             ("dispatch.max_concurrency", self.dispatch.max_concurrency),
             ("dispatch.endpoint_concurrency", self.dispatch.endpoint_concurrency),
+            ("dispatch.account_concurrency", self.dispatch.account_concurrency),
+            ("api.max_endpoints_per_account", self.api.max_endpoints_per_account as usize),
             ("dispatch.endpoint_queue", self.dispatch.endpoint_queue),
             ("dispatch.queue_capacity", self.dispatch.queue_capacity),
         ] {
@@ -291,6 +312,7 @@ impl Config {
         if self.retention.batch_size < 1 {
             return bad("retention.batch_size", "must be at least 1");
         }
+        self.validate_auth()?;
         for (i, t) in self.auth.static_tokens.iter().enumerate() {
             let ok = t.token_sha256.len() == 64 && t.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
@@ -308,6 +330,24 @@ impl Config {
         for path in &self.dispatch.ca_certs {
             if !path.is_file() {
                 return bad("dispatch.ca_certs", &format!("{} is not a readable file", path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[auth]`: an HMAC key short enough to guess (an empty environment variable included)
+    /// would let anyone sign a token for any account.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if let Some(key) = &self.auth.jwt_hs256_secret {
+            if key.expose().len() < MIN_JWT_KEY_BYTES {
+                return bad(
+                    "auth.jwt_hs256_secret",
+                    &format!(
+                        "must be at least {MIN_JWT_KEY_BYTES} bytes (an empty or short HMAC key lets anyone sign \
+                         tokens); unset it to refuse JWTs"
+                    ),
+                );
             }
         }
         Ok(())
@@ -386,22 +426,11 @@ impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// The URL with any password replaced by `REDACTED`.
+    /// The connection string with every password (`user:…@`, `?password=…`,
+    /// `password=…`, quoted or not) replaced by `REDACTED`, checked against the parsed
+    /// connection config.
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("REDACTED"));
-                u.to_string()
-            }
-            Ok(u) => u.to_string(),
-            // key=value form: drop any password=… pair.
-            Err(_) => self
-                .0
-                .split_whitespace()
-                .map(|kv| if kv.starts_with("password=") { "password=REDACTED" } else { kv })
-                .collect::<Vec<_>>()
-                .join(" "),
-        }
+        conninfo::redact(&self.0)
     }
 }
 

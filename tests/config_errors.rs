@@ -85,12 +85,14 @@ fn environment_overrides_the_file() {
 #[test]
 fn check_config_redacts_secrets() {
     let toml = format!(
-        "{OK}[auth]\njwt_hs256_secret = \"jwt-signing-key-do-not-print\"\n[secrets]\nencryption_key = \"{}\"\n",
+        "{OK}[auth]\njwt_hs256_secret = \"jwt-signing-key-do-not-print-at-all-ever\"\n[secrets]\nencryption_key = \"{}\"\n",
         "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
     );
     let (ok, out, err) = check_config(&toml, &[]);
     assert!(ok, "{err}");
-    for secret in ["hunter2", "jwt-signing-key-do-not-print", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="] {
+    for secret in
+        ["hunter2", "jwt-signing-key-do-not-print-at-all-ever", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="]
+    {
         assert!(!out.contains(secret) && !err.contains(secret), "{secret} printed:\n{out}");
     }
     assert!(out.contains("db.internal"), "the rest of the URL is shown: {out}");
@@ -101,4 +103,48 @@ fn a_refused_encryption_key_is_not_echoed() {
     let (ok, _, err) = check_config(&format!("{OK}[secrets]\nencryption_key = \"not-base64-but-secret!!\"\n"), &[]);
     assert!(!ok);
     assert!(!err.contains("not-base64-but-secret"), "{err}");
+}
+
+#[test]
+fn a_short_or_empty_jwt_key_is_refused_naming_the_key() {
+    let short = "thirty-one-bytes-is-not-enough!";
+    assert_eq!(short.len(), 31);
+    for value in ["", short] {
+        let (ok, _, err) = check_config(&format!("{OK}[auth]\njwt_hs256_secret = \"{value}\"\n"), &[]);
+        assert!(!ok, "a {}-byte key is refused", value.len());
+        assert!(err.contains("auth.jwt_hs256_secret") && err.contains("32 bytes"), "{err}");
+        assert!(value.is_empty() || !err.contains(value), "the key is not echoed: {err}");
+    }
+    // An empty environment variable (a Kubernetes Secret with an empty value) too.
+    fails_naming(OK, &[("WALHOOK_AUTH__JWT_HS256_SECRET", "")], "auth.jwt_hs256_secret");
+    let (ok, _, err) = check_config(OK, &[("WALHOOK_AUTH__JWT_HS256_SECRET", "0123456789abcdef0123456789abcdef")]);
+    assert!(ok, "32 bytes are enough: {err}");
+}
+
+#[test]
+fn check_config_redacts_the_password_in_every_form_of_database_url() {
+    for (url, secret, shown) in [
+        (
+            "postgres://walhook@db.internal/driftwood?password=query-secret-1&sslmode=require",
+            "query-secret-1",
+            "db.internal",
+        ),
+        (
+            "postgresql://walhook:url-secret-2@db1.internal:5432,db2.internal:5433/driftwood",
+            "url-secret-2",
+            "db2.internal",
+        ),
+        ("host=db.internal user=walhook password=kv-secret-3 dbname=driftwood", "kv-secret-3", "db.internal"),
+        ("host=db.internal password='quoted secret-4' dbname=driftwood", "secret-4", "db.internal"),
+        ("host=db.internal password = spaced-secret-5 dbname=driftwood", "spaced-secret-5", "db.internal"),
+        ("host=db.internal password='it\\'s-secret-6' dbname=driftwood", "s-secret-6", "db.internal"),
+        ("postgres://walhook:p%40ss-secret-7@db.internal/driftwood", "ss-secret-7", "db.internal"),
+    ] {
+        let toml = format!("[database]\nurl = {}\n", toml::Value::String(url.into()));
+        let (ok, out, err) = check_config(&toml, &[]);
+        assert!(ok, "{url}: {err}");
+        assert!(!out.contains(secret) && !err.contains(secret), "{secret} printed:\n{out}");
+        assert!(out.contains(shown), "the rest of the connection string is shown: {out}");
+        assert!(out.contains("REDACTED"), "{out}");
+    }
 }

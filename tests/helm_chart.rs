@@ -352,7 +352,7 @@ fn walhook_keys() -> BTreeMap<String, BTreeSet<String>> {
 }
 
 /// Optional non-secret keys absent from default.toml.
-const OPTIONAL_KEYS: &[(&str, &str)] = &[("database", "ca_cert")];
+const OPTIONAL_KEYS: &[(&str, &str)] = &[("database", "ca_cert"), ("auth", "jwt_audience"), ("auth", "jwt_issuer")];
 
 #[test]
 fn toml_template_keys_match_walhook_and_their_values() {

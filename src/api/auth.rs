@@ -2,7 +2,8 @@
 //! token (HS256 JWT) or an operator token from `auth.static_tokens`.
 //!
 //! What must hold: only HS256 is accepted (no `none`, no algorithm confusion); `exp` is
-//! required and `exp`/`nbf` are enforced; the account comes from `auth.account_claim` and
+//! required and `exp`/`nbf` are enforced; with `auth.jwt_audience` / `auth.jwt_issuer` set,
+//! `aud` / `iss` are required and must match; the account comes from `auth.account_claim` and
 //! the user from `sub`, both UUIDs; static tokens are compared by SHA-256 in constant time;
 //! no token ever reaches a log line or an error message.
 
@@ -48,8 +49,19 @@ impl Authenticator {
             v.leeway = LEEWAY_SECS;
             v.validate_exp = true;
             v.validate_nbf = true;
+            let mut required = vec!["exp", "sub"];
             v.validate_aud = false;
-            v.set_required_spec_claims(&["exp", "sub"]);
+            let set = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+            if let Some(aud) = set(&cfg.jwt_audience) {
+                v.validate_aud = true;
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
+            if let Some(iss) = set(&cfg.jwt_issuer) {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
             (DecodingKey::from_secret(s.expose().as_bytes()), v)
         });
         let static_tokens = cfg
@@ -108,8 +120,12 @@ impl Authenticator {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("token expired"),
                 jsonwebtoken::errors::ErrorKind::ImmatureSignature => ApiError::Unauthorized("token not valid yet"),
                 jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(_) => {
-                    ApiError::Unauthorized("token lacks a required claim (exp, sub)")
+                    ApiError::Unauthorized("token lacks a required claim (exp, sub, and aud/iss when configured)")
                 }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    ApiError::Unauthorized("token audience not accepted")
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => ApiError::Unauthorized("token issuer not accepted"),
                 _ => ApiError::Unauthorized("invalid token"),
             },
         )?;

@@ -119,6 +119,7 @@ listen = {{ .Values.config.api.listen | toString | toJson }}
 max_body_bytes = {{ .Values.config.api.max_body_bytes | int64 }}
 rate_limit_per_second = {{ .Values.config.api.rate_limit_per_second | int64 }}
 rate_limit_burst = {{ .Values.config.api.rate_limit_burst | int64 }}
+max_endpoints_per_account = {{ .Values.config.api.max_endpoints_per_account | int64 }}
 
 [metrics]
 listen = {{ .Values.config.metrics.listen | toString | toJson }}
@@ -131,6 +132,12 @@ heartbeat_interval = {{ .Values.config.replication.heartbeat_interval | toString
 
 [auth]
 account_claim = {{ .Values.config.auth.account_claim | toString | toJson }}
+{{- with .Values.config.auth.jwt_audience }}
+jwt_audience = {{ . | toString | toJson }}
+{{- end }}
+{{- with .Values.config.auth.jwt_issuer }}
+jwt_issuer = {{ . | toString | toJson }}
+{{- end }}
 static_tokens = [
 {{- range .Values.config.auth.static_tokens }}
   { token_sha256 = {{ required "config.auth.static_tokens[].token_sha256 is required" .token_sha256 | toString | toJson }}, account_id = {{ required "config.auth.static_tokens[].account_id is required" .account_id | toString | toJson }}, user_id = {{ required "config.auth.static_tokens[].user_id is required" .user_id | toString | toJson }} },
@@ -146,6 +153,7 @@ connect_timeout = {{ .Values.config.dispatch.connect_timeout | toString | toJson
 request_timeout = {{ .Values.config.dispatch.request_timeout | toString | toJson }}
 max_concurrency = {{ .Values.config.dispatch.max_concurrency | int64 }}
 endpoint_concurrency = {{ .Values.config.dispatch.endpoint_concurrency | int64 }}
+account_concurrency = {{ .Values.config.dispatch.account_concurrency | int64 }}
 endpoint_queue = {{ .Values.config.dispatch.endpoint_queue | int64 }}
 queue_capacity = {{ .Values.config.dispatch.queue_capacity | int64 }}
 spill_after = {{ .Values.config.dispatch.spill_after | toString | toJson }}
