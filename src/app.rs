@@ -44,6 +44,9 @@ pub enum AppError {
     /// `secrets.encryption_key` is unusable.
     #[error(transparent)]
     Secrets(#[from] SecretError),
+    /// Secrets stored plain could not be re-encrypted.
+    #[error(transparent)]
+    Reseal(#[from] crate::secrets::ResealError),
     /// The HTTP client could not be built.
     #[error(transparent)]
     Http(#[from] HttpError),
@@ -86,6 +89,10 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     if !secrets.encrypts() {
         tracing::warn!("secrets.encryption_key is not set: endpoint signing secrets are stored unencrypted");
     }
+    let resealed = crate::secrets::reseal_plain(&db, &secrets, None).await?;
+    if resealed > 0 {
+        tracing::info!("re-encrypted {resealed} signing secrets stored before secrets.encryption_key was set");
+    }
     // Fail now, not on the first reconnect, if a stored secret cannot be opened.
     Router::load(&db, secrets.clone()).await?;
 
@@ -105,7 +112,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
             db.clone(),
             secrets.clone(),
             crate::dispatch::ssrf::AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
-        ),
+        )
+        .with_quota(cfg.api.max_endpoints_per_account),
         crate::api::auth::Authenticator::new(&cfg.auth),
         crate::api::auth::RateLimiter::new(cfg.api.rate_limit_per_second, cfg.api.rate_limit_burst),
         metrics.clone(),
@@ -114,7 +122,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 
     let d = &cfg.dispatch;
     let sender = Sender::new(d)?;
-    let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency));
+    let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency, d.account_concurrency));
     let retry = RetryPolicy::new(d);
     // Long enough for every claim an endpoint may have waiting to take its turn and time out.
     let attempt_max = d.connect_timeout.get() + d.request_timeout.get();

@@ -5,8 +5,12 @@
 //! What must hold (invariants 3 and 7): every query is scoped to the caller's account, and
 //! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
 //! secret leaves this module only once, from `create`; a request that fails validation
-//! writes nothing.
+//! writes nothing; no text field stores a control character; a stored URL is at most
+//! `MAX_URL_LEN` characters as stored (after normalisation); an account never holds more
+//! endpoints than its quota, however its creates interleave (they are serialised per account).
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use url::{Host, Url};
@@ -21,6 +25,9 @@ use crate::secrets::{SecretBox, SigningSecret};
 pub const MAX_URL_LEN: usize = 2048;
 /// Longest accepted description, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 500;
+/// Class of the transaction-level advisory lock that serialises one account's creates (the
+/// two-key form, apart from the leader lock's single key).
+const CREATE_LOCK_CLASS: i32 = 0x7768_6b71; // "whkq"
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +53,19 @@ pub enum EndpointError {
     /// No such endpoint in the caller's account.
     #[error("webhook endpoint not found")]
     NotFound,
+    /// The account already has as many endpoints as its quota allows.
+    #[error(
+        "endpoint quota reached: this account already has {0} webhook endpoints, the most it may have; \
+         delete one before creating another"
+    )]
+    QuotaReached(u32),
+
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A secret stored plain could not be re-encrypted.
+    #[error(transparent)]
+    Reseal(#[from] crate::secrets::ResealError),
 }
 
 impl From<tokio_postgres::Error> for EndpointError {
@@ -143,19 +160,53 @@ fn view(r: &tokio_postgres::Row) -> EndpointView {
     }
 }
 
+/// Where a `webhooks-list` page ends: the last endpoint shown, in list order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    created_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+impl ListCursor {
+    /// The opaque text handed to the client.
+    pub fn encode(&self) -> String {
+        B64URL.encode(format!("{}:{}", self.created_at.timestamp_micros(), self.id))
+    }
+
+    /// Reads a cursor this module produced.
+    pub fn decode(text: &str) -> Result<Self, EndpointError> {
+        let bad = || invalid("cursor is not one webhooks-list returned");
+        let raw = B64URL.decode(text).map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+        let micros: i64 = micros.parse().map_err(|_| bad())?;
+        Ok(ListCursor {
+            created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+            id: Uuid::parse_str(id).map_err(|_| bad())?,
+        })
+    }
+}
+
 /// Endpoint management for one walhook process.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     db: Db,
     secrets: SecretBox,
     policy: AddressPolicy,
+    max_per_account: Option<u32>,
 }
 
 impl Endpoints {
     /// Endpoint management storing secrets through `secrets` and judging literal-IP URLs
-    /// with `policy`.
+    /// with `policy`; no endpoint quota until [`Endpoints::with_quota`].
     pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy) -> Self {
-        Endpoints { db, secrets, policy }
+        Endpoints { db, secrets, policy, max_per_account: None }
+    }
+
+    /// At most `max` endpoints per account (`api.max_endpoints_per_account`).
+    pub fn with_quota(mut self, max: u32) -> Self {
+        self.max_per_account = Some(max);
+        self
     }
 
     /// Creates an endpoint; the returned secret is the only time it is shown in full.
@@ -168,8 +219,24 @@ impl Endpoints {
         let description = check_description(new.description.as_deref())?.unwrap_or_default();
         let events = check_events(new.events.as_deref().ok_or_else(|| invalid("events is required"))?)?;
         let secret = SigningSecret::generate();
-        let client = self.db.get().await?;
-        let row = client
+        let mut client = self.db.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(max) = self.max_per_account {
+            // Creates of one account wait for each other here, so the count cannot go stale.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&CREATE_LOCK_CLASS, &caller.account_id.to_string()],
+            )
+            .await?;
+            let have: i64 = tx
+                .query_one("SELECT count(*) FROM walhook.endpoints WHERE account_id = $1", &[&caller.account_id])
+                .await?
+                .get(0);
+            if have >= i64::from(max) {
+                return Err(EndpointError::QuotaReached(max));
+            }
+        }
+        let row = tx
             .query_one(
                 &format!(
                     "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events) \
@@ -187,21 +254,35 @@ impl Endpoints {
                 ],
             )
             .await?;
+        tx.commit().await?;
         Ok((view(&row), secret))
     }
 
-    /// The caller's endpoints, newest first.
-    pub async fn list(&self, caller: Caller) -> Result<Vec<EndpointView>, EndpointError> {
+    /// Up to `limit` of the caller's endpoints, newest first, after `after`; with the cursor
+    /// of the next page when more remain.
+    pub async fn list(
+        &self,
+        caller: Caller,
+        limit: i64,
+        after: Option<ListCursor>,
+    ) -> Result<(Vec<EndpointView>, Option<ListCursor>), EndpointError> {
         let client = self.db.get().await?;
-        let rows = client
+        let (at, id) = (after.map(|c| c.created_at), after.map(|c| c.id));
+        let mut rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM walhook.endpoints WHERE account_id = $1 ORDER BY created_at DESC, id DESC"
+                    "SELECT {COLUMNS} FROM walhook.endpoints WHERE account_id = $1 \
+                       AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+                     ORDER BY created_at DESC, id DESC LIMIT $4"
                 ),
-                &[&caller.account_id],
+                &[&caller.account_id, &at, &id, &(limit + 1)],
             )
             .await?;
-        Ok(rows.iter().map(view).collect())
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit.max(0) as usize);
+        let page: Vec<EndpointView> = rows.iter().map(view).collect();
+        let next = page.last().filter(|_| more).map(|e| ListCursor { created_at: e.created_at, id: e.id });
+        Ok((page, next))
     }
 
     /// One of the caller's endpoints.
@@ -224,6 +305,10 @@ impl Endpoints {
         };
         let description = check_description(patch.description.as_deref())?;
         let events = patch.events.as_deref().map(check_events).transpose()?;
+        if self.secrets.encrypts() {
+            // A secret stored plain (before the key, or by a replica without it) is sealed now.
+            crate::secrets::reseal_plain(&self.db, &self.secrets, Some((id, caller.account_id))).await?;
+        }
         let client = self.db.get().await?;
         let row = client
             .query_opt(
@@ -288,10 +373,18 @@ impl Endpoints {
     /// no literal address in a forbidden range.
     pub fn check_url(&self, url: Option<&str>) -> Result<String, EndpointError> {
         let raw = url.map(str::trim).filter(|u| !u.is_empty()).ok_or(EndpointError::UrlRequired)?;
+        let too_long = || EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters"));
         if raw.len() > MAX_URL_LEN {
-            return Err(EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters")));
+            return Err(too_long());
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(EndpointError::InvalidUrl("must not contain control characters".into()));
         }
         let parsed = Url::parse(raw).map_err(|_| EndpointError::InvalidUrl("must be a valid HTTPS URL".into()))?;
+        // What is stored and sent is the normalised form (a space becomes `%20`): measure that.
+        if parsed.as_str().len() > MAX_URL_LEN {
+            return Err(too_long());
+        }
         if parsed.scheme() != "https" {
             return Err(EndpointError::InvalidUrl("must be a valid HTTPS URL (https://…)".into()));
         }
@@ -323,7 +416,17 @@ fn check_description(d: Option<&str>) -> Result<Option<String>, EndpointError> {
         Some(d) if d.chars().count() > MAX_DESCRIPTION_CHARS => {
             Err(invalid(format!("description must be at most {MAX_DESCRIPTION_CHARS} characters")))
         }
-        other => Ok(other.map(str::to_owned)),
+        Some(d) => check_text("description", d).map(|()| Some(d.to_owned())),
+        None => Ok(None),
+    }
+}
+
+/// Text stored as given must hold no control character (NUL cannot be stored at all; the
+/// others corrupt logs and terminals of whoever reads it back).
+fn check_text(field: &str, value: &str) -> Result<(), EndpointError> {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(invalid(format!("{field} must not contain control characters (found U+{:04X})", c as u32))),
+        None => Ok(()),
     }
 }
 

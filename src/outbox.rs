@@ -258,7 +258,7 @@ impl OutboxWorker {
             let permanent = row.body.is_none();
             let attempt = match row.body {
                 Some(body) => {
-                    let permit = limits.acquire(row.endpoint.id).await;
+                    let permit = limits.acquire(row.endpoint.id, row.endpoint.account_id).await;
                     metrics.in_flight.inc();
                     let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
                     metrics.in_flight.dec();

@@ -52,8 +52,9 @@ pub struct Relation {
     pub columns: Vec<Column>,
 }
 
-/// One column value of a tuple.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One column value of a tuple. Its `Debug` shows the kind and size, never the value (rows
+/// carry personal data and, for `walhook.endpoints`, signing secrets).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Datum {
     /// SQL NULL.
     Null,
@@ -63,6 +64,52 @@ pub enum Datum {
     Text(Bytes),
     /// Binary-format value (not requested by walhook).
     Binary(Bytes),
+}
+
+impl std::fmt::Debug for Datum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Datum::Null => f.write_str("Null"),
+            Datum::Unchanged => f.write_str("Unchanged"),
+            Datum::Text(b) => write!(f, "Text(<{} bytes>)", b.len()),
+            Datum::Binary(b) => write!(f, "Binary(<{} bytes>)", b.len()),
+        }
+    }
+}
+
+/// A replication event as it may be logged: its kind, the pgoutput message kind and size,
+/// and positions; never the message's bytes.
+pub struct Summary<'a>(pub &'a pgwire_replication::ReplicationEvent);
+
+impl std::fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use pgwire_replication::ReplicationEvent as E;
+        match self.0 {
+            E::XLogData { wal_start, data, .. } => {
+                let kind = match data.first() {
+                    Some(b'R') => "relation",
+                    Some(b'Y') => "type",
+                    Some(b'O') => "origin",
+                    Some(b'I') => "insert",
+                    Some(b'U') => "update",
+                    Some(b'D') => "delete",
+                    Some(b'T') => "truncate",
+                    Some(b'M') => "message",
+                    _ => "other",
+                };
+                write!(f, "xlogdata {kind} ({} bytes) at {wal_start}", data.len())
+            }
+            E::Begin { final_lsn, .. } => write!(f, "begin (commit at {final_lsn})"),
+            E::Commit { end_lsn, .. } => write!(f, "commit (end {end_lsn})"),
+            E::KeepAlive { wal_end, .. } => write!(f, "keepalive (wal end {wal_end})"),
+            E::Message { lsn, prefix, content, .. } => {
+                write!(f, "logical message ({} byte prefix, {} bytes) at {lsn}", prefix.len(), content.len())
+            }
+            E::StoppedAt { reached } => write!(f, "stopped at {reached}"),
+            #[allow(unreachable_patterns)]
+            _ => f.write_str("other replication event"),
+        }
+    }
 }
 
 /// A row image.

@@ -282,7 +282,7 @@ impl Replication {
                 // 4. The stream itself.
                 event = stream.recv() => match event? {
                     Some(event) => {
-                        tracing::trace!(?event, "replication event");
+                        tracing::trace!(event = %pgoutput::Summary(&event), "replication event");
                         self.handle(event, &mut decoder, &stream, shutdown).await?
                     }
                     None => return Err(ReplicationError::Closed),

@@ -11,8 +11,9 @@ use common::{Env, ACCOUNT_A, ACCOUNT_B, USER};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use walhook::secrets::SecretBox;
 
-const JWT_KEY: &str = "driftwood-test-signing-key";
+const JWT_KEY: &str = "driftwood-test-signing-key-of-32-bytes-or-more";
 const OPERATOR_TOKEN: &str = "op-token-7c1f0e9b2d";
 
 fn auth_config() -> String {
@@ -532,4 +533,274 @@ async fn an_unencrypted_secret_is_not_logged_even_at_debug_level() {
     assert!(log.contains("secrets.encryption_key is not set"), "warned once at start:\n{log}");
     assert_eq!(log.matches("secrets.encryption_key is not set").count(), 1);
     assert!(!log.contains(&secret["whsec_".len()..]), "the secret appears in a debug log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_text_fields_are_refused_naming_the_field() {
+    let env = Env::new("api_control_chars").await;
+    let wh = env.start(&auth_config()).await;
+    let api = Api::new(&env);
+    let a = jwt(ACCOUNT_A);
+    let url = env.receiver.url("ctl");
+    let ev = json!(["contact.created"]);
+    for bad in ["nul\u{0}byte", "bell\u{7}", "esc\u{1b}[31m", "del\u{7f}", "c1\u{85}", "line\nbreak"] {
+        let msg = api
+            .err(
+                "webhooks-create",
+                &a,
+                json!({ "url": url, "events": ev, "description": bad }),
+                400,
+                "webhooks.invalid_request",
+            )
+            .await;
+        assert!(msg.contains("description"), "names the field: {msg}");
+    }
+    let msg = api
+        .err(
+            "webhooks-create",
+            &a,
+            json!({ "url": format!("{url}/a\u{0}b"), "events": ev }),
+            400,
+            "webhooks.invalid_url",
+        )
+        .await;
+    assert!(msg.starts_with("url"), "names the field: {msg}");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.endpoints").await, 0, "nothing written");
+    let id = api.ok("webhooks-create", &a, json!({ "url": url, "events": ev, "description": "ok – ünïcode" })).await
+        ["endpoint"]["id"]
+        .clone();
+    let msg = api
+        .err("webhooks-update", &a, json!({ "id": id, "description": "x\u{0}" }), 400, "webhooks.invalid_request")
+        .await;
+    assert!(msg.contains("description"), "{msg}");
+    api.err("webhooks-update", &a, json!({ "id": id, "url": format!("{url}\u{0}") }), 400, "webhooks.invalid_url")
+        .await;
+    let got = api.ok("webhooks-get", &a, json!({ "id": id })).await;
+    assert_eq!(got["endpoint"]["description"], "ok – ünïcode", "a refused update changes nothing");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_length_is_checked_after_normalisation() {
+    let env = Env::new("api_url_length").await;
+    let wh = env.start(&auth_config()).await;
+    let api = Api::new(&env);
+    let a = jwt(ACCOUNT_A);
+    let ev = json!(["contact.created"]);
+    // 700 spaces are 700 characters as sent and 2,100 once normalised to %20.
+    let spaced = format!("https://example.com/a{}b", " ".repeat(700));
+    assert!(spaced.len() < 2048);
+    let msg = api.err("webhooks-create", &a, json!({ "url": spaced, "events": ev }), 400, "webhooks.invalid_url").await;
+    assert!(msg.contains("2048"), "{msg}");
+    let id = api.ok("webhooks-create", &a, json!({ "url": "https://example.com/a b", "events": ev })).await;
+    assert_eq!(id["endpoint"]["url"], "https://example.com/a%20b", "stored normalised");
+    let id = id["endpoint"]["id"].clone();
+    api.err("webhooks-update", &a, json!({ "id": id, "url": spaced }), 400, "webhooks.invalid_url").await;
+    let longest: i64 = env.scalar_i64("SELECT max(length(url))::int8 FROM walhook.endpoints").await;
+    assert!(longest <= 2048, "a stored URL is {longest} characters");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audience_and_issuer_are_required_when_configured() {
+    let env = Env::new("api_jwt_aud_iss").await;
+    let wh = env
+        .start(&format!(
+            "{}jwt_audience = \"walhook-admin\"\njwt_issuer = \"https://auth.driftwood.test\"\n",
+            auth_config()
+        ))
+        .await;
+    let api = Api::new(&env);
+    let claims = |extra: Value| {
+        let mut c = json!({ "sub": USER.to_string(), "account_id": ACCOUNT_A.to_string(), "exp": now() + 600,
+                            "aud": "walhook-admin", "iss": "https://auth.driftwood.test" });
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    api.ok("webhooks-list", &token(claims(json!({})), JWT_KEY), json!({})).await;
+    api.ok("webhooks-list", &token(claims(json!({ "aud": ["other", "walhook-admin"] })), JWT_KEY), json!({})).await;
+    for extra in [
+        json!({ "aud": null }),
+        json!({ "iss": null }),
+        json!({ "aud": "another-service" }),
+        json!({ "iss": "https://evil.test" }),
+        json!({ "aud": null, "iss": null }),
+    ] {
+        api.err("webhooks-list", &token(claims(extra.clone()), JWT_KEY), json!({}), 401, "auth.unauthorized").await;
+    }
+    // What held before still holds with them set.
+    api.err(
+        "webhooks-list",
+        &token(claims(json!({ "exp": now() - 3600 })), JWT_KEY),
+        json!({}),
+        401,
+        "auth.unauthorized",
+    )
+    .await;
+    api.ok("webhooks-list", OPERATOR_TOKEN, json!({})).await;
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_jwt_key_does_not_start_and_does_not_accept_forged_tokens() {
+    let env = Env::new("api_empty_jwt_key").await;
+    let cfg = walhook::config::Config::from_toml(&env.config_toml("[auth]\njwt_hs256_secret = \"\"\n"));
+    let e = cfg.expect_err("an empty HS256 key is refused").to_string();
+    assert!(e.contains("auth.jwt_hs256_secret"), "{e}");
+    // And a start with a key of 32 bytes or more works with tokens signed by it only.
+    let wh = env.start(&auth_config()).await;
+    let api = Api::new(&env);
+    let forged = token(json!({ "sub": USER.to_string(), "account_id": ACCOUNT_A.to_string(), "exp": now() + 600 }), "");
+    api.err("webhooks-list", &forged, json!({}), 401, "auth.unauthorized").await;
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_replication_messages_are_not_logged_even_at_trace_level() {
+    let env = Env::new("api_trace_log").await;
+    let mut proc = env.spawn_binary(&format!("{}[log]\nlevel = \"trace\"\n", auth_config()));
+    env.wait_streaming().await;
+    // Created while streaming: the endpoint row (its unencrypted secret included) replicates.
+    let created = Api::new(&env).ok("webhooks-create", &jwt(ACCOUNT_A), create_body(&env, "trace")).await;
+    let secret = created["signing_secret"].as_str().unwrap().to_owned();
+    env.receiver.set_secret("trace", &secret);
+    env.sql(
+        "INSERT INTO contacts (account_id, first_name, last_name) \
+         VALUES ('aaaa0000-0000-4000-8000-000000000001', 'Personal-Zyxwvut', 'Datum-Qwerty')",
+    )
+    .await;
+    let got = env.receiver.wait_until(Duration::from_secs(20), |r| !r.is_empty()).await.expect("delivery");
+    assert!(got[0].verified);
+    proc.sigterm();
+    proc.wait_exit(Duration::from_secs(30)).await.expect("exits");
+    let log = proc.log_text();
+    assert!(log.contains("replication event"), "the trace log is being written:\n{}", &log[..log.len().min(2000)]);
+    for needle in ["Personal-Zyxwvut", "Datum-Qwerty", &secret["whsec_".len()..], &secret["whsec_".len()..][..16]] {
+        assert!(!log.contains(needle), "{needle} appears in the trace log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_on_encryption_re_encrypts_existing_secrets_and_says_how_many() {
+    let env = Env::new("api_reencrypt").await;
+    // Created while no key was configured: stored plain.
+    let one = env.endpoint(ACCOUNT_A, "re1", &["contact.created"]).await;
+    env.endpoint(ACCOUNT_B, "re2", &["contact.created"]).await;
+    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret LIKE 'whsec_%'").await;
+    assert_eq!(plain, 2);
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let mut proc = env.spawn_binary(&format!("{}[secrets]\nencryption_key = \"{key}\"\n", auth_config()));
+    env.wait_streaming().await;
+    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v1:%'").await;
+    assert_eq!(plain, 0, "every stored secret is encrypted once the key is on");
+    // They still sign what the receiver verifies.
+    env.sql("INSERT INTO contacts (account_id, first_name) VALUES ('aaaa0000-0000-4000-8000-000000000001', 'x')").await;
+    let got = env.receiver.wait_until(Duration::from_secs(20), |r| !r.is_empty()).await.expect("delivery");
+    assert!(got[0].verified, "the re-encrypted secret is the same secret");
+    // An endpoint stored plain later (another replica without the key) is sealed by an update.
+    let stored: String =
+        env.client.query_one("SELECT secret FROM walhook.endpoints WHERE id = $1", &[&one.id]).await.unwrap().get(0);
+    let plain_secret = SecretBox::new(Some(key)).unwrap().open(&stored).unwrap().expose().to_owned();
+    env.client
+        .execute("UPDATE walhook.endpoints SET secret = $2 WHERE id = $1", &[&one.id, &plain_secret])
+        .await
+        .unwrap();
+    Api::new(&env).ok("webhooks-update", &jwt(ACCOUNT_A), json!({ "id": one.id, "description": "touched" })).await;
+    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v1:%'").await;
+    assert_eq!(plain, 0, "an update re-encrypts a plain secret");
+    proc.sigterm();
+    proc.wait_exit(Duration::from_secs(30)).await.expect("exits");
+    let log = proc.log_text();
+    assert!(log.contains("re-encrypted 2 signing secrets"), "says how many:\n{log}");
+    assert!(!log.contains(&plain_secret["whsec_".len()..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_cannot_create_more_endpoints_than_its_quota() {
+    let env = Env::new("api_endpoint_quota").await;
+    let wh = env.start(&format!("{}[api]\nmax_endpoints_per_account = 3\n", auth_config())).await;
+    let api = Api::new(&env);
+    let a = jwt(ACCOUNT_A);
+    // Ten at once: exactly the quota gets through, however the requests interleave.
+    let calls = (0..10).map(|i| {
+        let (api, a, body) = (&api, &a, create_body(&env, &format!("q{i}")));
+        async move { api.call("webhooks-create", a, body).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let created = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(created, 3, "{answers:?}");
+    for (s, v) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!((*s, v["error"]["code"].as_str().unwrap()), (400, "webhooks.invalid_request"));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("quota") && msg.contains('3'), "names the quota: {msg}");
+    }
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.endpoints").await, 3);
+    // Another account has its own quota; deleting one frees a place.
+    api.ok("webhooks-create", OPERATOR_TOKEN, create_body(&env, "b")).await;
+    let listed = api.ok("webhooks-list", &a, json!({})).await;
+    let id = listed["endpoints"][0]["id"].clone();
+    api.ok("webhooks-delete", &a, json!({ "id": id })).await;
+    api.ok("webhooks-create", &a, create_body(&env, "again")).await;
+    api.err("webhooks-create", &a, create_body(&env, "over"), 400, "webhooks.invalid_request").await;
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_pages_with_limit_and_cursor() {
+    let env = Env::new("api_list_paging").await;
+    let wh = env.start(&auth_config()).await;
+    let api = Api::new(&env);
+    let a = jwt(ACCOUNT_A);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(api.ok("webhooks-create", &a, create_body(&env, &format!("p{i}"))).await["endpoint"]["id"].clone());
+    }
+    api.ok("webhooks-create", OPERATOR_TOKEN, create_body(&env, "other")).await;
+    ids.reverse(); // newest first
+                   // The default answer keeps its shape: every endpoint, no cursor when nothing remains.
+    let all = api.ok("webhooks-list", &a, json!({})).await;
+    assert_eq!(all.as_object().unwrap().keys().collect::<Vec<_>>(), ["endpoints"], "{all}");
+    let listed: Vec<Value> = all["endpoints"].as_array().unwrap().iter().map(|e| e["id"].clone()).collect();
+    assert_eq!(listed, ids);
+    // Pages of two follow the cursor to the end, newest first, nothing twice or missed.
+    let mut seen = Vec::new();
+    let mut cursor: Option<Value> = None;
+    let mut pages = 0;
+    loop {
+        let mut body = json!({ "limit": 2 });
+        if let Some(c) = &cursor {
+            body["cursor"] = c.clone();
+        }
+        let page = api.ok("webhooks-list", &a, body).await;
+        let got = page["endpoints"].as_array().unwrap();
+        assert!(got.len() <= 2);
+        seen.extend(got.iter().map(|e| e["id"].clone()));
+        pages += 1;
+        match page.get("next_cursor") {
+            Some(c) => cursor = Some(c.clone()),
+            None => break,
+        }
+        assert!(pages < 10, "the cursor ends");
+    }
+    assert_eq!(seen, ids, "the pages are the whole list in order");
+    assert_eq!(pages, 3);
+    // A cursor is opaque: a forged one is refused, another account's sees only its own.
+    for bad in [json!("not-a-cursor"), json!(5)] {
+        let msg = api.err("webhooks-list", &a, json!({ "cursor": bad }), 400, "webhooks.invalid_request").await;
+        assert!(msg.contains("cursor"), "{msg}");
+    }
+    for limit in [json!(0), json!(101), json!("ten")] {
+        let msg = api.err("webhooks-list", &a, json!({ "limit": limit }), 400, "webhooks.invalid_request").await;
+        assert!(msg.contains("limit"), "{msg}");
+    }
+    let first = api.ok("webhooks-list", &a, json!({ "limit": 1 })).await;
+    let theirs = api.ok("webhooks-list", OPERATOR_TOKEN, json!({ "cursor": first["next_cursor"] })).await;
+    assert!(theirs["endpoints"].as_array().unwrap().iter().all(|e| e["account_id"] == ACCOUNT_B.to_string()));
+    wh.stop().await.unwrap();
 }

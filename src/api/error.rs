@@ -98,7 +98,9 @@ impl From<EndpointError> for ApiError {
             EndpointError::UrlRequired => ApiError::UrlRequired,
             EndpointError::InvalidUrl(m) => ApiError::InvalidUrl(m),
             EndpointError::NotFound => ApiError::NotFound,
+            e @ EndpointError::QuotaReached(_) => ApiError::InvalidRequest(e.to_string()),
             EndpointError::Db(e) => ApiError::Internal(e.to_string()),
+            EndpointError::Reseal(e) => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoints::{Caller, EndpointPatch, Endpoints, NewEndpoint};
+use crate::endpoints::{Caller, EndpointPatch, Endpoints, ListCursor, NewEndpoint};
 use crate::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
@@ -38,6 +38,9 @@ pub const OPERATIONS: [&str; 6] =
 
 /// Default and bounds of `webhooks-deliveries`' `limit`.
 const DELIVERIES_LIMIT: (i64, i64, i64) = (50, 1, 100);
+/// Default and bounds of `webhooks-list`' `limit` (the default is the default endpoint quota,
+/// so an account within it gets every endpoint in one answer, as before paging).
+const LIST_LIMIT: (i64, i64, i64) = (100, 1, 100);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -121,8 +124,15 @@ async fn create(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Re
 
 async fn list(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let (caller, body) = prologue(&s, &headers, body).await?;
-    let _: ListRequest = parse(&body)?;
-    Ok(ok(json!({ "endpoints": s.endpoints.list(caller).await? })))
+    let r: ListRequest = parse(&body)?;
+    let limit = limit_field(r.limit, LIST_LIMIT)?;
+    let after = r.cursor.as_deref().map(ListCursor::decode).transpose()?;
+    let (endpoints, next) = s.endpoints.list(caller, limit, after).await?;
+    let mut result = json!({ "endpoints": endpoints });
+    if let Some(next) = next {
+        result["next_cursor"] = next.encode().into();
+    }
+    Ok(ok(result))
 }
 
 async fn get_one(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -155,12 +165,17 @@ async fn deliveries(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let (caller, body) = prologue(&s, &headers, body).await?;
     let r: DeliveriesRequest = parse(&body)?;
     let endpoint_id = uuid_field("endpoint_id", r.endpoint_id.as_deref())?;
-    let (default, min, max) = DELIVERIES_LIMIT;
-    let limit = r.limit.unwrap_or(default);
+    let limit = limit_field(r.limit, DELIVERIES_LIMIT)?;
+    Ok(ok(json!({ "deliveries": s.endpoints.deliveries(caller, endpoint_id, limit).await? })))
+}
+
+/// A `limit` field: its default when absent, refused outside its bounds.
+fn limit_field(limit: Option<i64>, (default, min, max): (i64, i64, i64)) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
     if !(min..=max).contains(&limit) {
         return Err(ApiError::InvalidRequest(format!("limit must be between {min} and {max}")));
     }
-    Ok(ok(json!({ "deliveries": s.endpoints.deliveries(caller, endpoint_id, limit).await? })))
+    Ok(limit)
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -25,7 +25,12 @@ pub struct CreateRequest {
 /// `webhooks-list`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListRequest {}
+pub struct ListRequest {
+    /// 1–100, default 100.
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
 
 /// `webhooks-get` and `webhooks-delete`.
 #[derive(Debug, Deserialize)]
@@ -64,7 +69,7 @@ pub struct DeliveriesRequest {
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
 pub const FIELDS: [(&str, &[&str]); 6] = [
     ("webhooks-create", &["url", "description", "events"]),
-    ("webhooks-list", &[]),
+    ("webhooks-list", &["limit", "cursor"]),
     ("webhooks-get", &["id"]),
     ("webhooks-update", &["id", "url", "description", "events", "is_active"]),
     ("webhooks-delete", &["id"]),

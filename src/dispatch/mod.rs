@@ -120,11 +120,11 @@ struct EndpointState {
     /// When an attempt of this endpoint last finished (or when it was first seen).
     last_progress: Instant,
     /// The endpoint's concurrency limit (shared with the outbox workers).
-    gate: Arc<tokio::sync::Semaphore>,
+    gate: limits::Gate,
 }
 
 impl EndpointState {
-    fn new(endpoint: Arc<Endpoint>, gate: Arc<tokio::sync::Semaphore>) -> Self {
+    fn new(endpoint: Arc<Endpoint>, gate: limits::Gate) -> Self {
         EndpointState {
             ready: VecDeque::new(),
             behind: HashMap::new(),
@@ -291,7 +291,7 @@ impl Dispatcher {
     async fn accept(&mut self, mut d: Delivery) {
         let id = d.endpoint.id;
         if !self.endpoints.contains_key(&id) {
-            let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id));
+            let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id, d.endpoint.account_id));
             if self.pending_at_start.remove(&id) {
                 // Spilled until a probe finds its outbox empty.
                 state.spilled = true;

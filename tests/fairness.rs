@@ -1,0 +1,50 @@
+//! Tenant fairness in dispatch: one account's endpoints cannot hold every request slot, so
+//! another account's deliveries (first attempts and outbox retries alike) keep flowing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, ACCOUNT_A, ACCOUNT_B};
+use walhook::local::receiver::Reply;
+
+const A: &str = "aaaa0000-0000-4000-8000-000000000001";
+const B: &str = "bbbb0000-0000-4000-8000-000000000002";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_accounts_hanging_endpoints_leave_room_for_another_account() {
+    let env = Env::new("fair_accounts").await;
+    for i in 0..4 {
+        let path = format!("a{i}");
+        env.endpoint(ACCOUNT_A, &path, &["contact.created"]).await;
+        env.receiver.set_default(&path, Reply::Hang);
+    }
+    env.endpoint(ACCOUNT_B, "b", &["contact.created"]).await;
+    // B's first attempt fails, so its second one comes from the outbox.
+    env.receiver.script("b", vec![Reply::Status(500)]);
+    let wh = env
+        .start(
+            "[dispatch]\nmax_concurrency = 4\nendpoint_concurrency = 2\naccount_concurrency = 2\n\
+             request_timeout = \"60s\"\n",
+        )
+        .await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'fan-out')")).await;
+    let a_requests = || (0..4).map(|i| env.receiver.received_on(&format!("a{i}")).len()).sum::<usize>();
+    env.receiver
+        .wait_until(Duration::from_secs(20), |r| r.iter().filter(|x| x.path.starts_with("/a")).count() >= 2)
+        .await
+        .expect("account A's requests hang");
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{B}', 'beside')")).await;
+    // Without a per-account share, A's four hanging requests hold all four slots for 60 s.
+    let got = env
+        .receiver
+        .wait_until(Duration::from_secs(15), |r| r.iter().filter(|x| x.path == "/b" && x.answered == 200).count() == 1)
+        .await;
+    let got = got.unwrap_or_else(|r| {
+        let paths: Vec<(&str, u16)> = r.iter().map(|x| (x.path.as_str(), x.answered)).collect();
+        panic!("account B starved while A hangs: {} requests to A; received {paths:?}", a_requests())
+    });
+    assert_eq!(got.iter().filter(|x| x.path == "/b").count(), 2, "a failed attempt and its retry");
+    assert_eq!(a_requests(), 2, "account A holds no more than its share");
+    wh.token.cancel();
+}
