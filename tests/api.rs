@@ -318,6 +318,8 @@ async fn tokens_are_checked() {
         c
     };
     api.ok("webhooks-list", &token(ok_claims(json!({})), JWT_KEY), json!({})).await;
+    let hs256 = hmac_signed(r#"{"alg":"HS256","typ":"JWT"}"#, &ok_claims(json!({})).to_string(), JWT_KEY);
+    api.ok("webhooks-list", &hs256, json!({})).await;
     api.ok("webhooks-list", OPERATOR_TOKEN, json!({})).await;
     let refused = [
         token(ok_claims(json!({ "exp": now() - 3600 })), JWT_KEY),
@@ -335,6 +337,14 @@ async fn tokens_are_checked() {
         .unwrap(),
         // alg "none": header {"alg":"none"} and no signature.
         format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", b64url(&ok_claims(json!({})).to_string())),
+        encode(
+            &Header::new(jsonwebtoken::Algorithm::HS384),
+            &ok_claims(json!({})),
+            &EncodingKey::from_secret(JWT_KEY.as_bytes()),
+        )
+        .unwrap(),
+        // Algorithm confusion: RS256 in the header, signed with the HMAC key.
+        hmac_signed(r#"{"alg":"RS256","typ":"JWT"}"#, &ok_claims(json!({})).to_string(), JWT_KEY),
         "op-token-wrong".to_string(),
         String::new(),
     ];
@@ -342,6 +352,17 @@ async fn tokens_are_checked() {
         api.err("webhooks-list", &t, json!({}), 401, "auth.unauthorized").await;
     }
     wh.stop().await.unwrap();
+}
+
+/// A JWT with the given header, signed HMAC-SHA256 with `key` whatever the header says.
+fn hmac_signed(header: &str, claims: &str, key: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let input = format!("{}.{}", b64url(header), b64url(claims));
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{input}.{sig}")
 }
 
 fn b64url(s: &str) -> String {
