@@ -59,7 +59,6 @@ pub enum EndpointError {
          delete one before creating another"
     )]
     QuotaReached(u32),
-
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),

@@ -298,6 +298,21 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_and_summaries_show_sizes_not_values() {
+        let row = Tuple(vec![Datum::Text(Bytes::from_static(b"Jane Personal")), Datum::Null]);
+        let shown = format!("{row:?}");
+        assert!(!shown.contains("Jane") && shown.contains("13 bytes"), "{shown}");
+        let event = pgwire_replication::ReplicationEvent::XLogData {
+            wal_start: pgwire_replication::Lsn::from_u64(1),
+            wal_end: pgwire_replication::Lsn::from_u64(2),
+            server_time_micros: 0,
+            data: Bytes::from_static(b"I\0\0\0\x07Nwhsec_secret"),
+        };
+        let shown = Summary(&event).to_string();
+        assert!(shown.starts_with("xlogdata insert (") && !shown.contains("whsec"), "{shown}");
+    }
     use bytes::BufMut;
 
     fn tuple_bytes(b: &mut bytes::BytesMut, vals: &[Option<&str>]) {
