@@ -3,12 +3,15 @@
 //!
 //! What must hold (invariant 8): walhook does not start streaming when a CRM table's deletes
 //! would lack `account_id`, when `wal_level` is not logical, when a table or the publication
-//! is missing, or when the schema is older than this build.
+//! is missing, when the schema is older than this build, or when the role lacks privileges on
+//! walhook's schema (reported as such, with the GRANT to run, never as an old schema).
 
 use crate::catalog::{self, CRM_TABLES, ENDPOINTS_TABLE};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::grants;
 use crate::migrate;
+use tokio_postgres::error::SqlState;
 
 /// Why walhook cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -52,21 +55,43 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
         problems.push(format!("role {user} cannot open a replication stream: ALTER ROLE {user} REPLICATION"));
     }
 
-    let version: Option<i32> = client
-        .query_one(
-            "SELECT CASE WHEN to_regclass('walhook.schema_migrations') IS NULL THEN NULL \
-             ELSE (SELECT max(version) FROM walhook.schema_migrations) END",
-            &[],
-        )
-        .await
-        .ok()
-        .and_then(|r| r.get(0));
-    let latest = migrate::latest_version();
-    if version.unwrap_or(0) < latest {
+    // Privileges first: without them the schema's version cannot be read, and a permission
+    // problem must be reported as one, with the GRANT that fixes it, not as an old schema.
+    let lacking = grants::missing(&**client).await?;
+    if !lacking.is_empty() {
         problems.push(format!(
-            "walhook's schema is at version {} and this build needs {latest}: run `walhook migrate --config FILE`",
-            version.unwrap_or(0)
+            "role {user} lacks {} (schema walhook belongs to the role that ran `walhook migrate`): run \
+             `walhook migrate` as that role with database.runtime_role = \"{user}\", or run as it: {}",
+            lacking.join(", "),
+            grants::grant_sql(&**client, &user).await?
         ));
+    } else {
+        // The table's name is resolved when the statement is parsed, so look it up first.
+        let exists: bool =
+            client.query_one("SELECT to_regclass('walhook.schema_migrations') IS NOT NULL", &[]).await?.get(0);
+        let version: Option<i32> = if !exists {
+            None
+        } else {
+            match client.query_one("SELECT max(version) FROM walhook.schema_migrations", &[]).await {
+                Ok(row) => row.get(0),
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    problems.push(format!(
+                        "role {user} may not read walhook's schema version ({}): {}",
+                        crate::db::error_chain(&e),
+                        grants::grant_sql(&**client, &user).await?
+                    ));
+                    Some(migrate::latest_version())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let latest = migrate::latest_version();
+        if version.unwrap_or(0) < latest {
+            problems.push(format!(
+                "walhook's schema is at version {} and this build needs {latest}: run `walhook migrate --config FILE`",
+                version.unwrap_or(0)
+            ));
+        }
     }
 
     let schema = cfg.database.crm_schema.as_str();

@@ -81,6 +81,14 @@ fn realistic_value_sets() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "migrations as the CRM tables' owner, granting walhook's role",
+            json!({
+                "database": {"existingSecret": "walhook-db"},
+                "migrate": {"existingSecret": "crm-owner-db", "urlKey": "url"},
+                "config": {"database": {"runtime_role": "walhook"}}
+            }),
+        ),
+        (
             "one replica, migrations run by hand, no service account",
             json!({
                 "database": {"existingSecret": "walhook-db"},
@@ -186,6 +194,20 @@ fn value_sets_render_what_they_ask_for() {
     assert!(job["containers"][0]["env"].as_array().unwrap().iter().any(|e| e["name"] == "RUST_LOG"));
     assert!(job["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "db-ca"));
     assert_eq!(walhook_toml(&scaled, "crm-walhook-migrate"), toml);
+
+    let owner = rendered(&sets["migrations as the CRM tables' owner, granting walhook's role"]);
+    let url_ref = |kind: &str, name: &str| {
+        let env = &owner.get(kind, name)["spec"]["template"]["spec"]["containers"][0]["env"];
+        let url = env.as_array().unwrap().iter().find(|e| e["name"] == "WALHOOK_DATABASE__URL").unwrap();
+        url["valueFrom"]["secretKeyRef"].clone()
+    };
+    assert_eq!(url_ref("Job", "crm-walhook-migrate"), json!({"name": "crm-owner-db", "key": "url"}));
+    assert_eq!(url_ref("Deployment", FULLNAME), json!({"name": "walhook-db", "key": "database-url"}));
+    let mut file = walhook_toml(&owner, "crm-walhook-migrate");
+    assert_eq!(file["database"]["runtime_role"].as_str(), Some("walhook"));
+    file["database"].as_table_mut().unwrap().insert("url".into(), "postgres://crm_owner@db/driftwood".into());
+    let cfg = walhook::config::Config::from_toml(&toml::to_string(&file).unwrap()).expect("walhook loads it");
+    assert_eq!(cfg.database.runtime_role.map(|r| r.to_string()), Some("walhook".into()));
 
     let single = rendered(&sets["one replica, migrations run by hand, no service account"]);
     assert!(single.of_kind("PodDisruptionBudget").is_empty(), "one replica: no PDB (it would block drains)");
@@ -435,7 +457,7 @@ fn yaml_to_toml(yaml: &Yaml) -> toml::Value {
 }
 
 /// Optional non-secret keys absent from default.toml.
-const OPTIONAL_KEYS: &[(&str, &str)] = &[("database", "ca_cert")];
+const OPTIONAL_KEYS: &[(&str, &str)] = &[("database", "ca_cert"), ("database", "runtime_role")];
 
 #[test]
 fn values_config_mirrors_walhook_defaults() {
