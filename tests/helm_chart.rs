@@ -149,7 +149,10 @@ fn value_sets_render_what_they_ask_for() {
     let sets: std::collections::BTreeMap<_, _> = realistic_value_sets().into_iter().collect();
     let defaults = rendered(&sets["defaults (existing secret)"]);
     assert!(defaults.of_kind("ServiceMonitor").is_empty() && defaults.of_kind("PrometheusRule").is_empty());
-    assert!(defaults.of_kind("ConfigMap").iter().all(|c| c["metadata"]["labels"].get("grafana_dashboard").is_none()));
+    assert!(
+        defaults.of_kind("ConfigMap").iter().all(|c| c["metadata"]["labels"].get("grafana_dashboard").is_none()),
+        "the dashboard is off by default"
+    );
     assert_eq!(
         defaults.get("Job", "crm-walhook-migrate")["metadata"]["annotations"]["helm.sh/hook"],
         "pre-install,pre-upgrade"
@@ -163,6 +166,12 @@ fn value_sets_render_what_they_ask_for() {
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "15s");
     assert_eq!(monitoring.get("PrometheusRule", FULLNAME)["metadata"]["labels"]["release"], "prom");
+    let dashboard = monitoring.get("ConfigMap", "crm-walhook-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(dashboard["metadata"]["annotations"]["grafana_folder"], "walhook");
+    let shipped: Value = serde_json::from_str(dashboard["data"]["walhook.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(&read(&chart_dir().join("dashboards/walhook.json"))).unwrap();
+    assert_eq!(shipped, file, "the ConfigMap ships dashboards/walhook.json as it is");
 
     let scaled = rendered(&sets["three replicas with resources, extra env, volumes and spreading"]);
     let deployment = scaled.get("Deployment", FULLNAME);
