@@ -107,6 +107,20 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
         }
     }
 
+    // The runtime role must exist before anything changes; migrate grants it nothing when
+    // it is the role migrating (it then owns what it creates).
+    let grant_to: Option<&str> = match &cfg.database.runtime_role {
+        None => None,
+        Some(role) => {
+            let is_self: bool = client
+                .query_opt("SELECT rolname = current_user FROM pg_roles WHERE rolname = $1", &[&role.as_str()])
+                .await?
+                .ok_or_else(|| MigrateError::NoRuntimeRole(role.to_string()))?
+                .get(0);
+            (!is_self).then_some(role.as_str())
+        }
+    };
+
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS walhook;
@@ -165,23 +179,9 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
         }
     }
 
-    if let Some(role) = &cfg.database.runtime_role {
-        report.granted = grant_runtime_role(client, role.as_str()).await?;
+    if let Some(role) = grant_to {
+        report.granted = grants::grant(client, role).await?;
+        tracing::info!(role, statements = %report.granted.join("; "), "granted the runtime role what `walhook run` needs");
     }
     Ok(report)
-}
-
-/// Grants `role` what `walhook run` needs, after checking it exists; nothing when migrate
-/// runs as that role itself (it then owns what it created).
-async fn grant_runtime_role(client: &tokio_postgres::Client, role: &str) -> Result<Vec<String>, MigrateError> {
-    let row = client
-        .query_opt("SELECT rolname = current_user FROM pg_roles WHERE rolname = $1", &[&role])
-        .await?
-        .ok_or_else(|| MigrateError::NoRuntimeRole(role.to_string()))?;
-    if row.get::<_, bool>(0) {
-        return Ok(Vec::new());
-    }
-    let statements = grants::grant(client, role).await?;
-    tracing::info!(role, statements = %statements.join("; "), "granted the runtime role what `walhook run` needs");
-    Ok(statements)
 }

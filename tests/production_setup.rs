@@ -150,6 +150,33 @@ async fn the_readme_production_setup_runs_as_written() {
     run.sigterm();
     let status = run.wait_exit(Duration::from_secs(30)).await.expect("walhook stops on SIGTERM");
     assert!(status.success(), "{}", run.log_text());
+
+    // What migrate granted is what run needs and nothing more.
+    let url = env.url.replace("postgres://postgres@", "postgres://walhook:readme-pw@");
+    let (walhook, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    for forbidden in [
+        "CREATE TABLE walhook.extra (id int)",
+        "TRUNCATE walhook.deliveries",
+        "INSERT INTO walhook.schema_migrations (version, name) VALUES (999, 'x')",
+        "DROP TABLE walhook.attempts",
+        "ALTER TABLE walhook.endpoints ADD COLUMN x int",
+    ] {
+        let e = walhook.batch_execute(forbidden).await.expect_err(forbidden);
+        assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{forbidden}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_names_a_runtime_role_that_does_not_exist() {
+    let env = Env::unmigrated(cluster(), "setup_no_role").await;
+    let mut migrate = env.spawn_command("migrate", "[database]\nruntime_role = \"walhook_missing\"\n");
+    let status = migrate.wait_exit(Duration::from_secs(60)).await.expect("migrate exits");
+    let log = migrate.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("database.runtime_role: role walhook_missing does not exist"), "{log}");
+    let schema = env.scalar_i64("SELECT count(*) FROM pg_namespace WHERE nspname = 'walhook'").await;
+    assert_eq!(schema, 0, "a refused migrate changes nothing");
 }
 
 /// Without the grants (migrate ran as the owner without `database.runtime_role`), `walhook
