@@ -166,6 +166,8 @@ fn value_sets_render_what_they_ask_for() {
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "15s");
     assert_eq!(monitoring.get("PrometheusRule", FULLNAME)["metadata"]["labels"]["release"], "prom");
+    let notes = monitoring.manifests["walhook/templates/NOTES.txt"].as_str().unwrap();
+    assert!(notes.contains("ConfigMap crm-walhook-dashboard in namespace driftwood"), "{notes}");
     let dashboard = monitoring.get("ConfigMap", "crm-walhook-dashboard");
     assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
     assert_eq!(dashboard["metadata"]["annotations"]["grafana_folder"], "walhook");
