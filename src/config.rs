@@ -80,6 +80,12 @@ pub struct DatabaseConfig {
     /// Mozilla roots are used when absent.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// The role `walhook run` connects as, when `walhook migrate` runs as another one (the CRM
+    /// tables' owner): migrate then grants it what `run` needs on schema `walhook` (USAGE;
+    /// SELECT, INSERT, UPDATE, DELETE on its tables; SELECT on `schema_migrations`) and
+    /// nothing more. Unset: migrate grants nothing.
+    #[serde(default)]
+    pub runtime_role: Option<Identifier>,
 }
 
 /// `[api]`
@@ -559,7 +565,7 @@ mod tests {
                 assert!(written, "example lacks {section}.{key}");
             }
         }
-        for optional in ["ca_cert", "jwt_hs256_secret", "encryption_key"] {
+        for optional in ["ca_cert", "runtime_role", "jwt_hs256_secret", "encryption_key"] {
             assert!(example.contains(&format!("# {optional} =")), "example lacks {optional}");
         }
     }

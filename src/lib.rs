@@ -16,6 +16,7 @@ pub mod decode;
 pub mod demo;
 pub mod dispatch;
 pub mod endpoints;
+pub mod grants;
 pub mod leader;
 pub mod local;
 pub mod maintenance;

@@ -3,11 +3,14 @@
 //! What must hold: running it twice changes nothing the second time; each migration file runs
 //! in its own transaction and its version is recorded with it; two processes migrating at
 //! once serialise on an advisory lock; CRM tables are never created, only their replica
-//! identity is set (FULL) when deletes would otherwise lose `account_id`.
+//! identity is set (FULL) when deletes would otherwise lose `account_id`; with
+//! `database.runtime_role` set, that role is granted what `walhook run` needs on walhook's
+//! schema and nothing more (see [`crate::grants`]).
 
 use crate::catalog::{self, CRM_TABLES, ENDPOINTS_TABLE};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::grants;
 
 /// Versioned migration files, in order. Never edit a released one; add a new one.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -42,6 +45,12 @@ pub enum MigrateError {
     /// The CRM schema is not there; walhook does not create it.
     #[error("{0}")]
     CrmSchema(String),
+    /// `database.runtime_role` names a role the database does not have.
+    #[error(
+        "database.runtime_role: role {0} does not exist; create it first (CREATE ROLE {0} LOGIN REPLICATION …) \
+         or unset database.runtime_role"
+    )]
+    NoRuntimeRole(String),
 }
 
 impl From<tokio_postgres::Error> for MigrateError {
@@ -61,6 +70,8 @@ pub struct MigrateReport {
     pub publication_created: bool,
     /// Tables added to an existing publication.
     pub publication_added: Vec<String>,
+    /// GRANT statements run for `database.runtime_role`.
+    pub granted: Vec<String>,
 }
 
 /// Brings the database to the schema this build expects.
@@ -95,6 +106,20 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
             )));
         }
     }
+
+    // The runtime role must exist before anything changes; migrate grants it nothing when
+    // it is the role migrating (it then owns what it creates).
+    let grant_to: Option<&str> = match &cfg.database.runtime_role {
+        None => None,
+        Some(role) => {
+            let is_self: bool = client
+                .query_opt("SELECT rolname = current_user FROM pg_roles WHERE rolname = $1", &[&role.as_str()])
+                .await?
+                .ok_or_else(|| MigrateError::NoRuntimeRole(role.to_string()))?
+                .get(0);
+            (!is_self).then_some(role.as_str())
+        }
+    };
 
     client
         .batch_execute(
@@ -152,6 +177,11 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
                 report.publication_added.push(table.clone());
             }
         }
+    }
+
+    if let Some(role) = grant_to {
+        report.granted = grants::grant(client, role).await?;
+        tracing::info!(role, statements = %report.granted.join("; "), "granted the runtime role what `walhook run` needs");
     }
     Ok(report)
 }

@@ -3,12 +3,16 @@
 //!
 //! What must hold (invariant 8): walhook does not start streaming when a CRM table's deletes
 //! would lack `account_id`, when `wal_level` is not logical, when a table or the publication
-//! is missing, or when the schema is older than this build.
+//! is missing, when the schema is older than this build, or when the role lacks privileges on
+//! walhook's schema (reported as such, with the GRANT to run, never as an old schema).
 
 use crate::catalog::{self, CRM_TABLES, ENDPOINTS_TABLE};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::grants;
 use crate::migrate;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::GenericClient;
 
 /// Why walhook cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -52,22 +56,7 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
         problems.push(format!("role {user} cannot open a replication stream: ALTER ROLE {user} REPLICATION"));
     }
 
-    let version: Option<i32> = client
-        .query_one(
-            "SELECT CASE WHEN to_regclass('walhook.schema_migrations') IS NULL THEN NULL \
-             ELSE (SELECT max(version) FROM walhook.schema_migrations) END",
-            &[],
-        )
-        .await
-        .ok()
-        .and_then(|r| r.get(0));
-    let latest = migrate::latest_version();
-    if version.unwrap_or(0) < latest {
-        problems.push(format!(
-            "walhook's schema is at version {} and this build needs {latest}: run `walhook migrate --config FILE`",
-            version.unwrap_or(0)
-        ));
-    }
+    problems.extend(schema_access(&**client, &user).await?);
 
     let schema = cfg.database.crm_schema.as_str();
     for t in catalog::inspect_crm_tables(&**client, schema).await? {
@@ -106,4 +95,45 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
     } else {
         Err(PreflightError::NotReady(problems))
     }
+}
+
+/// walhook's own schema as `user` sees it: the privileges `walhook run` needs, then the
+/// schema's version. Privileges come first: without them the version cannot be read, and a
+/// permission problem must be reported as one, with the GRANT that fixes it, not as an old
+/// schema.
+async fn schema_access(client: &impl GenericClient, user: &str) -> Result<Vec<String>, PreflightError> {
+    let lacking = grants::missing(client).await?;
+    if !lacking.is_empty() {
+        return Ok(vec![format!(
+            "role {user} lacks {} (schema walhook belongs to the role that ran `walhook migrate`): run \
+             `walhook migrate` again as that role with database.runtime_role = \"{user}\", or, as that role: {}",
+            lacking.join(", "),
+            grants::grant_sql(client, user).await?
+        )]);
+    }
+    // The table's name is resolved when a statement is parsed, so look it up first.
+    let exists: bool =
+        client.query_one("SELECT to_regclass('walhook.schema_migrations') IS NOT NULL", &[]).await?.get(0);
+    let version: i32 = if !exists {
+        0
+    } else {
+        match client.query_one("SELECT max(version) FROM walhook.schema_migrations", &[]).await {
+            Ok(row) => row.get::<_, Option<i32>>(0).unwrap_or(0),
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Ok(vec![format!(
+                    "role {user} may not read walhook's schema version ({}): as the schema's owner, {}",
+                    crate::db::error_chain(&e),
+                    grants::grant_sql(client, user).await?
+                )]);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let latest = migrate::latest_version();
+    if version < latest {
+        return Ok(vec![format!(
+            "walhook's schema is at version {version} and this build needs {latest}: run `walhook migrate --config FILE`"
+        )]);
+    }
+    Ok(Vec::new())
 }

@@ -113,6 +113,9 @@ crm_schema = {{ .Values.config.database.crm_schema | toString | toJson }}
 {{- with .Values.config.database.ca_cert }}
 ca_cert = {{ . | toString | toJson }}
 {{- end }}
+{{- with .Values.config.database.runtime_role }}
+runtime_role = {{ . | toString | toJson }}
+{{- end }}
 
 [api]
 listen = {{ .Values.config.api.listen | toString | toJson }}
@@ -196,12 +199,18 @@ named, else the chart-created Secret. Call with a dict:
   root: the top-level context
   createdSecret: name of the chart-created Secret to use (differs for the migrate hook, which
                  runs before the release's own Secret exists)
+  migrate: true for the migrate hook, whose URL may come from migrate.existingSecret
 */}}
 {{- define "walhook.secretEnv" -}}
 {{- $root := .root }}
 {{- $dbSecret := $root.Values.database.existingSecret }}
+{{- $dbKey := $root.Values.database.urlKey }}
 {{- if and (not $dbSecret) $root.Values.secret.create }}
 {{- $dbSecret = .createdSecret }}
+{{- end }}
+{{- if and .migrate $root.Values.migrate.existingSecret }}
+{{- $dbSecret = $root.Values.migrate.existingSecret }}
+{{- $dbKey = $root.Values.migrate.urlKey }}
 {{- end }}
 {{- if not $dbSecret }}
 {{- fail "walhook: the PostgreSQL URL must come from a Secret: set database.existingSecret (and database.urlKey), or secret.create=true with secret.databaseUrl" }}
@@ -210,7 +219,7 @@ named, else the chart-created Secret. Call with a dict:
   valueFrom:
     secretKeyRef:
       name: {{ $dbSecret }}
-      key: {{ $root.Values.database.urlKey }}
+      key: {{ $dbKey }}
 {{- $jwtSecret := $root.Values.jwt.existingSecret }}
 {{- if and (not $jwtSecret) $root.Values.secret.create $root.Values.secret.jwtHs256Secret }}
 {{- $jwtSecret = .createdSecret }}
