@@ -76,6 +76,8 @@ pub struct Shared {
     pub status: Arc<ReplicationStatus>,
     /// Secret sealing.
     pub secrets: SecretBox,
+    /// Whether the store writer makes progress.
+    pub store: Arc<crate::store::StoreHealth>,
 }
 
 /// Runs walhook until `shutdown` is cancelled or replication fails for good.
@@ -91,12 +93,14 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(ReplicationStatus::default());
+    let store_health = Arc::new(crate::store::StoreHealth::new(metrics.store_stalled.clone()));
     let shared = Shared {
         cfg: cfg.clone(),
         db: db.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
         secrets: secrets.clone(),
+        store: store_health.clone(),
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
     let api_listener = bind(cfg.api.listen).await?;
@@ -121,6 +125,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
+    let writer = writer.monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get());
     let outbox_wake = Arc::new(Notify::new());
     let pending_at_start: Vec<uuid::Uuid> = db
         .get()
