@@ -214,6 +214,7 @@ async fn sigterm_with_a_wedged_store_exits_within_grace_and_loses_nothing() {
         "exits within the grace period (took {took:?})\n{}",
         proc.log_text()
     );
+    eprintln!("SIGTERM to exit with the store wedged: {took:?} (shutdown.grace = {grace}s)");
     lock.rollback().await.unwrap();
     // Nothing was recorded, so nothing was confirmed: the next process sends and records all.
     let _next = env.spawn_binary("");
