@@ -5,7 +5,9 @@
 //!
 //! What must hold: every channel between the stages is bounded; shutdown is a token passed
 //! in, observed by every stage; a fatal replication error stops the whole process (nothing
-//! keeps serving while the slot is not read).
+//! keeps serving while the slot is not read); once shutdown starts, every stage gets
+//! `shutdown.grace` in all, whatever the database does, and a stage still running then is
+//! stopped (what it had not written stays unconfirmed in the slot and is read again).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,8 @@ pub struct Shared {
     pub status: Arc<ReplicationStatus>,
     /// Secret sealing.
     pub secrets: SecretBox,
+    /// Whether the store writer makes progress.
+    pub store: Arc<crate::store::StoreHealth>,
 }
 
 /// Runs walhook until `shutdown` is cancelled or replication fails for good.
@@ -98,12 +102,14 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(ReplicationStatus::default());
+    let store_health = Arc::new(crate::store::StoreHealth::new(metrics.store_stalled.clone()));
     let shared = Shared {
         cfg: cfg.clone(),
         db: db.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
         secrets: secrets.clone(),
+        store: store_health.clone(),
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
     let api_listener = bind(cfg.api.listen).await?;
@@ -129,6 +135,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
+    let writer = writer.monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get());
     let outbox_wake = Arc::new(Notify::new());
     let pending_at_start: Vec<uuid::Uuid> = db
         .get()
@@ -180,21 +187,49 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
     let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));
 
-    let result = replication.run(shutdown.clone()).await;
+    // Cancelled `shutdown.grace` after shutdown starts: what still runs then is stopped.
+    let hard_stop = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hard_stop.cancel();
+        }
+    });
+    let result = tokio::select! {
+        biased;
+        // 1. Replication ended: a fatal error, or shutdown with everything read settled.
+        r = replication.run(shutdown.clone()) => r,
+        // 2. Shutdown, and what was read did not settle within the grace period.
+        _ = hard_stop.cancelled() => Ok(()),
+    };
     if let Err(e) = &result {
         tracing::error!(error = %e, "replication stopped; shutting down");
     }
     shutdown.cancel();
-    let _ = dispatcher.await;
-    let _ = outbox.await;
-    let _ = maintenance.await;
-    // The writer ends once every stage holding a sender has ended and its writes are in.
-    if tokio::time::timeout(grace + Duration::from_secs(10), writer).await.is_err() {
-        tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");
+    for (stage, task) in [("dispatch", dispatcher), ("outbox", outbox), ("maintenance", maintenance)] {
+        join_until(stage, task, &hard_stop).await;
     }
-    let _ = ops.await;
-    let _ = api.await;
+    // The writer ends once every stage holding a sender has ended and its writes are in.
+    join_until("store writer", writer, &hard_stop).await;
+    join_until("metrics listener", ops, &hard_stop).await;
+    join_until("api listener", api, &hard_stop).await;
     Ok(result?)
+}
+
+/// Waits for `task` until `hard_stop`, then stops it.
+async fn join_until(stage: &str, mut task: tokio::task::JoinHandle<()>, hard_stop: &CancellationToken) {
+    tokio::select! {
+        biased;
+        // 1. It finished.
+        _ = &mut task => {}
+        // 2. The grace period is over.
+        _ = hard_stop.cancelled() => {
+            task.abort();
+            tracing::warn!(stage, "still running at the end of shutdown.grace; stopped it (unconfirmed changes are read again at the next start)");
+        }
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, AppError> {

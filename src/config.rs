@@ -86,6 +86,9 @@ pub struct DatabaseConfig {
     /// nothing more. Unset: migrate grants nothing.
     #[serde(default)]
     pub runtime_role: Option<Identifier>,
+    /// A store write that has not committed for this long (a lock, a database that refuses
+    /// every write) is a stall: logged at ERROR, `walhook_store_stalled` 1, `/readyz` 503.
+    pub write_stall_after: HumanDuration,
 }
 
 /// `[api]`
@@ -307,6 +310,7 @@ impl Config {
             ("dispatch.poll_interval", &self.dispatch.poll_interval),
             ("replication.status_interval", &self.replication.status_interval),
             ("retention.interval", &self.retention.interval),
+            ("database.write_stall_after", &self.database.write_stall_after),
         ] {
             if value.0.is_zero() {
                 return bad(key, "must be longer than 0s");

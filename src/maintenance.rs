@@ -68,7 +68,7 @@ async fn disable_failing(
 }
 
 /// One retention pass, batch by batch.
-async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &CancellationToken) -> Result<(), DbError> {
+pub async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &CancellationToken) -> Result<(), DbError> {
     let batch = cfg.retention.batch_size;
     let delivered = cfg.retention.delivered.get().as_secs_f64();
     let failed = cfg.retention.failed.get().as_secs_f64();

@@ -54,6 +54,11 @@ pub const API_REQUESTS_TOTAL: &str = "walhook_api_requests_total";
 pub const API_REQUEST_DURATION_SECONDS: &str = "walhook_api_request_duration_seconds";
 /// Rows removed by retention, by table.
 pub const RETENTION_DELETED_TOTAL: &str = "walhook_retention_deleted_rows_total";
+/// 1 while the store writer cannot commit (see `database.write_stall_after`).
+pub const STORE_STALLED: &str = "walhook_store_stalled";
+/// Store writes the database refused, by what was done with them (`without_texts`, `failed`,
+/// `rejected`).
+pub const STORE_SET_ASIDE_TOTAL: &str = "walhook_store_set_aside_total";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -103,6 +108,10 @@ pub struct Metrics {
     pub api_duration: HistogramVec,
     /// See [`RETENTION_DELETED_TOTAL`].
     pub retention_deleted: IntCounterVec,
+    /// See [`STORE_STALLED`].
+    pub store_stalled: IntGauge,
+    /// See [`STORE_SET_ASIDE_TOTAL`].
+    pub store_set_aside: IntCounterVec,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes by (table index, op index), events by event index, deliveries by path.
@@ -224,6 +233,12 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             retention_deleted: counter_vec(RETENTION_DELETED_TOTAL, "Rows deleted by retention.", &["table"]),
+            store_stalled: gauge(STORE_STALLED, "1 while the store writer cannot commit deliveries."),
+            store_set_aside: counter_vec(
+                STORE_SET_ASIDE_TOTAL,
+                "Store writes the database refused, by what was done with them.",
+                &["form"],
+            ),
             registry,
         }
     }

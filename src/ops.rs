@@ -2,8 +2,9 @@
 //! background monitor that keeps the database-derived gauges current.
 //!
 //! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
-//! while the database answers and replication streams (or stands by for another replica),
-//! otherwise 503 with a JSON reason; scraping never waits on the database.
+//! while the database answers, replication streams (or stands by for another replica) and the
+//! store writer makes progress, otherwise 503 with a JSON reason; scraping never waits on the
+//! database.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -56,11 +57,11 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     let streaming = s.status.streaming.load(Ordering::Relaxed);
     let standby = s.status.standby.load(Ordering::Relaxed);
     let reason = if !db_ok {
-        Some("database unreachable")
+        Some("database unreachable".to_owned())
     } else if !streaming && !standby {
-        Some("replication is not streaming")
+        Some("replication is not streaming".to_owned())
     } else {
-        None
+        s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
     };
     match reason {
         None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),

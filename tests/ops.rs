@@ -183,3 +183,47 @@ async fn heartbeats_move_an_idle_slot() {
     drop(env);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_wedged_store_exits_within_grace_and_loses_nothing() {
+    let env = Env::new("ops_sigterm_wedged").await;
+    env.endpoint(ACCOUNT_A, "w", &["contact.created"]).await;
+    let grace = 3;
+    let mut proc = env.spawn_binary(&format!("[shutdown]\ngrace = \"{grace}s\"\n"));
+    env.wait_streaming().await;
+    // Wedge the store: a transaction holds walhook.deliveries, so nothing can be recorded.
+    let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let n = 50;
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'w' || i FROM generate_series(1, {n}) i"
+    ))
+    .await;
+    env.receiver.wait_until(Duration::from_secs(20), |r| r.len() >= n).await.expect("deliveries flow");
+    let asked = std::time::Instant::now();
+    proc.sigterm();
+    let status = proc.wait_exit(Duration::from_secs(grace + 30)).await.expect("walhook exits after SIGTERM");
+    let took = asked.elapsed();
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}\n{}", proc.log_text());
+    // A functional promise (README: SIGTERM shuts down within shutdown.grace), with a margin
+    // for closing connections and a loaded machine.
+    assert!(
+        took < Duration::from_secs(grace + 3),
+        "exits within the grace period (took {took:?})\n{}",
+        proc.log_text()
+    );
+    eprintln!("SIGTERM to exit with the store wedged: {took:?} (shutdown.grace = {grace}s)");
+    lock.rollback().await.unwrap();
+    // Nothing was recorded, so nothing was confirmed: the next process sends and records all.
+    let _next = env.spawn_binary("");
+    let key =
+        |r: &walhook::local::receiver::Received| r.json()["data"]["first_name"].as_str().unwrap_or_default().to_owned();
+    env.receiver
+        .wait_until(Duration::from_secs(60), |rs| rs.iter().map(key).collect::<HashSet<_>>().len() >= n)
+        .await
+        .expect("every change delivered");
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(q).await == n as i64 }).await;
+}

@@ -94,3 +94,88 @@ async fn an_endpoint_failing_for_too_long_is_disabled() {
     assert_eq!(env.metric("walhook_endpoints_disabled_total{reason=\"failing\"}").await, 1.0);
     wh.stop().await.unwrap();
 }
+
+/// Retention deciding to delete an old payload while a new pending delivery of the same event
+/// is stored: the delete must not win, or the delivery fails for good without its payload.
+/// The sweep is held (by a trigger waiting on an advisory lock) after it chose and locked the
+/// event row, while the store writer stores the pending delivery; then it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
+    use std::sync::Arc;
+    use walhook::route::Event;
+    use walhook::store::{Record, Status, StoreOp, StoreWriter};
+
+    let env = Env::new("retention_race").await;
+    let ep = env.endpoint(ACCOUNT_A, "r", &["contact.created"]).await;
+    let event = Arc::new(Event {
+        id: walhook::route::event_id(0x3000, 1),
+        account_id: ACCOUNT_A,
+        event_type: "contact.created",
+        entity_key: "contacts:1".into(),
+        commit_lsn: 0x3000,
+        seq: 1,
+        committed_at_us: chrono::Utc::now().timestamp_micros(),
+        body: bytes::Bytes::from_static(b"{\"event\":\"contact.created\"}"),
+    });
+    // The payload was stored hours ago (an earlier delivery of the event, since finished).
+    env.sql(&format!(
+        "INSERT INTO walhook.events (id, account_id, event_type, commit_lsn, seq, body, created_at)
+           VALUES ('{}', '{A}', 'contact.created', {}, 1, '\\x7b7d', now() - interval '3 hours');
+         CREATE FUNCTION public.hold_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN OLD; END $$;
+         CREATE TRIGGER hold_delete BEFORE DELETE ON walhook.events FOR EACH ROW EXECUTE FUNCTION public.hold_delete();
+         SELECT pg_advisory_lock(4242);",
+        event.id, 0x3000
+    ))
+    .await;
+    let cfg = env.config("[retention]\ndelivered = \"1h\"\n");
+    let db = env.db.clone();
+    let sweep = tokio::spawn(async move {
+        let metrics = walhook::metrics::Metrics::new();
+        walhook::maintenance::sweep(&db, &cfg, &metrics, &tokio_util::sync::CancellationToken::new()).await
+    });
+    let env = &env;
+    let waiting_on = |what: &'static str| async move {
+        let q = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' \
+             AND wait_event = '{what}'"
+        );
+        env.scalar_i64(&q).await
+    };
+    wait_for(Duration::from_secs(20), || async { waiting_on("advisory").await == 1 }).await;
+    // The sweep has chosen the event; now a new pending delivery of it is stored.
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 8);
+    let writer = tokio::spawn(writer.run());
+    let delivery = walhook::route::delivery_id(0x3000, 1, ep.id);
+    tx.send(StoreOp::Insert(Record {
+        id: delivery,
+        endpoint_id: ep.id,
+        event: event.clone(),
+        status: Status::Pending,
+        attempt_count: 1,
+        http_status: Some(503),
+        next_attempt_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+        lease: None,
+        last_error: Some("HTTP 503".into()),
+        completed_at: None,
+        attempt: None,
+        ticket: None,
+    }))
+    .await
+    .unwrap();
+    drop(tx);
+    // Stored, or waiting for the sweep's row lock: either way, let the sweep go on.
+    let stored = format!("SELECT count(*) FROM walhook.deliveries WHERE id = '{delivery}'");
+    wait_for(Duration::from_secs(20), || async {
+        env.scalar_i64(&stored).await == 1 || waiting_on("transactionid").await + waiting_on("tuple").await > 0
+    })
+    .await;
+    env.sql("SELECT pg_advisory_unlock(4242)").await;
+    sweep.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), writer).await.expect("the writer finishes").unwrap();
+    let q = format!(
+        "SELECT count(*) FROM walhook.deliveries d JOIN walhook.events e ON e.id = d.event_id \
+         WHERE d.id = '{delivery}' AND d.status = 'pending'"
+    );
+    assert_eq!(env.scalar_i64(&q).await, 1, "the pending delivery's payload is still there");
+}

@@ -4,7 +4,8 @@
 //! address policy; redirects are never followed (a 3xx is a failure); the whole attempt is
 //! bounded by `dispatch.request_timeout` and at most 64 KiB of the response is read; the
 //! `webhook-id` is the delivery id (stable across attempts and restarts) while
-//! `webhook-timestamp` and the signature are fresh per attempt.
+//! `webhook-timestamp` and the signature are fresh per attempt; every text taken from the
+//! receiver or the network (snippet, error) is made safe to store ([`safe_text`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ use crate::route::Endpoint;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Response bytes kept for the attempt record.
 pub const SNIPPET_BYTES: usize = 1024;
+/// Bytes of an attempt's error text kept at most.
+pub const ERROR_BYTES: usize = 1024;
 /// `user-agent` of every request.
 pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
 
@@ -201,7 +204,7 @@ impl Sender {
                         }
                     }
                 }
-                attempt.response_snippet = String::from_utf8_lossy(&snippet).into_owned();
+                attempt.response_snippet = safe_text(&String::from_utf8_lossy(&snippet), SNIPPET_BYTES).into_owned();
                 if !status.is_success() && attempt.failure.is_none() {
                     attempt.failure = Some(FailureKind::Status);
                     attempt.error = Some(format!("HTTP {}", status.as_u16()));
@@ -213,6 +216,7 @@ impl Sender {
             }
         }
         attempt.duration = clock.elapsed();
+        make_texts_safe(&mut attempt);
         attempt
     }
 }
@@ -274,5 +278,50 @@ fn describe(e: &reqwest::Error) -> String {
         head.to_owned()
     } else {
         format!("{head}: {}", parts.join(": "))
+    }
+}
+
+/// The attempt's receiver- and network-derived texts, made safe to store.
+fn make_texts_safe(attempt: &mut Attempt) {
+    if let Some(e) = attempt.error.as_mut() {
+        if let std::borrow::Cow::Owned(safe) = safe_text(e, ERROR_BYTES) {
+            *e = safe;
+        }
+    }
+    if let std::borrow::Cow::Owned(safe) = safe_text(&attempt.response_snippet, SNIPPET_BYTES) {
+        attempt.response_snippet = safe;
+    }
+}
+
+/// `text` without NUL and other control characters (newline and tab are kept), cut to at most
+/// `max_bytes` at a character boundary: what a receiver sends (any bytes, read as lossy
+/// UTF-8) can always be stored in a PostgreSQL text column and printed in a log. Borrows when
+/// nothing changes.
+pub fn safe_text(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if text.len() <= max_bytes && !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().min(max_bytes));
+    for c in text.chars().filter(|&c| !unsafe_char(c)) {
+        if out.len() + c.len_utf8() > max_bytes {
+            break;
+        }
+        out.push(c);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod safe_text_tests {
+    use super::safe_text;
+
+    #[test]
+    fn control_characters_go_and_the_cut_is_at_a_char_boundary() {
+        assert_eq!(safe_text("ok\u{0}\u{fffd}\n\tx\u{1b}[31m\u{7f}\u{85}", 100), "ok\u{fffd}\n\tx[31m");
+        assert_eq!(safe_text(&String::from_utf8_lossy(b"ok\x00\xff"), 100), "ok\u{fffd}");
+        assert_eq!(safe_text("é".repeat(10).as_str(), 5), "éé");
+        assert!(matches!(safe_text("plain text", 100), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(safe_text("", 0), "");
     }
 }

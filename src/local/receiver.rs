@@ -36,6 +36,8 @@ pub enum Reply {
     Hang,
     /// Drop the connection without answering.
     Reset,
+    /// Answer with this status, headers and body, byte for byte (hostile or odd answers).
+    Raw(u16, Vec<(String, String)>, Bytes),
 }
 
 /// A request the receiver got.
@@ -277,7 +279,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
         scripted.or_else(|| st.defaults.lock().expect("lock").get(&path).cloned()).unwrap_or(Reply::Status(200))
     };
     let answered = match &reply {
-        Reply::Status(s) | Reply::StatusWith(s, _) | Reply::Delay(_, s) => *s,
+        Reply::Status(s) | Reply::StatusWith(s, _) | Reply::Delay(_, s) | Reply::Raw(s, _, _) => *s,
         Reply::Hang | Reply::Reset => 0,
     };
     let keep = st.keep_bodies.load(Ordering::Relaxed);
@@ -300,12 +302,14 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
         st.log.lock().expect("lock").push(received);
     }
     st.changed.notify_waiters();
-    let (status, headers) = match reply {
-        Reply::Status(s) => (s, Vec::new()),
-        Reply::StatusWith(s, h) => (s, h),
+    let ok = Bytes::from_static(b"ok");
+    let (status, headers, body) = match reply {
+        Reply::Status(s) => (s, Vec::new(), ok),
+        Reply::StatusWith(s, h) => (s, h, ok),
+        Reply::Raw(s, h, body) => (s, h, body),
         Reply::Delay(d, s) => {
             tokio::time::sleep(d).await;
-            (s, Vec::new())
+            (s, Vec::new(), ok)
         }
         Reply::Hang => std::future::pending().await,
         Reply::Reset => return Err(Dropped),
@@ -314,5 +318,5 @@ async fn handle(st: Arc<State>, req: Request<Incoming>, http2: bool) -> Result<R
     for (k, v) in headers {
         resp = resp.header(k, v);
     }
-    Ok(resp.body(Full::new(Bytes::from_static(b"ok"))).expect("valid response"))
+    Ok(resp.body(Full::new(body)).expect("valid response"))
 }

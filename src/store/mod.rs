@@ -4,8 +4,10 @@
 //! record (delivered) or its outbox row (pending, with the payload) has committed; rows have
 //! deterministic ids and inserts are `ON CONFLICT DO NOTHING`, so a replay inserts nothing
 //! twice; ops are applied in the order they were sent (a spilled row's later deliveries
-//! never commit before it); a failed write is retried, never dropped; probes are answered after
-//! every op sent before them has committed and before any op sent after them does.
+//! never commit before it); a write that fails for a transient reason is retried, never
+//! dropped, and one the database refuses is split so that only the op at fault is set aside
+//! (`resilient`); probes are answered after every op sent before them has committed and before
+//! any op sent after them does; batches are bounded in ops and bytes (`batch`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +18,19 @@ use uuid::Uuid;
 
 use crate::db::{Db, DbError};
 use crate::dispatch::http::Attempt;
+use crate::metrics::Metrics;
 use crate::progress::Ticket;
 use crate::route::Event;
 
+mod batch;
+mod health;
+mod resilient;
 mod write;
 
-/// Ops written per batch (one atomic write) at most.
-const MAX_BATCH: usize = 1024;
+pub use health::StoreHealth;
+
+/// Default of `database.write_stall_after`.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,42 +182,42 @@ pub enum StoreOp {
 pub struct StoreWriter {
     db: Db,
     rx: mpsc::Receiver<StoreOp>,
+    health: Arc<StoreHealth>,
+    metrics: Arc<Metrics>,
+    stall_after: Duration,
 }
 
 impl StoreWriter {
     /// A writer and the channel feeding it (`capacity` ops).
     pub fn new(db: Db, capacity: usize) -> (StoreWriter, mpsc::Sender<StoreOp>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (StoreWriter { db, rx }, tx)
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(StoreHealth::new(metrics.store_stalled.clone()));
+        (StoreWriter { db, rx, health, metrics, stall_after: DEFAULT_STALL_AFTER }, tx)
+    }
+
+    /// Reports stalls (no commit for `stall_after` while ops wait) to `health`, and counts
+    /// in `metrics`.
+    pub fn monitored(self, health: Arc<StoreHealth>, metrics: Arc<Metrics>, stall_after: Duration) -> Self {
+        for form in ["without_texts", "failed", "rejected"] {
+            metrics.store_set_aside.with_label_values(&[form]);
+        }
+        StoreWriter { health, metrics, stall_after, ..self }
     }
 
     /// Runs until every sender is gone and everything sent is written.
     pub async fn run(mut self) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(op) = self.rx.recv().await {
-            batch.push(op);
-            // A probe ends its batch: it is answered before anything sent after it commits.
-            while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Probe(_))) {
-                match self.rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
-            let mut backoff = Duration::from_millis(100);
+        let mut carry = None;
+        let ctx = resilient::Ctx {
+            db: &self.db,
+            health: &self.health,
+            metrics: &self.metrics,
+            stall_after: self.stall_after,
+        };
+        while let Some(mut batch) = batch::next(&mut self.rx, &mut carry).await {
             let started = std::time::Instant::now();
-            loop {
-                match write::write_batch(&self.db, &batch).await {
-                    Ok(()) => {
-                        tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ops = batch.len(), retry_in = ?backoff, "store write failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
+            resilient::write(&ctx, &mut batch).await;
+            tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
             let probes = settle(&mut batch);
             for probe in probes {
                 answer_probe(&self.db, probe).await;

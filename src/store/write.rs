@@ -1,7 +1,8 @@
 //! Turns a batch of [`StoreOp`]s into SQL: column arrays, `unnest`, one round trip.
 //!
 //! What must hold: a batch commits as a whole or not at all; inserts are
-//! `ON CONFLICT DO NOTHING` (replays insert nothing twice). A batch of inserts and completions
+//! `ON CONFLICT DO NOTHING` (replays insert nothing twice), except payloads, which are
+//! touched on conflict so that retention cannot delete one a new pending delivery needs. A batch of inserts and completions
 //! is one statement (its data-modifying CTEs run atomically, and no sibling sees another's
 //! rows); a batch that completes a row inserted in the same batch, or disables an endpoint,
 //! needs statements that see each other's writes, so it runs as a transaction in op order.
@@ -16,10 +17,16 @@ use super::{Status, StoreOp};
 use crate::db::{Db, DbError};
 use crate::dispatch::http::{Attempt, FailureKind};
 
+/// A payload already stored (by an earlier delivery of the event) is touched, not left alone:
+/// its `created_at` moves to now. Retention deletes payloads older than `retention.delivered`
+/// that no pending delivery needs, judged on its statement's snapshot; touching the row makes
+/// a concurrent delete either wait for this write and find the row gone (then this insert
+/// stores it again) or find a newer version whose `created_at` fails its re-check (READ
+/// COMMITTED re-evaluates the row's own conditions, not the `NOT EXISTS` on deliveries).
 const INSERT_EVENTS: &str =
     "INSERT INTO walhook.events (id, account_id, event_type, commit_lsn, seq, body, created_at) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int4[], $6::bytea[], $7::timestamptz[]) \
-     ON CONFLICT (id) DO NOTHING";
+     ON CONFLICT (id) DO UPDATE SET created_at = now()";
 const INSERT_DELIVERIES: &str = "INSERT INTO walhook.deliveries (id, endpoint_id, event_id, event_type, entity_key, \
        commit_lsn, seq, status, http_status_code, attempt_count, next_attempt_at, lease_until, leased_by, last_error, \
        created_at, completed_at) \

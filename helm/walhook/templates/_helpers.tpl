@@ -110,6 +110,7 @@ they reach walhook as environment variables from Secrets (see walhook.secretEnv)
 [database]
 pool_size = {{ .Values.config.database.pool_size | int64 }}
 crm_schema = {{ .Values.config.database.crm_schema | toString | toJson }}
+write_stall_after = {{ .Values.config.database.write_stall_after | toString | toJson }}
 {{- with .Values.config.database.ca_cert }}
 ca_cert = {{ . | toString | toJson }}
 {{- end }}

@@ -1,0 +1,154 @@
+//! Taking the next batch off the writer's channel.
+//!
+//! What must hold: a batch holds at most [`MAX_BATCH`] ops and at most [`MAX_BATCH_BYTES`] of
+//! payloads and texts (an op bigger than that goes alone), so one statement stays far below
+//! PostgreSQL's 1 GB limit on a parameter; ops keep their order (an op that does not fit
+//! starts the next batch); a probe ends its batch; every text reaching the database is safe
+//! to store whoever built the op.
+
+use tokio::sync::mpsc;
+
+use super::{Status, StoreOp};
+use crate::dispatch::http::{safe_text, Attempt, ERROR_BYTES, SNIPPET_BYTES};
+
+/// Ops written per batch (one atomic write) at most.
+pub(super) const MAX_BATCH: usize = 1024;
+/// Bytes of payloads and texts per batch at most (see [`op_bytes`]).
+pub(super) const MAX_BATCH_BYTES: usize = 16 << 20;
+/// What an op's ids, numbers and times cost, on top of its payload and texts.
+const FIXED_OP_BYTES: usize = 256;
+
+/// The next batch, or `None` once every sender is gone and nothing is left; `carry` holds an
+/// op taken from the channel that did not fit the previous batch.
+pub(super) async fn next(rx: &mut mpsc::Receiver<StoreOp>, carry: &mut Option<StoreOp>) -> Option<Vec<StoreOp>> {
+    let first = match carry.take() {
+        Some(op) => op,
+        None => rx.recv().await?,
+    };
+    let mut bytes = op_bytes(&first);
+    let mut batch = vec![made_safe(first)];
+    while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Probe(_))) {
+        let Ok(op) = rx.try_recv() else { break };
+        let size = op_bytes(&op);
+        if bytes + size > MAX_BATCH_BYTES {
+            *carry = Some(op);
+            break;
+        }
+        bytes += size;
+        batch.push(made_safe(op));
+    }
+    Some(batch)
+}
+
+/// What `op` adds to a batch's parameters: its payload (stored for pending rows) and texts.
+pub(super) fn op_bytes(op: &StoreOp) -> usize {
+    let texts = |err: &Option<String>, a: Option<&Attempt>| {
+        err.as_ref().map_or(0, String::len)
+            + a.map_or(0, |a| a.error.as_ref().map_or(0, String::len) + a.response_snippet.len())
+    };
+    FIXED_OP_BYTES
+        + match op {
+            StoreOp::Insert(r) => {
+                let payload = if r.status == Status::Pending { r.event.body.len() } else { 0 };
+                payload + r.event.entity_key.len() + texts(&r.last_error, r.attempt.as_ref())
+            }
+            StoreOp::Complete(c) => texts(&c.last_error, Some(&c.attempt)),
+            StoreOp::Probe(p) => p.known_rows.iter().map(String::len).sum::<usize>() + 16 * p.ids.len(),
+            StoreOp::Disable { .. } | StoreOp::FailPending { .. } => 0,
+        }
+}
+
+/// `op` with every free text made safe to store (no NUL or control characters, bounded).
+fn made_safe(mut op: StoreOp) -> StoreOp {
+    let (last_error, attempt) = match &mut op {
+        StoreOp::Insert(r) => (&mut r.last_error, r.attempt.as_mut()),
+        StoreOp::Complete(c) => (&mut c.last_error, Some(&mut c.attempt)),
+        _ => return op,
+    };
+    safe_in_place(last_error, ERROR_BYTES);
+    if let Some(a) = attempt {
+        safe_in_place(&mut a.error, ERROR_BYTES);
+        if let std::borrow::Cow::Owned(s) = safe_text(&a.response_snippet, SNIPPET_BYTES) {
+            a.response_snippet = s;
+        }
+    }
+    op
+}
+
+fn safe_in_place(text: &mut Option<String>, max: usize) {
+    if let Some(t) = text.as_mut() {
+        if let std::borrow::Cow::Owned(s) = safe_text(t, max) {
+            *t = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::route::Event;
+    use crate::store::Record;
+
+    fn pending(body_bytes: usize, last_error: &str) -> StoreOp {
+        StoreOp::Insert(Record {
+            id: Uuid::new_v4(),
+            endpoint_id: Uuid::new_v4(),
+            event: Arc::new(Event {
+                id: Uuid::new_v4(),
+                account_id: Uuid::new_v4(),
+                event_type: "contact.created",
+                entity_key: "contacts:1".into(),
+                commit_lsn: 1,
+                seq: 1,
+                committed_at_us: 0,
+                body: Bytes::from(vec![b'x'; body_bytes]),
+            }),
+            status: Status::Pending,
+            attempt_count: 0,
+            http_status: None,
+            next_attempt_at: None,
+            lease: None,
+            last_error: Some(last_error.into()),
+            completed_at: None,
+            attempt: None,
+            ticket: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn batches_are_bounded_by_bytes_and_keep_their_order() {
+        let (tx, mut rx) = mpsc::channel(64);
+        // 5 MiB rows: three fit in 16 MiB; a 40 MiB row goes alone; small rows fill up.
+        let sizes = [5 << 20, 5 << 20, 5 << 20, 5 << 20, 40 << 20, 10, 10];
+        for (i, size) in sizes.iter().enumerate() {
+            tx.send(pending(*size, &i.to_string())).await.unwrap();
+        }
+        drop(tx);
+        let mut carry = None;
+        let mut got = Vec::new();
+        while let Some(batch) = next(&mut rx, &mut carry).await {
+            let bytes: usize = batch.iter().map(op_bytes).sum();
+            assert!(batch.len() == 1 || bytes <= MAX_BATCH_BYTES, "{bytes} bytes in {} ops", batch.len());
+            let order = batch.iter().map(|op| match op {
+                StoreOp::Insert(r) => r.last_error.clone().unwrap(),
+                _ => unreachable!(),
+            });
+            got.push(order.collect::<Vec<_>>().join(","));
+        }
+        assert_eq!(got, ["0,1,2", "3", "4", "5,6"]);
+    }
+
+    #[tokio::test]
+    async fn texts_are_made_safe_on_the_way_in() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(pending(1, "bad\0text")).await.unwrap();
+        let batch = next(&mut rx, &mut None).await.unwrap();
+        let StoreOp::Insert(r) = &batch[0] else { unreachable!() };
+        assert_eq!(r.last_error.as_deref(), Some("badtext"));
+    }
+}
