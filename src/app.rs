@@ -164,6 +164,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
+    let slot_watch =
+        tokio::spawn(crate::slot::watch(db.clone(), cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status);
 
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
@@ -180,6 +182,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let _ = dispatcher.await;
     let _ = outbox.await;
     let _ = maintenance.await;
+    let _ = slot_watch.await;
     // The writer ends once every stage holding a sender has ended and its writes are in.
     if tokio::time::timeout(grace + Duration::from_secs(10), writer).await.is_err() {
         tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");

@@ -54,6 +54,12 @@ pub const API_REQUESTS_TOTAL: &str = "walhook_api_requests_total";
 pub const API_REQUEST_DURATION_SECONDS: &str = "walhook_api_request_duration_seconds";
 /// Rows removed by retention, by table.
 pub const RETENTION_DELETED_TOTAL: &str = "walhook_retention_deleted_rows_total";
+/// 1 while the slot walhook streamed from is missing or invalidated (waiting for
+/// `walhook slot-reset`).
+pub const SLOT_LOST: &str = "walhook_replication_slot_lost";
+/// 1 while a prerequisite re-checked during streaming fails, by check (table,
+/// replica_identity, publication).
+pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -103,6 +109,10 @@ pub struct Metrics {
     pub api_duration: HistogramVec,
     /// See [`RETENTION_DELETED_TOTAL`].
     pub retention_deleted: IntCounterVec,
+    /// See [`SLOT_LOST`].
+    pub slot_lost: IntGauge,
+    /// See [`PREREQUISITE_FAILING`].
+    pub prerequisite_failing: IntGaugeVec,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes by (table index, op index), events by event index, deliveries by path.
@@ -224,6 +234,24 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             retention_deleted: counter_vec(RETENTION_DELETED_TOTAL, "Rows deleted by retention.", &["table"]),
+            slot_lost: gauge(
+                SLOT_LOST,
+                "1 while the replication slot is missing or invalidated (run walhook slot-reset).",
+            ),
+            prerequisite_failing: {
+                let g = reg(
+                    &registry,
+                    IntGaugeVec::new(
+                        Opts::new(PREREQUISITE_FAILING, "1 while a replication prerequisite fails, by check."),
+                        &["check"],
+                    )
+                    .expect("valid metric"),
+                );
+                for c in crate::preflight::Check::ALL {
+                    g.with_label_values(&[c.label()]).set(0);
+                }
+                g
+            },
             registry,
         }
     }

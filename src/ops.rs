@@ -56,11 +56,13 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     let streaming = s.status.streaming.load(Ordering::Relaxed);
     let standby = s.status.standby.load(Ordering::Relaxed);
     let reason = if !db_ok {
-        Some("database unreachable")
+        Some("database unreachable".into())
+    } else if let Some(slot_problem) = s.status.health.not_ready_reason() {
+        Some(slot_problem)
     } else if !streaming && !standby {
-        Some("replication is not streaming")
+        Some("replication is not streaming".into())
     } else {
-        None
+        None::<String>
     };
     match reason {
         None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
