@@ -3,7 +3,8 @@
 //!
 //! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
 //! while the database answers and replication streams (or stands by for another replica),
-//! otherwise 503 with a JSON reason; scraping never waits on the database.
+//! otherwise 503 with a JSON reason (a lost slot or a failing prerequisite, see `slot`, names
+//! itself); scraping never waits on the database.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

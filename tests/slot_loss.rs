@@ -213,6 +213,30 @@ async fn slot_reset_refuses_a_healthy_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_from_before_the_record_is_adopted_and_its_position_recorded() {
+    // An upgrade: the slot exists, walhook.slot_state has no row for it yet.
+    let env = Env::new("slot_adopted").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    env.sql("SELECT pg_create_logical_replication_slot('slot_adopted', 'pgoutput')").await;
+    let created =
+        text(&env, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'slot_adopted'").await;
+    let wh = env.start(FAST_RECHECK).await;
+    contact(&env, "adopted").await;
+    env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "adopted")).await.expect("streams the adopted slot");
+    assert_eq!(text(&env, "SELECT start_lsn::text FROM walhook.slot_state WHERE slot = 'slot_adopted'").await, created);
+    // The confirmed position is recorded as it moves.
+    wait_for(Duration::from_secs(20), || async {
+        env.scalar_i64(
+            "SELECT count(*) FROM walhook.slot_state WHERE slot = 'slot_adopted' AND confirmed_lsn > start_lsn",
+        )
+        .await
+            == 1
+    })
+    .await;
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_slot_is_reported_and_replaced_only_by_slot_reset() {
     // Its own cluster: a tiny max_slot_wal_keep_size lets a checkpoint invalidate the slot.
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&["max_slot_wal_keep_size = 1MB"])).await.unwrap();

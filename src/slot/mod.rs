@@ -401,3 +401,43 @@ fn slot_found(health: &SlotHealth, metrics: &Metrics, slot: &str) {
         tracing::info!(slot, "replication slot replaced by slot-reset; streaming resumes");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_slot_is_the_reason_before_failing_prerequisites_and_changes_are_reported_once() {
+        let h = SlotHealth::default();
+        assert_eq!(h.not_ready_reason(), None);
+        assert!(h.set_failing(Check::Publication, Some("publication p does not include t".into())));
+        assert!(!h.set_failing(Check::Publication, Some("publication p does not include t".into())));
+        assert_eq!(h.not_ready_reason().as_deref(), Some("prerequisite failed: publication p does not include t"));
+        assert!(h.set_lost(Some("replication slot s lost: gone".into())));
+        assert!(!h.set_lost(Some("replication slot s lost: invalidated".into())), "still lost: no new ERROR");
+        assert_eq!(h.not_ready_reason().as_deref(), Some("replication slot s lost: invalidated"));
+        assert!(h.set_lost(None));
+        assert!(h.set_failing(Check::Publication, None));
+        assert_eq!(h.not_ready_reason(), None);
+    }
+
+    #[test]
+    fn the_lost_reason_names_slot_position_time_and_the_command() {
+        let lost = Lost {
+            slot: "walhook".into(),
+            how: LostHow::Invalidated,
+            confirmed_lsn: Some("0/1A2B3C8".into()),
+            confirmed_at: Some("2026-06-15T14:30:00.123456Z".into()),
+        };
+        let r = lost.reason();
+        for needle in [
+            "replication slot walhook lost",
+            "invalidated",
+            "0/1A2B3C8",
+            "2026-06-15T14:30:00.123456Z",
+            "walhook slot-reset",
+        ] {
+            assert!(r.contains(needle), "{needle} missing from {r}");
+        }
+    }
+}
