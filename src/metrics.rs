@@ -1,5 +1,5 @@
 //! Prometheus metrics. Names are constants here; labels take a few fixed values only (table,
-//! op, event type, outcome class, route, status) — never URLs, ids or account ids.
+//! op, event type, outcome class, route, status, check) — never URLs, ids or account ids.
 //!
 //! What must hold: every name starts with `walhook_`, carries its unit, and counters end in
 //! `_total`; each process has its own registry (no globals), so two walhook instances in one

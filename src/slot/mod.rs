@@ -104,7 +104,9 @@ impl From<SlotError> for ReplicationError {
             SlotError::Db(e) => ReplicationError::Db(e),
             SlotError::Busy { slot, pid, application } => ReplicationError::SlotBusy { slot, pid, application },
             SlotError::Unusable { slot, why } => ReplicationError::SlotUnusable { slot, why },
-            e @ SlotError::Healthy { .. } => ReplicationError::SlotUnusable { slot: String::new(), why: e.to_string() },
+            SlotError::Healthy { slot, detail } => {
+                ReplicationError::SlotUnusable { slot, why: format!("healthy ({detail}), not reset") }
+            }
         }
     }
 }
