@@ -205,6 +205,25 @@ async fn a_table_dropped_from_the_publication_makes_walhook_not_ready_and_record
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_identity_that_drops_account_id_while_running_is_reported_until_fixed() {
+    let env = Env::new("slot_identity").await;
+    let wh = env.start(FAST_RECHECK).await;
+    wait_for(Duration::from_secs(20), || async { readyz(&env).await.0 == 200 }).await;
+    env.sql("ALTER TABLE contacts REPLICA IDENTITY DEFAULT").await;
+    wait_not_ready(&env, &["public.contacts", "REPLICA IDENTITY FULL"], Duration::from_secs(15)).await;
+    assert_eq!(env.metric("walhook_replication_prerequisite_failing{check=\"replica_identity\"}").await, 1.0);
+    env.sql("ALTER TABLE contacts REPLICA IDENTITY FULL").await;
+    wait_for(Duration::from_secs(15), || async { readyz(&env).await.0 == 200 }).await;
+    let closed = env
+        .scalar_i64(
+            "SELECT count(*) FROM walhook.replication_gaps WHERE kind = 'replica_identity' AND to_time >= from_time",
+        )
+        .await;
+    assert_eq!(closed, 1, "the window is recorded and closed");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_reset_refuses_a_healthy_slot() {
     let env = Env::new("slot_reset_healthy").await;
     let wh = env.start("").await;

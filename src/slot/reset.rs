@@ -135,7 +135,7 @@ async fn record_gap(
         .query_one(
             concat!(
                 "INSERT INTO walhook.replication_gaps (slot, kind, reason, from_lsn, from_time, to_lsn, to_time) \
-                 VALUES ($1, 'slot_lost', $2, $3::text::pg_lsn, $4::text::timestamptz, $5::text::pg_lsn, now()) \
+                 VALUES ($1, 'slot_lost', $2, $3::text::pg_lsn, $4::text::timestamptz, $5::text::pg_lsn, clock_timestamp()) \
                  RETURNING id, ",
                 utc_text!("to_time")
             ),
