@@ -179,6 +179,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
+    let slot_watch =
+        tokio::spawn(crate::slot::watch(db.clone(), cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status);
 
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
@@ -208,7 +210,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         tracing::error!(error = %e, "replication stopped; shutting down");
     }
     shutdown.cancel();
-    for (stage, task) in [("dispatch", dispatcher), ("outbox", outbox), ("maintenance", maintenance)] {
+    for (stage, task) in
+        [("dispatch", dispatcher), ("outbox", outbox), ("maintenance", maintenance), ("slot watch", slot_watch)]
+    {
         join_until(stage, task, &hard_stop).await;
     }
     // The writer ends once every stage holding a sender has ended and its writes are in.

@@ -1,4 +1,4 @@
-//! Command line: `walhook run | migrate | check-config | demo`.
+//! Command line: `walhook run | migrate | check-config | slot-reset | demo`.
 //!
 //! What must hold: configuration errors are printed with the key named and exit non-zero
 //! before anything connects; SIGTERM/SIGINT start a graceful shutdown and a second signal
@@ -38,6 +38,13 @@ enum Command {
     },
     /// Print the effective configuration, secrets redacted.
     CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replace a lost (missing or invalidated) replication slot: record the gap of changes
+    /// not delivered in walhook.replication_gaps and create a new slot. Refuses a healthy slot.
+    SlotReset {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -107,8 +114,45 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             tracing::info!("walhook stopped");
             Ok(())
         }
+        Command::SlotReset { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(&cfg);
+            let db = crate::db::Db::new(&cfg.database)?;
+            let report = crate::slot::reset(&db, &cfg).await.context("slot-reset")?;
+            print_reset(&report);
+            Ok(())
+        }
         Command::Demo { stay } => crate::demo::run(stay).await,
     }
+}
+
+fn print_reset(r: &crate::slot::ResetReport) {
+    if r.dropped_invalidated {
+        println!("dropped the invalidated replication slot {}", r.slot);
+    }
+    println!(
+        "created replication slot {} at {}{}",
+        r.slot,
+        r.start_lsn,
+        if r.failover {
+            " with failover = true (PostgreSQL 17+: carried to a standby with sync_replication_slots)"
+        } else {
+            ""
+        }
+    );
+    match &r.gap {
+        Some(g) => println!(
+            "recorded gap {} in walhook.replication_gaps: from {} ({}) to {} ({}); changes committed in between \
+             were not delivered: see docs/operations.md, WalhookReplicationSlotLost, for how to repair them",
+            g.id,
+            g.from_lsn,
+            g.from_time.as_deref().unwrap_or("unknown time"),
+            g.to_lsn,
+            g.to_time
+        ),
+        None => println!("walhook had not streamed from this slot before: no gap to record"),
+    }
+    println!("a waiting walhook resumes streaming from the new slot by itself");
 }
 
 /// Logging as configured; `RUST_LOG` wins over `log.level`. tokio-postgres logs statement

@@ -119,7 +119,8 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
-    /// Logical replication slot (pgoutput); created when missing.
+    /// Logical replication slot (pgoutput); created at first start. A slot walhook streamed
+    /// from that goes missing is not re-created: `walhook slot-reset` does that.
     pub slot: Identifier,
     /// Publication over the CRM tables and `walhook.endpoints`; created by `walhook migrate`.
     pub publication: Identifier,
@@ -127,6 +128,10 @@ pub struct ReplicationConfig {
     pub status_interval: HumanDuration,
     /// Interval of `pg_logical_emit_message` heartbeats; `0s` turns them off.
     pub heartbeat_interval: HumanDuration,
+    /// How often the streaming replica re-checks the prerequisites (publication tables,
+    /// replica identity, the slot's `wal_status`) while it runs, and how often a lost slot is
+    /// looked at again (at most every 5s).
+    pub recheck_interval: HumanDuration,
 }
 
 /// `[auth]`
@@ -309,6 +314,7 @@ impl Config {
             ("dispatch.connect_timeout", &self.dispatch.connect_timeout),
             ("dispatch.poll_interval", &self.dispatch.poll_interval),
             ("replication.status_interval", &self.replication.status_interval),
+            ("replication.recheck_interval", &self.replication.recheck_interval),
             ("retention.interval", &self.retention.interval),
             ("database.write_stall_after", &self.database.write_stall_after),
         ] {

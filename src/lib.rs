@@ -31,6 +31,7 @@ pub mod replication;
 pub mod route;
 pub mod secrets;
 pub mod sign;
+pub mod slot;
 pub mod store;
 pub mod tls;
 pub mod values;

@@ -1,5 +1,5 @@
 //! Prometheus metrics. Names are constants here; labels take a few fixed values only (table,
-//! op, event type, outcome class, route, status) — never URLs, ids or account ids.
+//! op, event type, outcome class, route, status, check) — never URLs, ids or account ids.
 //!
 //! What must hold: every name starts with `walhook_`, carries its unit, and counters end in
 //! `_total`; each process has its own registry (no globals), so two walhook instances in one
@@ -59,6 +59,12 @@ pub const STORE_STALLED: &str = "walhook_store_stalled";
 /// Store writes the database refused, by what was done with them (`without_texts`, `failed`,
 /// `rejected`).
 pub const STORE_SET_ASIDE_TOTAL: &str = "walhook_store_set_aside_total";
+/// 1 while the slot walhook streamed from is missing or invalidated (waiting for
+/// `walhook slot-reset`).
+pub const SLOT_LOST: &str = "walhook_replication_slot_lost";
+/// 1 while a prerequisite re-checked during streaming fails, by check (table,
+/// replica_identity, publication).
+pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -112,6 +118,10 @@ pub struct Metrics {
     pub store_stalled: IntGauge,
     /// See [`STORE_SET_ASIDE_TOTAL`].
     pub store_set_aside: IntCounterVec,
+    /// See [`SLOT_LOST`].
+    pub slot_lost: IntGauge,
+    /// See [`PREREQUISITE_FAILING`].
+    pub prerequisite_failing: IntGaugeVec,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes by (table index, op index), events by event index, deliveries by path.
@@ -239,6 +249,24 @@ impl Metrics {
                 "Store writes the database refused, by what was done with them.",
                 &["form"],
             ),
+            slot_lost: gauge(
+                SLOT_LOST,
+                "1 while the replication slot is missing or invalidated (run walhook slot-reset).",
+            ),
+            prerequisite_failing: {
+                let g = reg(
+                    &registry,
+                    IntGaugeVec::new(
+                        Opts::new(PREREQUISITE_FAILING, "1 while a replication prerequisite fails, by check."),
+                        &["check"],
+                    )
+                    .expect("valid metric"),
+                );
+                for c in crate::preflight::Check::ALL {
+                    g.with_label_values(&[c.label()]).set(0);
+                }
+                g
+            },
             registry,
         }
     }

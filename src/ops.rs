@@ -3,8 +3,8 @@
 //!
 //! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
 //! while the database answers, replication streams (or stands by for another replica) and the
-//! store writer makes progress, otherwise 503 with a JSON reason; scraping never waits on the
-//! database.
+//! store writer makes progress, otherwise 503 with a JSON reason (a lost slot or a failing
+//! prerequisite, see `slot`, names itself); scraping never waits on the database.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -58,6 +58,8 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     let standby = s.status.standby.load(Ordering::Relaxed);
     let reason = if !db_ok {
         Some("database unreachable".to_owned())
+    } else if let Some(slot_problem) = s.status.health.not_ready_reason() {
+        Some(slot_problem)
     } else if !streaming && !standby {
         Some("replication is not streaming".to_owned())
     } else {

@@ -4,7 +4,10 @@
 //! What must hold (invariant 8): walhook does not start streaming when a CRM table's deletes
 //! would lack `account_id`, when `wal_level` is not logical, when a table or the publication
 //! is missing, when the schema is older than this build, or when the role lacks privileges on
-//! walhook's schema (reported as such, with the GRANT to run, never as an old schema).
+//! walhook's schema (reported as such, with the GRANT to run, never as an old schema). The
+//! catalog checks ([`catalog_problems`]) are also re-run while walhook streams (`slot::watch`),
+//! because a table dropped from the publication or a replica identity changed by hand
+//! silently loses changes.
 
 use crate::catalog::{self, CRM_TABLES, ENDPOINTS_TABLE};
 use crate::config::Config;
@@ -58,37 +61,7 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
 
     problems.extend(schema_access(&**client, &user).await?);
 
-    let schema = cfg.database.crm_schema.as_str();
-    for t in catalog::inspect_crm_tables(&**client, schema).await? {
-        if !t.exists {
-            problems
-                .push(format!("table {schema}.{} does not exist (check database.url and database.crm_schema)", t.name));
-        } else if !t.has_id || !t.has_account_id {
-            problems.push(format!("table {schema}.{} needs columns id and account_id", t.name));
-        } else if !t.deletes_keep_account_id() {
-            problems.push(format!(
-                "table {schema}.{} has {}, so its deletes would not carry account_id and could not be \
-                 routed: run `walhook migrate` or ALTER TABLE {schema}.{} REPLICA IDENTITY FULL",
-                t.name,
-                t.identity_words(),
-                t.name
-            ));
-        }
-    }
-
-    let publication = cfg.replication.publication.as_str();
-    match catalog::published_tables(&**client, publication).await? {
-        None => problems.push(format!("publication {publication} does not exist: run `walhook migrate`")),
-        Some(tables) => {
-            let wanted = CRM_TABLES
-                .iter()
-                .map(|t| format!("{schema}.{t}"))
-                .chain(std::iter::once(format!("{}.{}", ENDPOINTS_TABLE.0, ENDPOINTS_TABLE.1)));
-            for t in wanted.filter(|t| !tables.contains(t)) {
-                problems.push(format!("publication {publication} does not include {t}: run `walhook migrate`"));
-            }
-        }
-    }
+    problems.extend(catalog_problems(&**client, cfg).await?.into_iter().map(|p| p.message));
 
     if problems.is_empty() {
         Ok(())
@@ -136,4 +109,89 @@ async fn schema_access(client: &impl GenericClient, user: &str) -> Result<Vec<St
         )]);
     }
     Ok(Vec::new())
+}
+
+/// A prerequisite that can break while walhook runs; the `check` label of
+/// `walhook_replication_prerequisite_failing` and the `kind` of its gap rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Check {
+    /// A CRM table exists with `id` and `account_id`.
+    Table,
+    /// A CRM table's deletes carry `account_id`.
+    ReplicaIdentity,
+    /// The publication holds the CRM tables and `walhook.endpoints`.
+    Publication,
+}
+
+impl Check {
+    /// Every check, in label order.
+    pub const ALL: [Check; 3] = [Check::Table, Check::ReplicaIdentity, Check::Publication];
+
+    /// The metric label and gap kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            Check::Table => "table",
+            Check::ReplicaIdentity => "replica_identity",
+            Check::Publication => "publication",
+        }
+    }
+}
+
+/// One unmet catalog prerequisite, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Which check failed.
+    pub check: Check,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// The catalog prerequisites (CRM tables, their replica identity, the publication's tables)
+/// that are not met; empty when all hold.
+pub async fn catalog_problems(client: &impl GenericClient, cfg: &Config) -> Result<Vec<Problem>, DbError> {
+    let mut problems = Vec::new();
+    let mut add = |check, message| problems.push(Problem { check, message });
+    let schema = cfg.database.crm_schema.as_str();
+    for t in catalog::inspect_crm_tables(client, schema).await? {
+        if !t.exists {
+            add(
+                Check::Table,
+                format!("table {schema}.{} does not exist (check database.url and database.crm_schema)", t.name),
+            );
+        } else if !t.has_id || !t.has_account_id {
+            add(Check::Table, format!("table {schema}.{} needs columns id and account_id", t.name));
+        } else if !t.deletes_keep_account_id() {
+            add(
+                Check::ReplicaIdentity,
+                format!(
+                    "table {schema}.{} has {}, so its deletes would not carry account_id and could not be \
+                     routed: run `walhook migrate` or ALTER TABLE {schema}.{} REPLICA IDENTITY FULL",
+                    t.name,
+                    t.identity_words(),
+                    t.name
+                ),
+            );
+        }
+    }
+
+    let publication = cfg.replication.publication.as_str();
+    match catalog::published_tables(client, publication).await? {
+        None => add(Check::Publication, format!("publication {publication} does not exist: run `walhook migrate`")),
+        Some(tables) => {
+            let wanted = CRM_TABLES
+                .iter()
+                .map(|t| format!("{schema}.{t}"))
+                .chain(std::iter::once(format!("{}.{}", ENDPOINTS_TABLE.0, ENDPOINTS_TABLE.1)));
+            for t in wanted.filter(|t| !tables.contains(t)) {
+                add(
+                    Check::Publication,
+                    format!(
+                        "publication {publication} does not include {t}: run `walhook migrate` or \
+                         ALTER PUBLICATION {publication} ADD TABLE {t}"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(problems)
 }

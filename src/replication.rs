@@ -119,6 +119,8 @@ pub struct ReplicationStatus {
     pub standby: AtomicBool,
     /// Unix microseconds of the last commit read (0: none yet).
     pub last_commit_us: AtomicI64,
+    /// A lost slot or failing prerequisites (see `slot`).
+    pub health: crate::slot::SlotHealth,
 }
 
 /// The transaction being read.
@@ -240,7 +242,9 @@ impl Replication {
     #[tracing::instrument(name = "replication", skip_all, fields(slot = %self.cfg.replication.slot))]
     async fn session(&mut self, shutdown: &CancellationToken, started_once: &mut bool) -> Result<(), ReplicationError> {
         let slot = self.cfg.replication.slot.to_string();
-        ensure_slot(&self.db, &slot).await?;
+        if !crate::slot::wait_usable(&self.db, &self.cfg, &self.status.health, &self.metrics, shutdown).await? {
+            return Ok(());
+        }
         // Endpoints as they are now; changes after the slot's position replay in LSN order.
         self.router = Some(Router::load(&self.db, self.secrets.clone()).await?);
         self.replay_until = {
@@ -516,49 +520,5 @@ impl Replication {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
-    }
-}
-
-/// Creates the slot when missing; refuses one that is busy or not walhook's kind.
-async fn ensure_slot(db: &Db, slot: &str) -> Result<(), ReplicationError> {
-    let client = db.get().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = client
-            .query_opt(
-                "SELECT s.plugin::text, s.slot_type, s.database::text, current_database()::text, s.active, \
-                        COALESCE(s.active_pid, 0), COALESCE(a.application_name, '') \
-                 FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
-                 WHERE s.slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-        let Some(row) = row else {
-            client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
-            tracing::info!(slot, "created replication slot");
-            return Ok(());
-        };
-        let unusable = |why: String| ReplicationError::SlotUnusable { slot: slot.to_owned(), why };
-        let (plugin, kind): (Option<String>, String) = (row.get(0), row.get(1));
-        let (slot_db, this_db): (Option<String>, String) = (row.get(2), row.get(3));
-        if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
-            return Err(unusable(format!(
-                "it is a {kind} slot with plugin {plugin:?}; walhook needs a logical pgoutput slot: drop it or set replication.slot"
-            )));
-        }
-        if slot_db.as_deref() != Some(this_db.as_str()) {
-            return Err(unusable(format!(
-                "it belongs to database {slot_db:?}, not {this_db}: set replication.slot to a slot of this database"
-            )));
-        }
-        let active: bool = row.get(4);
-        if !active {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(ReplicationError::SlotBusy { slot: slot.to_owned(), pid: row.get(5), application: row.get(6) });
-        }
-        // A previous session's walsender may still be winding down.
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -133,6 +133,7 @@ slot = {{ .Values.config.replication.slot | toString | toJson }}
 publication = {{ .Values.config.replication.publication | toString | toJson }}
 status_interval = {{ .Values.config.replication.status_interval | toString | toJson }}
 heartbeat_interval = {{ .Values.config.replication.heartbeat_interval | toString | toJson }}
+recheck_interval = {{ .Values.config.replication.recheck_interval | toString | toJson }}
 
 [auth]
 account_claim = {{ .Values.config.auth.account_claim | toString | toJson }}
