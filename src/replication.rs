@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::decode::{DecodeError, Decoded, Decoder, RowChange};
 use crate::dispatch::{DispatchMsg, Fence};
-use crate::leader;
+use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::progress::Tracker;
@@ -233,16 +233,13 @@ impl Replication {
             if lost {
                 // Another replica may stream as soon as this walsender is gone: nothing this
                 // session routed may be sent after that, so dispatch drops it first.
-                if let Some(fence) = &self.fence {
-                    fence.raise().await;
-                }
+                self.fence().await;
             }
             drop(stream);
             self.status.streaming.store(false, Ordering::Relaxed);
             self.metrics.streaming.set(0);
             self.tracker.abandon_open();
             self.tx = None;
-            drop(lead);
             match result {
                 Ok(()) => return Ok(()),
                 // A slot busy at plain start-up is another consumer's: fail loudly. After a
@@ -263,22 +260,10 @@ impl Replication {
                         tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
                     }
                     self.metrics.reconnects.inc();
-                    if lost {
-                        // Dispatch dropped what the session routed: nothing of it will settle.
-                        self.tracker = Tracker::new();
+                    if !self.settle_session(&lead, lost, &shutdown).await {
+                        return Ok(());
                     }
-                    // Let what the old session routed settle, so the replay check sees it.
-                    let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
-                    let notify = self.tracker.notify();
-                    while !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
-                        self.tracker.confirmable();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = notify.notified() => {}
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
-                    }
-                    self.tracker = Tracker::new();
+                    drop(lead);
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -287,6 +272,36 @@ impl Replication {
                 }
             }
         }
+    }
+
+    /// Makes dispatch drop what the session routed (leadership lost).
+    async fn fence(&self) {
+        if let Some(fence) = &self.fence {
+            fence.raise().await;
+        }
+    }
+
+    /// After a session ended with an error: lets what it routed settle, for up to a minute,
+    /// so the next session's replay check sees it. The lock is held meanwhile (no other
+    /// replica streams while this dispatcher still sends); losing it fences dispatch, and
+    /// after a fence nothing of the session will settle. `false` on shutdown.
+    async fn settle_session(&mut self, lead: &Leadership, fenced: bool, shutdown: &CancellationToken) -> bool {
+        let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let notify = self.tracker.notify();
+        while !fenced && !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
+            self.tracker.confirmable();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = lead.lost() => {
+                    self.fence().await;
+                    break;
+                }
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        self.tracker = Tracker::new();
+        true
     }
 
     #[tracing::instrument(name = "replication", skip_all, fields(slot = %self.cfg.replication.slot))]

@@ -344,6 +344,42 @@ mod tests {
         assert_ne!(event_id(10, 1), delivery_id(10, 1, e));
     }
 
+    fn row(id: Uuid) -> EndpointRow {
+        EndpointRow {
+            id: Some(id),
+            account_id: Some(Uuid::from_u128(1)),
+            url: Some("https://example.com/hook".into()),
+            secret: Some(format!("whsec_{}", "A".repeat(43) + "=")),
+            events: Some(vec!["contact.created".into()]),
+            is_active: Some(true),
+            disabled_reason: None,
+        }
+    }
+
+    #[test]
+    fn an_update_keeps_unchanged_toast_fields_and_every_change_is_listed_once() {
+        let mut router = Router::new(SecretBox::new(None).unwrap());
+        let (e, f) = (Uuid::from_u128(7), Uuid::from_u128(8));
+        router.apply(row(e));
+        router.apply(row(f));
+        // An update whose row image lacks the (unchanged, TOASTed) events, URL and secret.
+        router.apply(EndpointRow { id: Some(e), is_active: Some(false), ..Default::default() });
+        router.remove(f);
+        let mut changed = router.take_changed();
+        changed.sort_by_key(|(id, _)| *id);
+        let merged = Routing {
+            account_id: Uuid::from_u128(1),
+            events: vec!["contact.created".into()],
+            is_active: false,
+            disabled_reason: None,
+        };
+        assert_eq!(changed, vec![(e, Some(merged)), (f, None)]);
+        assert!(router.take_changed().is_empty());
+        let ep = router.get(e).expect("still routable with its URL and secret");
+        assert!(!ep.is_active && ep.events != 0);
+        assert!(router.get(f).is_none() && router.routing(f).is_none());
+    }
+
     #[test]
     fn masks_cover_the_twelve_events() {
         assert_eq!(event_mask(&["contact.created", "project.deleted", "bogus"]).count_ones(), 2);

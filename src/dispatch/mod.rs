@@ -45,8 +45,9 @@ use policy::RetryPolicy;
 const MAX_BLOCKED_ROWS: usize = 1000;
 /// How often waiting times are checked and blocked rows probed.
 const TICK: Duration = Duration::from_millis(200);
-/// Longest a fence waits for the lost session's store writes to commit.
-const FENCE_STORE_WAIT: Duration = Duration::from_secs(30);
+/// Longest a fence waits for the lost session's store writes to commit. Short: replication
+/// holds its walsender meanwhile, and a database that is shutting down waits for it.
+const FENCE_STORE_WAIT: Duration = Duration::from_secs(2);
 
 /// What routing tells dispatch, in stream order.
 #[derive(Debug)]
@@ -292,8 +293,9 @@ impl Dispatcher {
     /// Leadership lost: the new leader replays everything not recorded, so what is waiting
     /// here (or queued for us) is dropped unsent and attempts in flight are cancelled.
     /// Tickets are dropped unsettled; the session's tracker is discarded with them. Returns
-    /// once what was already handed to the store has committed, so the next leader sees
-    /// every outbox row this session wrote when it reads which endpoints have rows pending.
+    /// once what was already handed to the store has committed (at most
+    /// `FENCE_STORE_WAIT`), so the next leader sees the outbox rows this session wrote when
+    /// it reads which endpoints have rows pending.
     async fn on_fence(&mut self, rx: &mut mpsc::Receiver<DispatchMsg>) {
         let mut dropped = 0;
         while let Ok(msg) = rx.try_recv() {
@@ -319,7 +321,7 @@ impl Dispatcher {
         if self.store.send(StoreOp::Probe(barrier)).await.is_ok()
             && tokio::time::timeout(FENCE_STORE_WAIT, answer.recv()).await.is_err()
         {
-            tracing::warn!(waited = ?FENCE_STORE_WAIT, "store writes of the lost session not committed yet; letting the stream go anyway");
+            tracing::warn!(waited = ?FENCE_STORE_WAIT, "store writes of the lost session not committed yet (database unreachable?); letting the stream go");
         }
     }
 
