@@ -563,8 +563,8 @@ impl Replication {
                 self.send(DispatchMsg::EndpointRemoved(id), shutdown).await?;
                 continue;
             }
-            match current.iter().find(|(c, ..)| *c == id) {
-                Some((_, url, secret)) => self.router_mut().refresh(id, url, secret),
+            match current.get(&id) {
+                Some((url, secret)) => self.router_mut().refresh(id, url, secret),
                 // Deleted since: its delete follows in the stream.
                 None => self.router_mut().unroute(id),
             }

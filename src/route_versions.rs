@@ -14,6 +14,8 @@
 //!   created anew (or reset) is seeded again, so versions of an older slot never apply.
 //! - Superseded versions at or below the confirmed position are compacted at session start.
 
+use std::collections::HashMap;
+
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
@@ -82,7 +84,7 @@ pub(crate) async fn record(
     slot: &str,
     valid_from: u64,
     changes: &[(Uuid, Option<Routing>)],
-) -> Result<Vec<(Uuid, String, String)>, DbError> {
+) -> Result<HashMap<Uuid, (String, String)>, DbError> {
     let valid_from = valid_from as i64;
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
@@ -111,7 +113,7 @@ pub(crate) async fn record(
     tx.commit().await?;
     let alive: Vec<Uuid> = changes.iter().filter(|(_, r)| r.is_some()).map(|(id, _)| *id).collect();
     let rows = client.query("SELECT id, url, secret FROM walhook.endpoints WHERE id = ANY($1)", &[&alive]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 }
 
 /// Seeds `slot` from the current endpoint rows at position 0 unless it was seeded before.

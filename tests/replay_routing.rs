@@ -177,3 +177,29 @@ async fn after_a_postgres_restart_the_new_session_routes_with_the_endpoints_of_t
     drop(env);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_versions_are_written_per_change_and_compacted_at_the_next_session() {
+    let env = Env::new("replay_routing_versions").await;
+    let e = env.endpoint(ACCOUNT_A, "e", &["contact.created"]).await;
+    let gone = env.endpoint(ACCOUNT_A, "gone", &["contact.created"]).await;
+    let wh = env.start("").await;
+    let versions = |id: Uuid| format!("SELECT count(*) FROM walhook.endpoint_versions WHERE endpoint_id = '{id}'");
+    assert_eq!(env.scalar_i64(&versions(e.id)).await, 1, "seeded");
+    set_active(&env, e.id, false).await;
+    set_active(&env, e.id, true).await;
+    endpoints(&env).delete(Caller { account_id: ACCOUNT_A, user_id: USER }, gone.id).await.unwrap();
+    wait_confirmed_to_now(&env).await;
+    assert_eq!(env.scalar_i64(&versions(e.id)).await, 3, "one version per change");
+    assert_eq!(env.scalar_i64(&versions(gone.id)).await, 2, "the delete is a version too");
+    wh.stop().await.unwrap();
+    let wh = env.start("").await;
+    assert_eq!(env.scalar_i64(&versions(e.id)).await, 1, "superseded versions compacted");
+    assert_eq!(env.scalar_i64(&versions(gone.id)).await, 0, "a confirmed delete leaves nothing");
+    let active = format!("SELECT count(*) FROM walhook.endpoint_versions WHERE endpoint_id = '{}' AND is_active", e.id);
+    assert_eq!(env.scalar_i64(&active).await, 1);
+    // Still routed after the restart.
+    insert_contact(&env, "84000000-0000-4000-8000-000000000001", "after").await;
+    env.receiver.wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/e")).await.expect("E routed");
+    wh.stop().await.unwrap();
+}
