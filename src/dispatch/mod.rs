@@ -318,9 +318,9 @@ impl Dispatcher {
         let (reply, mut answer) = mpsc::channel(1);
         let barrier =
             Probe { endpoint_id: Uuid::nil(), ids: Vec::new(), whole_endpoint: false, known_rows: Vec::new(), reply };
-        if self.store.send(StoreOp::Probe(barrier)).await.is_ok()
-            && tokio::time::timeout(FENCE_STORE_WAIT, answer.recv()).await.is_err()
-        {
+        let committed =
+            async { self.store.send(StoreOp::Probe(barrier)).await.is_err() || answer.recv().await.is_some() };
+        if tokio::time::timeout(FENCE_STORE_WAIT, committed).await.is_err() {
             tracing::warn!(waited = ?FENCE_STORE_WAIT, "store writes of the lost session not committed yet (database unreachable?); letting the stream go");
         }
     }
