@@ -137,15 +137,6 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
     let writer = writer.monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get());
     let outbox_wake = Arc::new(Notify::new());
-    let pending_at_start: Vec<uuid::Uuid> = db
-        .get()
-        .await?
-        .query("SELECT DISTINCT endpoint_id FROM walhook.deliveries WHERE status = 'pending'", &[])
-        .await
-        .map_err(DbError::from)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_CHANNEL);
     let dispatcher = Dispatcher::new(
         DispatchSettings {
@@ -160,8 +151,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         store_tx.clone(),
         outbox_wake.clone(),
         metrics.clone(),
-    )
-    .with_pending_at_start(pending_at_start);
+    );
     let maintenance = tokio::spawn(crate::maintenance::run(
         db.clone(),
         cfg.clone(),
@@ -181,7 +171,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     );
     let slot_watch =
         tokio::spawn(crate::slot::watch(db.clone(), cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
-    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status);
+    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
+        .with_fence(dispatcher.fence());
 
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
     let api = tokio::spawn(crate::api::serve(api_listener, api_state, shutdown.clone()));

@@ -3,7 +3,10 @@
 //! ends (process death closes the connection, which releases the lock).
 //!
 //! What must hold: at most one walhook process streams a slot at a time; losing the lock's
-//! connection ends that process's streaming before another may start.
+//! connection ends that process's streaming, and makes its dispatch drop what the session
+//! routed, before its walsender goes (another may only stream once that walsender is gone).
+//! A process that had to wait for the lock knows it took over, so it waits for the old
+//! leader's walsender to end instead of failing on a busy slot.
 
 use std::time::Duration;
 
@@ -12,17 +15,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, DbError};
 
+/// How often the lock's connection is checked.
+const LOST_POLL: Duration = Duration::from_millis(100);
+
 /// The held lock; streaming must stop when `lost` resolves.
 pub struct Leadership {
     client: tokio_postgres::Client,
+    took_over: bool,
 }
 
 impl Leadership {
     /// Resolves when the lock's connection has closed.
     pub async fn lost(&self) {
         while !self.client.is_closed() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(LOST_POLL).await;
         }
+    }
+
+    /// Whether another process held the lock when this one first asked for it.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 }
 
@@ -42,7 +54,7 @@ pub async fn acquire(db: &Db, slot: &str, shutdown: &CancellationToken) -> Resul
             if announced {
                 tracing::info!(slot, "took over replication");
             }
-            return Ok(Some(Leadership { client }));
+            return Ok(Some(Leadership { client, took_over: announced }));
         }
         if !announced {
             tracing::info!(slot, "another walhook process streams this slot; standing by");

@@ -29,6 +29,7 @@ pub mod preflight;
 pub mod progress;
 pub mod replication;
 pub mod route;
+pub mod route_versions;
 pub mod secrets;
 pub mod sign;
 pub mod slot;

@@ -16,6 +16,7 @@ use crate::grants;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "walhook_schema", include_str!("../sql/0001_walhook_schema.sql")),
     (2, "drop_unused_index", include_str!("../sql/0002_drop_unused_index.sql")),
+    (3, "routing_versions", include_str!("../sql/0003_routing_versions.sql")),
     (4, "slot_state", include_str!("../sql/0004_slot_state.sql")),
 ];
 

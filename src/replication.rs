@@ -9,6 +9,17 @@
 //! - Routing waits when dispatch is full: backpressure stays in the slot, not in memory.
 //! - A lost connection or a restarted server is survived: the session is rebuilt with
 //!   backoff and resumes from the slot once what was in flight has settled.
+//! - Every session routes with the endpoint set valid at the slot's confirmed position, and
+//!   an endpoint change is stored as a routing version before its commit can be confirmed,
+//!   so a replay routes exactly as the first pass did ([`crate::route_versions`]).
+//! - Before a session routes anything, dispatch learns which endpoints have deliveries
+//!   waiting in the outbox (after a start, a reconnect or a takeover alike), so rows keep
+//!   their order behind them.
+//! - Leadership lost while this process lives: dispatch is fenced (drops what the session
+//!   routed, cancels its attempts) before the replication connection closes, because another
+//!   replica can stream only once this walsender is gone.
+//! - A process that took the lock over waits for the previous leader's walsender to end; a
+//!   slot busy at plain start-up (another consumer) fails loudly.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -22,12 +33,13 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::decode::{DecodeError, Decoded, Decoder, RowChange};
-use crate::dispatch::DispatchMsg;
-use crate::leader;
+use crate::dispatch::{DispatchMsg, Fence};
+use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Message};
 use crate::progress::Tracker;
 use crate::route::{self, Delivery, Event, RouteError, Router};
+use crate::route_versions;
 use crate::secrets::SecretBox;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -79,6 +91,10 @@ pub enum ReplicationError {
     /// This process lost the advisory lock that makes it the streaming replica.
     #[error("lost the replication leadership lock")]
     LeadershipLost,
+    /// Endpoint changes could not be stored as routing versions (their commit stays
+    /// unconfirmed and is read again).
+    #[error("storing routing versions: {0}")]
+    RoutingVersions(DbError),
 }
 
 impl ReplicationError {
@@ -90,6 +106,7 @@ impl ReplicationError {
             ReplicationError::Decode(DecodeError::TypeLookup(_)) => true,
             ReplicationError::Decode(_) => false,
             ReplicationError::Closed | ReplicationError::LeadershipLost => true,
+            ReplicationError::RoutingVersions(_) => true,
             ReplicationError::SlotBusy { .. } => true,
             ReplicationError::SlotUnusable { .. } => false,
             ReplicationError::Route(RouteError::Db(e)) => e.is_transient(),
@@ -146,6 +163,8 @@ pub struct Replication {
     tx: Option<TxCtx>,
     /// Commits at or below this LSN may already be recorded (replay after a restart).
     replay_until: u64,
+    /// Makes dispatch drop what a session routed when leadership is lost.
+    fence: Option<Fence>,
 }
 
 impl Replication {
@@ -169,7 +188,14 @@ impl Replication {
             tracker: Tracker::new(),
             tx: None,
             replay_until: 0,
+            fence: None,
         }
+    }
+
+    /// Fences `dispatch` with `fence` when leadership is lost, before the stream closes.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
     }
 
     /// Streams until `shutdown`, reconnecting after transient failures. The first session's
@@ -178,6 +204,8 @@ impl Replication {
         let slot = self.cfg.replication.slot.to_string();
         let mut backoff = Duration::from_secs(1);
         let mut started_once = false;
+        // This process waited for the lock: the slot's walsender may still be the old leader's.
+        let mut took_over = false;
         loop {
             self.status.standby.store(true, Ordering::Relaxed);
             let lead = leader::acquire(&self.db, &slot, &shutdown).await;
@@ -196,39 +224,48 @@ impl Replication {
                 }
                 Err(e) => return Err(e.into()),
             };
+            took_over |= lead.took_over();
             let began = Instant::now();
+            let mut stream = None;
             let result = tokio::select! {
-                r = self.session(&shutdown, &mut started_once) => r,
+                r = self.session(&shutdown, &mut started_once, &mut stream) => r,
                 _ = lead.lost() => Err(ReplicationError::LeadershipLost),
             };
+            let lost = matches!(result, Err(ReplicationError::LeadershipLost));
+            if lost {
+                // Another replica may stream as soon as this walsender is gone: nothing this
+                // session routed may be sent after that, so dispatch drops it first.
+                self.fence().await;
+            }
+            drop(stream);
             self.status.streaming.store(false, Ordering::Relaxed);
             self.metrics.streaming.set(0);
             self.tracker.abandon_open();
             self.tx = None;
-            drop(lead);
             match result {
                 Ok(()) => return Ok(()),
-                Err(e) if !e.is_transient() || (!started_once && matches!(e, ReplicationError::SlotBusy { .. })) => {
+                // A slot busy at plain start-up is another consumer's: fail loudly. After a
+                // takeover it is the old leader's walsender winding down: wait for it.
+                Err(e)
+                    if !e.is_transient()
+                        || (!started_once && !took_over && matches!(e, ReplicationError::SlotBusy { .. })) =>
+                {
                     return Err(e)
                 }
                 Err(e) => {
                     if began.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
-                    self.metrics.reconnects.inc();
-                    // Let what the old session routed settle, so the replay check sees it.
-                    let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
-                    let notify = self.tracker.notify();
-                    while !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
-                        self.tracker.confirmable();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = notify.notified() => {}
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
+                    if let ReplicationError::SlotBusy { pid, application, .. } = &e {
+                        tracing::warn!(slot, pid, application, retry_in = ?backoff, "replication slot still streamed after taking over; waiting for the previous walsender to end");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
                     }
-                    self.tracker = Tracker::new();
+                    self.metrics.reconnects.inc();
+                    if !self.settle_session(&lead, lost, &shutdown).await {
+                        return Ok(());
+                    }
+                    drop(lead);
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -239,19 +276,63 @@ impl Replication {
         }
     }
 
+    /// Makes dispatch drop what the session routed (leadership lost).
+    async fn fence(&self) {
+        if let Some(fence) = &self.fence {
+            fence.raise().await;
+        }
+    }
+
+    /// After a session ended with an error: lets what it routed settle, for up to a minute,
+    /// so the next session's replay check sees it. The lock is held meanwhile (no other
+    /// replica streams while this dispatcher still sends); losing it fences dispatch, and
+    /// after a fence nothing of the session will settle. `false` on shutdown.
+    async fn settle_session(&mut self, lead: &Leadership, fenced: bool, shutdown: &CancellationToken) -> bool {
+        let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let notify = self.tracker.notify();
+        while !fenced && !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
+            self.tracker.confirmable();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = lead.lost() => {
+                    self.fence().await;
+                    break;
+                }
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        self.tracker = Tracker::new();
+        true
+    }
+
     #[tracing::instrument(name = "replication", skip_all, fields(slot = %self.cfg.replication.slot))]
-    async fn session(&mut self, shutdown: &CancellationToken, started_once: &mut bool) -> Result<(), ReplicationError> {
+    async fn session(
+        &mut self,
+        shutdown: &CancellationToken,
+        started_once: &mut bool,
+        stream: &mut Option<ReplicationClient>,
+    ) -> Result<(), ReplicationError> {
         let slot = self.cfg.replication.slot.to_string();
         if !crate::slot::wait_usable(&self.db, &self.cfg, &self.status.health, &self.metrics, shutdown).await? {
             return Ok(());
         }
-        // Endpoints as they are now; changes after the slot's position replay in LSN order.
-        self.router = Some(Router::load(&self.db, self.secrets.clone()).await?);
-        self.replay_until = {
+        // Endpoints as they were at the slot's confirmed position; later changes replay in
+        // LSN order with the rows.
+        self.router = Some(route_versions::load(&self.db, &slot, self.secrets.clone()).await?);
+        let pending_endpoints: Vec<Uuid> = {
             let client = self.db.get().await?;
             let row = client.query_one("SELECT COALESCE(max(commit_lsn), 0) FROM walhook.deliveries", &[]).await?;
-            row.get::<_, i64>(0) as u64
+            self.replay_until = row.get::<_, i64>(0) as u64;
+            let rows = client
+                .query("SELECT DISTINCT endpoint_id FROM walhook.deliveries WHERE status = 'pending'", &[])
+                .await?;
+            rows.iter().map(|r| r.get(0)).collect()
         };
+        // Before anything of this session is routed: endpoints with rows waiting in the outbox
+        // (left by this process, a dead one, or the leader this one took over from) start
+        // spilled, so their rows queue behind what waits there.
+        self.send(DispatchMsg::SessionStart { pending_endpoints }, shutdown).await?;
         let repl_cfg = self
             .db
             .replication_config(&slot, self.cfg.replication.publication.as_str())?
@@ -260,7 +341,7 @@ impl Replication {
             .with_wakeup_interval(Duration::from_secs(10))
             .with_buffer_size(1024)
             .with_application_name("walhook");
-        let mut stream = ReplicationClient::connect(repl_cfg).await?;
+        let stream = stream.insert(ReplicationClient::connect(repl_cfg).await?);
         stream.wait_started().await?;
         *started_once = true;
         self.status.streaming.store(true, Ordering::Relaxed);
@@ -276,18 +357,18 @@ impl Replication {
                 biased;
                 // 1. Shutdown: stop reading, let what was read settle, confirm it.
                 _ = shutdown.cancelled() => {
-                    self.finish(&mut stream).await;
+                    self.finish(stream).await;
                     return Ok(());
                 }
                 // 2. Deliveries settled: confirm the transactions they complete.
-                _ = notify.notified() => self.confirm(&stream),
+                _ = notify.notified() => self.confirm(stream),
                 // 3. Heartbeat: a WAL message so an idle publication still moves the slot.
                 _ = heartbeat.tick(), if !heartbeat_every.is_zero() => self.heartbeat().await,
                 // 4. The stream itself.
                 event = stream.recv() => match event? {
                     Some(event) => {
                         tracing::trace!(event = %pgoutput::Summary(&event), "replication event");
-                        self.handle(event, &mut decoder, &stream, shutdown).await?
+                        self.handle(event, &mut decoder, stream, shutdown).await?
                     }
                     None => return Err(ReplicationError::Closed),
                 },
@@ -313,6 +394,7 @@ impl Replication {
         match event {
             ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
                 self.tracker.begin();
+                self.router_mut().clear_changed();
                 let commit_us = commit_time_micros + PG_EPOCH_OFFSET_US;
                 let timestamp = chrono::DateTime::from_timestamp_micros(commit_us)
                     .unwrap_or_default()
@@ -344,18 +426,9 @@ impl Replication {
                             }
                             self.route(change, shutdown).await?;
                         }
-                        Decoded::EndpointUpsert(row) => {
-                            let id = row.id;
-                            let router = self.router_mut();
-                            router.apply(row);
-                            if let Some(ep) = id.and_then(|id| router.get(id)) {
-                                self.send(DispatchMsg::EndpointChanged(ep), shutdown).await?;
-                            }
-                        }
-                        Decoded::EndpointDelete(id) => {
-                            self.router_mut().remove(id);
-                            self.send(DispatchMsg::EndpointRemoved(id), shutdown).await?;
-                        }
+                        // Routing changes at once; stored and told to dispatch at the commit.
+                        Decoded::EndpointUpsert(row) => self.router_mut().apply(row),
+                        Decoded::EndpointDelete(id) => self.router_mut().remove(id),
                         Decoded::Truncate(tables) => {
                             for t in tables {
                                 tracing::warn!(table = %t, "TRUNCATE replicated; no webhook events are sent for truncates");
@@ -369,6 +442,7 @@ impl Replication {
             ReplicationEvent::Commit { end_lsn, .. } => {
                 tracing::trace!(end_lsn = %end_lsn, "commit");
                 self.flush_replay(shutdown).await?;
+                self.record_endpoint_changes(end_lsn.as_u64(), shutdown).await?;
                 if let Some(tx) = self.tx.take() {
                     self.status.last_commit_us.store(tx.commit_us, Ordering::Relaxed);
                 }
@@ -462,6 +536,39 @@ impl Replication {
                 }
             } else {
                 self.send(DispatchMsg::Deliver(d), shutdown).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the routing versions of the endpoints the transaction ending at `end_lsn`
+    /// changed (before that commit can be confirmed), gives them their current URL and
+    /// secret, and tells dispatch.
+    async fn record_endpoint_changes(
+        &mut self,
+        end_lsn: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ReplicationError> {
+        let changes = self.router_mut().take_changed();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let slot = self.cfg.replication.slot.as_str();
+        let current = route_versions::record(&self.db, slot, end_lsn, &changes)
+            .await
+            .map_err(ReplicationError::RoutingVersions)?;
+        for (id, routing) in changes {
+            if routing.is_none() {
+                self.send(DispatchMsg::EndpointRemoved(id), shutdown).await?;
+                continue;
+            }
+            match current.get(&id) {
+                Some((url, secret)) => self.router_mut().refresh(id, url, secret),
+                // Deleted since: its delete follows in the stream.
+                None => self.router_mut().unroute(id),
+            }
+            if let Some(ep) = self.router_mut().get(id) {
+                self.send(DispatchMsg::EndpointChanged(ep), shutdown).await?;
             }
         }
         Ok(())

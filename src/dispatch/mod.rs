@@ -16,6 +16,9 @@
 //!   the replication stream) waits.
 //! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
 //!   writer after its record or outbox row commits, or because its endpoint was deleted.
+//! - **Fence**: when replication loses leadership, everything held for its session is
+//!   dropped unsent and attempts in flight are cancelled, ahead of any other work, before
+//!   another replica can stream (it replays whatever was not recorded).
 
 pub mod http;
 pub mod limits;
@@ -42,6 +45,9 @@ use policy::RetryPolicy;
 const MAX_BLOCKED_ROWS: usize = 1000;
 /// How often waiting times are checked and blocked rows probed.
 const TICK: Duration = Duration::from_millis(200);
+/// Longest a fence waits for the lost session's store writes to commit. Short: replication
+/// holds its walsender meanwhile, and a database that is shutting down waits for it.
+const FENCE_STORE_WAIT: Duration = Duration::from_secs(2);
 
 /// What routing tells dispatch, in stream order.
 #[derive(Debug)]
@@ -52,6 +58,27 @@ pub enum DispatchMsg {
     EndpointChanged(Arc<Endpoint>),
     /// An endpoint was deleted: nothing more may be sent to it.
     EndpointRemoved(Uuid),
+    /// A replication session starts (before anything it routes): these endpoints have
+    /// deliveries waiting in the outbox, so they start spilled and their rows queue behind.
+    SessionStart {
+        /// Endpoints with `pending` deliveries.
+        pending_endpoints: Vec<Uuid>,
+    },
+}
+
+/// Makes the dispatcher drop what the replication session routed (leadership was lost).
+#[derive(Debug, Clone)]
+pub struct Fence(mpsc::Sender<tokio::sync::oneshot::Sender<()>>);
+
+impl Fence {
+    /// Returns once the dispatcher has dropped every delivery it holds or was sent, and
+    /// aborted its attempts in flight (or has ended).
+    pub async fn raise(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.0.send(ack).await.is_ok() {
+            let _ = done.await;
+        }
+    }
 }
 
 /// Dispatch settings derived from `[dispatch]`.
@@ -82,6 +109,8 @@ struct Flight {
     delivery: Delivery,
     /// Stored in the outbox under our lease while in flight (the endpoint spilled).
     leased: bool,
+    /// Cancels the attempt (fence).
+    abort: tokio::task::AbortHandle,
 }
 
 /// An attempt that finished.
@@ -174,9 +203,12 @@ pub struct Dispatcher {
     outbox_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     endpoints: HashMap<Uuid, EndpointState>,
-    /// Endpoints that had deliveries waiting in the outbox when this process started: they
-    /// start spilled, so rows queue behind what waits there (order holds across restarts).
+    /// Endpoints that had deliveries waiting in the outbox when the replication session
+    /// started: they start spilled, so rows queue behind what waits there (order holds
+    /// across restarts and takeovers).
     pending_at_start: std::collections::HashSet<Uuid>,
+    fence_tx: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    fence_rx: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     waiting: usize,
     lease_token: Uuid,
     done_tx: mpsc::Sender<Done>,
@@ -197,6 +229,7 @@ impl Dispatcher {
     ) -> Self {
         let (done_tx, done_rx) = mpsc::channel(limits.global_available().max(1));
         let (probe_tx, probe_rx) = mpsc::channel(1024);
+        let (fence_tx, fence_rx) = mpsc::channel(1);
         Dispatcher {
             settings,
             sender,
@@ -212,13 +245,14 @@ impl Dispatcher {
             done_rx,
             probe_tx,
             probe_rx,
+            fence_tx,
+            fence_rx,
         }
     }
 
-    /// Endpoints with deliveries already waiting in the outbox (read at start).
-    pub fn with_pending_at_start(mut self, endpoints: impl IntoIterator<Item = Uuid>) -> Self {
-        self.pending_at_start.extend(endpoints);
-        self
+    /// The handle replication raises when it loses leadership.
+    pub fn fence(&self) -> Fence {
+        Fence(self.fence_tx.clone())
     }
 
     /// Runs until `rx` closes (routing ended) or `shutdown`; then stores what waits in the
@@ -230,6 +264,11 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 biased;
+                // 0. Fence: leadership lost; drop everything the session routed, send nothing more.
+                Some(ack) = self.fence_rx.recv() => {
+                    self.on_fence(&mut rx).await;
+                    let _ = ack.send(());
+                }
                 // 1. Shutdown: stop taking deliveries.
                 _ = shutdown.cancelled() => break,
                 // 2. Finished attempts free a slot and may unblock the row behind them.
@@ -251,8 +290,46 @@ impl Dispatcher {
         self.drain(grace).await;
     }
 
+    /// Leadership lost: the new leader replays everything not recorded, so what is waiting
+    /// here (or queued for us) is dropped unsent and attempts in flight are cancelled.
+    /// Tickets are dropped unsettled; the session's tracker is discarded with them. Returns
+    /// once what was already handed to the store has committed (at most
+    /// `FENCE_STORE_WAIT`), so the next leader sees the outbox rows this session wrote when
+    /// it reads which endpoints have rows pending.
+    async fn on_fence(&mut self, rx: &mut mpsc::Receiver<DispatchMsg>) {
+        let mut dropped = 0;
+        while let Ok(msg) = rx.try_recv() {
+            dropped += usize::from(matches!(msg, DispatchMsg::Deliver(_)));
+        }
+        let mut aborted = 0;
+        for (_, state) in self.endpoints.drain() {
+            dropped += state.waiting;
+            aborted += state.in_flight.len();
+            state.in_flight.values().for_each(|f| f.abort.abort());
+        }
+        self.waiting = 0;
+        self.pending_at_start.clear();
+        tracing::warn!(
+            dropped,
+            aborted,
+            "replication leadership lost: dropped the session's deliveries unsent; the next leader replays them"
+        );
+        // A probe is answered only after everything sent to the store before it committed.
+        let (reply, mut answer) = mpsc::channel(1);
+        let barrier =
+            Probe { endpoint_id: Uuid::nil(), ids: Vec::new(), whole_endpoint: false, known_rows: Vec::new(), reply };
+        let committed =
+            async { self.store.send(StoreOp::Probe(barrier)).await.is_err() || answer.recv().await.is_some() };
+        if tokio::time::timeout(FENCE_STORE_WAIT, committed).await.is_err() {
+            tracing::warn!(waited = ?FENCE_STORE_WAIT, "store writes of the lost session not committed yet (database unreachable?); letting the stream go");
+        }
+    }
+
     async fn on_msg(&mut self, msg: DispatchMsg) {
         match msg {
+            DispatchMsg::SessionStart { pending_endpoints } => {
+                self.pending_at_start = pending_endpoints.into_iter().collect();
+            }
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
                 let id = ep.id;
@@ -341,8 +418,8 @@ impl Dispatcher {
             state.waiting -= 1;
             self.waiting -= 1;
             let d = w.delivery;
-            spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
-            state.in_flight.insert(d.id, Flight { delivery: d, leased: false });
+            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
+            state.in_flight.insert(d.id, Flight { delivery: d, leased: false, abort });
         }
     }
 
@@ -642,19 +719,36 @@ impl Dispatcher {
     }
 }
 
+/// Counts an attempt in flight until dropped (also when the attempt is aborted).
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
 /// Starts one attempt in its own task; its outcome comes back on `done`.
-fn spawn_attempt(sender: &Sender, metrics: &Arc<Metrics>, done: &mpsc::Sender<Done>, d: &Delivery, permit: Permit) {
+fn spawn_attempt(
+    sender: &Sender,
+    metrics: &Arc<Metrics>,
+    done: &mpsc::Sender<Done>,
+    d: &Delivery,
+    permit: Permit,
+) -> tokio::task::AbortHandle {
     let (sender, metrics, done) = (sender.clone(), metrics.clone(), done.clone());
     let endpoint = d.endpoint.clone();
     let body = d.event.body.clone();
     let delivery_id = d.id;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         metrics.in_flight.inc();
+        let counted = InFlight(metrics.clone());
         let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
-        metrics.in_flight.dec();
+        drop(counted);
         drop(permit);
         metrics.attempt(attempt.class()).inc();
         metrics.request_duration.observe(attempt.duration.as_secs_f64());
         let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
     });
+    task.abort_handle()
 }

@@ -78,7 +78,7 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
             Some(from_lsn) => Some(record_gap(&tx, &lost, from_lsn, &start_lsn).await?),
             None => None,
         };
-        reset_routing_versions(&tx, slot, &start_lsn).await?;
+        reset_routing_versions(&tx, slot).await?;
         record_start(&tx, slot, &start_lsn).await?;
         tx.commit().await?;
         Ok::<_, SlotError>((start_lsn, gap))
@@ -151,14 +151,8 @@ async fn record_gap(
     })
 }
 
-/// Where the slot's routing state is reset along with the slot: the endpoint set kept for
-/// replays belongs to the old slot's positions and must start over at `start_lsn`. Runs in
-/// slot-reset's transaction; it has nothing to reset until routing versions are kept.
-pub(crate) async fn reset_routing_versions(
-    client: &impl GenericClient,
-    slot: &str,
-    start_lsn: &str,
-) -> Result<(), SlotError> {
-    let _ = (client, slot, start_lsn);
-    Ok(())
+/// The slot's routing state starts over with the slot: the endpoint set kept for replays
+/// belongs to the old slot's positions. Runs in slot-reset's transaction.
+async fn reset_routing_versions(tx: &tokio_postgres::Transaction<'_>, slot: &str) -> Result<(), SlotError> {
+    Ok(crate::route_versions::reset_in(tx, slot).await?)
 }
