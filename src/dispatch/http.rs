@@ -119,6 +119,7 @@ impl Sender {
             .use_preconfigured_tls(tls)
             .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .connect_timeout(cfg.connect_timeout.get())
             .timeout(cfg.request_timeout.get())
             // The pool is per host, not per endpoint: many endpoints on one HTTP/1.1 host (a

@@ -20,6 +20,7 @@
 pub mod http;
 pub mod limits;
 pub mod policy;
+pub mod ranges;
 pub mod ssrf;
 
 use std::collections::{HashMap, VecDeque};
