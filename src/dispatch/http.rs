@@ -4,7 +4,10 @@
 //! address policy; redirects are never followed (a 3xx is a failure); the whole attempt is
 //! bounded by `dispatch.request_timeout` and at most 64 KiB of the response is read; the
 //! `webhook-id` is the delivery id (stable across attempts and restarts) while
-//! `webhook-timestamp` and the signature are fresh per attempt.
+//! `webhook-timestamp` and the signature are fresh per attempt. Proxy environment variables
+//! (`HTTPS_PROXY`, `ALL_PROXY`, …) are ignored: a proxy would connect on walhook's behalf to
+//! an address the resolver never checked. An attempt that fails for a local resource reason
+//! (no file descriptor, no memory) is `FailureKind::Local`: the receiver was never reached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +24,8 @@ use crate::route::Endpoint;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Response bytes kept for the attempt record.
 pub const SNIPPET_BYTES: usize = 1024;
+/// Delay before retrying an attempt that failed for a local reason (`FailureKind::Local`).
+pub const LOCAL_RETRY: Duration = Duration::from_secs(1);
 /// `user-agent` of every request.
 pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
 
@@ -52,6 +57,9 @@ pub enum FailureKind {
     Network,
     /// The target is not allowed (scheme or address).
     Refused,
+    /// walhook itself ran out of a resource (file descriptors, memory) before reaching the
+    /// receiver: retried soon, without spending one of the delivery's scheduled attempts.
+    Local,
 }
 
 /// What one attempt produced.
@@ -86,6 +94,7 @@ impl Attempt {
             (Some(FailureKind::Timeout), _) => "timeout",
             (Some(FailureKind::Network), _) => "network",
             (Some(FailureKind::Refused), _) => "refused",
+            (Some(FailureKind::Local), _) => "local",
             (Some(FailureKind::Status), Some(300..=399)) => "3xx",
             (Some(FailureKind::Status), Some(400..=499)) => "4xx",
             (Some(FailureKind::Status), _) => "5xx",
@@ -244,14 +253,28 @@ fn classify(e: &reqwest::Error) -> FailureKind {
     if e.is_timeout() {
         return FailureKind::Timeout;
     }
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+    classify_chain(e)
+}
+
+/// Refused or local from anywhere in the error chain, else a network failure.
+fn classify_chain(e: &(dyn std::error::Error + 'static)) -> FailureKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<super::ssrf::Refused>() {
             return FailureKind::Refused;
         }
+        if s.downcast_ref::<std::io::Error>().is_some_and(is_local_resource) {
+            return FailureKind::Local;
+        }
         source = s.source();
     }
     FailureKind::Network
+}
+
+/// The process or the system is out of descriptors or memory.
+fn is_local_resource(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::OutOfMemory
+        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS))
 }
 
 /// The error chain in one line, without the URL (which could carry a token in its path).
@@ -275,5 +298,27 @@ fn describe(e: &reqwest::Error) -> String {
         head.to_owned()
     } else {
         format!("{head}: {}", parts.join(": "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error wrapping another, like hyper's connect error around the socket's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp open error")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn local_resource_failures_are_told_apart_from_network_ones() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
+            let e = Wrapped(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(classify_chain(&e), FailureKind::Local, "errno {errno}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ENETUNREACH] {
+            let e = Wrapped(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(classify_chain(&e), FailureKind::Network, "errno {errno}");
+        }
     }
 }
