@@ -89,6 +89,24 @@ pub struct ApiConfig {
     pub rate_limit_per_second: u32,
     /// Requests an account may make at once before the rate applies.
     pub rate_limit_burst: u32,
+    /// Connections open at once at most; beyond, new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers, from connecting or from the end of
+    /// its previous response (so it also closes idle keep-alive connections).
+    pub header_timeout: HumanDuration,
+    /// A connection on which no byte is read or written for this long is closed.
+    pub idle_timeout: HumanDuration,
+}
+
+impl ApiConfig {
+    /// The listener's limits.
+    pub fn limits(&self) -> crate::listener::ListenerLimits {
+        crate::listener::ListenerLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+        }
+    }
 }
 
 /// `[metrics]`
@@ -97,6 +115,24 @@ pub struct ApiConfig {
 pub struct MetricsConfig {
     /// Address serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
+    /// Connections open at once at most; beyond, new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers, from connecting or from the end of
+    /// its previous response (so it also closes idle keep-alive connections).
+    pub header_timeout: HumanDuration,
+    /// A connection on which no byte is read or written for this long is closed.
+    pub idle_timeout: HumanDuration,
+}
+
+impl MetricsConfig {
+    /// The listener's limits.
+    pub fn limits(&self) -> crate::listener::ListenerLimits {
+        crate::listener::ListenerLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+        }
+    }
 }
 
 /// `[replication]`
@@ -269,6 +305,8 @@ impl Config {
             ("dispatch.endpoint_concurrency", self.dispatch.endpoint_concurrency),
             ("dispatch.endpoint_queue", self.dispatch.endpoint_queue),
             ("dispatch.queue_capacity", self.dispatch.queue_capacity),
+            ("api.max_connections", self.api.max_connections),
+            ("metrics.max_connections", self.metrics.max_connections),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
@@ -280,6 +318,10 @@ impl Config {
             ("dispatch.poll_interval", &self.dispatch.poll_interval),
             ("replication.status_interval", &self.replication.status_interval),
             ("retention.interval", &self.retention.interval),
+            ("api.header_timeout", &self.api.header_timeout),
+            ("api.idle_timeout", &self.api.idle_timeout),
+            ("metrics.header_timeout", &self.metrics.header_timeout),
+            ("metrics.idle_timeout", &self.metrics.idle_timeout),
         ] {
             if value.0.is_zero() {
                 return bad(key, "must be longer than 0s");

@@ -1,0 +1,145 @@
+//! Serving the admin API and the operations endpoints: HTTP/1.1 with a header-read timeout,
+//! an idle timeout and a connection cap per listener.
+//!
+//! What must hold: a client gets `header_timeout` to send a request's headers, counted from
+//! connecting or from the end of its previous response (so idle keep-alive connections end
+//! too); a connection on which no byte is read or written for `idle_timeout` is closed (a
+//! stalled body, a client that stops reading); at most `max_connections` connections are
+//! open at once: beyond that the listener accepts nothing more, and new connections wait in
+//! the kernel's backlog (holding none of walhook's descriptors) until one closes; an accept
+//! error (out of descriptors) waits before the next try instead of spinning; on shutdown
+//! every connection finishes the request it is serving and closes.
+//!
+//! HTTP/2 is not offered on these listeners: its connections would need their own idle and
+//! header limits, and neither the API's clients nor Prometheus need it.
+
+pub mod descriptors;
+mod io;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use io::{Activity, TrackedIo};
+
+/// Wait after a failed accept (usually: out of file descriptors) before the next one.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The limits of one listener (`api.*` or `metrics.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Connections open at once at most.
+    pub max_connections: usize,
+    /// Time to send a request's headers.
+    pub header_timeout: Duration,
+    /// Time without a byte read or written before the connection is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open connections finish their
+/// request. `name` names the listener in logs.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ListenerLimits,
+    name: &'static str,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut at_cap_logged = false;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                at_cap_logged = false;
+                slot
+            }
+            Err(_) => {
+                if !at_cap_logged {
+                    tracing::warn!(
+                        listener = name,
+                        max_connections = limits.max_connections,
+                        "connection cap reached; new connections wait until one closes"
+                    );
+                    at_cap_logged = true;
+                }
+                tokio::select! {
+                    biased;
+                    // 1. Shutdown.
+                    _ = shutdown.cancelled() => break,
+                    // 2. A connection closed.
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            biased;
+            // 1. Shutdown.
+            _ = shutdown.cancelled() => break,
+            // 2. A new connection.
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, _peer)) => {
+                tokio::spawn(connection(tcp, app.clone(), limits, slot, shutdown.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accepting a connection failed");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    drop(listener);
+    // Every connection holds a slot until it ends: all slots back means all ended.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+}
+
+/// Serves one connection; `_slot` is its place under the cap, given back when it ends.
+async fn connection(
+    tcp: TcpStream,
+    app: Router,
+    limits: ListenerLimits,
+    _slot: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(TrackedIo::new(tcp, activity.clone()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            // 1. The connection ended (closed by the client, header timeout, error).
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+                return;
+            }
+            // 2. Shutdown: finish the request in progress, then close.
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // 3. Nothing moved for idle_timeout.
+            _ = activity.idle_for(limits.idle_timeout) => {
+                tracing::debug!("closing a connection idle for longer than idle_timeout");
+                return;
+            }
+        }
+    }
+}
