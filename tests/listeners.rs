@@ -211,6 +211,26 @@ async fn refuses_to_start_when_the_caps_do_not_fit_the_descriptor_limit() {
     assert!(log.contains("RLIMIT_NOFILE") && log.contains("256"), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_stalls_is_closed_after_the_idle_timeout() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_stalled_body").await;
+    let wh = env.start(&format!("[api]\nidle_timeout = \"1s\"\n{}", token_config())).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.api_port)).await.unwrap();
+    let head = format!(
+        "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "a request whose body stalls must be closed after api.idle_timeout");
+    wh.stop().await.unwrap();
+}
+
 /// Keeps this process out of file descriptors until dropped: the soft limit is lowered to
 /// what is open, and every descriptor that frees up is taken again at once.
 struct Starve {

@@ -364,7 +364,7 @@ impl Dispatcher {
         let a = done.attempt;
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
         if a.failure == Some(http::FailureKind::Local) {
-            self.on_local_failure(ep_id, d, flight.leased, a).await;
+            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), a).await;
             return self.pump(ep_id);
         }
         let gone = a.status == Some(410);
@@ -429,11 +429,12 @@ impl Dispatcher {
 
     /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
     /// memory): the delivery waits in the outbox, due soon, with no attempt spent or recorded.
-    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, leased: bool, a: Attempt) {
+    /// `(leased, removed, disabled)` describe the flight and its endpoint.
+    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, flags: (bool, bool, bool), a: Attempt) {
+        let (leased, removed, disabled) = flags;
         let retry_at = Utc::now() + http::LOCAL_RETRY;
         let error = format!("local: {}", a.error.unwrap_or_default());
         tracing::warn!(delivery = %d.id, endpoint = %ep_id, error, "attempt failed for a local reason; retrying without counting it");
-        let removed = self.endpoints.get(&ep_id).is_none_or(|s| s.removed);
         if leased {
             let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
             let _ = self.store.send(StoreOp::Release(release)).await;
@@ -441,6 +442,10 @@ impl Dispatcher {
             if let Some(t) = d.ticket.take() {
                 t.settle(); // the endpoint is gone: nothing to record
             }
+        } else if disabled {
+            // Like everything else waiting for a disabled endpoint.
+            self.after_first_attempt(ep_id, &d, Status::Failed).await;
+            self.fail_unsent(ep_id, d).await;
         } else {
             self.metrics.delivery(false).inc();
             let record = Record {

@@ -8,7 +8,7 @@
 //! open at once: beyond that the listener accepts nothing more, and new connections wait in
 //! the kernel's backlog (holding none of walhook's descriptors) until one closes; an accept
 //! error (out of descriptors) waits before the next try instead of spinning; on shutdown
-//! every connection finishes the request it is serving and closes.
+//! every connection finishes the request it is serving (for at most `DRAIN`) and closes.
 //!
 //! HTTP/2 is not offered on these listeners: its connections would need their own idle and
 //! header limits, and neither the API's clients nor Prometheus need it.
@@ -30,6 +30,10 @@ use io::{Activity, TrackedIo};
 
 /// Wait after a failed accept (usually: out of file descriptors) before the next one.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(250);
+/// After shutdown, how long open connections get to finish their request.
+const DRAIN: Duration = Duration::from_secs(10);
+/// At most one "cap reached" warning per listener this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The limits of one listener (`api.*` or `metrics.*`).
 #[derive(Debug, Clone, Copy)]
@@ -52,21 +56,18 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut at_cap_logged = false;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                at_cap_logged = false;
-                slot
-            }
+            Ok(slot) => slot,
             Err(_) => {
-                if !at_cap_logged {
+                if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     tracing::warn!(
                         listener = name,
                         max_connections = limits.max_connections,
                         "connection cap reached; new connections wait until one closes"
                     );
-                    at_cap_logged = true;
+                    warned = Some(tokio::time::Instant::now());
                 }
                 tokio::select! {
                     biased;
@@ -92,7 +93,9 @@ pub async fn serve(
                 tracing::warn!(listener = name, error = %e, "accepting a connection failed");
                 tokio::select! {
                     biased;
+                    // 1. Shutdown.
                     _ = shutdown.cancelled() => break,
+                    // 2. Try again.
                     _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
                 }
             }
@@ -101,7 +104,9 @@ pub async fn serve(
     drop(listener);
     // Every connection holds a slot until it ends: all slots back means all ended.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = slots.acquire_many(all).await;
+    if tokio::time::timeout(DRAIN, slots.acquire_many(all)).await.is_err() {
+        tracing::warn!(listener = name, "connections still open {DRAIN:?} after shutdown; leaving them");
+    }
 }
 
 /// Serves one connection; `_slot` is its place under the cap, given back when it ends.
