@@ -344,3 +344,18 @@ async fn an_attempt_failing_for_lack_of_descriptors_does_not_spend_an_attempt() 
     assert!(env.metric("walhook_dispatch_attempts_total{outcome=\"local\"}").await >= 2.0);
     wh.stop().await.unwrap();
 }
+
+#[test]
+fn listener_limits_that_cannot_work_are_refused_naming_the_key() {
+    let base = "[database]\nurl = \"postgres://u@h/db\"\n";
+    for (extra, key) in [
+        ("[api]\nmax_connections = 0\n", "api.max_connections"),
+        ("[metrics]\nmax_connections = 0\n", "metrics.max_connections"),
+        ("[api]\nheader_timeout = \"0s\"\n", "api.header_timeout"),
+        ("[metrics]\nidle_timeout = \"0s\"\n", "metrics.idle_timeout"),
+        ("[api]\nidle_timeout = \"soon\"\n", "api.idle_timeout"),
+    ] {
+        let e = walhook::config::Config::from_toml(&format!("{base}{extra}")).unwrap_err().to_string();
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+}
