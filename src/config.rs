@@ -89,7 +89,8 @@ pub struct ApiConfig {
     pub rate_limit_per_second: u32,
     /// Requests an account may make at once before the rate applies.
     pub rate_limit_burst: u32,
-    /// Connections open at once at most; beyond, new ones wait in the kernel's backlog.
+    /// Connections open at once at most; a new one beyond closes the oldest connection that
+    /// has sent nothing, or waits in the kernel's backlog when every one has.
     pub max_connections: usize,
     /// Time a client gets to send a request's headers, from connecting or from the end of
     /// its previous response (so it also closes idle keep-alive connections).
@@ -115,7 +116,8 @@ impl ApiConfig {
 pub struct MetricsConfig {
     /// Address serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
-    /// Connections open at once at most; beyond, new ones wait in the kernel's backlog.
+    /// Connections open at once at most; a new one beyond closes the oldest connection that
+    /// has sent nothing, or waits in the kernel's backlog when every one has.
     pub max_connections: usize,
     /// Time a client gets to send a request's headers, from connecting or from the end of
     /// its previous response (so it also closes idle keep-alive connections).

@@ -88,6 +88,7 @@ impl IdleClients {
                             _ = stop.cancelled() => return,
                             _ = conn.read(&mut buf) => { closed.fetch_add(1, Ordering::Relaxed); }
                         }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 });
             }
@@ -119,6 +120,13 @@ async fn idle_connections_starve_neither_the_api_nor_readiness_nor_deliveries() 
 
     let api: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    // Below the cap, a connection that sends nothing is closed after the header timeout.
+    let mut lone = tokio::net::TcpStream::connect(api).await.unwrap();
+    let lone_closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while lone.read(&mut [0u8; 64]).await.is_ok_and(|n| n > 0) {}
+    })
+    .await
+    .is_ok();
     let idle = IdleClients::start(&[(api, 250), (metrics, 50)]);
     wait_for(Duration::from_secs(20), || async { idle.connected.load(Ordering::Relaxed) >= 300 }).await;
 
@@ -136,15 +144,24 @@ async fn idle_connections_starve_neither_the_api_nor_readiness_nor_deliveries() 
     };
     let list = async {
         let url = format!("http://127.0.0.1:{}/api/webhooks-list", env.api_port);
-        match http.post(url).bearer_auth(TOKEN).header("content-type", "application/json").body("{}").send().await {
+        let started = std::time::Instant::now();
+        let outcome = match http
+            .post(url)
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+        {
             Ok(r) => format!("HTTP {}", r.status().as_u16()),
-            Err(e) => format!("failed: {e}"),
-        }
+            Err(e) => format!("failed: {e:?}"),
+        };
+        (outcome, started.elapsed())
     };
     let ready = async {
         match http.get(&readyz).send().await {
             Ok(r) => format!("HTTP {}", r.status().as_u16()),
-            Err(e) => format!("failed: {e}"),
+            Err(e) => format!("failed: {e:?}"),
         }
     };
     let delivery = async {
@@ -172,15 +189,16 @@ async fn idle_connections_starve_neither_the_api_nor_readiness_nor_deliveries() 
         }
         idle.closed.load(Ordering::Relaxed)
     };
-    let (list, ready, delivery, closed) = tokio::join!(list, ready, delivery, closes);
+    let ((list, list_took), ready, delivery, closed) = tokio::join!(list, ready, delivery, closes);
     sampling.store(false, Ordering::Relaxed);
     sampler.await.unwrap();
     let most_fds = most_fds.load(Ordering::Relaxed);
     drop(idle);
     let log = wh.log_text();
     let exhausted = log.contains("Too many open files");
-    println!("list: {list}; readyz: {ready}; delivery: {delivery}; idle connections closed: {closed}; most descriptors: {most_fds}");
-    let ok = list == "HTTP 200"
+    println!("lone closed: {lone_closed}; list: {list} in {list_took:?}; readyz: {ready}; delivery: {delivery}; idle connections closed: {closed}; most descriptors: {most_fds}");
+    let ok = lone_closed
+        && list == "HTTP 200"
         && ready == "HTTP 200"
         && delivery == "delivered after 1 attempt(s) "
         && closed > 0
@@ -188,7 +206,8 @@ async fn idle_connections_starve_neither_the_api_nor_readiness_nor_deliveries() 
         && !exhausted;
     assert!(
         ok,
-        "with 300 idle connections held: webhooks-list {list}; /readyz {ready}; the delivery {delivery}; \
+        "a lone silent connection closed after api.header_timeout: {lone_closed}; \
+         with 300 idle connections held: webhooks-list {list}; /readyz {ready}; the delivery {delivery}; \
          idle connections closed by walhook: {closed}; most descriptors open: {most_fds} (budget {BUDGET}, \
          limit {NOFILE}); 'Too many open files' in the log: {exhausted}"
     );

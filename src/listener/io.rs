@@ -1,11 +1,12 @@
 //! A TCP stream that records when a byte last moved, for the idle timeout.
 //!
 //! What must hold: every successful read or write of at least one byte moves the
-//! connection's last-activity time forward; nothing else does.
+//! connection's last-activity time forward; nothing else does. The first byte read marks the
+//! connection as heard from (no longer silent).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,17 +15,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::silent::Conn;
+
 /// When a connection last read or wrote a byte.
 #[derive(Debug)]
 pub(super) struct Activity {
     opened: Instant,
     /// Milliseconds after `opened`.
     last_ms: AtomicU64,
+    /// A byte has been read.
+    heard: AtomicBool,
 }
 
 impl Activity {
     pub(super) fn new() -> Self {
-        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }
+        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0), heard: AtomicBool::new(false) }
+    }
+
+    /// Time since the connection was accepted.
+    pub(super) fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// Whether the client has sent anything yet.
+    pub(super) fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -45,15 +60,15 @@ impl Activity {
     }
 }
 
-/// `TcpStream` reporting its reads and writes to an [`Activity`].
+/// `TcpStream` reporting its reads and writes to its connection's [`Activity`].
 pub(super) struct TrackedIo {
     inner: TcpStream,
-    activity: Arc<Activity>,
+    conn: Arc<Conn>,
 }
 
 impl TrackedIo {
-    pub(super) fn new(inner: TcpStream, activity: Arc<Activity>) -> Self {
-        TrackedIo { inner, activity }
+    pub(super) fn new(inner: TcpStream, conn: Arc<Conn>) -> Self {
+        TrackedIo { inner, conn }
     }
 }
 
@@ -63,7 +78,8 @@ impl AsyncRead for TrackedIo {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
+            this.conn.activity.heard.store(true, Ordering::Relaxed);
+            this.conn.activity.touch();
         }
         result
     }
@@ -74,7 +90,7 @@ impl AsyncWrite for TrackedIo {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+            this.conn.activity.touch();
         }
         result
     }
@@ -87,7 +103,7 @@ impl AsyncWrite for TrackedIo {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+            this.conn.activity.touch();
         }
         result
     }
