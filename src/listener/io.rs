@@ -37,6 +37,12 @@ impl Activity {
         self.opened.elapsed()
     }
 
+    /// Marks the client as heard from (what a read does).
+    #[cfg(test)]
+    pub(super) fn hear(&self) {
+        self.heard.store(true, Ordering::Relaxed);
+    }
+
     /// Whether the client has sent anything yet.
     pub(super) fn heard(&self) -> bool {
         self.heard.load(Ordering::Relaxed)

@@ -63,3 +63,39 @@ impl Silent {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Arc<Conn> {
+        Arc::new(Conn { activity: Activity::new(), evict: CancellationToken::new() })
+    }
+
+    #[test]
+    fn the_oldest_silent_connection_old_enough_is_evicted_and_no_other() {
+        let silent = Silent::new(4);
+        let conns: Vec<Arc<Conn>> = (0..4).map(|_| conn()).collect();
+        for c in &conns {
+            silent.push(c);
+        }
+        conns[0].activity.hear();
+        assert!(!silent.evict_oldest(Duration::from_secs(3600)), "none is an hour old");
+        assert!(silent.evict_oldest(Duration::ZERO));
+        let evicted: Vec<bool> = conns.iter().map(|c| c.evict.is_cancelled()).collect();
+        assert_eq!(evicted, [false, true, false, false], "the oldest silent one, not the one heard from");
+        assert!(silent.evict_oldest(Duration::ZERO) && silent.evict_oldest(Duration::ZERO));
+        assert!(!silent.evict_oldest(Duration::ZERO), "only connections that sent something are left");
+        assert!(!conns[0].evict.is_cancelled());
+    }
+
+    #[test]
+    fn closed_connections_are_pruned() {
+        let silent = Silent::new(4);
+        for _ in 0..100 {
+            silent.push(&conn()); // dropped at once
+        }
+        assert!(silent.queue.lock().unwrap().len() <= 16);
+        assert!(!silent.evict_oldest(Duration::ZERO));
+    }
+}
