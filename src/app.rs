@@ -58,6 +58,9 @@ pub enum AppError {
     /// Replication failed for good.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// The connection caps do not fit in the file descriptor limit.
+    #[error(transparent)]
+    Descriptors(#[from] crate::listener::descriptors::BudgetError),
     /// A listener could not be opened.
     #[error("listening on {addr}: {cause}")]
     Listen {
@@ -87,6 +90,7 @@ pub struct Shared {
 
 /// Runs walhook until `shutdown` is cancelled or replication fails for good.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
+    crate::listener::descriptors::reserve(&cfg)?;
     let db = Db::new(&cfg.database)?;
     preflight::check(&db, &cfg).await?;
     let secrets = SecretBox::new(cfg.secrets.encryption_key.as_ref().map(|k| k.expose()))?;
@@ -174,8 +178,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
         .with_fence(dispatcher.fence());
 
-    let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
-    let api = tokio::spawn(crate::api::serve(api_listener, api_state, shutdown.clone()));
+    let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, cfg.metrics.limits(), shutdown.clone()));
+    let api = tokio::spawn(crate::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()));
     let writer = tokio::spawn(writer.run());
     let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
     let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));

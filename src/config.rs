@@ -105,6 +105,25 @@ pub struct ApiConfig {
     pub rate_limit_burst: u32,
     /// Webhook endpoints one account may have; `webhooks-create` beyond it is refused.
     pub max_endpoints_per_account: u32,
+    /// Connections open at once at most; a new one beyond closes the oldest connection that
+    /// has sent nothing, or waits in the kernel's backlog when every one has.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers, from connecting or from the end of
+    /// its previous response (so it also closes idle keep-alive connections).
+    pub header_timeout: HumanDuration,
+    /// A connection on which no byte is read or written for this long is closed.
+    pub idle_timeout: HumanDuration,
+}
+
+impl ApiConfig {
+    /// The listener's limits.
+    pub fn limits(&self) -> crate::listener::ListenerLimits {
+        crate::listener::ListenerLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+        }
+    }
 }
 
 /// `[metrics]`
@@ -113,6 +132,25 @@ pub struct ApiConfig {
 pub struct MetricsConfig {
     /// Address serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
+    /// Connections open at once at most; a new one beyond closes the oldest connection that
+    /// has sent nothing, or waits in the kernel's backlog when every one has.
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers, from connecting or from the end of
+    /// its previous response (so it also closes idle keep-alive connections).
+    pub header_timeout: HumanDuration,
+    /// A connection on which no byte is read or written for this long is closed.
+    pub idle_timeout: HumanDuration,
+}
+
+impl MetricsConfig {
+    /// The listener's limits.
+    pub fn limits(&self) -> crate::listener::ListenerLimits {
+        crate::listener::ListenerLimits {
+            max_connections: self.max_connections,
+            header_timeout: self.header_timeout.get(),
+            idle_timeout: self.idle_timeout.get(),
+        }
+    }
 }
 
 /// `[replication]`
@@ -304,6 +342,8 @@ impl Config {
             ("api.max_endpoints_per_account", self.api.max_endpoints_per_account as usize),
             ("dispatch.endpoint_queue", self.dispatch.endpoint_queue),
             ("dispatch.queue_capacity", self.dispatch.queue_capacity),
+            ("api.max_connections", self.api.max_connections),
+            ("metrics.max_connections", self.metrics.max_connections),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
@@ -317,6 +357,10 @@ impl Config {
             ("replication.recheck_interval", &self.replication.recheck_interval),
             ("retention.interval", &self.retention.interval),
             ("database.write_stall_after", &self.database.write_stall_after),
+            ("api.header_timeout", &self.api.header_timeout),
+            ("api.idle_timeout", &self.api.idle_timeout),
+            ("metrics.header_timeout", &self.metrics.header_timeout),
+            ("metrics.idle_timeout", &self.metrics.idle_timeout),
         ] {
             if value.0.is_zero() {
                 return bad(key, "must be longer than 0s");

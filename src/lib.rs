@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod endpoints;
 pub mod grants;
 pub mod leader;
+pub mod listener;
 pub mod local;
 pub mod maintenance;
 pub mod metrics;

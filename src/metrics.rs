@@ -28,7 +28,7 @@ pub const RECONNECTS_TOTAL: &str = "walhook_replication_reconnects_total";
 pub const EVENTS_TOTAL: &str = "walhook_events_total";
 /// Deliveries created, by path (`direct`: sent from memory, `outbox`: stored for later).
 pub const DELIVERIES_TOTAL: &str = "walhook_deliveries_total";
-/// HTTP attempts by outcome class (2xx, 3xx, 4xx, 5xx, timeout, network, refused).
+/// HTTP attempts by outcome class (2xx, 3xx, 4xx, 5xx, timeout, network, refused, local).
 pub const ATTEMPTS_TOTAL: &str = "walhook_dispatch_attempts_total";
 /// Deliveries that gave up after their last attempt.
 pub const FAILED_TOTAL: &str = "walhook_dispatch_failed_deliveries_total";
@@ -165,7 +165,7 @@ impl Metrics {
         let attempts = counter_vec(ATTEMPTS_TOTAL, "HTTP attempts by outcome class.", &["outcome"]);
         let ops = ["created", "updated", "deleted"];
         Metrics {
-            attempt_children: ["2xx", "3xx", "4xx", "5xx", "timeout", "network", "refused"]
+            attempt_children: ["2xx", "3xx", "4xx", "5xx", "timeout", "network", "refused", "local"]
                 .into_iter()
                 .map(|c| (c, attempts.with_label_values(&[c])))
                 .collect(),

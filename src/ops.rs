@@ -21,18 +21,20 @@ use crate::app::Shared;
 /// How often slot lag and outbox gauges are refreshed.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
 
-/// Serves the operations endpoints until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Shared, shutdown: CancellationToken) {
+/// Serves the operations endpoints until `shutdown`, within `limits` (`metrics.*`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Shared,
+    limits: crate::listener::ListenerLimits,
+    shutdown: CancellationToken,
+) {
     let monitor = tokio::spawn(monitor(shared.clone(), shutdown.clone()));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(shared);
-    let stop = shutdown.clone();
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
-        tracing::error!(error = %e, "metrics listener failed");
-    }
+    crate::listener::serve(listener, app, limits, "metrics", shutdown).await;
     monitor.abort();
 }
 

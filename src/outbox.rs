@@ -22,14 +22,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError};
-use crate::dispatch::http::{Attempt, FailureKind, Sender};
+use crate::dispatch::http::{Attempt, FailureKind, Sender, LOCAL_RETRY};
 use crate::dispatch::limits::Limits;
 use crate::dispatch::policy::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::route::{event_mask, Endpoint};
 use crate::secrets::SecretBox;
 use crate::sign::Signer;
-use crate::store::{Completion, Status, StoreOp, DISABLED_GONE};
+use crate::store::{Completion, Release, Status, StoreOp, DISABLED_GONE};
 
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
@@ -270,6 +270,15 @@ impl OutboxWorker {
                 None => missing_payload(),
             };
             let now = Utc::now();
+            if attempt.failure == Some(FailureKind::Local) {
+                // The receiver was never reached: give the claim's attempt back, retry soon.
+                let last_error = format!("local: {}", attempt.error.unwrap_or_default());
+                tracing::warn!(delivery = %row.id, endpoint = %row.endpoint.id, error = last_error, "attempt failed for a local reason; retrying without counting it");
+                let release = Release { id: row.id, lease, next_attempt_at: now + LOCAL_RETRY, last_error };
+                let _ = store.send(StoreOp::Release(release)).await;
+                let _ = finished.send(row.endpoint.id).await;
+                return;
+            }
             if attempt.succeeded() {
                 metrics.commit_to_delivered.observe((now - row.committed_at).as_seconds_f64().max(0.0));
             }

@@ -79,12 +79,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, state: ApiState, shutdown: CancellationToken) {
-    let app = router(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
-        tracing::error!(error = %e, "admin API listener failed");
-    }
+/// Serves the API until `shutdown`, within `limits` (`api.max_connections`, timeouts).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    limits: crate::listener::ListenerLimits,
+    shutdown: CancellationToken,
+) {
+    crate::listener::serve(listener, router(state), limits, "api", shutdown).await;
 }
 
 /// Counts and times every request by route and status; logs without bodies or headers.

@@ -5,7 +5,11 @@
 //! bounded by `dispatch.request_timeout` and at most 64 KiB of the response is read; the
 //! `webhook-id` is the delivery id (stable across attempts and restarts) while
 //! `webhook-timestamp` and the signature are fresh per attempt; every text taken from the
-//! receiver or the network (snippet, error) is made safe to store ([`safe_text`]).
+//! receiver or the network (snippet, error) is made safe to store ([`safe_text`]). Proxy
+//! environment variables (`HTTPS_PROXY`, `ALL_PROXY`, …) are ignored: a proxy would connect on
+//! walhook's behalf to an address the resolver never checked. An attempt that fails for a
+//! local resource reason (no file descriptor, no memory) is `FailureKind::Local`: the receiver
+//! was never reached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +28,8 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 pub const SNIPPET_BYTES: usize = 1024;
 /// Bytes of an attempt's error text kept at most.
 pub const ERROR_BYTES: usize = 1024;
+/// Delay before retrying an attempt that failed for a local reason (`FailureKind::Local`).
+pub const LOCAL_RETRY: Duration = Duration::from_secs(1);
 /// `user-agent` of every request.
 pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
 
@@ -55,6 +61,9 @@ pub enum FailureKind {
     Network,
     /// The target is not allowed (scheme or address).
     Refused,
+    /// walhook itself ran out of a resource (file descriptors, memory) before reaching the
+    /// receiver: retried soon, without spending one of the delivery's scheduled attempts.
+    Local,
 }
 
 /// What one attempt produced.
@@ -89,6 +98,7 @@ impl Attempt {
             (Some(FailureKind::Timeout), _) => "timeout",
             (Some(FailureKind::Network), _) => "network",
             (Some(FailureKind::Refused), _) => "refused",
+            (Some(FailureKind::Local), _) => "local",
             (Some(FailureKind::Status), Some(300..=399)) => "3xx",
             (Some(FailureKind::Status), Some(400..=499)) => "4xx",
             (Some(FailureKind::Status), _) => "5xx",
@@ -122,6 +132,7 @@ impl Sender {
             .use_preconfigured_tls(tls)
             .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .connect_timeout(cfg.connect_timeout.get())
             .timeout(cfg.request_timeout.get())
             // The pool is per host, not per endpoint: many endpoints on one HTTP/1.1 host (a
@@ -247,14 +258,28 @@ fn classify(e: &reqwest::Error) -> FailureKind {
     if e.is_timeout() {
         return FailureKind::Timeout;
     }
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+    classify_chain(e)
+}
+
+/// Refused or local from anywhere in the error chain, else a network failure.
+fn classify_chain(e: &(dyn std::error::Error + 'static)) -> FailureKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if s.is::<super::ssrf::Refused>() {
             return FailureKind::Refused;
         }
+        if s.downcast_ref::<std::io::Error>().is_some_and(is_local_resource) {
+            return FailureKind::Local;
+        }
         source = s.source();
     }
     FailureKind::Network
+}
+
+/// The process or the system is out of descriptors or memory.
+fn is_local_resource(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::OutOfMemory
+        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS))
 }
 
 /// The error chain in one line, without the URL (which could carry a token in its path).
@@ -323,5 +348,27 @@ mod safe_text_tests {
         assert_eq!(safe_text("é".repeat(10).as_str(), 5), "éé");
         assert!(matches!(safe_text("plain text", 100), std::borrow::Cow::Borrowed(_)));
         assert_eq!(safe_text("", 0), "");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error wrapping another, like hyper's connect error around the socket's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp open error")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn local_resource_failures_are_told_apart_from_network_ones() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
+            let e = Wrapped(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(classify_chain(&e), FailureKind::Local, "errno {errno}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::ENETUNREACH] {
+            let e = Wrapped(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(classify_chain(&e), FailureKind::Network, "errno {errno}");
+        }
     }
 }

@@ -23,6 +23,7 @@
 pub mod http;
 pub mod limits;
 pub mod policy;
+pub mod ranges;
 pub mod ssrf;
 
 use std::collections::{HashMap, VecDeque};
@@ -36,7 +37,7 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::route::{Delivery, Endpoint};
-use crate::store::{Completion, Probe, ProbeAnswer, Record, Status, StoreOp, DISABLED_GONE};
+use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
 use http::{Attempt, Sender};
 use limits::{Limits, Permit};
 use policy::RetryPolicy;
@@ -439,6 +440,10 @@ impl Dispatcher {
         let mut d = flight.delivery;
         let a = done.attempt;
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
+        if a.failure == Some(http::FailureKind::Local) {
+            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), a).await;
+            return self.pump(ep_id);
+        }
         let gone = a.status == Some(410);
         if gone && !disabled && !removed {
             self.disable(ep_id).await;
@@ -497,6 +502,46 @@ impl Dispatcher {
             self.after_first_attempt(ep_id, &d, status).await;
         }
         self.pump(ep_id);
+    }
+
+    /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
+    /// memory): the delivery waits in the outbox, due soon, with no attempt spent or recorded.
+    /// `(leased, removed, disabled)` describe the flight and its endpoint.
+    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, flags: (bool, bool, bool), a: Attempt) {
+        let (leased, removed, disabled) = flags;
+        let retry_at = Utc::now() + http::LOCAL_RETRY;
+        let error = format!("local: {}", a.error.unwrap_or_default());
+        tracing::warn!(delivery = %d.id, endpoint = %ep_id, error, "attempt failed for a local reason; retrying without counting it");
+        if leased {
+            let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
+            let _ = self.store.send(StoreOp::Release(release)).await;
+        } else if removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // the endpoint is gone: nothing to record
+            }
+        } else if disabled {
+            // Like everything else waiting for a disabled endpoint.
+            self.after_first_attempt(ep_id, &d, Status::Failed).await;
+            self.fail_unsent(ep_id, d).await;
+        } else {
+            self.metrics.delivery(false).inc();
+            let record = Record {
+                id: d.id,
+                endpoint_id: ep_id,
+                event: d.event.clone(),
+                status: Status::Pending,
+                attempt_count: 0,
+                http_status: None,
+                next_attempt_at: Some(retry_at),
+                lease: None,
+                last_error: Some(error),
+                completed_at: None,
+                attempt: None,
+                ticket: d.ticket.take(),
+            };
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+            self.after_first_attempt(ep_id, &d, Status::Pending).await;
+        }
     }
 
     /// Moves the row of `d` on after its first attempt: the next delivery of the row becomes

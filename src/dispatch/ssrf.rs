@@ -1,15 +1,19 @@
 //! Which addresses webhooks may be sent to.
 //!
-//! What must hold: a target in a loopback, private, link-local, CGNAT, multicast, reserved or
-//! unspecified range, in an IPv4-mapped/compatible/NAT64 IPv6 form of one, or at a cloud
-//! metadata address, is refused unless it lies inside `dispatch.allowed_cidrs`. The check is
-//! made on the addresses actually connected to: literal IPs before sending, names inside the
-//! resolver (so DNS answers cannot smuggle an internal address past a check made earlier).
+//! What must hold: only globally reachable unicast addresses are allowed (an allow-list, see
+//! `ranges`), whatever IPv6 form embeds an IPv4 address, unless the address lies inside
+//! `dispatch.allowed_cidrs` (an IPv4 range there also opens the IPv6 forms that reach that
+//! address: mapped, compatible, SIIT, NAT64). The check is made on the addresses actually
+//! connected to: literal IPs before sending, names inside the resolver (so DNS answers
+//! cannot smuggle an internal address past a check made earlier). The HTTP client uses no
+//! proxy, so no connection bypasses the resolver.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+
+use super::ranges::{embedded_v4, not_global};
 
 /// Decides whether an address may be connected to.
 #[derive(Debug, Clone, Default)]
@@ -24,77 +28,22 @@ impl AddressPolicy {
     }
 
     /// `Err(reason)` when `ip` may not be connected to.
-    pub fn check(&self, ip: IpAddr) -> Result<(), &'static str> {
-        let embedded = embedded_v4(ip);
-        if self.allowed.iter().any(|n| n.contains(&ip) || embedded.is_some_and(|v4| n.contains(&IpAddr::V4(v4)))) {
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
             return Ok(());
         }
-        match forbidden_reason(ip) {
+        if let IpAddr::V6(v6) = ip {
+            if let Some((_, v4s)) = embedded_v4(v6).filter(|(kind, _)| kind.reaches_v4()) {
+                if v4s.iter().all(|v4| self.allowed.iter().any(|n| n.contains(&IpAddr::V4(*v4)))) {
+                    return Ok(());
+                }
+            }
+        }
+        match not_global(ip) {
             Some(reason) => Err(reason),
             None => Ok(()),
         }
     }
-}
-
-/// The IPv4 address inside an IPv4-mapped, -compatible or NAT64 IPv6 address.
-fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    let IpAddr::V6(v6) = ip else { return None };
-    let s = v6.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(tail), // ::ffff:a.b.c.d
-        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => Some(tail), // ::a.b.c.d
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail), // 64:ff9b::/96
-        _ => None,
-    }
-}
-
-/// Why `ip` is not a public unicast address, or `None` when it is one.
-pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => forbidden_v4(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = embedded_v4(ip) {
-                return forbidden_v4(v4).map(|_| "an IPv6 form of a forbidden IPv4 address");
-            }
-            forbidden_v6(v6)
-        }
-    }
-}
-
-fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, c, _] = ip.octets();
-    Some(match (a, b, c) {
-        (0, _, _) => "unspecified (0.0.0.0/8)",
-        (127, _, _) => "loopback",
-        (10, _, _) | (172, 16..=31, _) | (192, 168, _) => "private",
-        (169, 254, _) => "link-local (cloud metadata lives here)",
-        (100, 64..=127, _) => "carrier-grade NAT (100.64.0.0/10)",
-        (192, 0, 0) => "IETF protocol assignments (192.0.0.0/24, cloud metadata)",
-        (198, 18..=19, _) => "benchmarking (198.18.0.0/15)",
-        (224..=239, _, _) => "multicast",
-        (240..=255, _, _) => "reserved or broadcast",
-        _ => return None,
-    })
-}
-
-fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let s0 = ip.segments()[0];
-    Some(if ip.is_unspecified() {
-        "unspecified (::)"
-    } else if ip.is_loopback() {
-        "loopback (::1)"
-    } else if s0 & 0xfe00 == 0xfc00 {
-        "unique local (fc00::/7, cloud metadata lives here)"
-    } else if s0 & 0xffc0 == 0xfe80 || s0 & 0xffc0 == 0xfec0 {
-        "link-local"
-    } else if s0 & 0xff00 == 0xff00 {
-        "multicast"
-    } else if ip.segments()[..6] == [0; 6] {
-        "IPv4-compatible"
-    } else {
-        return None;
-    })
 }
 
 /// reqwest resolver that drops forbidden addresses from every DNS answer.
@@ -116,8 +65,8 @@ impl GuardedResolver {
 pub struct Refused {
     /// The name.
     pub host: String,
-    /// Why the first address was refused.
-    pub reason: &'static str,
+    /// Why the last address was refused.
+    pub reason: String,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
@@ -126,7 +75,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
         Box::pin(async move {
             let host = name.as_str().to_owned();
             let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut reason = "no address";
+            let mut reason = "no address".to_owned();
             let allowed: Vec<SocketAddr> = found
                 .into_iter()
                 .filter(|a| match policy.check(a.ip()) {
@@ -153,41 +102,108 @@ mod tests {
         AddressPolicy::default().check(s.parse().unwrap()).is_err()
     }
 
+    fn accepted<'a>(ips: &[&'a str]) -> Vec<&'a str> {
+        ips.iter().copied().filter(|ip| !refused(ip)).collect()
+    }
+
+    /// What held before the allow-list (and must keep holding).
     #[test]
     fn internal_ranges_are_refused() {
-        for ip in [
+        let ips = [
             "127.0.0.1",
+            "127.255.255.254",
             "10.1.2.3",
             "172.16.0.1",
+            "172.31.255.255",
             "192.168.1.1",
             "169.254.169.254",
             "100.64.0.1",
+            "100.127.255.255",
             "0.0.0.0",
+            "0.1.2.3",
             "224.0.0.1",
+            "239.255.255.255",
+            "240.0.0.1",
             "255.255.255.255",
             "192.0.0.192",
+            "198.18.0.1",
             "::1",
             "::",
             "fe80::1",
+            "fec0::1",
             "fd00:ec2::254",
+            "fc00::1",
             "ff02::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
             "::127.0.0.1",
             "64:ff9b::a9fe:a9fe",
-        ] {
-            assert!(refused(ip), "{ip} must be refused");
-        }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "172.32.0.1"] {
+            "64:ff9b::7f00:1",
+        ];
+        assert!(accepted(&ips).is_empty(), "accepted: {:?}", accepted(&ips));
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "172.32.0.1", "::ffff:8.8.8.8", "64:ff9b::808:808"] {
             assert!(!refused(ip), "{ip} is public");
         }
     }
 
+    /// Every literal spelling of loopback in a URL reaches the check as an address.
+    #[test]
+    fn loopback_spellings_are_refused() {
+        for host in
+            ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
+        {
+            let url = url::Url::parse(&format!("https://{host}/")).unwrap();
+            let ip: IpAddr = match url.host() {
+                Some(url::Host::Ipv4(v4)) => v4.into(),
+                Some(url::Host::Ipv6(v6)) => v6.into(),
+                other => panic!("{host} parsed as {other:?}"),
+            };
+            assert!(refused(&ip.to_string()), "{host} ({ip}) must be refused");
+        }
+    }
+
+    /// The ranges issue 13 found accepted at create and at connect.
+    #[test]
+    fn issue_13_ranges_are_refused() {
+        let ips = [
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:a00:1",
+            "64:ff9b:1::7f00:1",
+            "64:ff9b:1::808:808",
+            "2002:7f00:1::1",
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
+            "2001:0:7f00:1:8000:63bf:f7f7:f7f7",
+            "2001:2::1",
+            "2001:10::1",
+            "100::1",
+            "100::ffff:ffff:ffff:ffff",
+            "2001:db8::1",
+            "2001:db8:ffff::1",
+            "3fff::1",
+            "4000::1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "192.88.99.1",
+        ];
+        assert!(accepted(&ips).is_empty(), "accepted: {:?}", accepted(&ips));
+    }
+
     #[test]
     fn allowed_cidrs_open_a_range_in_both_forms() {
-        let p = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
-        assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
-        assert!(p.check("::ffff:127.0.0.1".parse().unwrap()).is_ok());
-        assert!(p.check("10.0.0.1".parse().unwrap()).is_err());
+        let p = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()]);
+        for ok in
+            ["127.0.0.1", "::ffff:127.0.0.1", "::ffff:0:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1", "2001:db8::1"]
+        {
+            assert!(p.check(ok.parse().unwrap()).is_ok(), "{ok} is allowed");
+        }
+        // 6to4 and Teredo reach a relay, not the embedded address: the IPv4 range does not open them.
+        for no in ["10.0.0.1", "::1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:80ff:fffe"] {
+            assert!(p.check(no.parse().unwrap()).is_err(), "{no} is not allowed");
+        }
     }
 }

@@ -53,6 +53,7 @@ pub(super) fn op_bytes(op: &StoreOp) -> usize {
                 payload + r.event.entity_key.len() + texts(&r.last_error, r.attempt.as_ref())
             }
             StoreOp::Complete(c) => texts(&c.last_error, Some(&c.attempt)),
+            StoreOp::Release(r) => r.last_error.len(),
             StoreOp::Probe(p) => p.known_rows.iter().map(String::len).sum::<usize>() + 16 * p.ids.len(),
             StoreOp::Disable { .. } | StoreOp::FailPending { .. } => 0,
         }
@@ -63,6 +64,12 @@ fn made_safe(mut op: StoreOp) -> StoreOp {
     let (last_error, attempt) = match &mut op {
         StoreOp::Insert(r) => (&mut r.last_error, r.attempt.as_mut()),
         StoreOp::Complete(c) => (&mut c.last_error, Some(&mut c.attempt)),
+        StoreOp::Release(r) => {
+            if let std::borrow::Cow::Owned(s) = safe_text(&r.last_error, ERROR_BYTES) {
+                r.last_error = s;
+            }
+            return op;
+        }
         _ => return op,
     };
     safe_in_place(last_error, ERROR_BYTES);

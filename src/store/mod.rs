@@ -107,6 +107,21 @@ pub struct Completion {
     pub attempt: Attempt,
 }
 
+/// A leased row given back without counting its attempt: the attempt failed for a local
+/// reason (no descriptor, no memory) before reaching the receiver, so no attempt is recorded
+/// and `attempt_count` goes back down by the one its claim added.
+#[derive(Debug)]
+pub struct Release {
+    /// Delivery id.
+    pub id: Uuid,
+    /// The lease the attempt was made under; a row leased by someone else is left alone.
+    pub lease: Uuid,
+    /// When to try again.
+    pub next_attempt_at: DateTime<Utc>,
+    /// What went wrong, for operators.
+    pub last_error: String,
+}
+
 /// A question about the outbox, answered after everything sent before it has committed.
 #[derive(Debug)]
 pub struct Probe {
@@ -162,6 +177,8 @@ pub enum StoreOp {
     Complete(Completion),
     /// Ask about pending rows.
     Probe(Probe),
+    /// Give a leased row back without counting its attempt.
+    Release(Release),
     /// Disable an endpoint (`reason` is [`DISABLED_GONE`] or [`DISABLED_FAILING`]) and fail
     /// what waits for it.
     Disable {
@@ -236,7 +253,7 @@ fn settle(batch: &mut Vec<StoreOp>) -> Vec<Probe> {
                     t.settle();
                 }
             }
-            StoreOp::Complete(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
+            StoreOp::Complete(_) | StoreOp::Release(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
             StoreOp::Probe(p) => probes.push(p),
         }
     }

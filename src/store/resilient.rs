@@ -144,6 +144,7 @@ fn op_id(op: &StoreOp) -> uuid::Uuid {
     match op {
         StoreOp::Insert(r) => r.id,
         StoreOp::Complete(c) => c.id,
+        StoreOp::Release(r) => r.id,
         StoreOp::Probe(p) => p.endpoint_id,
         StoreOp::Disable { endpoint_id, .. } | StoreOp::FailPending { endpoint_id } => *endpoint_id,
     }

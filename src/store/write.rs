@@ -45,6 +45,11 @@ const INSERT_ATTEMPTS: &str = "INSERT INTO walhook.attempts (delivery_id, attemp
      SELECT * FROM unnest($31::uuid[], $32::int4[], $33::timestamptz[], $34::int4[], $35::int4[], $36::text[], \
        $37::text[], $38::text[]) \
      ON CONFLICT (delivery_id, attempt) DO NOTHING";
+/// Leased rows given back after a local failure: the claim's attempt does not count.
+const RELEASE: &str = "UPDATE walhook.deliveries d SET attempt_count = greatest(d.attempt_count - 1, 0), \
+       next_attempt_at = u.next_at, lease_until = NULL, leased_by = NULL, last_error = u.err \
+     FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[]) AS u(id, lease, next_at, err) \
+     WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
 /// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
 const ENDPOINTS_OK: &str =
     "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($39) AND failing_since IS NOT NULL";
@@ -107,6 +112,11 @@ struct Columns<'a> {
     // Endpoints whose attempts succeeded ($39) / failed ($40) in this batch.
     ep_ok: Vec<Uuid>,
     ep_failed: Vec<Uuid>,
+    // Releases (transaction path only).
+    r_id: Vec<Uuid>,
+    r_lease: Vec<Uuid>,
+    r_next: Vec<DateTime<Utc>>,
+    r_err: Vec<&'a str>,
     // Endpoint-wide changes (transaction path only).
     disable_ids: Vec<Uuid>,
     disable_reasons: Vec<&'static str>,
@@ -161,6 +171,12 @@ impl<'a> Columns<'a> {
                     c.attempt(x.id, x.endpoint_id, x.attempt_no, &x.attempt);
                 }
                 StoreOp::Probe(_) => {}
+                StoreOp::Release(x) => {
+                    c.r_id.push(x.id);
+                    c.r_lease.push(x.lease);
+                    c.r_next.push(x.next_attempt_at);
+                    c.r_err.push(x.last_error.as_str());
+                }
                 StoreOp::Disable { endpoint_id, reason } => {
                     c.disable_ids.push(*endpoint_id);
                     c.disable_reasons.push(reason);
@@ -183,6 +199,9 @@ impl<'a> Columns<'a> {
             FailureKind::Timeout => "timeout",
             FailureKind::Network => "network",
             FailureKind::Refused => "refused",
+            // Never recorded as an attempt (see `StoreOp::Release`); kept within the column's
+            // CHECK constraint should one ever get here.
+            FailureKind::Local => "network",
         }));
         self.a_error.push(a.error.as_deref());
         self.a_snippet.push((!a.response_snippet.is_empty()).then_some(a.response_snippet.as_str()));
@@ -193,13 +212,13 @@ impl<'a> Columns<'a> {
     }
 
     fn is_empty(&self) -> bool {
-        self.d_id.is_empty() && self.c_id.is_empty() && self.fail_pending.is_empty()
+        self.d_id.is_empty() && self.c_id.is_empty() && self.fail_pending.is_empty() && self.r_id.is_empty()
     }
 
     /// Whether one statement can write this batch: no endpoint-wide change, and no row that
     /// is both inserted and completed here (the update would not see the insert).
     fn fits_one_statement(&self) -> bool {
-        if !self.fail_pending.is_empty() {
+        if !self.fail_pending.is_empty() || !self.r_id.is_empty() {
             return false;
         }
         if self.c_id.is_empty() || self.d_id.is_empty() {
@@ -279,7 +298,7 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbErro
         return Ok(());
     }
     // Statement by statement, each seeing the ones before: events, deliveries, completions,
-    // attempts, failure streaks, then disables and what they fail.
+    // attempts, failure streaks, releases, then disables and what they fail.
     let tx = client.transaction().await?;
     let steps: [(&str, &[&(dyn ToSql + Sync)], bool); 6] = [
         (INSERT_EVENTS, &params[0..7], !cols.e_id.is_empty()),
@@ -294,6 +313,10 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbErro
             let st = tx.prepare_cached(&renumber(sql)).await?;
             tx.execute(&st, params).await?;
         }
+    }
+    if !cols.r_id.is_empty() {
+        let st = tx.prepare_cached(RELEASE).await?;
+        tx.execute(&st, &[&cols.r_id, &cols.r_lease, &cols.r_next, &cols.r_err]).await?;
     }
     if !cols.disable_ids.is_empty() {
         let st = tx.prepare_cached(DISABLE).await?;

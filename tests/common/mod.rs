@@ -223,16 +223,21 @@ impl Env {
 
     /// Starts `walhook <command> --config <this test's config + extra>`.
     pub fn spawn_command(&self, command: &str, extra: &str) -> Proc {
+        self.spawn_command_with(command, extra, |_| {})
+    }
+
+    /// Like `spawn_command`, with `setup` applied to the command first (environment, limits).
+    pub fn spawn_command_with(&self, command: &str, extra: &str, setup: impl FnOnce(&mut Command)) -> Proc {
         let path = self.dir.path().join(format!("walhook-{}.toml", Uuid::new_v4()));
         std::fs::write(&path, self.config_toml(extra)).unwrap();
         let log = self.dir.path().join(format!("walhook-{}.log", Uuid::new_v4()));
-        let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
-            .args([command, "--config", path.to_str().unwrap()])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhook"));
+        cmd.args([command, "--config", path.to_str().unwrap()])
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn walhook");
+            .stderr(std::fs::File::create(&log).unwrap());
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("spawn walhook");
         Proc { child, log }
     }
 

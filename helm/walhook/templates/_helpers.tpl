@@ -124,9 +124,15 @@ max_body_bytes = {{ .Values.config.api.max_body_bytes | int64 }}
 rate_limit_per_second = {{ .Values.config.api.rate_limit_per_second | int64 }}
 rate_limit_burst = {{ .Values.config.api.rate_limit_burst | int64 }}
 max_endpoints_per_account = {{ .Values.config.api.max_endpoints_per_account | int64 }}
+max_connections = {{ .Values.config.api.max_connections | int64 }}
+header_timeout = {{ .Values.config.api.header_timeout | toString | toJson }}
+idle_timeout = {{ .Values.config.api.idle_timeout | toString | toJson }}
 
 [metrics]
 listen = {{ .Values.config.metrics.listen | toString | toJson }}
+max_connections = {{ .Values.config.metrics.max_connections | int64 }}
+header_timeout = {{ .Values.config.metrics.header_timeout | toString | toJson }}
+idle_timeout = {{ .Values.config.metrics.idle_timeout | toString | toJson }}
 
 [replication]
 slot = {{ .Values.config.replication.slot | toString | toJson }}

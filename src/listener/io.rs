@@ -1,0 +1,128 @@
+//! A TCP stream that records when a byte last moved, for the idle timeout.
+//!
+//! What must hold: every successful read or write of at least one byte moves the
+//! connection's last-activity time forward; nothing else does. The first byte read marks the
+//! connection as heard from (no longer silent).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::silent::Conn;
+
+/// When a connection last read or wrote a byte.
+#[derive(Debug)]
+pub(super) struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened`.
+    last_ms: AtomicU64,
+    /// A byte has been read.
+    heard: AtomicBool,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0), heard: AtomicBool::new(false) }
+    }
+
+    /// Time since the connection was accepted.
+    pub(super) fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// Marks the client as heard from (what a read does).
+    #[cfg(test)]
+    pub(super) fn hear(&self) {
+        self.heard.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the client has sent anything yet.
+    pub(super) fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis().min(u64::MAX as u128) as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `limit`.
+    pub(super) async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// `TcpStream` reporting its reads and writes to its connection's [`Activity`].
+pub(super) struct TrackedIo {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl TrackedIo {
+    pub(super) fn new(inner: TcpStream, conn: Arc<Conn>) -> Self {
+        TrackedIo { inner, conn }
+    }
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.conn.activity.heard.store(true, Ordering::Relaxed);
+            this.conn.activity.touch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.conn.activity.touch();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.conn.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
