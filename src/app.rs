@@ -129,6 +129,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
+    let writer = writer.with_metrics(metrics.clone());
     let outbox_wake = Arc::new(Notify::new());
     let pending_at_start: Vec<uuid::Uuid> = db
         .get()

@@ -297,8 +297,8 @@ impl OutboxWorker {
             });
             let _ = store.send(op).await;
             if gone {
-                tracing::warn!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it and failing its pending deliveries");
-                metrics.endpoints_disabled.with_label_values(&[DISABLED_GONE]).inc();
+                // The store writer logs and counts the disable once it is written.
+                tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
                 let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
             }
             let _ = finished.send(row.endpoint.id).await;

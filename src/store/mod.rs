@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::db::{Db, DbError};
 use crate::dispatch::http::Attempt;
+use crate::metrics::Metrics;
 use crate::progress::Ticket;
 use crate::route::Event;
 
@@ -174,13 +175,41 @@ pub enum StoreOp {
 pub struct StoreWriter {
     db: Db,
     rx: mpsc::Receiver<StoreOp>,
+    /// Where disables are counted (the writer is where one actually happens).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl StoreWriter {
     /// A writer and the channel feeding it (`capacity` ops).
     pub fn new(db: Db, capacity: usize) -> (StoreWriter, mpsc::Sender<StoreOp>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (StoreWriter { db, rx }, tx)
+        (StoreWriter { db, rx, metrics: None }, tx)
+    }
+
+    /// Counts and logs each endpoint disable in `metrics` (`walhook_endpoints_disabled_total`,
+    /// whose reasons are there at 0 from now on).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        for reason in [DISABLED_GONE, DISABLED_FAILING] {
+            metrics.endpoints_disabled.with_label_values(&[reason]);
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reports the endpoints a committed batch disabled: once each, however many 410 answers
+    /// or maintenance passes asked for it.
+    fn report_disabled(&self, disabled: Vec<(Uuid, String)>) {
+        for (endpoint, reason) in disabled {
+            let why = if reason == DISABLED_GONE {
+                "it answered 410 Gone"
+            } else {
+                "every delivery to it has failed for dispatch.disable_after"
+            };
+            tracing::warn!(endpoint = %endpoint, reason = %reason, "endpoint disabled: {why}; its pending deliveries fail");
+            if let Some(m) = &self.metrics {
+                m.endpoints_disabled.with_label_values(&[&reason]).inc();
+            }
+        }
     }
 
     /// Runs until every sender is gone and everything sent is written.
@@ -199,7 +228,8 @@ impl StoreWriter {
             let started = std::time::Instant::now();
             loop {
                 match write::write_batch(&self.db, &batch).await {
-                    Ok(()) => {
+                    Ok(disabled) => {
+                        self.report_disabled(disabled);
                         tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
                         break;
                     }
