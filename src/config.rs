@@ -243,7 +243,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// Time in-flight requests get to finish after SIGTERM.
+    /// Time in-flight requests get to finish after SIGTERM (no new one starts); keep it
+    /// above `dispatch.connect_timeout` + `dispatch.request_timeout`.
     pub grace: HumanDuration,
 }
 

@@ -10,6 +10,9 @@
 //! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
 //!   cannot take the claims of a healthy one.
 //! - Inactive or deleted endpoints are not sent to.
+//! - Once shutdown is signalled no new attempt starts: only requests already in flight may
+//!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
+//!   (lease cleared, attempt count as before), so another replica retries them at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,9 +74,14 @@ pub struct OutboxWorker {
     wake: Arc<Notify>,
     /// Claims in flight per endpoint; an endpoint with a full cap of them is not claimed for.
     busy: HashMap<Uuid, usize>,
-    finished_tx: mpsc::Sender<Uuid>,
-    finished_rx: mpsc::Receiver<Uuid>,
+    finished_tx: mpsc::Sender<Finished>,
+    finished_rx: mpsc::Receiver<Finished>,
+    /// Claimed rows that were never attempted because shutdown came first.
+    released: Vec<Uuid>,
 }
+
+/// A claim that ended: its endpoint, and the row if it was given back unattempted.
+type Finished = (Uuid, Option<Uuid>);
 
 impl OutboxWorker {
     /// A worker; `wake` makes it look for due rows at once.
@@ -101,6 +109,7 @@ impl OutboxWorker {
             busy: HashMap::new(),
             finished_tx,
             finished_rx,
+            released: Vec::new(),
         }
     }
 
@@ -108,6 +117,9 @@ impl OutboxWorker {
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
         let lease_token = Uuid::new_v4();
         loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
             let started = std::time::Instant::now();
             let claimed = if self.limits.global_available() > 0 {
                 match self.claim(lease_token).await {
@@ -126,7 +138,7 @@ impl OutboxWorker {
             }
             for row in claimed {
                 *self.busy.entry(row.endpoint.id).or_default() += 1;
-                self.spawn(row, lease_token);
+                self.spawn(row, lease_token, shutdown.clone());
             }
             if full {
                 continue;
@@ -153,9 +165,40 @@ impl OutboxWorker {
                 _ => break,
             }
         }
+        self.release(lease_token, deadline).await;
     }
 
-    fn finished(&mut self, endpoint: Uuid) {
+    /// Gives back the claims of rows never attempted (lease cleared, the claim's attempt
+    /// count undone); what cannot be given back before `deadline` (at least a second) waits
+    /// for its lease to run out.
+    async fn release(&mut self, lease_token: Uuid, deadline: tokio::time::Instant) {
+        if self.released.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.released);
+        let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        let result = tokio::time::timeout_at(until, async {
+            let client = self.db.get().await?;
+            client
+                .execute(
+                    "UPDATE walhook.deliveries SET lease_until = NULL, leased_by = NULL, \
+                       attempt_count = attempt_count - 1 \
+                     WHERE id = ANY($1) AND leased_by = $2 AND status = 'pending'",
+                    &[&ids, &lease_token],
+                )
+                .await
+                .map_err(DbError::from)
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) => tracing::info!(released = n, "shutdown: gave back claimed deliveries not yet attempted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: could not give back claims; their leases will expire"),
+            Err(_) => tracing::warn!("shutdown: giving back claims timed out; their leases will expire"),
+        }
+    }
+
+    fn finished(&mut self, (endpoint, released): Finished) {
+        self.released.extend(released);
         if let Some(n) = self.busy.get_mut(&endpoint) {
             *n -= 1;
             if *n == 0 {
@@ -245,7 +288,7 @@ impl OutboxWorker {
         Ok(out)
     }
 
-    fn spawn(&self, row: Claimed, lease: Uuid) {
+    fn spawn(&self, row: Claimed, lease: Uuid, shutdown: CancellationToken) {
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
             self.limits.clone(),
@@ -258,7 +301,17 @@ impl OutboxWorker {
             let permanent = row.body.is_none();
             let attempt = match row.body {
                 Some(body) => {
-                    let permit = limits.acquire(row.endpoint.id, row.endpoint.account_id).await;
+                    let permit = tokio::select! {
+                        biased;
+                        // 1. Shutdown: an attempt not started by now is not started at all.
+                        _ = shutdown.cancelled() => None,
+                        // 2. A connection slot of the endpoint, its account and the process.
+                        p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
+                    };
+                    let Some(permit) = permit.filter(|_| !shutdown.is_cancelled()) else {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    };
                     metrics.in_flight.inc();
                     let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
                     metrics.in_flight.dec();
@@ -301,7 +354,7 @@ impl OutboxWorker {
                 tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
                 let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
             }
-            let _ = finished.send(row.endpoint.id).await;
+            let _ = finished.send((row.endpoint.id, None)).await;
         });
     }
 }
