@@ -85,14 +85,17 @@ async fn monitor(s: Shared, shutdown: CancellationToken) {
             }
             let r = client
                 .query_one(
-                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) \
-                     FROM walhook.deliveries WHERE status = 'pending'",
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
+                     FROM walhook.deliveries d LEFT JOIN walhook.endpoints e ON e.id = d.endpoint_id \
+                     WHERE d.status = 'pending'",
                     &[],
                 )
                 .await?;
             s.metrics.pending.set(r.get(0));
             s.metrics.oldest_pending_age.set(r.get(1));
             let r = client
+            // The oldest age counts only deliveries that should be moving: those of an endpoint
+            // paused by hand (or deleted) wait on purpose and must not page anyone.
                 .query_one(
                     "SELECT count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active) FROM walhook.endpoints",
                     &[],
