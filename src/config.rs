@@ -96,7 +96,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
-    /// Requests per second one account may make (429 beyond); 0 turns the limit off.
+    /// Requests per second one account may make (429 beyond), per replica: each process
+    /// counts on its own, so N replicas let up to N times this through; 0 turns it off.
     pub rate_limit_per_second: u32,
     /// Requests an account may make at once before the rate applies.
     pub rate_limit_burst: u32,
