@@ -3,7 +3,8 @@
 //!
 //! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
 //! while the database answers and replication streams (or stands by for another replica),
-//! otherwise 503 with a JSON reason; scraping never waits on the database.
+//! otherwise 503 with a JSON reason naming the cause (replication's last error while it is
+//! not streaming); scraping never waits on the database.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -56,15 +57,24 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     let streaming = s.status.streaming.load(Ordering::Relaxed);
     let standby = s.status.standby.load(Ordering::Relaxed);
     let reason = if !db_ok {
-        Some("database unreachable")
+        Some("database unreachable".to_owned())
     } else if !streaming && !standby {
-        Some("replication is not streaming")
+        Some(not_streaming(&s.status))
     } else {
         None
     };
     match reason {
         None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
         Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    }
+}
+
+/// Why replication is not streaming, with its last error when there is one (a busy slot, a
+/// lost connection, what the server said).
+fn not_streaming(status: &crate::replication::ReplicationStatus) -> String {
+    match status.last_error() {
+        Some(e) => format!("replication is not streaming: {e}"),
+        None => "replication is not streaming".to_owned(),
     }
 }
 
@@ -83,6 +93,8 @@ async fn monitor(s: Shared, shutdown: CancellationToken) {
             {
                 s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
             }
+            // The oldest age counts only deliveries that should be moving: those of an endpoint
+            // paused by hand (or deleted) wait on purpose and must not page anyone.
             let r = client
                 .query_one(
                     "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
@@ -94,8 +106,6 @@ async fn monitor(s: Shared, shutdown: CancellationToken) {
             s.metrics.pending.set(r.get(0));
             s.metrics.oldest_pending_age.set(r.get(1));
             let r = client
-            // The oldest age counts only deliveries that should be moving: those of an endpoint
-            // paused by hand (or deleted) wait on purpose and must not page anyone.
                 .query_one(
                     "SELECT count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active) FROM walhook.endpoints",
                     &[],
