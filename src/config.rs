@@ -224,7 +224,8 @@ pub struct RetentionConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `text` (human-readable) or `json` (one object per line).
+    /// `text` (human-readable; coloured only on a terminal without `NO_COLOR`) or `json`
+    /// (one object per line).
     pub format: LogFormat,
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` itself wins when set.
     pub level: String,

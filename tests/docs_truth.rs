@@ -41,6 +41,31 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
     assert!(wh.wait_exit(Duration::from_secs(30)).await.is_some());
 }
 
+/// What `walhook run` writes to a terminal (a pseudo-terminal from util-linux's `script`)
+/// before it fails to reach a database that is not there.
+fn run_on_a_terminal(no_color: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walhook.toml");
+    std::fs::write(&config, "[database]\nurl = \"postgres://x@127.0.0.1:1/x\"\n[log]\nlevel = \"info\"\n").unwrap();
+    let command = format!("{} run --config {}", env!("CARGO_BIN_EXE_walhook"), config.display());
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &command, "/dev/null"]).env_remove("RUST_LOG").env_remove("NO_COLOR");
+    if let Some(v) = no_color {
+        script.env("NO_COLOR", v);
+    }
+    let out = script.stderr(std::process::Stdio::inherit()).output().expect("script (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("walhook starting"), "{text:?}");
+    text
+}
+
+#[test]
+fn text_logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    assert!(run_on_a_terminal(None).contains('\u{1b}'), "a terminal gets colour");
+    let plain = run_on_a_terminal(Some("1"));
+    assert!(!plain.contains('\u{1b}'), "NO_COLOR=1 on a terminal still got ANSI escapes: {plain:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_enabling_an_auto_disabled_endpoint_lasts() {
     let env = Env::new("truth_reenable").await;
