@@ -164,6 +164,11 @@ impl OutboxWorker {
                 Ok(Some(ep)) => self.finished(ep),
                 _ => break,
             }
+            while let Ok(ep) = self.finished_rx.try_recv() {
+                self.finished(ep);
+            }
+            // Claims given back return to the pool now, not after the requests in flight.
+            self.release(lease_token, deadline).await;
         }
         self.release(lease_token, deadline).await;
     }
