@@ -2,8 +2,10 @@
 //!
 //! What must hold: configuration errors are printed with the key named and exit non-zero
 //! before anything connects; SIGTERM/SIGINT start a graceful shutdown and a second signal
-//! exits at once; logs never carry secrets.
+//! exits at once; logs never carry secrets; text logs carry ANSI colour only on a terminal
+//! and never with `NO_COLOR` set.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -169,8 +171,17 @@ pub fn init_logging(cfg: &Config) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match cfg.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_span_list(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => {
+            let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+            builder.with_ansi(colour).try_init()
+        }
     };
+}
+
+/// Whether text logs get ANSI colour: only on a terminal (a file, a pipe or a container log
+/// gets plain text), and never with `NO_COLOR` set to anything but the empty string.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
@@ -185,4 +196,18 @@ async fn watch_signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_colour;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(!use_colour(false, None), "a file, pipe or container log gets no escapes");
+        assert!(!use_colour(true, Some("1".into())), "NO_COLOR turns colour off");
+        assert!(use_colour(true, Some("".into())), "an empty NO_COLOR is unset (no-color.org)");
+        assert!(!use_colour(false, Some("1".into())));
+    }
 }

@@ -99,7 +99,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
-    /// Requests per second one account may make (429 beyond); 0 turns the limit off.
+    /// Requests per second one account may make (429 beyond), per replica: each process
+    /// counts on its own, so N replicas let up to N times this through; 0 turns it off.
     pub rate_limit_per_second: u32,
     /// Requests an account may make at once before the rate applies.
     pub rate_limit_burst: u32,
@@ -269,7 +270,8 @@ pub struct RetentionConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `text` (human-readable) or `json` (one object per line).
+    /// `text` (human-readable; coloured only on a terminal without `NO_COLOR`) or `json`
+    /// (one object per line).
     pub format: LogFormat,
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` itself wins when set.
     pub level: String,
@@ -289,7 +291,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// Time in-flight requests get to finish after SIGTERM.
+    /// Time in-flight requests get to finish after SIGTERM (no new one starts); keep it
+    /// above `dispatch.connect_timeout` + `dispatch.request_timeout`.
     pub grace: HumanDuration,
 }
 

@@ -297,6 +297,8 @@ impl Endpoints {
     }
 
     /// Changes the given fields of one of the caller's endpoints; `updated_at` moves.
+    /// Re-enabling a disabled endpoint starts it afresh: its disable reason and failure streak
+    /// are cleared, so `dispatch.disable_after` counts again from its next failed attempt.
     pub async fn update(&self, caller: Caller, id: Uuid, patch: EndpointPatch) -> Result<EndpointView, EndpointError> {
         let url = match patch.url.as_deref() {
             Some(u) => Some(self.check_url(Some(u))?),
@@ -315,6 +317,7 @@ impl Endpoints {
                     "UPDATE walhook.endpoints SET url = COALESCE($3, url), description = COALESCE($4, description), \
                        events = COALESCE($5, events), is_active = COALESCE($6, is_active), \
                        disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
+                       failing_since = CASE WHEN $6 AND NOT is_active THEN NULL ELSE failing_since END, \
                        updated_at = greatest(now(), updated_at + interval '1 microsecond') \
                      WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
                 ),

@@ -34,7 +34,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = disable_failing(&db, &cfg, &metrics, &store).await {
+        if let Err(e) = disable_failing(&db, &cfg, &store).await {
             tracing::warn!(error = %e, "checking for failing endpoints failed");
         }
         if let Err(e) = sweep(&db, &cfg, &metrics, &shutdown).await {
@@ -44,12 +44,7 @@ pub async fn run(
 }
 
 /// Disables endpoints whose every attempt has failed for `dispatch.disable_after`.
-async fn disable_failing(
-    db: &Db,
-    cfg: &Config,
-    metrics: &Metrics,
-    store: &mpsc::Sender<StoreOp>,
-) -> Result<(), DbError> {
+async fn disable_failing(db: &Db, cfg: &Config, store: &mpsc::Sender<StoreOp>) -> Result<(), DbError> {
     let client = db.get().await?;
     let secs = cfg.dispatch.disable_after.get().as_secs_f64();
     let rows = client
@@ -60,8 +55,8 @@ async fn disable_failing(
         .await?;
     for r in rows {
         let id: Uuid = r.get(0);
-        tracing::warn!(endpoint = %id, after = ?cfg.dispatch.disable_after.get(), "every delivery to this endpoint has failed for dispatch.disable_after; disabling it");
-        metrics.endpoints_disabled.with_label_values(&[DISABLED_FAILING]).inc();
+        // The store writer logs and counts the disable once it is written.
+        tracing::debug!(endpoint = %id, after = ?cfg.dispatch.disable_after.get(), "endpoint failing for dispatch.disable_after; disabling it");
         let _ = store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_FAILING }).await;
     }
     Ok(())

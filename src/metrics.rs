@@ -40,7 +40,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "walhook_dispatch_request_duration_se
 pub const IN_FLIGHT_REQUESTS: &str = "walhook_dispatch_in_flight_requests";
 /// Deliveries waiting in the outbox.
 pub const PENDING_DELIVERIES: &str = "walhook_dispatch_pending_deliveries";
-/// Age of the oldest delivery waiting in the outbox.
+/// Age of the oldest delivery waiting in the outbox for an active endpoint (one paused by
+/// hand waits on purpose).
 pub const OLDEST_PENDING_AGE_SECONDS: &str = "walhook_dispatch_oldest_pending_age_seconds";
 /// Deliveries waiting in memory.
 pub const QUEUED_DELIVERIES: &str = "walhook_dispatch_queued_deliveries";
@@ -215,7 +216,7 @@ impl Metrics {
             pending: gauge(PENDING_DELIVERIES, "Deliveries waiting in the outbox."),
             oldest_pending_age: fgauge(
                 OLDEST_PENDING_AGE_SECONDS,
-                "Age in seconds of the oldest delivery waiting in the outbox.",
+                "Age in seconds of the oldest delivery waiting in the outbox for an active endpoint.",
             ),
             queued: gauge(QUEUED_DELIVERIES, "Deliveries waiting in memory for a free connection."),
             endpoints: reg(

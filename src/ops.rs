@@ -3,8 +3,9 @@
 //!
 //! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
 //! while the database answers, replication streams (or stands by for another replica) and the
-//! store writer makes progress, otherwise 503 with a JSON reason (a lost slot or a failing
-//! prerequisite, see `slot`, names itself); scraping never waits on the database.
+//! store writer makes progress, otherwise 503 with a JSON reason naming the cause (a lost slot
+//! or a failing prerequisite, see `slot`; replication's last error while it is not streaming;
+//! a stalled store); scraping never waits on the database.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -63,13 +64,22 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     } else if let Some(slot_problem) = s.status.health.not_ready_reason() {
         Some(slot_problem)
     } else if !streaming && !standby {
-        Some("replication is not streaming".to_owned())
+        Some(not_streaming(&s.status))
     } else {
         s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
     };
     match reason {
         None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
         Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    }
+}
+
+/// Why replication is not streaming, with its last error when there is one (a busy slot, a
+/// lost connection, what the server said).
+fn not_streaming(status: &crate::replication::ReplicationStatus) -> String {
+    match status.last_error() {
+        Some(e) => format!("replication is not streaming: {e}"),
+        None => "replication is not streaming".to_owned(),
     }
 }
 
@@ -88,10 +98,13 @@ async fn monitor(s: Shared, shutdown: CancellationToken) {
             {
                 s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
             }
+            // The oldest age counts only deliveries that should be moving: those of an endpoint
+            // paused by hand (or deleted) wait on purpose and must not page anyone.
             let r = client
                 .query_one(
-                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) \
-                     FROM walhook.deliveries WHERE status = 'pending'",
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
+                     FROM walhook.deliveries d LEFT JOIN walhook.endpoints e ON e.id = d.endpoint_id \
+                     WHERE d.status = 'pending'",
                     &[],
                 )
                 .await?;

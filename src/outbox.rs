@@ -10,6 +10,9 @@
 //! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
 //!   cannot take the claims of a healthy one.
 //! - Inactive or deleted endpoints are not sent to.
+//! - Once shutdown is signalled no new attempt starts: only requests already in flight may
+//!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
+//!   (lease cleared, attempt count as before), so another replica retries them at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,9 +74,14 @@ pub struct OutboxWorker {
     wake: Arc<Notify>,
     /// Claims in flight per endpoint; an endpoint with a full cap of them is not claimed for.
     busy: HashMap<Uuid, usize>,
-    finished_tx: mpsc::Sender<Uuid>,
-    finished_rx: mpsc::Receiver<Uuid>,
+    finished_tx: mpsc::Sender<Finished>,
+    finished_rx: mpsc::Receiver<Finished>,
+    /// Claimed rows that were never attempted because shutdown came first.
+    released: Vec<Uuid>,
 }
+
+/// A claim that ended: its endpoint, and the row if it was given back unattempted.
+type Finished = (Uuid, Option<Uuid>);
 
 impl OutboxWorker {
     /// A worker; `wake` makes it look for due rows at once.
@@ -101,6 +109,7 @@ impl OutboxWorker {
             busy: HashMap::new(),
             finished_tx,
             finished_rx,
+            released: Vec::new(),
         }
     }
 
@@ -108,6 +117,9 @@ impl OutboxWorker {
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
         let lease_token = Uuid::new_v4();
         loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
             let started = std::time::Instant::now();
             let claimed = if self.limits.global_available() > 0 {
                 match self.claim(lease_token).await {
@@ -126,7 +138,7 @@ impl OutboxWorker {
             }
             for row in claimed {
                 *self.busy.entry(row.endpoint.id).or_default() += 1;
-                self.spawn(row, lease_token);
+                self.spawn(row, lease_token, shutdown.clone());
             }
             if full {
                 continue;
@@ -152,10 +164,46 @@ impl OutboxWorker {
                 Ok(Some(ep)) => self.finished(ep),
                 _ => break,
             }
+            while let Ok(ep) = self.finished_rx.try_recv() {
+                self.finished(ep);
+            }
+            // Claims given back return to the pool now, not after the requests in flight.
+            self.release(lease_token, deadline).await;
+        }
+        self.release(lease_token, deadline).await;
+    }
+
+    /// Gives back the claims of rows never attempted (lease cleared, the claim's attempt
+    /// count undone); what cannot be given back before `deadline` (at least a second) waits
+    /// for its lease to run out.
+    async fn release(&mut self, lease_token: Uuid, deadline: tokio::time::Instant) {
+        if self.released.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.released);
+        let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        let result = tokio::time::timeout_at(until, async {
+            let client = self.db.get().await?;
+            client
+                .execute(
+                    "UPDATE walhook.deliveries SET lease_until = NULL, leased_by = NULL, \
+                       attempt_count = attempt_count - 1 \
+                     WHERE id = ANY($1) AND leased_by = $2 AND status = 'pending'",
+                    &[&ids, &lease_token],
+                )
+                .await
+                .map_err(DbError::from)
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) => tracing::info!(released = n, "shutdown: gave back claimed deliveries not yet attempted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: could not give back claims; their leases will expire"),
+            Err(_) => tracing::warn!("shutdown: giving back claims timed out; their leases will expire"),
         }
     }
 
-    fn finished(&mut self, endpoint: Uuid) {
+    fn finished(&mut self, (endpoint, released): Finished) {
+        self.released.extend(released);
         if let Some(n) = self.busy.get_mut(&endpoint) {
             *n -= 1;
             if *n == 0 {
@@ -245,7 +293,7 @@ impl OutboxWorker {
         Ok(out)
     }
 
-    fn spawn(&self, row: Claimed, lease: Uuid) {
+    fn spawn(&self, row: Claimed, lease: Uuid, shutdown: CancellationToken) {
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
             self.limits.clone(),
@@ -258,7 +306,17 @@ impl OutboxWorker {
             let permanent = row.body.is_none();
             let attempt = match row.body {
                 Some(body) => {
-                    let permit = limits.acquire(row.endpoint.id, row.endpoint.account_id).await;
+                    let permit = tokio::select! {
+                        biased;
+                        // 1. Shutdown: an attempt not started by now is not started at all.
+                        _ = shutdown.cancelled() => None,
+                        // 2. A connection slot of the endpoint, its account and the process.
+                        p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
+                    };
+                    let Some(permit) = permit.filter(|_| !shutdown.is_cancelled()) else {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    };
                     metrics.in_flight.inc();
                     let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
                     metrics.in_flight.dec();
@@ -276,7 +334,7 @@ impl OutboxWorker {
                 tracing::warn!(delivery = %row.id, endpoint = %row.endpoint.id, error = last_error, "attempt failed for a local reason; retrying without counting it");
                 let release = Release { id: row.id, lease, next_attempt_at: now + LOCAL_RETRY, last_error };
                 let _ = store.send(StoreOp::Release(release)).await;
-                let _ = finished.send(row.endpoint.id).await;
+                let _ = finished.send((row.endpoint.id, None)).await;
                 return;
             }
             if attempt.succeeded() {
@@ -306,11 +364,11 @@ impl OutboxWorker {
             });
             let _ = store.send(op).await;
             if gone {
-                tracing::warn!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it and failing its pending deliveries");
-                metrics.endpoints_disabled.with_label_values(&[DISABLED_GONE]).inc();
+                // The store writer logs and counts the disable once it is written.
+                tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
                 let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
             }
-            let _ = finished.send(row.endpoint.id).await;
+            let _ = finished.send((row.endpoint.id, None)).await;
         });
     }
 }

@@ -138,6 +138,20 @@ pub struct ReplicationStatus {
     pub last_commit_us: AtomicI64,
     /// A lost slot or failing prerequisites (see `slot`).
     pub health: crate::slot::SlotHealth,
+    /// Why the last session ended or could not start (shown by `/readyz` while not streaming).
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ReplicationStatus {
+    /// Records why replication is not streaming.
+    fn set_last_error(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// The last reason replication stopped streaming, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The transaction being read.
@@ -215,6 +229,7 @@ impl Replication {
                 Ok(None) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "cannot reach the database to take the replication lock; retrying");
+                    self.status.set_last_error(format!("cannot reach the database to take the replication lock: {e}"));
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -250,9 +265,11 @@ impl Replication {
                     if !e.is_transient()
                         || (!started_once && !took_over && matches!(e, ReplicationError::SlotBusy { .. })) =>
                 {
-                    return Err(e)
+                    self.status.set_last_error(format!("stopped: {e}"));
+                    return Err(e);
                 }
                 Err(e) => {
+                    self.status.set_last_error(format!("reconnecting after: {e}"));
                     if began.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }

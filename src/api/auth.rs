@@ -137,7 +137,8 @@ impl Authenticator {
     }
 }
 
-/// A token bucket per account: `rate` requests per second, `burst` at once.
+/// A token bucket per account in this process: `rate` requests per second, `burst` at once.
+/// Replicas do not share buckets, so the limit holds per replica, not across them.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,

@@ -636,8 +636,8 @@ impl Dispatcher {
     /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
     /// what waits in the outbox) and fail what waits here.
     async fn disable(&mut self, id: Uuid) {
-        tracing::warn!(endpoint = %id, "endpoint answered 410 Gone; disabling it and failing its pending deliveries");
-        self.metrics.endpoints_disabled.with_label_values(&[DISABLED_GONE]).inc();
+        // The store writer logs and counts the disable once it is written.
+        tracing::debug!(endpoint = %id, "endpoint answered 410 Gone; disabling it");
         let _ = self.store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_GONE }).await;
         self.disable_local(id).await;
     }

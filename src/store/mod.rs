@@ -219,6 +219,11 @@ impl StoreWriter {
         for form in ["without_texts", "failed", "rejected"] {
             metrics.store_set_aside.with_label_values(&[form]);
         }
+        // Disables are counted where one actually happens (see `resilient`); both reasons
+        // are there at 0 from the start.
+        for reason in [DISABLED_GONE, DISABLED_FAILING] {
+            metrics.endpoints_disabled.with_label_values(&[reason]);
+        }
         StoreWriter { health, metrics, stall_after, ..self }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::health::StoreHealth;
-use super::{write, Status, StoreOp};
+use super::{write, Status, StoreOp, DISABLED_GONE};
 use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
 
@@ -65,8 +65,9 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
     let mut backoff = BACKOFF.0;
     loop {
         match watched(ctx, write::write_batch(ctx.db, ops), started).await {
-            Ok(()) => {
+            Ok(disabled) => {
                 ctx.health.progress();
+                report_disabled(ctx.metrics, disabled);
                 return Ok(());
             }
             // The database answers: the split that follows makes progress.
@@ -87,11 +88,11 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
 }
 
 /// Awaits `write`, reporting a stall if it has not finished `stall_after` after `started`.
-async fn watched(
+async fn watched<T>(
     ctx: &Ctx<'_>,
-    write: impl std::future::Future<Output = Result<(), DbError>>,
+    write: impl std::future::Future<Output = Result<T, DbError>>,
     started: Instant,
-) -> Result<(), DbError> {
+) -> Result<T, DbError> {
     tokio::pin!(write);
     tokio::select! {
         biased;
@@ -106,6 +107,20 @@ async fn watched(
         }
     }
     write.await
+}
+
+/// Reports the endpoints a committed write disabled: once each, however many 410 answers or
+/// maintenance passes asked for it (the DISABLE statement returns only rows it changed).
+fn report_disabled(metrics: &Metrics, disabled: Vec<(uuid::Uuid, String)>) {
+    for (endpoint, reason) in disabled {
+        let why = if reason == DISABLED_GONE {
+            "it answered 410 Gone"
+        } else {
+            "every delivery to it has failed for dispatch.disable_after"
+        };
+        tracing::warn!(endpoint = %endpoint, reason = %reason, "endpoint disabled: {why}; its pending deliveries fail");
+        metrics.endpoints_disabled.with_label_values(&[&reason]).inc();
+    }
 }
 
 /// The op the database refused, alone: stored in a reduced form if it can be, else skipped.

@@ -57,7 +57,8 @@ const ENDPOINTS_FAILING: &str = "UPDATE walhook.endpoints SET failing_since = no
      WHERE id = ANY($40) AND failing_since IS NULL AND NOT (id = ANY($39))";
 const DISABLE: &str =
     "UPDATE walhook.endpoints e SET is_active = false, disabled_reason = u.reason, updated_at = now() \
-     FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active";
+     FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active \
+     RETURNING e.id, u.reason";
 const FAIL_PENDING: &str = "UPDATE walhook.deliveries d SET status = 'failed', completed_at = now(), \
        lease_until = NULL, leased_by = NULL, last_error = 'endpoint disabled: ' || e.disabled_reason \
      FROM walhook.endpoints e \
@@ -283,11 +284,12 @@ fn one_statement() -> String {
     )
 }
 
-/// Writes `batch` atomically.
-pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbError> {
+/// Writes `batch` atomically; returns the endpoints it disabled (an endpoint already
+/// disabled is not among them), with their reasons.
+pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<Vec<(Uuid, String)>, DbError> {
     let cols = Columns::of(batch);
     if cols.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let params = cols.params();
     let mut client = db.get().await?;
@@ -295,7 +297,7 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbErro
         static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let st = client.prepare_cached(SQL.get_or_init(one_statement)).await?;
         client.execute(&st, &params).await?;
-        return Ok(());
+        return Ok(Vec::new());
     }
     // Statement by statement, each seeing the ones before: events, deliveries, completions,
     // attempts, failure streaks, releases, then disables and what they fail.
@@ -318,16 +320,18 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<(), DbErro
         let st = tx.prepare_cached(RELEASE).await?;
         tx.execute(&st, &[&cols.r_id, &cols.r_lease, &cols.r_next, &cols.r_err]).await?;
     }
+    let mut disabled = Vec::new();
     if !cols.disable_ids.is_empty() {
         let st = tx.prepare_cached(DISABLE).await?;
-        tx.execute(&st, &[&cols.disable_ids, &cols.disable_reasons]).await?;
+        let rows = tx.query(&st, &[&cols.disable_ids, &cols.disable_reasons]).await?;
+        disabled = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
     if !cols.fail_pending.is_empty() {
         let st = tx.prepare_cached(FAIL_PENDING).await?;
         tx.execute(&st, &[&cols.fail_pending]).await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(disabled)
 }
 
 /// `sql` with its parameters renumbered from `$1` (each statement on its own), in one pass.
