@@ -54,6 +54,10 @@ pub const API_REQUESTS_TOTAL: &str = "walhook_api_requests_total";
 pub const API_REQUEST_DURATION_SECONDS: &str = "walhook_api_request_duration_seconds";
 /// Rows removed by retention, by table.
 pub const RETENTION_DELETED_TOTAL: &str = "walhook_retention_deleted_rows_total";
+/// Event payload bytes held in memory (waiting, in flight, on their way to the store).
+pub const PAYLOAD_MEMORY_BYTES: &str = "walhook_dispatch_payload_memory_bytes";
+/// `dispatch.memory_limit`: the most [`PAYLOAD_MEMORY_BYTES`] may reach.
+pub const PAYLOAD_MEMORY_LIMIT_BYTES: &str = "walhook_dispatch_payload_memory_limit_bytes";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -103,6 +107,10 @@ pub struct Metrics {
     pub api_duration: HistogramVec,
     /// See [`RETENTION_DELETED_TOTAL`].
     pub retention_deleted: IntCounterVec,
+    /// See [`PAYLOAD_MEMORY_BYTES`].
+    pub payload_memory: IntGauge,
+    /// See [`PAYLOAD_MEMORY_LIMIT_BYTES`].
+    pub payload_memory_limit: IntGauge,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes by (table index, op index), events by event index, deliveries by path.
@@ -224,6 +232,11 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             retention_deleted: counter_vec(RETENTION_DELETED_TOTAL, "Rows deleted by retention.", &["table"]),
+            payload_memory: gauge(
+                PAYLOAD_MEMORY_BYTES,
+                "Event payload bytes held in memory: waiting, in flight, or on their way to the store.",
+            ),
+            payload_memory_limit: gauge(PAYLOAD_MEMORY_LIMIT_BYTES, "dispatch.memory_limit, in bytes."),
             registry,
         }
     }
