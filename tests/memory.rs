@@ -150,3 +150,39 @@ async fn large_rows_waiting_for_an_endpoint_spill_to_the_outbox_early() {
     assert_eq!(versions, [1, 2, 3, 4, 5, 6], "every version, in commit order");
     wh.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_transaction_larger_than_the_limit_does_not_wait_on_itself() {
+    let env = Env::new("memory_replay_large_tx").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    let extra = format!("[dispatch]\nmemory_limit = {LIMIT}\n");
+    let wh = env.start(&extra).await;
+    // A copy of the slot, still at the position before the transaction below.
+    env.sql("SELECT pg_copy_logical_replication_slot('memory_replay_large_tx', 'memory_replay_large_tx_copy')").await;
+    let rows = 12; // ~4.5 MB in one transaction: more than twice the limit
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name, last_name) \
+         SELECT '{A}', 'r' || i, rpad('v1-', {ROW_CHARS}, 'x') FROM generate_series(1, {rows}) i"
+    ))
+    .await;
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(60), || async { env.scalar_i64(q).await == rows }).await;
+    wh.stop().await.unwrap();
+    let before = env.receiver.count();
+    let source_confirmed = env.confirmed_lsn().await;
+
+    // Replaying it buffers its deliveries to check them against the database; the buffer
+    // must not hold the budget that routing waits for.
+    let wh = env.start(&format!("{extra}[replication]\nslot = \"memory_replay_large_tx_copy\"\n")).await;
+    let q = "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots \
+             WHERE slot_name = 'memory_replay_large_tx_copy'";
+    let routed = "walhook_events_total{event_type=\"contact.created\"}";
+    wait_for(Duration::from_secs(60), || async {
+        env.scalar_i64(q).await >= source_confirmed
+            && env.metric(routed).await == rows as f64
+            && env.metric("walhook_dispatch_payload_memory_bytes").await == 0.0
+    })
+    .await;
+    assert_eq!(env.receiver.count(), before, "nothing already delivered is sent again");
+    wh.stop().await.unwrap();
+}
