@@ -172,6 +172,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
         .with_memory_budget(budget);
 
+    let pool_lifetime = tokio::spawn(db.clone().close_old_connections(shutdown.clone()));
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, shutdown.clone()));
     let api = tokio::spawn(crate::api::serve(api_listener, api_state, shutdown.clone()));
     let writer = tokio::spawn(writer.run());
@@ -186,6 +187,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let _ = dispatcher.await;
     let _ = outbox.await;
     let _ = maintenance.await;
+    let _ = pool_lifetime.await;
     // The writer ends once every stage holding a sender has ended and its writes are in.
     if tokio::time::timeout(grace + Duration::from_secs(10), writer).await.is_err() {
         tracing::warn!("store writer did not finish in time; unwritten deliveries will be replayed from the slot");

@@ -73,6 +73,9 @@ struct Args {
     /// Memory cases: kB per row of the medium-row case.
     #[arg(long, default_value_t = 40)]
     medium_row_kb: usize,
+    /// walhook's `dispatch.memory_limit` (its default when not given).
+    #[arg(long)]
+    memory_limit: Option<String>,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -152,6 +155,8 @@ struct Bench {
     dir: tempfile::TempDir,
     ca_path: std::path::PathBuf,
     seen: Arc<Mutex<HashMap<u8, Seen>>>,
+    /// Extra `[dispatch]` lines of walhook's configuration.
+    dispatch_extra: String,
 }
 
 impl Bench {
@@ -174,16 +179,17 @@ impl Bench {
         receiver.keep_log(false);
         let seen = Arc::new(Mutex::new(HashMap::new()));
         collect(receiver.subscribe(), seen.clone());
-        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen })
+        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen, dispatch_extra: String::new() })
     }
 
     fn config_toml(&self) -> String {
         format!(
             "[database]\nurl = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
              [replication]\nslot = \"bench\"\npublication = \"bench\"\n\
-             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n[log]\nlevel = \"warn\"\n",
+             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n{}[log]\nlevel = \"warn\"\n",
             self.url,
-            self.ca_path.display()
+            self.ca_path.display(),
+            self.dispatch_extra,
         )
     }
 
@@ -306,7 +312,10 @@ fn row(figure: impl Into<String>, value: impl Into<String>, target: impl Into<St
 }
 
 async fn run(mut args: Args) -> anyhow::Result<()> {
-    let b = Bench::new().await?;
+    let mut b = Bench::new().await?;
+    if let Some(limit) = &args.memory_limit {
+        b.dispatch_extra = format!("memory_limit = {limit:?}\n");
+    }
     if args.memory {
         (args.accounts, args.fanout_endpoints) = (0, 0);
         b.endpoints(&args).await?;
