@@ -611,7 +611,7 @@ mod tests {
 
     #[test]
     fn memory_limit_takes_bytes_or_a_size_and_names_the_key() {
-        assert_eq!(load("").unwrap().dispatch.memory_limit.get(), 32 * ByteSize::MIB);
+        assert_eq!(load("").unwrap().dispatch.memory_limit.get(), 16 * ByteSize::MIB);
         assert_eq!(load("[dispatch]\nmemory_limit = \"2MiB\"\n").unwrap().dispatch.memory_limit.get(), 2 << 20);
         assert_eq!(load("[dispatch]\nmemory_limit = 3145728\n").unwrap().dispatch.memory_limit.get(), 3 << 20);
         for bad in ["\"lots\"", "\"12 parsecs\"", "1024"] {
@@ -620,6 +620,6 @@ mod tests {
         }
         let shown = load("[dispatch]\nmemory_limit = \"512KiB\"\n").unwrap_err().to_string();
         assert!(shown.contains("at least 1MiB"), "{shown}");
-        assert!(load("").unwrap().render_redacted().contains("memory_limit = \"32MiB\""));
+        assert!(load("").unwrap().render_redacted().contains("memory_limit = \"16MiB\""));
     }
 }
