@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::dispatch::budget::MemoryBudget;
 use crate::dispatch::http::{HttpError, Sender};
 use crate::dispatch::limits::Limits;
 use crate::dispatch::policy::RetryPolicy;
@@ -29,9 +30,10 @@ use crate::route::{RouteError, Router};
 use crate::secrets::{SecretBox, SecretError};
 use crate::store::StoreWriter;
 
-/// Deliveries routed but not yet taken by dispatch.
+/// Deliveries routed but not yet taken by dispatch. (Their payloads are charged to the
+/// memory budget, so this bounds a count; `dispatch.memory_limit` bounds the bytes.)
 const DISPATCH_CHANNEL: usize = 1024;
-/// Writes waiting for the store writer.
+/// Writes waiting for the store writer (payloads charged as above).
 const STORE_CHANNEL: usize = 4096;
 
 /// Why `walhook run` stopped with an error.
@@ -133,6 +135,8 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let d = &cfg.dispatch;
     let sender = Sender::new(d)?;
     let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency, d.account_concurrency));
+    let budget = Arc::new(MemoryBudget::new(d.memory_limit.get(), metrics.payload_memory.clone()));
+    metrics.payload_memory_limit.set(budget.limit() as i64);
     let retry = RetryPolicy::new(d);
     // Long enough for every claim an endpoint may have waiting to take its turn and time out.
     let attempt_max = d.connect_timeout.get() + d.request_timeout.get();
@@ -149,6 +153,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
             spill_after: d.spill_after.get(),
             lease_for,
             retry: retry.clone(),
+            budget: budget.clone(),
         },
         sender.clone(),
         limits.clone(),
@@ -169,15 +174,17 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         limits,
         store_tx,
         secrets.clone(),
-        OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, retry },
+        OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, retry, budget: budget.clone() },
         metrics.clone(),
         outbox_wake,
     );
     let slot_watch =
         tokio::spawn(crate::slot::watch(db.clone(), cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
-        .with_fence(dispatcher.fence());
+        .with_fence(dispatcher.fence())
+        .with_memory_budget(budget);
 
+    let pool_lifetime = tokio::spawn(db.clone().close_old_connections(shutdown.clone()));
     let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, cfg.metrics.limits(), shutdown.clone()));
     let api = tokio::spawn(crate::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()));
     let writer = tokio::spawn(writer.run());
@@ -205,9 +212,13 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         tracing::error!(error = %e, "replication stopped; shutting down");
     }
     shutdown.cancel();
-    for (stage, task) in
-        [("dispatch", dispatcher), ("outbox", outbox), ("maintenance", maintenance), ("slot watch", slot_watch)]
-    {
+    for (stage, task) in [
+        ("dispatch", dispatcher),
+        ("outbox", outbox),
+        ("maintenance", maintenance),
+        ("slot watch", slot_watch),
+        ("pool", pool_lifetime),
+    ] {
         join_until(stage, task, &hard_stop).await;
     }
     // The writer ends once every stage holding a sender has ended and its writes are in.

@@ -250,6 +250,10 @@ pub struct DispatchConfig {
     pub poll_interval: HumanDuration,
     /// An endpoint whose deliveries have all failed for this long is disabled.
     pub disable_after: HumanDuration,
+    /// Event payload bytes held in memory at most (waiting, in flight, on their way to the
+    /// store); past it, reading the slot waits and waiting deliveries spill to the outbox.
+    /// An integer (bytes) or a size such as `"64MiB"`.
+    pub memory_limit: ByteSize,
 }
 
 /// `[retention]`
@@ -368,6 +372,9 @@ impl Config {
             if value.0.is_zero() {
                 return bad(key, "must be longer than 0s");
             }
+        }
+        if !(ByteSize::MIB..=ByteSize::MAX_MEMORY_LIMIT).contains(&self.dispatch.memory_limit.get()) {
+            return bad("dispatch.memory_limit", "must be at least 1MiB and at most 1TiB");
         }
         if self.api.rate_limit_per_second > 0 && self.api.rate_limit_burst == 0 {
             return bad("api.rate_limit_burst", "must be at least 1 when api.rate_limit_per_second is set");
@@ -535,6 +542,67 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// A size in bytes: an integer, or a string with a unit (`"512KiB"`, `"64MiB"`, `"1GiB"`;
+/// `KB`/`MB`/`GB` are read as the same powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// One mebibyte.
+    pub const MIB: u64 = 1024 * 1024;
+    /// The largest `dispatch.memory_limit` accepted (1 TiB).
+    pub const MAX_MEMORY_LIMIT: u64 = 1024 * 1024 * Self::MIB;
+
+    /// The size in bytes.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    fn parse(text: &str) -> Option<u64> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => return None,
+        };
+        n.checked_mul(1u64 << shift)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => ByteSize::parse(&s)
+                .map(ByteSize)
+                .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a size like \"64MiB\" or 1048576"))),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            n if n > 0 && n % (1 << 30) == 0 => s.serialize_str(&format!("{}GiB", n >> 30)),
+            n if n > 0 && n % (1 << 20) == 0 => s.serialize_str(&format!("{}MiB", n >> 20)),
+            n if n > 0 && n % (1 << 10) == 0 => s.serialize_str(&format!("{}KiB", n >> 10)),
+            n => s.serialize_u64(n),
+        }
+    }
+}
+
 /// A Postgres identifier walhook puts into SQL: lowercase letters, digits and `_`, starting
 /// with a letter or `_`, at most 63 bytes. Keeping it this narrow means it never needs quoting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -631,5 +699,19 @@ mod tests {
     fn bad_identifier_is_named() {
         let e = load("[replication]\nslot = \"Bad-Slot\"\n").unwrap_err().to_string();
         assert!(e.contains("replication.slot"), "{e}");
+    }
+
+    #[test]
+    fn memory_limit_takes_bytes_or_a_size_and_names_the_key() {
+        assert_eq!(load("").unwrap().dispatch.memory_limit.get(), 16 * ByteSize::MIB);
+        assert_eq!(load("[dispatch]\nmemory_limit = \"2MiB\"\n").unwrap().dispatch.memory_limit.get(), 2 << 20);
+        assert_eq!(load("[dispatch]\nmemory_limit = 3145728\n").unwrap().dispatch.memory_limit.get(), 3 << 20);
+        for bad in ["\"lots\"", "\"12 parsecs\"", "1024"] {
+            let e = load(&format!("[dispatch]\nmemory_limit = {bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("dispatch.memory_limit"), "{bad}: {e}");
+        }
+        let shown = load("[dispatch]\nmemory_limit = \"512KiB\"\n").unwrap_err().to_string();
+        assert!(shown.contains("at least 1MiB"), "{shown}");
+        assert!(load("").unwrap().render_redacted().contains("memory_limit = \"16MiB\""));
     }
 }

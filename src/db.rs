@@ -3,7 +3,9 @@
 //!
 //! What must hold: TLS is used as the URL's `sslmode` asks (`require` verifies the server's
 //! certificate against `database.ca_cert` or the Mozilla roots); connecting never blocks
-//! forever; errors never carry the password.
+//! forever; errors never carry the password; a pooled connection lives at most
+//! `CONNECTION_LIFETIME` once idle, so the buffers it grew for a burst of large payloads
+//! (tokio-postgres never shrinks them) are given back after the burst.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +16,11 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
+
+/// Idle pooled connections older than this are closed by [`Db::close_old_connections`].
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How often [`Db::close_old_connections`] looks.
+const LIFETIME_CHECK: Duration = Duration::from_secs(10);
 
 /// An error and its causes on one line (`a: b: c`), skipping causes whose text repeats.
 /// tokio-postgres and deadpool put the server's message in the cause, not the top error.
@@ -106,11 +113,32 @@ impl Db {
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
+            // The most recently used connection first: spare ones go idle and are closed.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .wait_timeout(Some(Duration::from_secs(30)))
             .create_timeout(Some(Duration::from_secs(15)))
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
         Ok(Db { pool, pg: Arc::new(pg), tls, ca_cert: cfg.ca_cert.clone() })
+    }
+
+    /// Closes idle pooled connections older than [`CONNECTION_LIFETIME`] every few seconds
+    /// until `shutdown`: a connection keeps the buffer capacity its largest message needed
+    /// (a store batch of payloads can be tens of MiB), so this is what returns it.
+    pub async fn close_old_connections(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(LIFETIME_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let closed = self.pool.retain(|_, m| m.age() < CONNECTION_LIFETIME).removed.len();
+                    if closed > 0 {
+                        tracing::debug!(closed, "closed idle database connections past their lifetime");
+                    }
+                }
+            }
+        }
     }
 
     /// A pooled connection.

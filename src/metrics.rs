@@ -66,6 +66,10 @@ pub const SLOT_LOST: &str = "walhook_replication_slot_lost";
 /// 1 while a prerequisite re-checked during streaming fails, by check (table,
 /// replica_identity, publication).
 pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing";
+/// Event payload bytes held in memory (waiting, in flight, on their way to the store).
+pub const PAYLOAD_MEMORY_BYTES: &str = "walhook_dispatch_payload_memory_bytes";
+/// `dispatch.memory_limit`: the most [`PAYLOAD_MEMORY_BYTES`] may reach.
+pub const PAYLOAD_MEMORY_LIMIT_BYTES: &str = "walhook_dispatch_payload_memory_limit_bytes";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -123,6 +127,10 @@ pub struct Metrics {
     pub slot_lost: IntGauge,
     /// See [`PREREQUISITE_FAILING`].
     pub prerequisite_failing: IntGaugeVec,
+    /// See [`PAYLOAD_MEMORY_BYTES`].
+    pub payload_memory: IntGauge,
+    /// See [`PAYLOAD_MEMORY_LIMIT_BYTES`].
+    pub payload_memory_limit: IntGauge,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes by (table index, op index), events by event index, deliveries by path.
@@ -268,6 +276,11 @@ impl Metrics {
                 }
                 g
             },
+            payload_memory: gauge(
+                PAYLOAD_MEMORY_BYTES,
+                "Event payload bytes held in memory: waiting, in flight, or on their way to the store.",
+            ),
+            payload_memory_limit: gauge(PAYLOAD_MEMORY_LIMIT_BYTES, "dispatch.memory_limit, in bytes."),
             registry,
         }
     }

@@ -13,6 +13,10 @@
 //! - Once shutdown is signalled no new attempt starts: only requests already in flight may
 //!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
 //!   (lease cleared, attempt count as before), so another replica retries them at once.
+//! - Payloads held here are bounded in bytes: a claim carries only small bodies (at most
+//!   `memory_limit / CLAIM_BATCH` each, and at most 16 KiB); every attempt charges its body to
+//!   the memory budget before it waits for a connection, reads a larger body only then, and
+//!   holds the charge until the attempt is over.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError};
+use crate::dispatch::budget::MemoryBudget;
 use crate::dispatch::http::{Attempt, FailureKind, Sender, LOCAL_RETRY};
 use crate::dispatch::limits::Limits;
 use crate::dispatch::policy::RetryPolicy;
@@ -36,6 +41,8 @@ use crate::store::{Completion, Release, Status, StoreOp, DISABLED_GONE};
 
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
+/// Bodies up to this size come with the claim; larger ones are read per attempt.
+const INLINE_BODY_MAX: u64 = 16 * 1024;
 /// Claims per endpoint at once, in multiples of its concurrency: enough to keep its
 /// connections busy while the next claim runs. An endpoint is claimed for again once fewer
 /// than one multiple are outstanding, so at most `CLAIM_DEPTH + 1` multiples wait for it.
@@ -50,6 +57,8 @@ pub struct OutboxSettings {
     pub lease_for: Duration,
     /// The retry schedule.
     pub retry: RetryPolicy,
+    /// Payload bytes held in memory (shared with routing and dispatch).
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// A claimed row, ready to send.
@@ -57,6 +66,9 @@ struct Claimed {
     id: Uuid,
     endpoint: Arc<Endpoint>,
     attempt_no: i32,
+    /// The body's size; `None` when the payload is gone.
+    body_len: Option<i32>,
+    /// The body, when it is small enough to come with the claim.
     body: Option<Bytes>,
     /// Commit time of the source change.
     committed_at: chrono::DateTime<Utc>,
@@ -249,10 +261,14 @@ impl OutboxWorker {
                  FROM due, walhook.endpoints e \
                  WHERE d.id = due.id AND e.id = d.endpoint_id \
                  RETURNING d.id, d.attempt_count, e.id, e.account_id, e.url, e.secret, e.events, \
-                   (SELECT ev.body FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at",
+                   (SELECT CASE WHEN octet_length(ev.body) <= $6 THEN ev.body END \
+                    FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at, \
+                   (SELECT octet_length(ev.body) FROM walhook.events ev WHERE ev.id = d.event_id)",
             )
             .await?;
-        let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token]).await?;
+        let budget = &self.settings.budget;
+        let inline_max = (budget.limit() / CLAIM_BATCH as u64).min(INLINE_BODY_MAX) as i32;
+        let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token, &inline_max]).await?;
         tx.commit().await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut endpoints: HashMap<Uuid, Option<Arc<Endpoint>>> = HashMap::new();
@@ -288,12 +304,14 @@ impl OutboxWorker {
                 endpoint,
                 body: r.get::<_, Option<Vec<u8>>>(7).map(Bytes::from),
                 committed_at: r.get(8),
+                body_len: r.get(9),
             });
         }
         Ok(out)
     }
 
     fn spawn(&self, row: Claimed, lease: Uuid, shutdown: CancellationToken) {
+        let (db, budget) = (self.db.clone(), self.settings.budget.clone());
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
             self.limits.clone(),
@@ -303,9 +321,31 @@ impl OutboxWorker {
             self.finished_tx.clone(),
         );
         tokio::spawn(async move {
-            let permanent = row.body.is_none();
-            let attempt = match row.body {
-                Some(body) => {
+            // Budget first, then a connection: what holds a connection never waits for budget.
+            // Shutdown before the request starts: the claim is given back, unattempted.
+            let charge = match row.body_len {
+                Some(len) => tokio::select! {
+                    biased;
+                    // 1. Shutdown: an attempt not started by now is not started at all.
+                    _ = shutdown.cancelled() => {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    }
+                    // 2. Room in the memory budget for the body.
+                    c = budget.reserve(len.max(0) as usize) => Some(c),
+                },
+                None => None,
+            };
+            let body = match (charge, row.body) {
+                (Some(charge), Some(body)) => Ok(Some(MemoryBudget::attach(body, charge))),
+                (Some(charge), None) => {
+                    read_body(&db, row.id).await.map(|b| b.map(|b| MemoryBudget::attach(b, charge)))
+                }
+                (None, _) => Ok(None),
+            };
+            let permanent = matches!(body, Ok(None));
+            let attempt = match body {
+                Ok(Some(body)) => {
                     let permit = tokio::select! {
                         biased;
                         // 1. Shutdown: an attempt not started by now is not started at all.
@@ -325,7 +365,8 @@ impl OutboxWorker {
                     metrics.request_duration.observe(a.duration.as_secs_f64());
                     a
                 }
-                None => missing_payload(),
+                Ok(None) => missing_payload(),
+                Err(e) => unreadable_payload(e),
             };
             let now = Utc::now();
             if attempt.failure == Some(FailureKind::Local) {
@@ -370,6 +411,32 @@ impl OutboxWorker {
             }
             let _ = finished.send((row.endpoint.id, None)).await;
         });
+    }
+}
+
+/// The body of delivery `id`, read for its attempt (`None`: the payload is gone).
+async fn read_body(db: &Db, id: Uuid) -> Result<Option<Bytes>, DbError> {
+    let client = db.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT ev.body FROM walhook.deliveries d JOIN walhook.events ev ON ev.id = d.event_id WHERE d.id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(DbError::from)?;
+    Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+}
+
+/// Reading the payload failed: the attempt is retried on the schedule.
+fn unreadable_payload(e: DbError) -> Attempt {
+    Attempt {
+        status: None,
+        failure: Some(FailureKind::Network),
+        retry_after: None,
+        error: Some(format!("reading the event payload failed: {e}")),
+        started_at: Utc::now(),
+        duration: Duration::ZERO,
+        response_snippet: String::new(),
     }
 }
 

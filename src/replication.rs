@@ -6,7 +6,10 @@
 //!   position while nothing read is unsettled (invariant 6: an idle slot does not hoard WAL).
 //! - A replayed transaction (commit LSN at or below the newest recorded delivery) does not
 //!   send or store what is already recorded (invariant 2).
-//! - Routing waits when dispatch is full: backpressure stays in the slot, not in memory.
+//! - Routing waits when dispatch is full or the memory budget is spent (each event's body is
+//!   charged before it is handed on): backpressure stays in the slot, not in memory. Replayed
+//!   deliveries buffered for their check are sent on before routing waits for budget, so the
+//!   buffer never holds the budget it waits for.
 //! - A lost connection or a restarted server is survived: the session is rebuilt with
 //!   backoff and resumes from the slot once what was in flight has settled.
 //! - Every session routes with the endpoint set valid at the slot's confirmed position, and
@@ -25,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +37,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::decode::{DecodeError, Decoded, Decoder, RowChange};
+use crate::dispatch::budget::MemoryBudget;
 use crate::dispatch::{DispatchMsg, Fence};
 use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
@@ -46,6 +51,9 @@ use crate::secrets::SecretBox;
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// Deliveries of a replayed transaction checked against the database at once.
 const REPLAY_CHECK_BATCH: usize = 512;
+/// Messages the replication client reads ahead of decoding. They are not charged to the
+/// memory budget (a wide row is one message), so the read-ahead is kept short.
+const STREAM_BUFFER: usize = 64;
 /// Session settings that make decoded text values independent of server defaults.
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3";
 
@@ -179,6 +187,8 @@ pub struct Replication {
     replay_until: u64,
     /// Makes dispatch drop what a session routed when leadership is lost.
     fence: Option<Fence>,
+    /// Event payload bytes in memory (shared with dispatch and the outbox).
+    budget: Arc<MemoryBudget>,
 }
 
 impl Replication {
@@ -191,7 +201,9 @@ impl Replication {
         metrics: Arc<Metrics>,
         status: Arc<ReplicationStatus>,
     ) -> Self {
+        let budget = Arc::new(MemoryBudget::new(cfg.dispatch.memory_limit.get(), metrics.payload_memory.clone()));
         Replication {
+            budget,
             cfg,
             db,
             secrets,
@@ -209,6 +221,12 @@ impl Replication {
     /// Fences `dispatch` with `fence` when leadership is lost, before the stream closes.
     pub fn with_fence(mut self, fence: Fence) -> Self {
         self.fence = Some(fence);
+        self
+    }
+
+    /// Charges event payloads to `budget` (the one dispatch and the outbox share).
+    pub fn with_memory_budget(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget = budget;
         self
     }
 
@@ -356,7 +374,7 @@ impl Replication {
             .with_options(SESSION_OPTIONS)
             .with_status_interval(self.cfg.replication.status_interval.get())
             .with_wakeup_interval(Duration::from_secs(10))
-            .with_buffer_size(1024)
+            .with_buffer_size(STREAM_BUFFER)
             .with_application_name("walhook");
         let stream = stream.insert(ReplicationClient::connect(repl_cfg).await?);
         stream.wait_started().await?;
@@ -491,10 +509,11 @@ impl Replication {
             return Ok(());
         };
         let targets: Vec<_> = self.router_mut().targets(&change).cloned().collect();
-        let Some(tx) = self.tx.as_mut() else { return Ok(()) };
-        if targets.is_empty() {
+        if self.tx.is_none() || targets.is_empty() {
             return Ok(());
         }
+        let Some(body) = self.charge(change.body, shutdown).await? else { return Ok(()) };
+        let tx = self.tx.as_mut().expect("checked above");
         self.metrics.event(change.table_index * 3 + change.op as usize).inc();
         tracing::debug!(event = change.event_type, entity = %change.entity_key, endpoints = targets.len(), commit_lsn = tx.commit_lsn, seq = tx.seq, "routed");
         let event = Arc::new(Event {
@@ -505,7 +524,7 @@ impl Replication {
             commit_lsn: tx.commit_lsn,
             seq: tx.seq,
             committed_at_us: tx.commit_us,
-            body: change.body,
+            body,
         });
         let replay = tx.replay;
         for endpoint in targets {
@@ -526,6 +545,22 @@ impl Replication {
             }
         }
         Ok(())
+    }
+
+    /// `body` charged to the memory budget; when the budget is spent, the buffered replayed
+    /// deliveries (which hold budget too) are sent on first, then it waits. `None` on shutdown.
+    async fn charge(&mut self, body: Bytes, shutdown: &CancellationToken) -> Result<Option<Bytes>, ReplicationError> {
+        let body = match self.budget.try_charge(body) {
+            Ok(charged) => return Ok(Some(charged)),
+            Err(body) => body,
+        };
+        self.flush_replay(shutdown).await?;
+        let budget = self.budget.clone();
+        tokio::select! {
+            charged = budget.charge_body(body) => Ok(Some(charged)),
+            // Shutdown while the budget is spent: the change stays in the slot.
+            _ = shutdown.cancelled() => Ok(None),
+        }
     }
 
     /// Sends the replayed deliveries that are not recorded yet; settles the others.

@@ -6,10 +6,12 @@
 //! CPU are its own), and `pg_recvlogical` draining the same WAL as the decode-limit
 //! reference. Phases: backlog drain, live latency at two rates, fan-out, and a dead endpoint
 //! building a million-delivery backlog beside a healthy one. Every phase checks that the
-//! receiver got every expected event.
+//! receiver got every expected event. `--memory` runs only the large-row memory cases
+//! (`memory.rs`) instead.
 
 mod load;
 mod measure;
+mod memory;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -53,6 +55,27 @@ struct Args {
     /// A small, quick run that only checks the benchmark still works.
     #[arg(long)]
     smoke: bool,
+    /// Run only the memory cases: large rows behind a slow endpoint (RSS during and after).
+    #[arg(long)]
+    memory: bool,
+    /// Memory cases: the endpoint answers each request after this many milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    answer_ms: u64,
+    /// Memory cases: rows of the large-row case.
+    #[arg(long, default_value_t = 3_000)]
+    big_rows: usize,
+    /// Memory cases: kB per row of the large-row case.
+    #[arg(long, default_value_t = 400)]
+    big_row_kb: usize,
+    /// Memory cases: rows of the medium-row case (0 skips it).
+    #[arg(long, default_value_t = 6_000)]
+    medium_rows: usize,
+    /// Memory cases: kB per row of the medium-row case.
+    #[arg(long, default_value_t = 40)]
+    medium_row_kb: usize,
+    /// walhook's `dispatch.memory_limit` (its default when not given).
+    #[arg(long)]
+    memory_limit: Option<String>,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -64,6 +87,8 @@ const PHASE_HIGH: u8 = 3;
 const PHASE_FANOUT: u8 = 4;
 const PHASE_BACKLOG: u8 = 5;
 const PHASE_BESIDE: u8 = 6;
+const PHASE_MEMORY_BIG: u8 = 7;
+const PHASE_MEMORY_MEDIUM: u8 = 8;
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
@@ -130,6 +155,8 @@ struct Bench {
     dir: tempfile::TempDir,
     ca_path: std::path::PathBuf,
     seen: Arc<Mutex<HashMap<u8, Seen>>>,
+    /// Extra `[dispatch]` lines of walhook's configuration.
+    dispatch_extra: String,
 }
 
 impl Bench {
@@ -152,16 +179,17 @@ impl Bench {
         receiver.keep_log(false);
         let seen = Arc::new(Mutex::new(HashMap::new()));
         collect(receiver.subscribe(), seen.clone());
-        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen })
+        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen, dispatch_extra: String::new() })
     }
 
     fn config_toml(&self) -> String {
         format!(
             "[database]\nurl = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
              [replication]\nslot = \"bench\"\npublication = \"bench\"\n\
-             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n[log]\nlevel = \"warn\"\n",
+             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n{}[log]\nlevel = \"warn\"\n",
             self.url,
-            self.ca_path.display()
+            self.ca_path.display(),
+            self.dispatch_extra,
         )
     }
 
@@ -188,6 +216,7 @@ impl Bench {
         for j in 0..args.fanout_endpoints {
             jobs.push(make(FANOUT_ACCOUNT, format!("fan{j}")));
         }
+        jobs.push(make(memory::MEMORY_ACCOUNT, "slow".into()));
         jobs.push(make(DEAD_ACCOUNT, "dead".into()));
         jobs.push(make(DEAD_ACCOUNT, "alive".into()));
         for job in jobs {
@@ -282,8 +311,20 @@ fn row(figure: impl Into<String>, value: impl Into<String>, target: impl Into<St
     Row { figure: figure.into(), value: value.into(), target: target.into(), holds }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let b = Bench::new().await?;
+async fn run(mut args: Args) -> anyhow::Result<()> {
+    let mut b = Bench::new().await?;
+    if let Some(limit) = &args.memory_limit {
+        b.dispatch_extra = format!("memory_limit = {limit:?}\n");
+    }
+    if args.memory {
+        (args.accounts, args.fanout_endpoints) = (0, 0);
+        b.endpoints(&args).await?;
+        let mut cases = vec![memory::Case { phase: PHASE_MEMORY_BIG, rows: args.big_rows, kb: args.big_row_kb }];
+        if args.medium_rows > 0 {
+            cases.push(memory::Case { phase: PHASE_MEMORY_MEDIUM, rows: args.medium_rows, kb: args.medium_row_kb });
+        }
+        return memory::run(&b, &args, &cases).await;
+    }
     b.endpoints(&args).await?;
     b.client
         .batch_execute(

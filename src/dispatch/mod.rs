@@ -14,15 +14,23 @@
 //!   rows keep waiting behind the outbox and the rest is sent directly again, even under
 //!   steady traffic. The total waiting in memory is capped; past the cap, routing (and so
 //!   the replication stream) waits.
+//! - **Bounded bytes** (invariant 5): payloads are charged to the memory budget
+//!   (`dispatch.memory_limit`, see `budget`) before routing hands them over, so what waits,
+//!   what is in flight and what goes to the store is bounded in bytes; an endpoint whose
+//!   waiting payloads pass a quarter of the budget is spilled (large rows spill early), and
+//!   while anyone waits for budget the endpoint with the most waiting bytes is spilled so its
+//!   payloads are released once the outbox holds them.
 //! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
 //!   writer after its record or outbox row commits, or because its endpoint was deleted.
 //! - **Fence**: when replication loses leadership, everything held for its session is
 //!   dropped unsent and attempts in flight are cancelled, ahead of any other work, before
 //!   another replica can stream (it replays whatever was not recorded).
 
+pub mod budget;
 pub mod http;
 pub mod limits;
 pub mod policy;
+mod pressure;
 pub mod ranges;
 pub mod ssrf;
 
@@ -38,6 +46,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::route::{Delivery, Endpoint};
 use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
+use budget::MemoryBudget;
 use http::{Attempt, Sender};
 use limits::{Limits, Permit};
 use policy::RetryPolicy;
@@ -95,6 +104,8 @@ pub struct DispatchSettings {
     pub lease_for: Duration,
     /// The retry schedule.
     pub retry: RetryPolicy,
+    /// Payload bytes held in memory (charged by routing).
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// A delivery waiting in memory.
@@ -131,6 +142,8 @@ struct EndpointState {
     behind: HashMap<String, VecDeque<Waiting>>,
     /// Deliveries waiting in `ready` and `behind`.
     waiting: usize,
+    /// Payload bytes of those deliveries.
+    waiting_bytes: usize,
     in_flight: HashMap<Uuid, Flight>,
     /// Rows whose latest delivery is in the outbox: row → that delivery's id.
     blocked: HashMap<String, Uuid>,
@@ -159,6 +172,7 @@ impl EndpointState {
             ready: VecDeque::new(),
             behind: HashMap::new(),
             waiting: 0,
+            waiting_bytes: 0,
             in_flight: HashMap::new(),
             blocked: HashMap::new(),
             spilled: false,
@@ -357,6 +371,7 @@ impl Dispatcher {
                         self.waiting -= 1;
                     }
                     state.waiting = 0;
+                    state.waiting_bytes = 0;
                     state.removed = true;
                     if !state.in_flight.is_empty() {
                         self.endpoints.insert(id, state); // let in-flight attempts finish
@@ -368,6 +383,7 @@ impl Dispatcher {
 
     async fn accept(&mut self, mut d: Delivery) {
         let id = d.endpoint.id;
+        let share = self.endpoint_share();
         if !self.endpoints.contains_key(&id) {
             let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id, d.endpoint.account_id));
             if self.pending_at_start.remove(&id) {
@@ -394,6 +410,7 @@ impl Dispatcher {
             *tail = d.id;
             return self.spill_one(id, d, 0).await;
         }
+        let len = d.event.body.len();
         let w = Waiting { delivery: d, since: Instant::now() };
         match state.behind.get_mut(&key) {
             Some(q) => q.push_back(w),
@@ -403,8 +420,13 @@ impl Dispatcher {
             }
         }
         state.waiting += 1;
+        state.waiting_bytes += len;
         self.waiting += 1;
         if state.waiting > self.settings.endpoint_queue {
+            return self.spill_endpoint(id).await;
+        }
+        if state.waiting_bytes > share {
+            tracing::info!(endpoint = %id, waiting_bytes = state.waiting_bytes, "payloads waiting for the endpoint passed its share of dispatch.memory_limit; spilling endpoint to the outbox");
             return self.spill_endpoint(id).await;
         }
         self.pump(id);
@@ -417,6 +439,7 @@ impl Dispatcher {
             let Some(permit) = self.limits.try_acquire(&state.gate) else { break };
             let w = state.ready.pop_front().expect("checked non-empty");
             state.waiting -= 1;
+            state.waiting_bytes -= w.delivery.event.body.len();
             self.waiting -= 1;
             let d = w.delivery;
             let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
@@ -561,6 +584,7 @@ impl Dispatcher {
         }
         let behind = state.behind.remove(key).unwrap_or_default();
         state.waiting -= behind.len();
+        state.waiting_bytes -= behind.iter().map(|w| w.delivery.event.body.len()).sum::<usize>();
         self.waiting -= behind.len();
         let tail = behind.back().map(|w| w.delivery.id).unwrap_or(d.id);
         state.blocked.insert(key.clone(), tail);
@@ -591,6 +615,7 @@ impl Dispatcher {
     }
 
     async fn on_tick(&mut self) {
+        self.relieve_pressure().await;
         let now = Instant::now();
         // An endpoint that keeps answering is only busy: replication waits for it (backpressure).
         // One that has not finished an attempt for spill_after while deliveries wait is stuck:
@@ -631,6 +656,7 @@ impl Dispatcher {
             let _ = self.store.send(StoreOp::Probe(p)).await;
         }
         self.endpoints.retain(|_, s| !s.idle());
+        self.release_idle_capacity();
     }
 
     /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
@@ -651,6 +677,7 @@ impl Dispatcher {
         let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
         self.waiting -= state.waiting;
         state.waiting = 0;
+        state.waiting_bytes = 0;
         for w in waiting {
             self.fail_unsent(id, w.delivery).await;
         }
@@ -729,6 +756,7 @@ impl Dispatcher {
         let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
         self.waiting -= state.waiting;
         state.waiting = 0;
+        state.waiting_bytes = 0;
         // Rows in flight under the lease may stay in the outbox: their rows are blocked too
         // (blocked rows stay blocked; what waits behind them follows via spill_one).
         let flights: Vec<(String, Uuid)> = (state.in_flight.values())

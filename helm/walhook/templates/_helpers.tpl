@@ -170,6 +170,7 @@ queue_capacity = {{ .Values.config.dispatch.queue_capacity | int64 }}
 spill_after = {{ .Values.config.dispatch.spill_after | toString | toJson }}
 poll_interval = {{ .Values.config.dispatch.poll_interval | toString | toJson }}
 disable_after = {{ .Values.config.dispatch.disable_after | toString | toJson }}
+memory_limit = {{ .Values.config.dispatch.memory_limit | toString | toJson }}
 
 [retention]
 delivered = {{ .Values.config.retention.delivered | toString | toJson }}

@@ -1,0 +1,61 @@
+//! Dispatch under memory pressure: what waits in memory gives way so the budget frees.
+//!
+//! What must hold: while anyone waits for memory budget (routing, so the replication stream,
+//! or an outbox attempt), the endpoint with the most payload bytes waiting is spilled to the
+//! outbox, one per tick, so those payloads are released once the store has them; dispatch
+//! never sits on waiting payloads while routing waits for budget (no deadlock). An endpoint's
+//! waiting payloads may take at most a quarter of the budget. Capacity left in idle
+//! collections after a burst is given back.
+
+use super::Dispatcher;
+
+/// The share of the budget one endpoint's waiting payloads may take (1/n).
+const ENDPOINT_SHARE: u64 = 4;
+/// Collections are shrunk only past this capacity (small ones cost nothing to keep).
+const KEEP_CAPACITY: usize = 64;
+
+impl Dispatcher {
+    /// Payload bytes one endpoint may have waiting before it spills.
+    pub(super) fn endpoint_share(&self) -> usize {
+        (self.settings.budget.limit() / ENDPOINT_SHARE) as usize
+    }
+
+    /// Spills the endpoint with the most waiting bytes while someone waits for budget.
+    pub(super) async fn relieve_pressure(&mut self) {
+        if !self.settings.budget.under_pressure() {
+            return;
+        }
+        let largest = (self.endpoints.iter())
+            .filter(|(_, s)| !s.spilled && s.waiting_bytes > 0)
+            .max_by_key(|(_, s)| s.waiting_bytes)
+            .map(|(id, s)| (*id, s.waiting_bytes));
+        if let Some((id, bytes)) = largest {
+            tracing::info!(endpoint = %id, waiting_bytes = bytes, held = self.settings.budget.held(), "dispatch.memory_limit reached; spilling the endpoint with the most waiting payload bytes to the outbox");
+            self.spill_endpoint(id).await;
+        }
+    }
+
+    /// Gives back the capacity a burst left in collections that are now (nearly) empty.
+    pub(super) fn release_idle_capacity(&mut self) {
+        fn sparse(len: usize, capacity: usize) -> bool {
+            capacity > KEEP_CAPACITY && len < capacity / 4
+        }
+        for s in self.endpoints.values_mut() {
+            if sparse(s.ready.len(), s.ready.capacity()) {
+                s.ready.shrink_to_fit();
+            }
+            if sparse(s.behind.len(), s.behind.capacity()) {
+                s.behind.shrink_to_fit();
+            }
+            if sparse(s.in_flight.len(), s.in_flight.capacity()) {
+                s.in_flight.shrink_to_fit();
+            }
+            if sparse(s.blocked.len(), s.blocked.capacity()) {
+                s.blocked.shrink_to_fit();
+            }
+        }
+        if sparse(self.endpoints.len(), self.endpoints.capacity()) {
+            self.endpoints.shrink_to_fit();
+        }
+    }
+}
