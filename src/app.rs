@@ -174,7 +174,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         limits,
         store_tx,
         secrets.clone(),
-        OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, retry, budget: budget.clone() },
+        OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, attempt_max, retry, budget: budget.clone() },
         metrics.clone(),
         outbox_wake,
     );

@@ -10,6 +10,9 @@
 //! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
 //!   cannot take the claims of a healthy one.
 //! - Inactive or deleted endpoints are not sent to.
+//! - No attempt outlives its claim's lease: a claimed row whose attempt cannot start (no
+//!   connection slot of its endpoint or account, no memory budget) one attempt's length before
+//!   the lease ends is given back unattempted, so a later claim never sends it a second time.
 //! - Once shutdown is signalled no new attempt starts: only requests already in flight may
 //!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
 //!   (lease cleared, attempt count as before), so another replica retries them at once.
@@ -55,6 +58,9 @@ pub struct OutboxSettings {
     pub poll_interval: Duration,
     /// Lease taken on a claimed row.
     pub lease_for: Duration,
+    /// The longest one attempt can take (`dispatch.connect_timeout` + `request_timeout`): a
+    /// claimed row whose attempt cannot start that long before its lease ends is given back.
+    pub attempt_max: Duration,
     /// The retry schedule.
     pub retry: RetryPolicy,
     /// Payload bytes held in memory (shared with routing and dispatch).
@@ -88,7 +94,7 @@ pub struct OutboxWorker {
     busy: HashMap<Uuid, usize>,
     finished_tx: mpsc::Sender<Finished>,
     finished_rx: mpsc::Receiver<Finished>,
-    /// Claimed rows that were never attempted because shutdown came first.
+    /// Claimed rows never attempted (shutdown came first, or no slot was free in time).
     released: Vec<Uuid>,
 }
 
@@ -133,6 +139,7 @@ impl OutboxWorker {
                 break;
             }
             let started = std::time::Instant::now();
+            let start_by = self.start_by(tokio::time::Instant::now());
             let claimed = if self.limits.global_available() > 0 {
                 match self.claim(lease_token).await {
                     Ok(rows) => rows,
@@ -150,7 +157,7 @@ impl OutboxWorker {
             }
             for row in claimed {
                 *self.busy.entry(row.endpoint.id).or_default() += 1;
-                self.spawn(row, lease_token, shutdown.clone());
+                self.spawn(row, lease_token, start_by, shutdown.clone());
             }
             if full {
                 continue;
@@ -169,6 +176,8 @@ impl OutboxWorker {
             while let Ok(ep) = self.finished_rx.try_recv() {
                 self.finished(ep);
             }
+            // Claims that waited too long for a slot go back to the pool at once.
+            self.release(lease_token, tokio::time::Instant::now()).await;
         }
         let deadline = tokio::time::Instant::now() + grace;
         while !self.busy.is_empty() {
@@ -183,6 +192,14 @@ impl OutboxWorker {
             self.release(lease_token, deadline).await;
         }
         self.release(lease_token, deadline).await;
+    }
+
+    /// The latest moment an attempt of a row claimed at `claimed_at` may start: one attempt
+    /// and a second before its lease ends, so no attempt outlives the lease (after it,
+    /// another claim may send the row too).
+    fn start_by(&self, claimed_at: tokio::time::Instant) -> tokio::time::Instant {
+        let room = self.settings.lease_for.saturating_sub(self.settings.attempt_max + Duration::from_secs(1));
+        claimed_at + room
     }
 
     /// Gives back the claims of rows never attempted (lease cleared, the claim's attempt
@@ -208,9 +225,9 @@ impl OutboxWorker {
         })
         .await;
         match result {
-            Ok(Ok(n)) => tracing::info!(released = n, "shutdown: gave back claimed deliveries not yet attempted"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: could not give back claims; their leases will expire"),
-            Err(_) => tracing::warn!("shutdown: giving back claims timed out; their leases will expire"),
+            Ok(Ok(n)) => tracing::debug!(released = n, "gave back claimed deliveries not yet attempted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not give back claims; their leases will expire"),
+            Err(_) => tracing::warn!("giving back claims timed out; their leases will expire"),
         }
     }
 
@@ -310,7 +327,7 @@ impl OutboxWorker {
         Ok(out)
     }
 
-    fn spawn(&self, row: Claimed, lease: Uuid, shutdown: CancellationToken) {
+    fn spawn(&self, row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
         let (db, budget) = (self.db.clone(), self.settings.budget.clone());
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
@@ -331,7 +348,12 @@ impl OutboxWorker {
                         let _ = finished.send((row.endpoint.id, Some(row.id))).await;
                         return;
                     }
-                    // 2. Room in the memory budget for the body.
+                    // 2. Too late to start within the lease: give the claim back.
+                    _ = tokio::time::sleep_until(start_by) => {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    }
+                    // 3. Room in the memory budget for the body.
                     c = budget.reserve(len.max(0) as usize) => Some(c),
                 },
                 None => None,
@@ -350,10 +372,13 @@ impl OutboxWorker {
                         biased;
                         // 1. Shutdown: an attempt not started by now is not started at all.
                         _ = shutdown.cancelled() => None,
-                        // 2. A connection slot of the endpoint, its account and the process.
+                        // 2. Too late to start within the lease: give the claim back.
+                        _ = tokio::time::sleep_until(start_by) => None,
+                        // 3. A connection slot of the endpoint, its account and the process.
                         p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
                     };
-                    let Some(permit) = permit.filter(|_| !shutdown.is_cancelled()) else {
+                    let in_time = || !shutdown.is_cancelled() && tokio::time::Instant::now() < start_by;
+                    let Some(permit) = permit.filter(|_| in_time()) else {
                         let _ = finished.send((row.endpoint.id, Some(row.id))).await;
                         return;
                     };
