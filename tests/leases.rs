@@ -56,6 +56,15 @@ async fn two_processes_never_send_the_same_attempt() {
         free_port()
     );
     let _standby = env.spawn_binary(&other);
+    // Both replicas work the outbox before the rows arrive: the standby says so on /readyz.
+    let standby_ready = || async move {
+        let url = format!("http://127.0.0.1:{standby_metrics}/readyz");
+        match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default().contains("\"standby\":true"),
+            Err(_) => false,
+        }
+    };
+    wait_for(Duration::from_secs(30), standby_ready).await;
     env.sql(&format!(
         "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'c' || i FROM generate_series(1, {n}) i"
     ))
