@@ -69,7 +69,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command));
+    // Whatever is still running (a request abandoned at the grace, a blocking DNS lookup)
+    // must not hold the exit past `shutdown.grace`: give it a moment, then go.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("walhook: {e:#}");

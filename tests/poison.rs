@@ -234,3 +234,40 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
     wh.stop().await.unwrap();
 }
+
+/// A store writer waiting on a lock while it answers an outbox probe (rows blocked behind a
+/// failed delivery are probed every tick) is stalled just the same: /readyz and the gauge say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
+    let env = Env::new("poison_probe_stall").await;
+    env.endpoint(ACCOUNT_A, "p", &["contact.created"]).await;
+    env.receiver.set_default("p", Reply::Status(500));
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n[dispatch]\nretry_schedule = [\"60s\"]\n").await;
+    let readyz = || async {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'blocked')")).await;
+    let pending = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(pending).await == 1 }).await;
+    assert_eq!(readyz().await.0, 200);
+    // The row is blocked behind its failed delivery, so dispatch probes the outbox; wedge it.
+    let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (status, body) = loop {
+        let (s, b) = readyz().await;
+        if s == 503 || tokio::time::Instant::now() > deadline {
+            break (s, b);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "not ready while a probe cannot read the outbox: {body}");
+    assert!(body.contains("store writer cannot make progress"), "{body}");
+    assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
+    lock.rollback().await.unwrap();
+    wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
+    wh.stop().await.unwrap();
+}

@@ -242,7 +242,9 @@ impl StoreWriter {
             tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
             let probes = settle(&mut batch);
             for probe in probes {
-                answer_probe(&self.db, probe).await;
+                // A probe waits on walhook's tables like a write does: a lock there is a stall.
+                resilient::watched(&ctx, answer_probe(&self.db, probe), tokio::time::Instant::now()).await;
+                ctx.health.progress();
             }
         }
     }

@@ -87,12 +87,9 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
     }
 }
 
-/// Awaits `write`, reporting a stall if it has not finished `stall_after` after `started`.
-async fn watched<T>(
-    ctx: &Ctx<'_>,
-    write: impl std::future::Future<Output = Result<T, DbError>>,
-    started: Instant,
-) -> Result<T, DbError> {
+/// Awaits `write` (a batch, or a probe's queries), reporting a stall if it has not finished
+/// `stall_after` after `started`.
+pub(super) async fn watched<T>(ctx: &Ctx<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
     tokio::pin!(write);
     tokio::select! {
         biased;
