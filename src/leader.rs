@@ -7,28 +7,81 @@
 //! routed, before its walsender goes (another may only stream once that walsender is gone).
 //! A process that had to wait for the lock knows it took over, so it waits for the old
 //! leader's walsender to end instead of failing on a busy slot.
+//!
+//! A process can also be frozen (SIGSTOP, a stalled VM) while its lock is taken away; when it
+//! resumes, nothing tells it at once. So the lock is held as a [`Tenure`]: renewed only by a
+//! round trip on the lock's connection, valid for [`TENURE`] after it, and dispatch starts no
+//! attempt outside it. A new holder waits [`TENURE`] after taking the lock, so whatever an old
+//! holder still has in memory can no longer be sent by the time the new one streams.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, DbError};
 
-/// How often the lock's connection is checked.
-const LOST_POLL: Duration = Duration::from_millis(100);
+/// How often the lock's connection is checked (a round trip renews the tenure).
+const LOST_POLL: Duration = Duration::from_millis(200);
+/// How long one successful check of the lock keeps this process's tenure valid.
+pub const TENURE: Duration = Duration::from_millis(1000);
+
+/// Until when this process may start webhook attempts of what it streamed: renewed by each
+/// successful check of the lock, revoked when it is lost.
+#[derive(Debug)]
+pub struct Tenure {
+    base: Instant,
+    /// Milliseconds after `base`; `u64::MAX` while no leadership governs it (tests, benches).
+    valid_until_ms: AtomicU64,
+}
+
+impl Default for Tenure {
+    fn default() -> Self {
+        Tenure { base: Instant::now(), valid_until_ms: AtomicU64::new(u64::MAX) }
+    }
+}
+
+impl Tenure {
+    /// Valid until `TENURE` from now.
+    fn renew(&self) {
+        let until = (self.base.elapsed() + TENURE).as_millis() as u64;
+        self.valid_until_ms.store(until, Ordering::Release);
+    }
+
+    /// No longer valid.
+    fn revoke(&self) {
+        self.valid_until_ms.store(0, Ordering::Release);
+    }
+
+    /// Whether an attempt may start now.
+    pub fn is_valid(&self) -> bool {
+        (self.base.elapsed().as_millis() as u64) < self.valid_until_ms.load(Ordering::Acquire)
+    }
+}
 
 /// The held lock; streaming must stop when `lost` resolves.
 pub struct Leadership {
     client: tokio_postgres::Client,
     took_over: bool,
+    tenure: Arc<Tenure>,
 }
 
 impl Leadership {
-    /// Resolves when the lock's connection has closed.
+    /// Resolves when the lock's connection has closed or stopped answering; until then each
+    /// answered check renews the tenure, and losing it revokes the tenure first.
     pub async fn lost(&self) {
-        while !self.client.is_closed() {
+        loop {
             tokio::time::sleep(LOST_POLL).await;
+            let check = tokio::time::timeout(TENURE, self.client.simple_query("SELECT 1")).await;
+            match check {
+                Ok(Ok(_)) if !self.client.is_closed() => self.tenure.renew(),
+                _ => {
+                    self.tenure.revoke();
+                    return;
+                }
+            }
         }
     }
 
@@ -43,8 +96,14 @@ fn lock_key(slot: &str) -> i64 {
     i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-/// Waits until this process holds the slot's lock; `None` on shutdown.
-pub async fn acquire(db: &Db, slot: &str, shutdown: &CancellationToken) -> Result<Option<Leadership>, DbError> {
+/// Waits until this process holds the slot's lock, then one [`TENURE`] more (a previous
+/// holder's tenure has run out by then); `None` on shutdown.
+pub async fn acquire(
+    db: &Db,
+    slot: &str,
+    tenure: &Arc<Tenure>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Leadership>, DbError> {
     let key = lock_key(slot);
     let mut announced = false;
     loop {
@@ -54,7 +113,12 @@ pub async fn acquire(db: &Db, slot: &str, shutdown: &CancellationToken) -> Resul
             if announced {
                 tracing::info!(slot, "took over replication");
             }
-            return Ok(Some(Leadership { client, took_over: announced }));
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(TENURE) => {}
+            }
+            tenure.renew();
+            return Ok(Some(Leadership { client, took_over: announced, tenure: tenure.clone() }));
         }
         if !announced {
             tracing::info!(slot, "another walhook process streams this slot; standing by");

@@ -187,6 +187,8 @@ pub struct Replication {
     replay_until: u64,
     /// Makes dispatch drop what a session routed when leadership is lost.
     fence: Option<Fence>,
+    /// Renewed while this process holds the lock; dispatch sends only within it.
+    tenure: Arc<leader::Tenure>,
     /// Event payload bytes in memory (shared with dispatch and the outbox).
     budget: Arc<MemoryBudget>,
 }
@@ -215,11 +217,14 @@ impl Replication {
             tx: None,
             replay_until: 0,
             fence: None,
+            tenure: Default::default(),
         }
     }
 
-    /// Fences `dispatch` with `fence` when leadership is lost, before the stream closes.
+    /// Fences `dispatch` with `fence` when leadership is lost, before the stream closes, and
+    /// keeps the dispatcher's tenure renewed while leadership holds.
     pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.tenure = fence.tenure();
         self.fence = Some(fence);
         self
     }
@@ -240,7 +245,7 @@ impl Replication {
         let mut took_over = false;
         loop {
             self.status.standby.store(true, Ordering::Relaxed);
-            let lead = leader::acquire(&self.db, &slot, &shutdown).await;
+            let lead = leader::acquire(&self.db, &slot, &self.tenure, &shutdown).await;
             self.status.standby.store(false, Ordering::Relaxed);
             let lead = match lead {
                 Ok(Some(lead)) => lead,

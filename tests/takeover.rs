@@ -149,3 +149,65 @@ async fn a_standby_that_takes_over_waits_for_the_old_walsender_instead_of_exitin
     standby.sigterm();
     assert!(standby.wait_exit(Duration::from_secs(30)).await.expect("exits").success());
 }
+
+/// A leader frozen (SIGSTOP) while its lock and walsender are taken away learns nothing when
+/// it resumes until it checks; meanwhile its dispatcher must not send what it still holds, or
+/// a receiver ends with an older version than the new leader already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_that_resumes_after_a_takeover_sends_nothing_stale() {
+    let env = Env::new("takeover_frozen").await;
+    env.endpoint(ACCOUNT_A, "f", &["contact.created", "contact.updated"]).await;
+    env.receiver.set_default("f", Reply::Delay(Duration::from_millis(400), 200));
+    let cfg = "[dispatch]\nendpoint_concurrency = 16\nspill_after = \"60s\"\nrequest_timeout = \"30s\"\n";
+    let mut leader = env.spawn_binary(cfg);
+    env.wait_streaming().await;
+    let mut standby = env.spawn_binary(&second(cfg));
+    wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
+    let rows: Vec<String> = (1..=24).map(|i| format!("94000000-0000-4000-8000-{i:012}")).collect();
+    for id in &rows {
+        env.sql(&format!(
+            "INSERT INTO contacts (id, account_id, first_name, last_name) VALUES ('{id}', '{A}', 'f', 'v0')"
+        ))
+        .await;
+    }
+    for v in 1..=3 {
+        env.sql(&format!("UPDATE contacts SET last_name = 'v{v}' WHERE first_name = 'f'")).await;
+    }
+    // The leader is busy: 16 requests in flight, most of the 96 still in its memory.
+    env.receiver.wait_until(Duration::from_secs(30), |rs| rs.len() >= 16).await.expect("the leader sends");
+    let pid = leader.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let frozen_at = SystemTime::now();
+    drop_lock_connection(&env).await;
+    env.sql(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
+        env.name
+    ))
+    .await;
+    wait_log(&mut standby, "took over replication", Duration::from_secs(30)).await;
+    let newest = |rs: &[Received], id: &str| {
+        rs.iter().filter(|r| r.at > frozen_at && r.json()["data"]["id"].as_str() == Some(id)).map(version).max()
+    };
+    env.receiver
+        .wait_until(Duration::from_secs(60), |rs| rs.len() > 16 && rows.iter().all(|id| newest(rs, id) == Some(3)))
+        .await
+        .expect("the new leader delivers every row's newest version");
+    let before_resume = SystemTime::now();
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    // Whatever the old leader still held would go out within moments of resuming.
+    let count = env.receiver.count();
+    let _ = env.receiver.wait_until(Duration::from_secs(5), |rs| rs.len() > count + 3).await;
+    let late: Vec<(String, i64)> = env
+        .receiver
+        .received()
+        .iter()
+        .filter(|r| r.at > before_resume)
+        .map(|r| (r.json()["data"]["id"].as_str().unwrap_or("").to_owned(), version(r)))
+        .collect();
+    assert!(
+        late.iter().all(|(_, v)| *v == 3),
+        "the resumed old leader sent stale versions after the takeover: {late:?}\nold leader:\n{}",
+        leader.log_text()
+    );
+    leader.kill9();
+}

@@ -24,7 +24,9 @@
 //!   writer after its record or outbox row commits, or because its endpoint was deleted.
 //! - **Fence**: when replication loses leadership, everything held for its session is
 //!   dropped unsent and attempts in flight are cancelled, ahead of any other work, before
-//!   another replica can stream (it replays whatever was not recorded).
+//!   another replica can stream (it replays whatever was not recorded). And no attempt
+//!   starts outside leadership's tenure (renewed by each answered check of the lock), so a
+//!   process that was frozen while its lock was taken sends nothing stale when it resumes.
 
 pub mod budget;
 pub mod http;
@@ -78,9 +80,14 @@ pub enum DispatchMsg {
 
 /// Makes the dispatcher drop what the replication session routed (leadership was lost).
 #[derive(Debug, Clone)]
-pub struct Fence(mpsc::Sender<tokio::sync::oneshot::Sender<()>>);
+pub struct Fence(mpsc::Sender<tokio::sync::oneshot::Sender<()>>, Arc<crate::leader::Tenure>);
 
 impl Fence {
+    /// The tenure outside which the dispatcher starts no attempt (renewed by leadership).
+    pub fn tenure(&self) -> Arc<crate::leader::Tenure> {
+        self.1.clone()
+    }
+
     /// Returns once the dispatcher has dropped every delivery it holds or was sent, and
     /// aborted its attempts in flight (or has ended).
     pub async fn raise(&self) {
@@ -223,6 +230,9 @@ pub struct Dispatcher {
     /// across restarts and takeovers).
     pending_at_start: std::collections::HashSet<Uuid>,
     fence_tx: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    /// Attempts start only while it is valid (a frozen process that lost its lock sends
+    /// nothing when it resumes).
+    tenure: Arc<crate::leader::Tenure>,
     fence_rx: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     waiting: usize,
     lease_token: Uuid,
@@ -261,13 +271,14 @@ impl Dispatcher {
             probe_tx,
             probe_rx,
             fence_tx,
+            tenure: Default::default(),
             fence_rx,
         }
     }
 
     /// The handle replication raises when it loses leadership.
     pub fn fence(&self) -> Fence {
-        Fence(self.fence_tx.clone())
+        Fence(self.fence_tx.clone(), self.tenure.clone())
     }
 
     /// Runs until `rx` closes (routing ended) or `shutdown`; then stores what waits in the
@@ -291,7 +302,7 @@ impl Dispatcher {
                 // 3. Outbox answers: rows and endpoints whose outbox work has drained.
                 Some(answer) = self.probe_rx.recv() => self.on_probe(answer),
                 // 4. A permit freed elsewhere (outbox workers): start what waits.
-                _ = released.notified() => self.pump_all().await,
+                _ = released.notified() => self.pump_all(),
                 // 5. New deliveries, while memory allows; backpressure reaches replication.
                 msg = rx.recv(), if self.waiting < self.settings.queue_capacity => match msg {
                     Some(msg) => self.on_msg(msg).await,
@@ -434,6 +445,9 @@ impl Dispatcher {
 
     /// Starts ready deliveries of endpoint `id` while permits allow.
     fn pump(&mut self, id: Uuid) {
+        if !self.tenure.is_valid() {
+            return; // the tick pumps again once leadership renews it
+        }
         let Some(state) = self.endpoints.get_mut(&id) else { return };
         while !state.ready.is_empty() {
             let Some(permit) = self.limits.try_acquire(&state.gate) else { break };
@@ -447,7 +461,7 @@ impl Dispatcher {
         }
     }
 
-    async fn pump_all(&mut self) {
+    fn pump_all(&mut self) {
         let ids: Vec<Uuid> = self.endpoints.iter().filter(|(_, s)| !s.ready.is_empty()).map(|(id, _)| *id).collect();
         for id in ids {
             self.pump(id);
@@ -616,6 +630,7 @@ impl Dispatcher {
 
     async fn on_tick(&mut self) {
         self.relieve_pressure().await;
+        self.pump_all();
         let now = Instant::now();
         // An endpoint that keeps answering is only busy: replication waits for it (backpressure).
         // One that has not finished an attempt for spill_after while deliveries wait is stuck:
