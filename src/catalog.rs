@@ -96,3 +96,55 @@ pub async fn published_tables(client: &impl GenericClient, publication: &str) ->
         .await?;
     Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
 }
+
+/// How a publication publishes: which actions, and the tables it filters (a row filter or a
+/// column list, PostgreSQL 15+) among the ones it holds.
+#[derive(Debug, Default)]
+pub struct PublicationShape {
+    /// Actions among insert, update and delete that it does not publish.
+    pub missing_actions: Vec<&'static str>,
+    /// `schema.table` with a row filter.
+    pub row_filtered: Vec<String>,
+    /// `schema.table` with a column list.
+    pub column_listed: Vec<String>,
+}
+
+/// The shape of `publication`; `None` when it does not exist. Works on servers without row
+/// filters or column lists (their columns are read through `to_jsonb`).
+pub async fn publication_shape(
+    client: &impl GenericClient,
+    publication: &str,
+) -> Result<Option<PublicationShape>, DbError> {
+    let Some(p) = client
+        .query_opt("SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut shape = PublicationShape::default();
+    for (i, action) in ["insert", "update", "delete"].into_iter().enumerate() {
+        if !p.get::<_, bool>(i) {
+            shape.missing_actions.push(action);
+        }
+    }
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, to_jsonb(pr) ->> 'prqual' IS NOT NULL, \
+                    to_jsonb(pr) ->> 'prattrs' IS NOT NULL \
+             FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    for r in rows {
+        let table: String = r.get(0);
+        if r.get::<_, bool>(1) {
+            shape.row_filtered.push(table.clone());
+        }
+        if r.get::<_, bool>(2) {
+            shape.column_listed.push(table);
+        }
+    }
+    Ok(Some(shape))
+}

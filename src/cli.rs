@@ -102,10 +102,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 cfg.replication.publication,
                 if report.publication_created {
                     "created".to_string()
-                } else if report.publication_added.is_empty() {
+                } else if report.publication_added.is_empty() && report.publication_restored.is_empty() {
                     "up to date".to_string()
                 } else {
-                    format!("extended with {:?}", report.publication_added)
+                    format!("extended with {:?}, restored {:?}", report.publication_added, report.publication_restored)
                 }
             );
             Ok(())

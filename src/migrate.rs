@@ -72,6 +72,8 @@ pub struct MigrateReport {
     pub publication_created: bool,
     /// Tables added to an existing publication.
     pub publication_added: Vec<String>,
+    /// What was put back on an existing publication (publish actions, filtered tables).
+    pub publication_restored: Vec<String>,
     /// GRANT statements run for `database.runtime_role`.
     pub granted: Vec<String>,
 }
@@ -177,6 +179,34 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
             for table in wanted.iter().filter(|t| !present.contains(t)) {
                 client.batch_execute(&format!("ALTER PUBLICATION {publication} ADD TABLE {table}")).await?;
                 report.publication_added.push(table.clone());
+            }
+            // Every change of every column of walhook's tables must be in the stream.
+            if let Some(shape) = catalog::publication_shape(client, publication).await? {
+                if !shape.missing_actions.is_empty() {
+                    client
+                        .batch_execute(&format!(
+                            "ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"
+                        ))
+                        .await?;
+                    report.publication_restored.push(format!("publish {}", shape.missing_actions.join(", ")));
+                }
+                let filtered = shape.row_filtered.iter().chain(&shape.column_listed).filter(|t| wanted.contains(t));
+                let mut seen = Vec::new();
+                for table in filtered {
+                    if seen.contains(table) {
+                        continue;
+                    }
+                    seen.push(table.clone());
+                    // Dropping and adding the table again, in one transaction, clears its
+                    // row filter and column list.
+                    client
+                        .batch_execute(&format!(
+                            "BEGIN; ALTER PUBLICATION {publication} DROP TABLE {table}; \
+                             ALTER PUBLICATION {publication} ADD TABLE {table}; COMMIT"
+                        ))
+                        .await?;
+                    report.publication_restored.push(format!("{table} without row filter or column list"));
+                }
             }
         }
     }

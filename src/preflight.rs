@@ -182,7 +182,8 @@ pub async fn catalog_problems(client: &impl GenericClient, cfg: &Config) -> Resu
                 .iter()
                 .map(|t| format!("{schema}.{t}"))
                 .chain(std::iter::once(format!("{}.{}", ENDPOINTS_TABLE.0, ENDPOINTS_TABLE.1)));
-            for t in wanted.filter(|t| !tables.contains(t)) {
+            let wanted: Vec<String> = wanted.collect();
+            for t in wanted.iter().filter(|t| !tables.contains(t)) {
                 add(
                     Check::Publication,
                     format!(
@@ -190,6 +191,37 @@ pub async fn catalog_problems(client: &impl GenericClient, cfg: &Config) -> Resu
                          ALTER PUBLICATION {publication} ADD TABLE {t}"
                     ),
                 );
+            }
+            if let Some(shape) = catalog::publication_shape(client, publication).await? {
+                if !shape.missing_actions.is_empty() {
+                    add(
+                        Check::Publication,
+                        format!(
+                            "publication {publication} does not publish {}: those changes produce no webhooks; \
+                             run `walhook migrate` or ALTER PUBLICATION {publication} SET (publish = 'insert, \
+                             update, delete, truncate')",
+                            shape.missing_actions.join(" and ")
+                        ),
+                    );
+                }
+                let filtered = |list: &[String], what: &str| {
+                    list.iter()
+                        .filter(|t| wanted.contains(t))
+                        .map(|t| {
+                            format!(
+                                "publication {publication} has a {what} on {t}: rows or columns it leaves out \
+                                 produce no webhooks or incomplete ones; ALTER PUBLICATION {publication} SET TABLE \
+                                 with every table listed plainly, or run `walhook migrate`"
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                };
+                for m in filtered(&shape.row_filtered, "row filter") {
+                    add(Check::Publication, m);
+                }
+                for m in filtered(&shape.column_listed, "column list") {
+                    add(Check::Publication, m);
+                }
             }
         }
     }

@@ -302,3 +302,34 @@ async fn an_invalidated_slot_is_reported_and_replaced_only_by_slot_reset() {
     drop(env);
     drop(cluster);
 }
+
+/// A publication that stops publishing updates or deletes, or filters rows or columns of a
+/// table walhook reads, loses changes as surely as one missing a table: not ready, the
+/// metric, until it is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_actions_row_filters_and_column_lists_are_rechecked() {
+    let env = Env::new("slot_pub_shape").await;
+    let wh = env.start(FAST_RECHECK).await;
+    wait_for(Duration::from_secs(20), || async { readyz(&env).await.0 == 200 }).await;
+    let failing = "walhook_replication_prerequisite_failing{check=\"publication\"}";
+
+    env.sql("ALTER PUBLICATION slot_pub_shape SET (publish = 'insert')").await;
+    wait_not_ready(&env, &["publication slot_pub_shape", "update", "delete"], Duration::from_secs(15)).await;
+    wait_for(Duration::from_secs(10), || async { env.metric(failing).await == 1.0 }).await;
+    env.sql("ALTER PUBLICATION slot_pub_shape SET (publish = 'insert, update, delete, truncate')").await;
+    wait_for(Duration::from_secs(15), || async { readyz(&env).await.0 == 200 }).await;
+
+    env.sql("ALTER PUBLICATION slot_pub_shape SET TABLE contacts WHERE (lead_score > 100), companies (id, account_id), activities, projects, walhook.endpoints").await;
+    wait_not_ready(
+        &env,
+        &["public.contacts", "row filter", "public.companies", "column list"],
+        Duration::from_secs(15),
+    )
+    .await;
+    // `walhook migrate` puts the publication back as walhook needs it.
+    let report = walhook::migrate::migrate(&env.db, &env.config("")).await.expect("migrate");
+    assert_eq!(report.publication_restored.len(), 2, "{:?}", report.publication_restored);
+    wait_for(Duration::from_secs(15), || async { readyz(&env).await.0 == 200 }).await;
+    assert_eq!(env.metric(failing).await, 0.0);
+    wh.stop().await.unwrap();
+}
