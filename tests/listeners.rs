@@ -378,3 +378,174 @@ fn listener_limits_that_cannot_work_are_refused_naming_the_key() {
         assert!(e.contains(key), "{extra}: {e}");
     }
 }
+
+/// An attacker's connection: what it sends, and how it holds its place.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// One byte of a request, then nothing.
+    OneByte,
+    /// A valid request every `0`, keeping the connection alive between them.
+    KeepAlive(&'static str, Duration),
+    /// An authorized POST announcing a 60,000-byte body, then one byte every `0`.
+    SlowBody(Duration),
+}
+
+/// `n` attacker connections to `addr` of kind `hold`, each reconnecting when walhook closes it.
+fn attack(stop: &CancellationToken, addr: SocketAddr, n: usize, hold: Hold) {
+    use tokio::io::AsyncWriteExt;
+    for _ in 0..n {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let held = async {
+                    let mut buf = vec![0u8; 8192];
+                    match hold {
+                        Hold::OneByte => {
+                            conn.write_all(b"P").await?;
+                            while conn.read(&mut buf).await? > 0 {}
+                        }
+                        Hold::KeepAlive(path, every) => loop {
+                            let req = format!("GET {path} HTTP/1.1\r\nhost: walhook\r\n\r\n");
+                            conn.write_all(req.as_bytes()).await?;
+                            // Read the response (any bytes will do), then wait.
+                            if conn.read(&mut buf).await? == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(every).await;
+                        },
+                        Hold::SlowBody(every) => {
+                            let head = format!(
+                                "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
+                                 content-type: application/json\r\ncontent-length: 60000\r\n\r\n"
+                            );
+                            conn.write_all(head.as_bytes()).await?;
+                            loop {
+                                conn.write_all(b" ").await?;
+                                tokio::select! {
+                                    r = conn.read(&mut buf) => if r? == 0 { break },
+                                    _ = tokio::time::sleep(every) => {}
+                                }
+                            }
+                        }
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = held => {}
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_probes_and_real_requests_get_in_past_clients_that_sent_something() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_heard").await;
+    let caps = "[api]\nmax_connections = 8\nheader_timeout = \"20s\"\nidle_timeout = \"60s\"\n\
+                [metrics]\nmax_connections = 8\nheader_timeout = \"20s\"\nidle_timeout = \"60s\"\n";
+    let wh = env.start(&format!("{caps}{}", token_config())).await;
+    let api: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    attack(&stop, metrics, 8, Hold::KeepAlive("/healthz", Duration::from_millis(500)));
+    attack(&stop, metrics, 12, Hold::OneByte);
+    attack(&stop, api, 6, Hold::KeepAlive("/api/openapi.json", Duration::from_millis(500)));
+    attack(&stop, api, 8, Hold::OneByte);
+    attack(&stop, api, 8, Hold::SlowBody(Duration::from_millis(300)));
+    // Let the attackers take every place.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Like a kubelet probe: a new connection, 3 s to answer.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).pool_max_idle_per_host(0).build().unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        let ready = match http.get(format!("http://{metrics}/readyz")).send().await {
+            Ok(r) => format!("readyz HTTP {}", r.status().as_u16()),
+            Err(e) => format!("readyz failed: {e}"),
+        };
+        let list = match http
+            .post(format!("http://{api}/api/webhooks-list"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+        {
+            Ok(r) => format!("list HTTP {}", r.status().as_u16()),
+            Err(e) => format!("list failed: {e}"),
+        };
+        outcomes.push(ready);
+        outcomes.push(list);
+    }
+    stop.cancel();
+    assert!(
+        outcomes.iter().all(|o| o.ends_with("HTTP 200")),
+        "with every place held by clients that sent something, probes and requests must still get in: {outcomes:?}"
+    );
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_trickled_slower_than_the_header_timeout_allows_is_closed() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_trickled_body").await;
+    let wh = env.start(&format!("[api]\nheader_timeout = \"2s\"\nidle_timeout = \"60s\"\n{}", token_config())).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.api_port)).await.unwrap();
+    let head = format!(
+        "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 60000\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, b" ").await;
+            tokio::select! {
+                r = conn.read(&mut buf) => if !r.is_ok_and(|n| n > 0) { return },
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a body trickled one byte at a time must be closed once api.header_timeout has passed");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_beyond_the_buffer_bound_are_refused_at_once() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_big_headers").await;
+    let wh = env.start("[metrics]\nheader_timeout = \"60s\"\n").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.metrics_port)).await.unwrap();
+    let mut head = b"GET /healthz HTTP/1.1\r\nhost: walhook\r\nx-filler: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, &head).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(
+        ended.is_ok() && (got.is_empty() || text.starts_with("HTTP/1.1 431")),
+        "64 KiB of headers must be refused long before the 60 s header timeout (closed: {}, got: {text:?})",
+        ended.is_ok()
+    );
+    wh.stop().await.unwrap();
+}
