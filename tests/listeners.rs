@@ -1,7 +1,10 @@
 //! Connection exhaustion: clients holding idle connections (no token, nothing sent) must not
 //! take the descriptors that the API's real callers, the readiness probe, outbound deliveries
-//! and the database need; an outbound attempt that fails for a local resource reason is
-//! retried without spending one of the delivery's attempts.
+//! and the database need; clients holding places by sending something (one byte, a trickled
+//! body, keep-alive polling) cannot keep probes or real requests out either; a request must
+//! arrive whole within the header timeout and its headers fit a bounded buffer; an outbound
+//! attempt that fails for a local resource reason is retried without spending one of the
+//! delivery's attempts.
 //!
 //! The tests of this binary run one at a time: one of them starves this very process of
 //! file descriptors.
