@@ -552,3 +552,74 @@ async fn request_headers_beyond_the_buffer_bound_are_refused_at_once() {
     );
     wh.stop().await.unwrap();
 }
+
+/// A log sink this test can read back.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).matches(needle).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_are_logged_at_most_once_a_second() {
+    let _serial = SERIAL.lock().await;
+    let log = Captured::default();
+    let sink = log.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("walhook::listener=warn")
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .try_init()
+        .expect("this test needs the process's log subscriber (unset WALHOOK_TEST_LOG)");
+    let env = Env::new("listeners_accept_warn").await;
+    let wh = env.start("").await;
+    // Sockets made before starving: connecting them needs no new descriptor, accepting them
+    // does. They connect a few at a time, so some always wait to be accepted even when a
+    // descriptor frees up now and then.
+    let sockets: Vec<tokio::net::TcpSocket> = (0..320).map(|_| tokio::net::TcpSocket::new_v4().unwrap()).collect();
+    let addr: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    const LINE: &str = "accepting a connection failed";
+    let starve = Starve::start();
+    let started = std::time::Instant::now();
+    let connecting = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        let mut sockets = sockets.into_iter();
+        loop {
+            let batch: Vec<_> = sockets.by_ref().take(8).collect();
+            if batch.is_empty() {
+                return conns;
+            }
+            for s in batch {
+                conns.push(s.connect(addr).await);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    wait_for(Duration::from_secs(10), || async { log.count(LINE) >= 1 }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = log.count(LINE);
+    let secs = started.elapsed().as_secs_f64();
+    drop(starve);
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    println!("{lines} lines in {secs:.1} s:\n{text}");
+    assert!(
+        (lines as f64) <= secs.ceil() + 1.0,
+        "{lines} accept-failure lines in {secs:.1} s: at most one a second expected\n{text}"
+    );
+    assert!(text.contains("not_logged="), "a line counts the failures not logged: {text}");
+    drop(connecting.await.unwrap());
+    wh.stop().await.unwrap();
+}

@@ -10,8 +10,8 @@
 //! buffered per connection (beyond: 431 and close); at most `max_connections` connections
 //! are open at once (plus the one just accepted): a new connection beyond the cap closes the
 //! oldest connection that is not handling a request it has read completely (one that sent
-//! nothing, is still sending its request's headers or body, or idles between keep-alive
-//! requests), so clients holding places can never keep out a probe or a real request; only
+//! nothing for [`SILENT_GRACE`] at least, is still sending its request's headers or body, or
+//! idles between keep-alive requests, with no unread byte waiting in its socket), so clients holding places can never keep out a probe or a real request; only
 //! when every connection is handling a read request does the listener accept nothing more,
 //! and new connections wait in the kernel's backlog until one ends; an accept error (out of
 //! descriptors) waits before the next try instead of spinning and is logged at most once per
@@ -46,6 +46,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(250);
 const DRAIN: Duration = Duration::from_secs(10);
 /// How often a full listener with nothing it may close looks again for a connection to close.
 const RELOOK: Duration = Duration::from_millis(20);
+/// A connection that has not sent a byte yet is not closed to make room before it has been
+/// open this long (its first request may be on its way).
+const SILENT_GRACE: Duration = Duration::from_millis(25);
 /// Bytes of request headers buffered per connection at most (hyper's own default is ~400 KB).
 pub const MAX_HEADER_BUF: usize = 16 * 1024;
 /// At most one "accepting a connection failed" warning per listener this often.
@@ -117,7 +120,7 @@ pub async fn serve(
                 slot
             }
         };
-        let conn = Conn::new();
+        let conn = Conn::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
         room.push(&conn);
         tokio::spawn(connection(tcp, app.clone(), limits, conn, slot, shutdown.clone()));
     }
@@ -133,7 +136,7 @@ pub async fn serve(
 /// one; `None` on shutdown.
 async fn make_room(slots: &Arc<Semaphore>, room: &Room, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
     loop {
-        room.evict_oldest();
+        room.evict_oldest(SILENT_GRACE);
         tokio::select! {
             biased;
             // 1. Shutdown.

@@ -34,6 +34,8 @@ pub(super) struct Phase {
     /// A read found nothing to read at least once: the connection's own task has looked at
     /// its socket, so a request already sent would have been seen.
     looked: AtomicBool,
+    /// A byte has been read, ever.
+    heard: AtomicBool,
     /// Woken when a request begins, for [`Phase::overdue`].
     began: Notify,
 }
@@ -46,6 +48,7 @@ impl Phase {
             started_ms: AtomicU64::new(0),
             next_began: AtomicBool::new(false),
             looked: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
             began: Notify::new(),
         }
     }
@@ -59,6 +62,7 @@ impl Phase {
 
     /// At least one byte was read from the socket.
     pub(super) fn bytes_read(&self) {
+        self.heard.store(true, Ordering::Relaxed);
         match self.state.load(Ordering::Relaxed) {
             IDLE => self.begin(),
             HANDLING => self.next_began.store(true, Ordering::Relaxed),
@@ -90,6 +94,16 @@ impl Phase {
         } else {
             self.state.store(IDLE, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the client has ever sent a byte.
+    pub(super) fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Time since the connection was accepted.
+    pub(super) fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     /// Whether the connection may be closed to make room: it is not handling a request it
