@@ -2,7 +2,9 @@
 //! request has been read completely and when its response is done.
 //!
 //! What must hold: a request without a body counts as read once its headers are; one with a
-//! body once the body reaches its end (the end of the stream, or its Content-Length); the
+//! body once the body reaches its end (the end of the stream, or its Content-Length), and
+//! until then its handler counts as waiting on the client exactly while its last poll of the
+//! body found nothing; the
 //! response counts as done when hyper drops its body (written, or the connection ended), or
 //! when the handler's future is dropped before it answered.
 
@@ -66,8 +68,15 @@ impl Body for ReadBody {
         let ended = match &polled {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
+            Poll::Pending => {
+                this.conn.phase.awaiting_body(true);
+                false
+            }
+            Poll::Ready(Some(Err(_))) => false,
         };
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            this.conn.phase.awaiting_body(false);
+        }
         if ended {
             this.conn.phase.request_read();
         }

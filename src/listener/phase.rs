@@ -3,7 +3,9 @@
 //!
 //! What must hold: a connection is *handling* only from the moment its current request has
 //! been read completely (headers, and the body to its end) until its response has been
-//! written or dropped; only then is it protected from being closed to make room. A request
+//! written or dropped; only then, or while the handler of a request whose headers are read
+//! runs without waiting on the client for its body, is it protected from being closed to
+//! make room. A request
 //! is *reading* from its first byte (or, for a request whose bytes arrived while the
 //! previous one was handled, from the end of that response) until it is read completely, and
 //! [`Phase::overdue`] completes once a request has been reading for the limit given. All
@@ -34,6 +36,10 @@ pub(super) struct Phase {
     /// A read found nothing to read at least once: the connection's own task has looked at
     /// its socket, so a request already sent would have been seen.
     looked: AtomicBool,
+    /// The request's headers are parsed and its handler runs (until the response is done).
+    in_service: AtomicBool,
+    /// The handler waits for more of the request's body from the client.
+    awaiting_body: AtomicBool,
     /// A byte has been read, ever.
     heard: AtomicBool,
     /// Woken when a request begins, for [`Phase::overdue`].
@@ -49,6 +55,8 @@ impl Phase {
             next_began: AtomicBool::new(false),
             looked: AtomicBool::new(false),
             heard: AtomicBool::new(false),
+            in_service: AtomicBool::new(false),
+            awaiting_body: AtomicBool::new(false),
             began: Notify::new(),
         }
     }
@@ -77,6 +85,8 @@ impl Phase {
 
     /// A request's headers have been parsed (its first bytes may have been read earlier).
     pub(super) fn headers_read(&self) {
+        self.in_service.store(true, Ordering::Relaxed);
+        self.awaiting_body.store(false, Ordering::Relaxed);
         if self.state.load(Ordering::Relaxed) == IDLE {
             self.begin();
         }
@@ -87,8 +97,16 @@ impl Phase {
         self.state.store(HANDLING, Ordering::Relaxed);
     }
 
+    /// Whether the handler now waits for more of the body from the client (`true`) or has
+    /// just received some of it (`false`).
+    pub(super) fn awaiting_body(&self, waiting: bool) {
+        self.awaiting_body.store(waiting, Ordering::Relaxed);
+    }
+
     /// The response has been written (or dropped).
     pub(super) fn response_done(&self) {
+        self.in_service.store(false, Ordering::Relaxed);
+        self.awaiting_body.store(false, Ordering::Relaxed);
         if self.next_began.swap(false, Ordering::Relaxed) {
             self.begin();
         } else {
@@ -107,9 +125,15 @@ impl Phase {
     }
 
     /// Whether the connection may be closed to make room: it is not handling a request it
-    /// has read completely, and its task has looked at its socket at least once.
+    /// has read completely, nor running the handler of one whose body the handler has not
+    /// asked the client for yet (the body may be buffered already), and its task has looked
+    /// at its socket at least once.
     pub(super) fn evictable(&self) -> bool {
-        self.state.load(Ordering::Relaxed) != HANDLING && self.looked.load(Ordering::Relaxed)
+        let handled = match self.state.load(Ordering::Relaxed) {
+            HANDLING => true,
+            _ => self.in_service.load(Ordering::Relaxed) && !self.awaiting_body.load(Ordering::Relaxed),
+        };
+        !handled && self.looked.load(Ordering::Relaxed)
     }
 
     /// Completes once a request has been reading for `limit`.
@@ -148,7 +172,12 @@ mod tests {
         p.bytes_read();
         assert!(p.evictable(), "part of a request");
         p.headers_read();
-        assert!(p.evictable(), "headers, body still coming");
+        assert!(!p.evictable(), "headers read, the handler has not asked for the body yet");
+        p.awaiting_body(true);
+        assert!(p.evictable(), "headers, the handler waits for the body");
+        p.awaiting_body(false);
+        assert!(!p.evictable(), "some of the body arrived");
+        p.awaiting_body(true);
         p.request_read();
         assert!(!p.evictable(), "handling");
         p.bytes_read(); // the next request, pipelined
