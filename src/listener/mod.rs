@@ -11,8 +11,9 @@
 //! are open at once (plus the one just accepted): a new connection beyond the cap closes the
 //! oldest connection that is not handling a request it has read completely (one that sent
 //! nothing for [`SILENT_GRACE`] at least, is still sending its request's headers or body, or
-//! idles between keep-alive requests, with no unread byte waiting in its socket), so clients holding places can never keep out a probe or a real request; only
-//! when every connection is handling a read request does the listener accept nothing more,
+//! idles between keep-alive requests, with no unread byte waiting in its socket), so
+//! clients holding places can never keep out a probe or a real request; only when every
+//! connection is handling a read request does the listener accept nothing more,
 //! and new connections wait in the kernel's backlog until one ends; an accept error (out of
 //! descriptors) waits before the next try instead of spinning and is logged at most once per
 //! [`ACCEPT_WARN_EVERY`] with the count of those not logged; on shutdown every connection
