@@ -107,10 +107,12 @@ pub struct ApiConfig {
     /// Webhook endpoints one account may have; `webhooks-create` beyond it is refused.
     pub max_endpoints_per_account: u32,
     /// Connections open at once at most; a new one beyond closes the oldest connection that
-    /// has sent nothing, or waits in the kernel's backlog when every one has.
+    /// is not handling a request it has read completely (silent, still sending its request,
+    /// or idle between requests), or waits in the kernel's backlog when every one is.
     pub max_connections: usize,
     /// Time a client gets to send a request's headers, from connecting or from the end of
-    /// its previous response (so it also closes idle keep-alive connections).
+    /// its previous response (so it also closes idle keep-alive connections); also the time
+    /// it gets to send a whole request, headers and body, from the request's first byte.
     pub header_timeout: HumanDuration,
     /// A connection on which no byte is read or written for this long is closed.
     pub idle_timeout: HumanDuration,
@@ -134,10 +136,12 @@ pub struct MetricsConfig {
     /// Address serving `/metrics`, `/healthz` and `/readyz`.
     pub listen: SocketAddr,
     /// Connections open at once at most; a new one beyond closes the oldest connection that
-    /// has sent nothing, or waits in the kernel's backlog when every one has.
+    /// is not handling a request it has read completely (silent, still sending its request,
+    /// or idle between requests), or waits in the kernel's backlog when every one is.
     pub max_connections: usize,
     /// Time a client gets to send a request's headers, from connecting or from the end of
-    /// its previous response (so it also closes idle keep-alive connections).
+    /// its previous response (so it also closes idle keep-alive connections); also the time
+    /// it gets to send a whole request, headers and body, from the request's first byte.
     pub header_timeout: HumanDuration,
     /// A connection on which no byte is read or written for this long is closed.
     pub idle_timeout: HumanDuration,

@@ -5,7 +5,8 @@
 //! What must hold (invariants 3 and 7): every query is scoped to the caller's account, and
 //! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
 //! secret leaves this module only once, from `create`; a request that fails validation
-//! writes nothing; no text field stores a control character; a stored URL is at most
+//! writes nothing; no text field stores a control character, a format character (such as a
+//! right-to-left override or a zero-width space) or a line or paragraph separator; a stored URL is at most
 //! `MAX_URL_LEN` characters as stored (after normalisation); an account never holds more
 //! endpoints than its quota, however its creates interleave (they are serialised per account).
 
@@ -379,8 +380,8 @@ impl Endpoints {
         if raw.len() > MAX_URL_LEN {
             return Err(too_long());
         }
-        if raw.chars().any(char::is_control) {
-            return Err(EndpointError::InvalidUrl("must not contain control characters".into()));
+        if raw.chars().any(|c| c.is_control() || crate::invisible::is_invisible(c)) {
+            return Err(EndpointError::InvalidUrl("must not contain control or invisible format characters".into()));
         }
         let parsed = Url::parse(raw).map_err(|_| EndpointError::InvalidUrl("must be a valid HTTPS URL".into()))?;
         // What is stored and sent is the normalised form (a space becomes `%20`): measure that.
@@ -424,10 +425,17 @@ fn check_description(d: Option<&str>) -> Result<Option<String>, EndpointError> {
 }
 
 /// Text stored as given must hold no control character (NUL cannot be stored at all; the
-/// others corrupt logs and terminals of whoever reads it back).
+/// others corrupt logs and terminals of whoever reads it back), and no invisible format or
+/// separator character (it makes the text display as something it is not).
 fn check_text(field: &str, value: &str) -> Result<(), EndpointError> {
-    match value.chars().find(|c| c.is_control()) {
-        Some(c) => Err(invalid(format!("{field} must not contain control characters (found U+{:04X})", c as u32))),
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!("{field} must not contain control characters (found U+{:04X})", c as u32)));
+    }
+    match value.chars().find(|&c| crate::invisible::is_invisible(c)) {
+        Some(c) => Err(invalid(format!(
+            "{field} must not contain invisible format or separator characters (found U+{:04X})",
+            c as u32
+        ))),
         None => Ok(()),
     }
 }

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod endpoints;
 pub mod grants;
+pub mod invisible;
 pub mod leader;
 pub mod listener;
 pub mod local;

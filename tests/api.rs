@@ -602,6 +602,49 @@ async fn control_characters_in_text_fields_are_refused_naming_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_format_and_separator_characters_in_text_fields_are_refused_naming_the_field() {
+    let env = Env::new("api_format_chars").await;
+    let wh = env.start(&auth_config()).await;
+    let api = Api::new(&env);
+    let a = jwt(ACCOUNT_A);
+    let url = env.receiver.url("fmt");
+    let ev = json!(["contact.created"]);
+    // Right-to-left override, line and paragraph separators, zero-width space, byte order
+    // mark, bidi isolate, soft hyphen (Unicode categories Cf, Zl, Zp).
+    for bad in [
+        "evil\u{202E}gpj.exe",
+        "a\u{2028}b",
+        "a\u{2029}b",
+        "zero\u{200B}width",
+        "\u{FEFF}bom",
+        "x\u{2066}y",
+        "soft\u{AD}",
+    ] {
+        let msg = api
+            .err(
+                "webhooks-create",
+                &a,
+                json!({ "url": url, "events": ev, "description": bad }),
+                400,
+                "webhooks.invalid_request",
+            )
+            .await;
+        assert!(msg.contains("description"), "names the field: {msg}");
+    }
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.endpoints").await, 0, "nothing written");
+    let id = api.ok("webhooks-create", &a, json!({ "url": url, "events": ev, "description": "ok – ünïcode ✓" })).await
+        ["endpoint"]["id"]
+        .clone();
+    let msg = api
+        .err("webhooks-update", &a, json!({ "id": id, "description": "x\u{202E}" }), 400, "webhooks.invalid_request")
+        .await;
+    assert!(msg.contains("description"), "{msg}");
+    let got = api.ok("webhooks-get", &a, json!({ "id": id })).await;
+    assert_eq!(got["endpoint"]["description"], "ok – ünïcode ✓", "a refused update changes nothing");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_url_length_is_checked_after_normalisation() {
     let env = Env::new("api_url_length").await;
     let wh = env.start(&auth_config()).await;

@@ -1,7 +1,10 @@
 //! Connection exhaustion: clients holding idle connections (no token, nothing sent) must not
 //! take the descriptors that the API's real callers, the readiness probe, outbound deliveries
-//! and the database need; an outbound attempt that fails for a local resource reason is
-//! retried without spending one of the delivery's attempts.
+//! and the database need; clients holding places by sending something (one byte, a trickled
+//! body, keep-alive polling) cannot keep probes or real requests out either; a request must
+//! arrive whole within the header timeout and its headers fit a bounded buffer; an outbound
+//! attempt that fails for a local resource reason is retried without spending one of the
+//! delivery's attempts.
 //!
 //! The tests of this binary run one at a time: one of them starves this very process of
 //! file descriptors.
@@ -377,4 +380,246 @@ fn listener_limits_that_cannot_work_are_refused_naming_the_key() {
         let e = walhook::config::Config::from_toml(&format!("{base}{extra}")).unwrap_err().to_string();
         assert!(e.contains(key), "{extra}: {e}");
     }
+}
+
+/// An attacker's connection: what it sends, and how it holds its place.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// One byte of a request, then nothing.
+    OneByte,
+    /// A valid request every `0`, keeping the connection alive between them.
+    KeepAlive(&'static str, Duration),
+    /// An authorized POST announcing a 60,000-byte body, then one byte every `0`.
+    SlowBody(Duration),
+}
+
+/// `n` attacker connections to `addr` of kind `hold`, each reconnecting when walhook closes it.
+fn attack(stop: &CancellationToken, addr: SocketAddr, n: usize, hold: Hold) {
+    use tokio::io::AsyncWriteExt;
+    for _ in 0..n {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let Ok(Ok(mut conn)) =
+                    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let held = async {
+                    let mut buf = vec![0u8; 8192];
+                    match hold {
+                        Hold::OneByte => {
+                            conn.write_all(b"P").await?;
+                            while conn.read(&mut buf).await? > 0 {}
+                        }
+                        Hold::KeepAlive(path, every) => loop {
+                            let req = format!("GET {path} HTTP/1.1\r\nhost: walhook\r\n\r\n");
+                            conn.write_all(req.as_bytes()).await?;
+                            // Read the response (any bytes will do), then wait.
+                            if conn.read(&mut buf).await? == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(every).await;
+                        },
+                        Hold::SlowBody(every) => {
+                            let head = format!(
+                                "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
+                                 content-type: application/json\r\ncontent-length: 60000\r\n\r\n"
+                            );
+                            conn.write_all(head.as_bytes()).await?;
+                            loop {
+                                conn.write_all(b" ").await?;
+                                tokio::select! {
+                                    r = conn.read(&mut buf) => if r? == 0 { break },
+                                    _ = tokio::time::sleep(every) => {}
+                                }
+                            }
+                        }
+                    }
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = held => {}
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_probes_and_real_requests_get_in_past_clients_that_sent_something() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_heard").await;
+    let caps = "[api]\nmax_connections = 8\nheader_timeout = \"20s\"\nidle_timeout = \"60s\"\n\
+                [metrics]\nmax_connections = 8\nheader_timeout = \"20s\"\nidle_timeout = \"60s\"\n";
+    let wh = env.start(&format!("{caps}{}", token_config())).await;
+    let api: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    attack(&stop, metrics, 8, Hold::KeepAlive("/healthz", Duration::from_millis(500)));
+    attack(&stop, metrics, 12, Hold::OneByte);
+    attack(&stop, api, 6, Hold::KeepAlive("/api/openapi.json", Duration::from_millis(500)));
+    attack(&stop, api, 8, Hold::OneByte);
+    attack(&stop, api, 8, Hold::SlowBody(Duration::from_millis(300)));
+    // Let the attackers take every place.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Like a kubelet probe: a new connection, 3 s to answer.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).pool_max_idle_per_host(0).build().unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        let ready = match http.get(format!("http://{metrics}/readyz")).send().await {
+            Ok(r) => format!("readyz HTTP {}", r.status().as_u16()),
+            Err(e) => format!("readyz failed: {e}"),
+        };
+        let list = match http
+            .post(format!("http://{api}/api/webhooks-list"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+        {
+            Ok(r) => format!("list HTTP {}", r.status().as_u16()),
+            Err(e) => format!("list failed: {e}"),
+        };
+        outcomes.push(ready);
+        outcomes.push(list);
+    }
+    stop.cancel();
+    assert!(
+        outcomes.iter().all(|o| o.ends_with("HTTP 200")),
+        "with every place held by clients that sent something, probes and requests must still get in: {outcomes:?}"
+    );
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_trickled_slower_than_the_header_timeout_allows_is_closed() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_trickled_body").await;
+    let wh = env.start(&format!("[api]\nheader_timeout = \"2s\"\nidle_timeout = \"60s\"\n{}", token_config())).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.api_port)).await.unwrap();
+    let head = format!(
+        "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 60000\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut conn, head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, b" ").await;
+            tokio::select! {
+                r = conn.read(&mut buf) => if !r.is_ok_and(|n| n > 0) { return },
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a body trickled one byte at a time must be closed once api.header_timeout has passed");
+    wh.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_beyond_the_buffer_bound_are_refused_at_once() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_big_headers").await;
+    let wh = env.start("[metrics]\nheader_timeout = \"60s\"\n").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", env.metrics_port)).await.unwrap();
+    let mut head = b"GET /healthz HTTP/1.1\r\nhost: walhook\r\nx-filler: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, &head).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(
+        ended.is_ok() && (got.is_empty() || text.starts_with("HTTP/1.1 431")),
+        "64 KiB of headers must be refused long before the 60 s header timeout (closed: {}, got: {text:?})",
+        ended.is_ok()
+    );
+    wh.stop().await.unwrap();
+}
+
+/// A log sink this test can read back.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).matches(needle).count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_are_logged_at_most_once_a_second() {
+    let _serial = SERIAL.lock().await;
+    let log = Captured::default();
+    let sink = log.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("walhook::listener=warn")
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .try_init()
+        .expect("this test needs the process's log subscriber (unset WALHOOK_TEST_LOG)");
+    let env = Env::new("listeners_accept_warn").await;
+    let wh = env.start("").await;
+    // Sockets made before starving: connecting them needs no new descriptor, accepting them
+    // does. They connect a few at a time, so some always wait to be accepted even when a
+    // descriptor frees up now and then.
+    let sockets: Vec<tokio::net::TcpSocket> = (0..320).map(|_| tokio::net::TcpSocket::new_v4().unwrap()).collect();
+    let addr: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    const LINE: &str = "accepting a connection failed";
+    let starve = Starve::start();
+    let started = std::time::Instant::now();
+    let connecting = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        let mut sockets = sockets.into_iter();
+        loop {
+            let batch: Vec<_> = sockets.by_ref().take(8).collect();
+            if batch.is_empty() {
+                return conns;
+            }
+            for s in batch {
+                conns.push(s.connect(addr).await);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    wait_for(Duration::from_secs(10), || async { log.count(LINE) >= 1 }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines = log.count(LINE);
+    let secs = started.elapsed().as_secs_f64();
+    drop(starve);
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    println!("{lines} lines in {secs:.1} s:\n{text}");
+    assert!(
+        (lines as f64) <= secs.ceil() + 1.0,
+        "{lines} accept-failure lines in {secs:.1} s: at most one a second expected\n{text}"
+    );
+    assert!(text.contains("not_logged="), "a line counts the failures not logged: {text}");
+    drop(connecting.await.unwrap());
+    wh.stop().await.unwrap();
 }

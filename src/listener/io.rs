@@ -1,12 +1,12 @@
 //! A TCP stream that records when a byte last moved, for the idle timeout.
 //!
 //! What must hold: every successful read or write of at least one byte moves the
-//! connection's last-activity time forward; nothing else does. The first byte read marks the
-//! connection as heard from (no longer silent).
+//! connection's last-activity time forward; nothing else does. Every read is also reported
+//! to the connection's request phase (bytes read, or nothing waiting).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::silent::Conn;
+use super::room::Conn;
 
 /// When a connection last read or wrote a byte.
 #[derive(Debug)]
@@ -23,29 +23,11 @@ pub(super) struct Activity {
     opened: Instant,
     /// Milliseconds after `opened`.
     last_ms: AtomicU64,
-    /// A byte has been read.
-    heard: AtomicBool,
 }
 
 impl Activity {
     pub(super) fn new() -> Self {
-        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0), heard: AtomicBool::new(false) }
-    }
-
-    /// Time since the connection was accepted.
-    pub(super) fn age(&self) -> Duration {
-        self.opened.elapsed()
-    }
-
-    /// Marks the client as heard from (what a read does).
-    #[cfg(test)]
-    pub(super) fn hear(&self) {
-        self.heard.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the client has sent anything yet.
-    pub(super) fn heard(&self) -> bool {
-        self.heard.load(Ordering::Relaxed)
+        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     fn touch(&self) {
@@ -83,9 +65,13 @@ impl AsyncRead for TrackedIo {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.conn.activity.heard.store(true, Ordering::Relaxed);
-            this.conn.activity.touch();
+        match result {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.conn.phase.bytes_read();
+                this.conn.activity.touch();
+            }
+            Poll::Pending => this.conn.phase.nothing_to_read(),
+            _ => {}
         }
         result
     }

@@ -1,45 +1,59 @@
 //! Serving the admin API and the operations endpoints: HTTP/1.1 with a header-read timeout,
-//! an idle timeout and a connection cap per listener.
+//! a request-read deadline, an idle timeout, a bounded header buffer and a connection cap per
+//! listener.
 //!
 //! What must hold: a client gets `header_timeout` to send a request's headers, counted from
 //! connecting or from the end of its previous response (so idle keep-alive connections end
-//! too); a connection on which no byte is read or written for `idle_timeout` is closed (a
-//! stalled body, a client that stops reading); at most `max_connections` connections are
-//! open at once (plus the one just accepted): a new connection beyond the cap closes the
-//! oldest connection that has not sent a byte yet (clients that connect and send nothing
-//! cannot keep one that sends its request out), and when every connection has sent
-//! something, the listener accepts nothing more and new connections wait in the kernel's
-//! backlog until one closes; an accept error (out of descriptors) waits before the next try
-//! instead of spinning; on shutdown every connection finishes the request it is serving (for
-//! at most `DRAIN`) and closes.
+//! too), and `header_timeout` to send a whole request (headers and body) counted from its
+//! first byte; a connection on which no byte is read or written for `idle_timeout` is closed
+//! (a client that stops reading); at most [`MAX_HEADER_BUF`] bytes of a request's headers are
+//! buffered per connection (beyond: 431 and close); at most `max_connections` connections
+//! are open at once (plus the one just accepted): a new connection beyond the cap closes the
+//! oldest connection that is not handling a request it has read completely (one that sent
+//! nothing for [`SILENT_GRACE`] at least, is still sending its request's headers or body, or
+//! idles between keep-alive requests, with no unread byte waiting in its socket), so
+//! clients holding places can never keep out a probe or a real request; only when every
+//! connection is handling a read request does the listener accept nothing more,
+//! and new connections wait in the kernel's backlog until one ends; an accept error (out of
+//! descriptors) waits before the next try instead of spinning and is logged at most once per
+//! [`ACCEPT_WARN_EVERY`] with the count of those not logged; on shutdown every connection
+//! finishes the request it is serving (for at most `DRAIN`) and closes.
 //!
 //! HTTP/2 is not offered on these listeners: its connections would need their own idle and
 //! header limits, and neither the API's clients nor Prometheus need it.
 
+mod body;
 pub mod descriptors;
 mod io;
-mod silent;
+mod phase;
+mod room;
+mod warn;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use io::{Activity, TrackedIo};
-use silent::{Conn, Silent};
+use io::TrackedIo;
+use room::{Conn, Room};
 
 /// Wait after a failed accept (usually: out of file descriptors) before the next one.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(250);
 /// After shutdown, how long open connections get to finish their request.
 const DRAIN: Duration = Duration::from_secs(10);
-/// A silent connection younger than this is not closed to make room (its request may be
-/// waiting unread); also how often a full listener looks again for one to close.
-const SILENT_GRACE: Duration = Duration::from_millis(100);
+/// How often a full listener with nothing it may close looks again for a connection to close.
+const RELOOK: Duration = Duration::from_millis(20);
+/// A connection that has not sent a byte yet is not closed to make room before it has been
+/// open this long (its first request may be on its way).
+const SILENT_GRACE: Duration = Duration::from_millis(25);
+/// Bytes of request headers buffered per connection at most (hyper's own default is ~400 KB).
+pub const MAX_HEADER_BUF: usize = 16 * 1024;
+/// At most one "accepting a connection failed" warning per listener this often.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// At most one "cap reached" warning per listener this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -48,7 +62,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct ListenerLimits {
     /// Connections open at once at most.
     pub max_connections: usize,
-    /// Time to send a request's headers.
+    /// Time to send a request's headers; also the time to send a whole request from its
+    /// first byte.
     pub header_timeout: Duration,
     /// Time without a byte read or written before the connection is closed.
     pub idle_timeout: Duration,
@@ -64,8 +79,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let silent = Arc::new(Silent::new(limits.max_connections));
+    let room = Arc::new(Room::new(limits.max_connections));
     let mut warned: Option<tokio::time::Instant> = None;
+    let mut accept_warn = warn::Every::new(ACCEPT_WARN_EVERY);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -77,7 +93,9 @@ pub async fn serve(
         let tcp = match accepted {
             Ok((tcp, _peer)) => tcp,
             Err(e) => {
-                tracing::warn!(listener = name, error = %e, "accepting a connection failed");
+                if let Some(not_logged) = accept_warn.occurred(tokio::time::Instant::now()) {
+                    tracing::warn!(listener = name, error = %e, not_logged, "accepting a connection failed");
+                }
                 tokio::select! {
                     biased;
                     // 1. Shutdown.
@@ -95,16 +113,16 @@ pub async fn serve(
                     tracing::warn!(
                         listener = name,
                         max_connections = limits.max_connections,
-                        "connection cap reached; closing connections that sent nothing to make room"
+                        "connection cap reached; closing the oldest connections not handling a request to make room"
                     );
                     warned = Some(tokio::time::Instant::now());
                 }
-                let Some(slot) = make_room(&slots, &silent, &shutdown).await else { break };
+                let Some(slot) = make_room(&slots, &room, &shutdown).await else { break };
                 slot
             }
         };
-        let conn = Arc::new(Conn { activity: Activity::new(), evict: CancellationToken::new() });
-        silent.push(&conn);
+        let conn = Conn::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+        room.push(&conn);
         tokio::spawn(connection(tcp, app.clone(), limits, conn, slot, shutdown.clone()));
     }
     drop(listener);
@@ -115,15 +133,11 @@ pub async fn serve(
     }
 }
 
-/// Waits for a slot at the cap, closing the oldest silent connection to free one; `None` on
-/// shutdown.
-async fn make_room(
-    slots: &Arc<Semaphore>,
-    silent: &Silent,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
+/// Waits for a slot at the cap, closing the oldest connection not handling a request to free
+/// one; `None` on shutdown.
+async fn make_room(slots: &Arc<Semaphore>, room: &Room, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
     loop {
-        silent.evict_oldest(SILENT_GRACE);
+        room.evict_oldest(SILENT_GRACE);
         tokio::select! {
             biased;
             // 1. Shutdown.
@@ -131,7 +145,7 @@ async fn make_room(
             // 2. A connection closed (the evicted one, or any other).
             slot = slots.clone().acquire_owned() => return Some(slot.expect("the semaphore is never closed")),
             // 3. Nothing to evict yet: look again once more connections may qualify.
-            _ = tokio::time::sleep(SILENT_GRACE) => {}
+            _ = tokio::time::sleep(RELOOK) => {}
         }
     }
 }
@@ -148,8 +162,12 @@ async fn connection(
     let _ = tcp.set_nodelay(true);
     let io = TokioIo::new(TrackedIo::new(tcp, conn.clone()));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
-    let http = builder.serve_connection(io, TowerToHyperService::new(app));
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(MAX_HEADER_BUF);
+    let http = builder.serve_connection(io, body::service(app, conn.clone()));
     tokio::pin!(http);
     let mut draining = false;
     loop {
@@ -167,12 +185,17 @@ async fn connection(
                 draining = true;
                 http.as_mut().graceful_shutdown();
             }
-            // 3. Closed to make room: it has sent nothing and the listener is full.
+            // 3. Closed to make room: it handles no request it has read, and the listener is full.
             _ = conn.evict.cancelled() => {
-                tracing::debug!("closing a silent connection to make room under the connection cap");
+                tracing::debug!("closing a connection not handling a request to make room under the connection cap");
                 return;
             }
-            // 4. Nothing moved for idle_timeout.
+            // 4. Its request has not arrived completely within header_timeout of its first byte.
+            _ = conn.phase.overdue(limits.header_timeout) => {
+                tracing::debug!("closing a connection whose request took longer than header_timeout to arrive");
+                return;
+            }
+            // 5. Nothing moved for idle_timeout.
             _ = conn.activity.idle_for(limits.idle_timeout) => {
                 tracing::debug!("closing a connection idle for longer than idle_timeout");
                 return;
