@@ -4,7 +4,9 @@
 //! and paragraph separators (Zl, Zp).
 //!
 //! What must hold: [`is_invisible`] is true exactly for the code points of categories Cf,
-//! Zl and Zp as of Unicode 15.1, so text refused for holding one can never display as
+//! Zl and Zp as of Unicode 15.1, except the zero-width non-joiner and joiner (U+200C,
+//! U+200D): emoji sequences (👨‍👩‍👧) and scripts such as Persian and the Indic ones need them,
+//! and they move nothing. So text refused for holding one can never display as
 //! something other than what it is (a right-to-left override turning `gpj.exe` into
 //! `exe.jpg`) or break lines where a log or terminal does not expect it.
 
@@ -18,7 +20,8 @@ const RANGES: &[(u32, u32)] = &[
     (0x0890, 0x0891),
     (0x08E2, 0x08E2),
     (0x180E, 0x180E),
-    (0x200B, 0x200F),
+    (0x200B, 0x200B),
+    (0x200E, 0x200F), // U+200C and U+200D (non-joiner, joiner) stay allowed
     (0x2028, 0x202E), // Zl, Zp, then the bidirectional embeddings and overrides
     (0x2060, 0x2064),
     (0x2066, 0x206F),
@@ -46,11 +49,11 @@ mod tests {
     #[test]
     fn format_and_separator_characters_and_nothing_visible() {
         for c in
-            ['\u{202E}', '\u{2028}', '\u{2029}', '\u{200B}', '\u{200D}', '\u{FEFF}', '\u{2066}', '\u{AD}', '\u{E0041}']
+            ['\u{202E}', '\u{2028}', '\u{2029}', '\u{200B}', '\u{200E}', '\u{FEFF}', '\u{2066}', '\u{AD}', '\u{E0041}']
         {
             assert!(is_invisible(c), "U+{:04X}", c as u32);
         }
-        for c in ['a', ' ', '–', 'ü', '✓', '\u{00A0}', '\u{2030}', '\u{2065}', '中'] {
+        for c in ['a', ' ', '–', 'ü', '✓', '\u{00A0}', '\u{2030}', '\u{2065}', '中', '\u{200C}', '\u{200D}'] {
             assert!(!is_invisible(c), "U+{:04X}", c as u32);
         }
     }
