@@ -204,30 +204,17 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
     let env = Env::new("poison_stall").await;
     env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
     let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
-    let readyz = || async {
-        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    };
+    let readyz = || readyz(&env);
     assert_eq!(readyz().await.0, 200);
     // Wedge the store: a transaction holding walhook.deliveries.
-    let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let (_locker, lock) = lock_deliveries(&env).await;
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'stalled')")).await;
     env.receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let (status, body) = loop {
-        let (s, b) = readyz().await;
-        if s == 503 || tokio::time::Instant::now() > deadline {
-            break (s, b);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
     assert_eq!(status, 503, "not ready while the store cannot commit: {body}");
     assert!(body.contains("store writer cannot make progress"), "{body}");
     assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
-    lock.rollback().await.unwrap();
+    lock.batch_execute("ROLLBACK").await.unwrap();
     wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
     assert_eq!(env.metric("walhook_store_stalled").await, 0.0);
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
@@ -243,31 +230,47 @@ async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
     env.endpoint(ACCOUNT_A, "p", &["contact.created"]).await;
     env.receiver.set_default("p", Reply::Status(500));
     let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n[dispatch]\nretry_schedule = [\"60s\"]\n").await;
-    let readyz = || async {
-        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    };
+    let readyz = || readyz(&env);
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'blocked')")).await;
     let pending = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'";
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(pending).await == 1 }).await;
     assert_eq!(readyz().await.0, 200);
     // The row is blocked behind its failed delivery, so dispatch probes the outbox; wedge it.
-    let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let (status, body) = loop {
-        let (s, b) = readyz().await;
-        if s == 503 || tokio::time::Instant::now() > deadline {
-            break (s, b);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_locker, lock) = lock_deliveries(&env).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
     assert_eq!(status, 503, "not ready while a probe cannot read the outbox: {body}");
     assert!(body.contains("store writer cannot make progress"), "{body}");
     assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
-    lock.rollback().await.unwrap();
+    lock.batch_execute("ROLLBACK").await.unwrap();
     wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
     wh.stop().await.unwrap();
+}
+
+/// `/readyz`: status and body.
+async fn readyz(env: &Env) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `/readyz` once it answers 503, or its last answer after `within`.
+async fn readyz_until_503(env: &Env, within: Duration) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (s, b) = readyz(env).await;
+        if s == 503 || tokio::time::Instant::now() > deadline {
+            return (s, b);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A session holding `walhook.deliveries` in ACCESS EXCLUSIVE mode until `ROLLBACK` is sent
+/// on the returned client (the store wedged).
+async fn lock_deliveries(env: &Env) -> (tokio::task::JoinHandle<()>, tokio_postgres::Client) {
+    let (client, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.batch_execute("BEGIN; LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    (task, client)
 }
