@@ -1,7 +1,8 @@
 //! Standard Webhooks signatures: `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")),
 //! the key being the base64-decoded part of `whsec_…`.
 //!
-//! What must hold: the published test vectors (`../shared/vectors/`) verify; the key is kept
+//! What must hold: the Standard Webhooks specification's published test vectors
+//! (`tests/fixtures/standard-webhooks.json`, checked by `tests/signatures.rs`) verify; the key is kept
 //! as a pre-keyed HMAC state so signing does not re-derive it per request; `Debug` never
 //! shows key material.
 
