@@ -44,9 +44,11 @@ impl Default for Tenure {
 }
 
 impl Tenure {
-    /// Valid until `TENURE` from now.
-    fn renew(&self) {
-        let until = (self.base.elapsed() + TENURE).as_millis() as u64;
+    /// Valid until `TENURE` after `checked_at`: when the check that proved the lock was
+    /// sent, not when its answer was read (a process frozen in between must not come back
+    /// with a fresh tenure).
+    fn renew_from(&self, checked_at: Instant) {
+        let until = (checked_at + TENURE).saturating_duration_since(self.base).as_millis() as u64;
         self.valid_until_ms.store(until, Ordering::Release);
     }
 
@@ -69,18 +71,24 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// Resolves when the lock's connection has closed or stopped answering; until then each
-    /// answered check renews the tenure, and losing it revokes the tenure first.
+    /// Resolves when the lock's connection has closed or failed; until then each answered
+    /// check renews the tenure, and losing it revokes the tenure first. A check that is only
+    /// slow (a busy database) does not end leadership: the tenure lapses until one answers.
     pub async fn lost(&self) {
         loop {
             tokio::time::sleep(LOST_POLL).await;
-            let check = tokio::time::timeout(TENURE, self.client.simple_query("SELECT 1")).await;
-            match check {
-                Ok(Ok(_)) if !self.client.is_closed() => self.tenure.renew(),
-                _ => {
+            let sent = Instant::now();
+            match tokio::time::timeout(TENURE, self.client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) if !self.client.is_closed() => self.tenure.renew_from(sent),
+                Ok(_) => {
                     self.tenure.revoke();
                     return;
                 }
+                Err(_slow) if self.client.is_closed() => {
+                    self.tenure.revoke();
+                    return;
+                }
+                Err(_slow) => {}
             }
         }
     }
@@ -117,7 +125,7 @@ pub async fn acquire(
                 _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(TENURE) => {}
             }
-            tenure.renew();
+            tenure.renew_from(Instant::now());
             return Ok(Some(Leadership { client, took_over: announced, tenure: tenure.clone() }));
         }
         if !announced {
@@ -129,5 +137,24 @@ pub async fn acquire(
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenure_counts_from_when_the_check_was_sent() {
+        let t = Tenure::default();
+        assert!(t.is_valid(), "no leadership governs a fresh tenure");
+        t.renew_from(Instant::now());
+        assert!(t.is_valid());
+        // A check sent before a long freeze and answered after it grants nothing.
+        t.renew_from(Instant::now() - TENURE - Duration::from_millis(1));
+        assert!(!t.is_valid());
+        t.renew_from(Instant::now());
+        t.revoke();
+        assert!(!t.is_valid());
     }
 }
