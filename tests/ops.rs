@@ -46,7 +46,7 @@ async fn metrics_appear_move_and_pass_promtool() {
         assert!(line.starts_with("walhook_"), "every metric is walhook_*: {line}");
         assert!(!line.contains(A) && !line.contains("127.0.0.1"), "no ids or URLs in labels: {line}");
     }
-    // promtool: installed by .ci/run (Debian's prometheus package).
+    // promtool: installed by .ci/install-tools (Debian's prometheus package).
     let promtool = Command::new("promtool").arg("--version").output();
     assert!(promtool.is_ok(), "promtool is not installed (apt-get install prometheus)");
     let mut child = Command::new("promtool")

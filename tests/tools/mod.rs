@@ -1,6 +1,6 @@
 //! The operations tools the chart, alert and dashboard tests call: real Helm (helm-python-sdk,
 //! Helm v4's library) and Kubernetes' schemas (kubernetes-validate) in a Python virtualenv,
-//! and Debian's `promtool` and `prometheus`. `.ci/run` installs all of them.
+//! and Debian's `promtool` and `prometheus`. `.ci/install-tools` installs all of them.
 //!
 //! What must hold: a missing tool fails the test with the command that installs it; nothing
 //! here skips, so a machine without the tools can never pass these tests by accident.
@@ -13,13 +13,13 @@ use std::process::{Command, Stdio};
 use serde_json::{json, Value};
 
 /// The virtualenv holding helm-python-sdk and kubernetes-validate: `$OPS_TOOLS_VENV`, else
-/// the place `.ci/run` puts it.
+/// the place `.ci/install-tools` puts it.
 pub fn venv() -> PathBuf {
     std::env::var_os("OPS_TOOLS_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/walhook-ops-tools"))
 }
 
 const INSTALL_VENV: &str = "python3 -m venv /opt/walhook-ops-tools && \
-     /opt/walhook-ops-tools/bin/pip install -r .ci/ops-tools.txt (what .ci/run does; \
+     /opt/walhook-ops-tools/bin/pip install -r .ci/ops-tools.txt (or run .ci/install-tools; \
      set OPS_TOOLS_VENV to use another virtualenv)";
 
 /// The virtualenv's python, checked to import both packages.
@@ -41,7 +41,7 @@ fn python() -> PathBuf {
 pub fn prometheus_tool(name: &str) -> PathBuf {
     match Command::new(name).arg("--version").output() {
         Ok(out) if out.status.success() => PathBuf::from(name),
-        _ => panic!("{name} is not installed: apt-get install prometheus (what .ci/run does)"),
+        _ => panic!("{name} is not installed: apt-get install prometheus (or run .ci/install-tools)"),
     }
 }
 
