@@ -333,3 +333,35 @@ async fn publish_actions_row_filters_and_column_lists_are_rechecked() {
     assert_eq!(env.metric(failing).await, 0.0);
     wh.stop().await.unwrap();
 }
+
+/// What a replica saw of the slot while it held it is not its to report once another holds
+/// the slot: standing by again, it answers /readyz 200 (standby) and its gauges go back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_holding_the_slot_forgets_what_it_reported() {
+    let env = Env::new("slot_forget").await;
+    let _first = env.spawn_binary(FAST_RECHECK);
+    env.wait_streaming().await;
+    let other_metrics = common::free_port();
+    let second = format!(
+        "{FAST_RECHECK}[api]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nlisten = \"127.0.0.1:{other_metrics}\"\n",
+        common::free_port()
+    );
+    let _second = env.spawn_binary(&second);
+    env.sql("ALTER TABLE contacts REPLICA IDENTITY DEFAULT").await;
+    wait_not_ready(&env, &["public.contacts"], Duration::from_secs(15)).await;
+    // The first replica loses its lock; the second takes the slot over.
+    let n = env
+        .scalar_i64(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await;
+    assert_eq!(n, 1, "one leadership lock held");
+    let standing_by = || async {
+        let (status, body) = readyz(&env).await;
+        status == 200 && body["standby"] == true
+    };
+    wait_for(Duration::from_secs(30), standing_by).await;
+    assert_eq!(env.metric("walhook_replication_prerequisite_failing{check=\"replica_identity\"}").await, 0.0);
+    env.sql("ALTER TABLE contacts REPLICA IDENTITY FULL").await;
+}

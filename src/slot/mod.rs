@@ -132,6 +132,16 @@ impl SlotHealth {
         Some(format!("prerequisite failed: {}", failing.values().cloned().collect::<Vec<_>>().join("; ")))
     }
 
+    /// Forgets what this replica reported (it stands by: the one holding the slot reports
+    /// it now); true when there was something to forget.
+    pub(crate) fn forget(&self) -> bool {
+        let had_lost = self.lost.lock().expect("not poisoned").take().is_some();
+        let mut failing = self.failing.lock().expect("not poisoned");
+        let had_failing = !failing.is_empty();
+        failing.clear();
+        had_lost || had_failing
+    }
+
     /// Sets or clears the lost reason; true when the slot changed between lost and not lost.
     fn set_lost(&self, reason: Option<String>) -> bool {
         let mut lost = self.lost.lock().expect("not poisoned");

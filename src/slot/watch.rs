@@ -82,6 +82,15 @@ pub async fn watch(
             _ = tick.tick() => {}
         }
         if status.standby.load(Ordering::Relaxed) {
+            // Leadership moved on: what this replica saw of the slot is the new holder's to
+            // report now, so it must not keep this one unready.
+            if status.health.forget() {
+                metrics.slot_lost.set(0);
+                for c in Check::ALL {
+                    metrics.prerequisite_failing.with_label_values(&[c.label()]).set(0);
+                }
+                tracing::info!("standing by: the replica holding the slot reports its state now");
+            }
             continue;
         }
         let result = async {
