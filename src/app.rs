@@ -16,18 +16,20 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{Db, DbError};
-use crate::dispatch::budget::MemoryBudget;
-use crate::dispatch::http::{HttpError, Sender};
-use crate::dispatch::limits::Limits;
-use crate::dispatch::policy::RetryPolicy;
-use crate::dispatch::{DispatchSettings, Dispatcher};
-use crate::metrics::Metrics;
-use crate::outbox::{OutboxSettings, OutboxWorker};
-use crate::preflight::{self, PreflightError};
-use crate::replication::{Replication, ReplicationError, ReplicationStatus};
-use crate::route::{RouteError, Router};
-use crate::secrets::{SecretBox, SecretError};
+use crate::delivery::dispatch::budget::MemoryBudget;
+use crate::delivery::dispatch::http::{HttpError, Sender};
+use crate::delivery::dispatch::limits::Limits;
+use crate::delivery::dispatch::policy::RetryPolicy;
+use crate::delivery::dispatch::{DispatchSettings, Dispatcher};
+use crate::delivery::outbox::{OutboxSettings, OutboxWorker};
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
+use crate::ops::status::{ReplicationStatus, StoreHealth};
+use crate::pg::db::{Db, DbError};
+use crate::pg::preflight::{self, PreflightError};
+use crate::security::secrets::{SecretBox, SecretError};
+use crate::source::replication::{Replication, ReplicationError};
+use crate::source::route::{RouteError, Router};
 use crate::store::StoreWriter;
 
 /// Deliveries routed but not yet taken by dispatch. (Their payloads are charged to the
@@ -50,7 +52,7 @@ pub enum AppError {
     Secrets(#[from] SecretError),
     /// Secrets stored plain could not be re-encrypted.
     #[error(transparent)]
-    Reseal(#[from] crate::secrets::ResealError),
+    Reseal(#[from] crate::store::secrets::ResealError),
     /// The HTTP client could not be built.
     #[error(transparent)]
     Http(#[from] HttpError),
@@ -62,7 +64,7 @@ pub enum AppError {
     Replication(#[from] ReplicationError),
     /// The connection caps do not fit in the file descriptor limit.
     #[error(transparent)]
-    Descriptors(#[from] crate::listener::descriptors::BudgetError),
+    Descriptors(#[from] crate::ops::descriptors::BudgetError),
     /// A listener could not be opened.
     #[error("listening on {addr}: {cause}")]
     Listen {
@@ -73,33 +75,16 @@ pub enum AppError {
     },
 }
 
-/// Shared handles of a running walhook, for the HTTP servers.
-#[derive(Clone)]
-pub struct Shared {
-    /// Configuration.
-    pub cfg: Arc<Config>,
-    /// Database.
-    pub db: Db,
-    /// Metrics registry.
-    pub metrics: Arc<Metrics>,
-    /// Replication state.
-    pub status: Arc<ReplicationStatus>,
-    /// Secret sealing.
-    pub secrets: SecretBox,
-    /// Whether the store writer makes progress.
-    pub store: Arc<crate::store::StoreHealth>,
-}
-
 /// Runs walhook until `shutdown` is cancelled or replication fails for good.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
-    crate::listener::descriptors::reserve(&cfg)?;
+    crate::ops::descriptors::reserve(&cfg)?;
     let db = Db::new(&cfg.database)?;
     preflight::check(&db, &cfg).await?;
     let secrets = SecretBox::new(cfg.secrets.encryption_key.as_ref().map(|k| k.expose()))?;
     if !secrets.encrypts() {
         tracing::warn!("secrets.encryption_key is not set: endpoint signing secrets are stored unencrypted");
     }
-    let resealed = crate::secrets::reseal_plain(&db, &secrets, None).await?;
+    let resealed = crate::store::secrets::reseal_plain(&db, &secrets, None).await?;
     if resealed > 0 {
         tracing::info!("re-encrypted {resealed} signing secrets stored before secrets.encryption_key was set");
     }
@@ -108,26 +93,25 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(ReplicationStatus::default());
-    let store_health = Arc::new(crate::store::StoreHealth::new(metrics.store_stalled.clone()));
-    let shared = Shared {
+    let store_health = Arc::new(StoreHealth::new(metrics.store_stalled.clone()));
+    let health = Health {
         cfg: cfg.clone(),
         db: db.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
-        secrets: secrets.clone(),
         store: store_health.clone(),
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
     let api_listener = bind(cfg.api.listen).await?;
-    let api_state = crate::api::ApiState::new(
-        crate::endpoints::Endpoints::new(
+    let api_state = crate::admin::api::ApiState::new(
+        crate::admin::endpoints::Endpoints::new(
             db.clone(),
             secrets.clone(),
-            crate::dispatch::ssrf::AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+            crate::security::ssrf::AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
         )
         .with_quota(cfg.api.max_endpoints_per_account),
-        crate::api::auth::Authenticator::new(&cfg.auth),
-        crate::api::auth::RateLimiter::new(cfg.api.rate_limit_per_second, cfg.api.rate_limit_burst),
+        crate::admin::api::auth::Authenticator::new(&cfg.auth),
+        crate::admin::api::auth::RateLimiter::new(cfg.api.rate_limit_per_second, cfg.api.rate_limit_burst),
         metrics.clone(),
         cfg.api.max_body_bytes,
     );
@@ -140,7 +124,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let retry = RetryPolicy::new(d);
     // Long enough for every claim an endpoint may have waiting to take its turn and time out.
     let attempt_max = d.connect_timeout.get() + d.request_timeout.get();
-    let lease_for = attempt_max * (crate::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
+    let lease_for = attempt_max * (crate::delivery::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
     let writer = writer.monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get());
@@ -161,7 +145,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         outbox_wake.clone(),
         metrics.clone(),
     );
-    let maintenance = tokio::spawn(crate::maintenance::run(
+    let maintenance = tokio::spawn(crate::store::maintenance::run(
         db.clone(),
         cfg.clone(),
         metrics.clone(),
@@ -178,15 +162,20 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
-    let slot_watch =
-        tokio::spawn(crate::slot::watch(db.clone(), cfg.clone(), metrics.clone(), status.clone(), shutdown.clone()));
+    let slot_watch = tokio::spawn(crate::source::slot::watch(
+        db.clone(),
+        cfg.clone(),
+        metrics.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
     let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
         .with_fence(dispatcher.fence())
         .with_memory_budget(budget);
 
     let pool_lifetime = tokio::spawn(db.clone().close_old_connections(shutdown.clone()));
-    let ops = tokio::spawn(crate::ops::serve(ops_listener, shared, cfg.metrics.limits(), shutdown.clone()));
-    let api = tokio::spawn(crate::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()));
+    let ops = tokio::spawn(crate::ops::health::serve(ops_listener, health, cfg.metrics.limits(), shutdown.clone()));
+    let api = tokio::spawn(crate::admin::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()));
     let writer = tokio::spawn(writer.run());
     let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
     let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));

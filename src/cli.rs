@@ -5,7 +5,6 @@
 //! exits at once; logs never carry secrets; text logs carry ANSI colour only on a terminal
 //! and never with `NO_COLOR` set.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +13,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
+use crate::ops::logging::init_logging;
 
 /// walhook: PostgreSQL changes as signed webhooks.
 #[derive(Debug, Parser)]
@@ -92,11 +92,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
-            let db = crate::db::Db::new(&cfg.database)?;
-            let report = crate::migrate::migrate(&db, &cfg).await.context("migrate")?;
+            let db = crate::pg::db::Db::new(&cfg.database)?;
+            let report = crate::pg::migrate::migrate(&db, &cfg).await.context("migrate")?;
             println!(
                 "walhook schema at version {}; applied {:?}; replica identity FULL set on {:?}; publication {} {}",
-                crate::migrate::latest_version(),
+                crate::pg::migrate::latest_version(),
                 report.applied,
                 report.replica_identity_set,
                 cfg.replication.publication,
@@ -123,16 +123,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::SlotReset { config } => {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
-            let db = crate::db::Db::new(&cfg.database)?;
-            let report = crate::slot::reset(&db, &cfg).await.context("slot-reset")?;
+            let db = crate::pg::db::Db::new(&cfg.database)?;
+            let report = crate::source::slot::reset(&db, &cfg).await.context("slot-reset")?;
             print_reset(&report);
             Ok(())
         }
-        Command::Demo { stay } => crate::demo::run(stay).await,
+        Command::Demo { stay } => crate::local::demo::run(stay).await,
     }
 }
 
-fn print_reset(r: &crate::slot::ResetReport) {
+fn print_reset(r: &crate::source::slot::ResetReport) {
     if r.dropped_invalidated {
         println!("dropped the invalidated replication slot {}", r.slot);
     }
@@ -161,33 +161,6 @@ fn print_reset(r: &crate::slot::ResetReport) {
     println!("a waiting walhook resumes streaming from the new slot by itself");
 }
 
-/// Logging as configured; `RUST_LOG` wins over `log.level`. tokio-postgres logs statement
-/// parameters (signing secrets among them) at debug level, so it is capped at info unless
-/// the filter names it explicitly.
-pub fn init_logging(cfg: &Config) {
-    let mut directives =
-        std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| cfg.log.level.clone());
-    if !directives.contains("tokio_postgres") {
-        directives.push_str(",tokio_postgres=info");
-    }
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},tokio_postgres=info", cfg.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match cfg.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_span_list(false).try_init(),
-        LogFormat::Text => {
-            let colour = use_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
-            builder.with_ansi(colour).try_init()
-        }
-    };
-}
-
-/// Whether text logs get ANSI colour: only on a terminal (a file, a pipe or a container log
-/// gets plain text), and never with `NO_COLOR` set to anything but the empty string.
-fn use_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
-    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
-}
-
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -200,18 +173,4 @@ async fn watch_signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::use_colour;
-
-    #[test]
-    fn colour_only_on_a_terminal_without_no_color() {
-        assert!(use_colour(true, None));
-        assert!(!use_colour(false, None), "a file, pipe or container log gets no escapes");
-        assert!(!use_colour(true, Some("1".into())), "NO_COLOR turns colour off");
-        assert!(use_colour(true, Some("".into())), "an empty NO_COLOR is unset (no-color.org)");
-        assert!(!use_colour(false, Some("1".into())));
-    }
 }

@@ -1,40 +1,40 @@
 //! walhook: a PostgreSQL logical-replication stream turned into signed, durable webhooks.
 //!
-//! Data flows one way: [`replication`] reads the slot → [`decode`] turns pgoutput rows into
-//! webhook bodies → [`route`] picks the endpoints → [`dispatch`] sends from memory → the
-//! [`store`] writer records deliveries (or stores them in the outbox) → [`outbox`] workers
-//! retry what waits. [`progress`] decides which LSN the slot may confirm. See DESIGN.md for
-//! the invariants every module keeps.
+//! Data flows one way: [`source`] reads the slot, decodes pgoutput rows into webhook bodies
+//! and routes them to endpoints → [`delivery`] sends them from memory, and retries from the
+//! outbox what must wait → [`store`] records every delivery and holds the outbox. Around
+//! that flow: [`admin`] (the webhooks API), [`ops`] (metrics, health, logging), [`app`]
+//! (starts and supervises the stages) and [`cli`] (the commands). `docs/architecture.md`
+//! lists the invariants, where each is enforced and the test that would catch its violation.
+//!
+//! The folders are layers, lowest first; a module imports only from its own folder and the
+//! layers below it (checked by the unit test in `layers`):
+//! [`security`] → [`model`] → [`config`] → [`pg`] → [`ops`] → [`store`] → [`delivery`] →
+//! [`source`] → [`admin`] → [`app`] → [`local`] → [`cli`].
 
-pub mod api;
-pub mod app;
-pub mod catalog;
-pub mod cli;
+pub mod security;
+
+pub mod model;
+
 pub mod config;
-pub mod db;
-pub mod decode;
-pub mod demo;
-pub mod dispatch;
-pub mod endpoints;
-pub mod grants;
-pub mod invisible;
-pub mod leader;
-pub mod listener;
-pub mod local;
-pub mod maintenance;
-pub mod metrics;
-pub mod migrate;
+
+pub mod pg;
+
 pub mod ops;
-pub mod outbox;
-pub mod pgoutput;
-pub mod preflight;
-pub mod progress;
-pub mod replication;
-pub mod route;
-pub mod route_versions;
-pub mod secrets;
-pub mod sign;
-pub mod slot;
+
 pub mod store;
-pub mod tls;
-pub mod values;
+
+pub mod delivery;
+
+pub mod source;
+
+pub mod admin;
+
+pub mod app;
+
+pub mod local;
+
+pub mod cli;
+
+#[cfg(test)]
+mod layers;

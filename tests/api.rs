@@ -11,7 +11,7 @@ use common::{Env, ACCOUNT_A, ACCOUNT_B, USER};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use walhook::secrets::SecretBox;
+use walhook::security::secrets::SecretBox;
 
 const JWT_KEY: &str = "driftwood-test-signing-key-of-32-bytes-or-more";
 const OPERATOR_TOKEN: &str = "op-token-7c1f0e9b2d";
@@ -511,11 +511,11 @@ async fn the_openapi_document_and_the_router_agree() {
     assert_eq!(served, committed, "the served document is the committed one");
     assert_eq!(committed["openapi"], "3.1.0");
     let paths: HashSet<String> = committed["paths"].as_object().unwrap().keys().cloned().collect();
-    let routed: HashSet<String> = walhook::api::OPERATIONS.iter().map(|o| format!("/api/{o}")).collect();
+    let routed: HashSet<String> = walhook::admin::api::OPERATIONS.iter().map(|o| format!("/api/{o}")).collect();
     assert_eq!(paths, routed, "documented paths are exactly the routed operations");
     let api = Api::new(&env);
     let a = jwt(ACCOUNT_A);
-    for (op, fields) in walhook::api::requests::FIELDS {
+    for (op, fields) in walhook::admin::api::requests::FIELDS {
         let item = &committed["paths"][format!("/api/{op}")];
         assert_eq!(item.as_object().unwrap().keys().collect::<Vec<_>>(), ["post"], "{op} is POST only");
         let props: HashSet<&str> = item["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
@@ -536,7 +536,7 @@ async fn the_openapi_document_and_the_router_agree() {
         .iter()
         .map(|c| c.as_str().unwrap())
         .collect();
-    assert_eq!(codes, walhook::api::error::ERROR_CODES.into_iter().collect());
+    assert_eq!(codes, walhook::admin::api::error::ERROR_CODES.into_iter().collect());
     wh.stop().await.unwrap();
 }
 

@@ -8,10 +8,10 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::{wait_for, Env, ACCOUNT_A, USER};
-use walhook::dispatch::ssrf::AddressPolicy;
-use walhook::endpoints::{Caller, EndpointPatch, Endpoints};
+use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
 use walhook::local::receiver::Reply;
-use walhook::secrets::SecretBox;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -218,7 +218,7 @@ fn documentation_of(text: &str, key: &str) -> Vec<String> {
 #[test]
 fn the_rate_limit_says_it_is_per_replica() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for file in ["README.md", "config/walhook.example.toml", "helm/walhook/values.yaml", "src/config.rs"] {
+    for file in ["README.md", "config/walhook.example.toml", "helm/walhook/values.yaml", "src/config/mod.rs"] {
         let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
         let docs = documentation_of(&text, "rate_limit_per_second");
         assert!(!docs.is_empty(), "{file} does not mention rate_limit_per_second");

@@ -579,7 +579,7 @@ async fn accept_failures_are_logged_at_most_once_a_second() {
     let log = Captured::default();
     let sink = log.clone();
     tracing_subscriber::fmt()
-        .with_env_filter("walhook::listener=warn")
+        .with_env_filter("walhook::security::listener=warn")
         .with_writer(move || sink.clone())
         .with_ansi(false)
         .try_init()

@@ -11,10 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 use uuid::Uuid;
-use walhook::dispatch::http::Attempt;
 use walhook::local::receiver::Reply;
-use walhook::progress::Tracker;
-use walhook::route::Event;
+use walhook::model::attempt::Attempt;
+use walhook::model::delivery::Event;
+use walhook::model::progress::Tracker;
 use walhook::store::{Record, Status, StoreOp, StoreWriter};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
@@ -117,7 +117,7 @@ async fn a_hostile_receiver_stops_no_other_account() {
 
 fn event(seq: u32, key: &str) -> Arc<Event> {
     Arc::new(Event {
-        id: walhook::route::event_id(0x2000, seq),
+        id: walhook::model::delivery::event_id(0x2000, seq),
         account_id: ACCOUNT_A,
         event_type: "contact.created",
         entity_key: key.to_owned(),
@@ -130,7 +130,7 @@ fn event(seq: u32, key: &str) -> Arc<Event> {
 
 fn delivered(endpoint: Uuid, seq: u32, key: &str, snippet: &str, tracker: &Tracker) -> StoreOp {
     StoreOp::Insert(Record {
-        id: walhook::route::delivery_id(0x2000, seq, endpoint),
+        id: walhook::model::delivery::delivery_id(0x2000, seq, endpoint),
         endpoint_id: endpoint,
         event: event(seq, key),
         status: if seq % 2 == 0 { Status::Pending } else { Status::Delivered },

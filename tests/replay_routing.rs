@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
 use uuid::Uuid;
-use walhook::dispatch::ssrf::AddressPolicy;
-use walhook::endpoints::{Caller, EndpointPatch, Endpoints};
+use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
 use walhook::local::receiver::{Received, Reply};
-use walhook::secrets::SecretBox;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 /// Attempts hang long enough that only a kill ends them.

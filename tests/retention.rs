@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{wait_for, Env, ACCOUNT_A};
-use walhook::dispatch::ssrf::AddressPolicy;
-use walhook::endpoints::{Caller, Endpoints};
+use walhook::admin::endpoints::{Caller, Endpoints};
 use walhook::local::receiver::Reply;
-use walhook::secrets::SecretBox;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -102,13 +102,13 @@ async fn an_endpoint_failing_for_too_long_is_disabled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     use std::sync::Arc;
-    use walhook::route::Event;
+    use walhook::model::delivery::Event;
     use walhook::store::{Record, Status, StoreOp, StoreWriter};
 
     let env = Env::new("retention_race").await;
     let ep = env.endpoint(ACCOUNT_A, "r", &["contact.created"]).await;
     let event = Arc::new(Event {
-        id: walhook::route::event_id(0x3000, 1),
+        id: walhook::model::delivery::event_id(0x3000, 1),
         account_id: ACCOUNT_A,
         event_type: "contact.created",
         entity_key: "contacts:1".into(),
@@ -131,8 +131,8 @@ async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     let cfg = env.config("[retention]\ndelivered = \"1h\"\n");
     let db = env.db.clone();
     let sweep = tokio::spawn(async move {
-        let metrics = walhook::metrics::Metrics::new();
-        walhook::maintenance::sweep(&db, &cfg, &metrics, &tokio_util::sync::CancellationToken::new()).await
+        let metrics = walhook::ops::metrics::Metrics::new();
+        walhook::store::maintenance::sweep(&db, &cfg, &metrics, &tokio_util::sync::CancellationToken::new()).await
     });
     let env = &env;
     let waiting_on = |what: &'static str| async move {
@@ -146,7 +146,7 @@ async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     // The sweep has chosen the event; now a new pending delivery of it is stored.
     let (writer, tx) = StoreWriter::new(env.db.clone(), 8);
     let writer = tokio::spawn(writer.run());
-    let delivery = walhook::route::delivery_id(0x3000, 1, ep.id);
+    let delivery = walhook::model::delivery::delivery_id(0x3000, 1, ep.id);
     tx.send(StoreOp::Insert(Record {
         id: delivery,
         endpoint_id: ep.id,

@@ -1,8 +1,8 @@
 //! The Standard Webhooks test vectors verify, and walhook signs the way receivers verify.
 
 use serde_json::Value;
-use walhook::secrets::SigningSecret;
-use walhook::sign::Signer;
+use walhook::security::secrets::SigningSecret;
+use walhook::security::sign::Signer;
 
 fn vectors() -> Vec<Value> {
     let text = include_str!("fixtures/standard-webhooks.json");

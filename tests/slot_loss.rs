@@ -327,7 +327,7 @@ async fn publish_actions_row_filters_and_column_lists_are_rechecked() {
     )
     .await;
     // `walhook migrate` puts the publication back as walhook needs it.
-    let report = walhook::migrate::migrate(&env.db, &env.config("")).await.expect("migrate");
+    let report = walhook::pg::migrate::migrate(&env.db, &env.config("")).await.expect("migrate");
     assert_eq!(report.publication_restored.len(), 2, "{:?}", report.publication_restored);
     wait_for(Duration::from_secs(15), || async { readyz(&env).await.0 == 200 }).await;
     assert_eq!(env.metric(failing).await, 0.0);

@@ -9,13 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Env, ACCOUNT_A};
 use uuid::Uuid;
-use walhook::dispatch::http::Attempt;
-use walhook::route::Event;
+use walhook::model::attempt::Attempt;
+use walhook::model::delivery::Event;
 use walhook::store::{Completion, Record, Status, StoreOp, StoreWriter};
 
 fn event(seq: u32) -> Arc<Event> {
     Arc::new(Event {
-        id: walhook::route::event_id(0x1000, seq),
+        id: walhook::model::delivery::event_id(0x1000, seq),
         account_id: ACCOUNT_A,
         event_type: "contact.created",
         entity_key: format!("contacts:{seq}"),
@@ -41,7 +41,7 @@ fn ok_attempt() -> Attempt {
 fn record(endpoint: Uuid, seq: u32, status: Status, lease: Option<(Uuid, chrono::DateTime<chrono::Utc>)>) -> Record {
     let delivered = status == Status::Delivered;
     Record {
-        id: walhook::route::delivery_id(0x1000, seq, endpoint),
+        id: walhook::model::delivery::delivery_id(0x1000, seq, endpoint),
         endpoint_id: endpoint,
         event: event(seq),
         status,

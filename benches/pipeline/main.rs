@@ -21,16 +21,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::ensure;
 use clap::Parser;
 use measure::{Latency, Memory, RssSampler};
+use walhook::admin::endpoints::{Caller, Endpoints, NewEndpoint};
 use walhook::config::Config;
-use walhook::db::Db;
-use walhook::decode::all_event_types;
-use walhook::dispatch::ssrf::AddressPolicy;
-use walhook::endpoints::{Caller, Endpoints, NewEndpoint};
 use walhook::local::cluster::{ClusterOptions, TempCluster};
 use walhook::local::receiver::{Received, Receiver, Reply};
 use walhook::local::tls::LocalCa;
 use walhook::local::SAMPLE_CRM_SCHEMA;
-use walhook::secrets::SecretBox;
+use walhook::model::event::all_event_types;
+use walhook::pg::db::Db;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -196,7 +196,7 @@ impl Bench {
     async fn endpoints(&self, args: &Args) -> anyhow::Result<()> {
         let cfg = Config::from_toml(&self.config_toml())?;
         let db = Db::new(&cfg.database)?;
-        walhook::migrate::migrate(&db, &cfg).await?;
+        walhook::pg::migrate::migrate(&db, &cfg).await?;
         let endpoints =
             Endpoints::new(db, SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
         let all: Vec<String> = all_event_types().map(str::to_owned).collect();

@@ -3,6 +3,7 @@
 //! that verifies signatures and can misbehave on purpose.
 
 pub mod cluster;
+pub mod demo;
 pub mod receiver;
 pub mod tls;
 

@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::tls::LocalCa;
-use crate::secrets::SigningSecret;
-use crate::sign::Signer;
+use crate::security::secrets::SigningSecret;
+use crate::security::sign::Signer;
 
 /// One answer of the receiver.
 #[derive(Debug, Clone)]

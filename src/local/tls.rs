@@ -49,7 +49,7 @@ impl LocalCa {
 
     /// A rustls server configuration presenting the server certificate (h2 and http/1.1).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        crate::tls::install_crypto_provider();
+        crate::security::tls::install_crypto_provider();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()));
         let mut cfg =
             rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![self.cert.clone()], key)?;

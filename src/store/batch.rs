@@ -9,7 +9,7 @@
 use tokio::sync::mpsc;
 
 use super::{Status, StoreOp};
-use crate::dispatch::http::{safe_text, Attempt, ERROR_BYTES, SNIPPET_BYTES};
+use crate::model::attempt::{safe_text, Attempt, ERROR_BYTES, SNIPPET_BYTES};
 
 /// Ops written per batch (one atomic write) at most.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -98,7 +98,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::route::Event;
+    use crate::model::delivery::Event;
     use crate::store::Record;
 
     fn pending(body_bytes: usize, last_error: &str) -> StoreOp {

@@ -16,18 +16,18 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::db::{Db, DbError};
-use crate::dispatch::http::Attempt;
-use crate::metrics::Metrics;
-use crate::progress::Ticket;
-use crate::route::Event;
+use crate::model::attempt::Attempt;
+use crate::model::delivery::Event;
+use crate::model::progress::Ticket;
+use crate::ops::metrics::Metrics;
+use crate::ops::status::StoreHealth;
+use crate::pg::db::{Db, DbError};
 
 mod batch;
-mod health;
+pub mod maintenance;
 mod resilient;
+pub mod secrets;
 mod write;
-
-pub use health::StoreHealth;
 
 /// Default of `database.write_stall_after`.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::health::StoreHealth;
 use super::{write, Status, StoreOp, DISABLED_GONE};
-use crate::db::{Db, DbError};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::ops::status::StoreHealth;
+use crate::pg::db::{Db, DbError};
 
 /// Backoff between retries of a failing write: first, and at most.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));

@@ -14,8 +14,8 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Status, StoreOp};
-use crate::db::{Db, DbError};
-use crate::dispatch::http::{Attempt, FailureKind};
+use crate::model::attempt::{Attempt, FailureKind};
+use crate::pg::db::{Db, DbError};
 
 /// A payload already stored (by an earlier delivery of the event) is touched, not left alone:
 /// its `created_at` moves to now. Retention deletes payloads older than `retention.delivered`

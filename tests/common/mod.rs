@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use walhook::admin::endpoints::{Caller, EndpointView, Endpoints, NewEndpoint};
 use walhook::config::Config;
-use walhook::db::Db;
-use walhook::dispatch::ssrf::AddressPolicy;
-use walhook::endpoints::{Caller, EndpointView, Endpoints, NewEndpoint};
 use walhook::local::cluster::{ClusterOptions, TempCluster};
 use walhook::local::receiver::Receiver;
 use walhook::local::tls::LocalCa;
 use walhook::local::SAMPLE_CRM_SCHEMA;
-use walhook::secrets::SecretBox;
+use walhook::pg::db::Db;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
 
 /// Logs of in-process walhook instances go to `$WALHOOK_TEST_LOG` when set.
 fn init_test_logging() {
@@ -79,7 +79,7 @@ impl Env {
     pub async fn on(cluster: &TempCluster, name: &str) -> Env {
         let env = Self::unmigrated(cluster, name).await;
         let cfg = env.config("");
-        walhook::migrate::migrate(&env.db, &cfg).await.expect("migrate");
+        walhook::pg::migrate::migrate(&env.db, &cfg).await.expect("migrate");
         env
     }
 

@@ -1,0 +1,458 @@
+//! Webhook endpoints as customers manage them: validation, creation (with its signing
+//! secret), listing, update, deletion and delivery history. The admin API is a thin layer
+//! over this; tests use it directly.
+//!
+//! What must hold (invariants 3 and 7): every query is scoped to the caller's account, and
+//! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
+//! secret leaves this module only once, from `create`; a request that fails validation
+//! writes nothing; no text field stores a control character, a format character (such as a
+//! right-to-left override or a zero-width space) or a line or paragraph separator; a stored URL is at most
+//! `MAX_URL_LEN` characters as stored (after normalisation); an account never holds more
+//! endpoints than its quota, however its creates interleave (they are serialised per account).
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use url::{Host, Url};
+use uuid::Uuid;
+
+use crate::model::event::all_event_types;
+use crate::pg::db::{Db, DbError};
+use crate::security::secrets::{SecretBox, SigningSecret};
+use crate::security::ssrf::AddressPolicy;
+
+/// Longest accepted URL.
+pub const MAX_URL_LEN: usize = 2048;
+/// Longest accepted description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 500;
+/// Class of the transaction-level advisory lock that serialises one account's creates (the
+/// two-key form, apart from the leader lock's single key).
+const CREATE_LOCK_CLASS: i32 = 0x7768_6b71; // "whkq"
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's account; every query is scoped to it.
+    pub account_id: Uuid,
+    /// The caller, recorded as `created_by`.
+    pub user_id: Uuid,
+}
+
+/// Why an endpoint operation was refused. Messages name the field and never echo secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A field is malformed or out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// `url` is missing or empty.
+    #[error("url is required")]
+    UrlRequired,
+    /// `url` is not an acceptable HTTPS URL.
+    #[error("url {0}")]
+    InvalidUrl(String),
+    /// No such endpoint in the caller's account.
+    #[error("webhook endpoint not found")]
+    NotFound,
+    /// The account already has as many endpoints as its quota allows.
+    #[error(
+        "endpoint quota reached: this account already has {0} webhook endpoints, the most it may have; \
+         delete one before creating another"
+    )]
+    QuotaReached(u32),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A secret stored plain could not be re-encrypted.
+    #[error(transparent)]
+    Reseal(#[from] crate::store::secrets::ResealError),
+}
+
+impl From<tokio_postgres::Error> for EndpointError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        EndpointError::Db(DbError::Postgres(e))
+    }
+}
+
+/// The endpoint object of the public API page.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EndpointView {
+    /// Unique identifier.
+    pub id: Uuid,
+    /// Account this webhook belongs to.
+    pub account_id: Uuid,
+    /// User who created it.
+    pub created_by: Uuid,
+    /// HTTPS endpoint URL.
+    pub url: String,
+    /// Description.
+    pub description: String,
+    /// First characters of the signing secret.
+    pub secret_prefix: String,
+    /// Subscribed events.
+    pub events: Vec<String>,
+    /// Whether the webhook is enabled.
+    pub is_active: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last update time.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A delivery as `webhooks-deliveries` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeliveryView {
+    /// Delivery id (also the `webhook-id` header).
+    pub id: Uuid,
+    /// e.g. `contact.created`.
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Last HTTP status received.
+    pub http_status_code: Option<i32>,
+    /// Attempts made.
+    pub attempt_count: i32,
+    /// When it was delivered or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When the change was committed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Fields of a new endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct NewEndpoint {
+    /// Target URL (required).
+    pub url: Option<String>,
+    /// Description.
+    pub description: Option<String>,
+    /// Events to subscribe to (required, non-empty).
+    pub events: Option<Vec<String>>,
+}
+
+/// Fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointPatch {
+    /// New URL.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New subscriptions.
+    pub events: Option<Vec<String>>,
+    /// Enable or disable.
+    pub is_active: Option<bool>,
+}
+
+const COLUMNS: &str =
+    "id, account_id, created_by, url, description, secret_prefix, events, is_active, created_at, updated_at";
+
+fn view(r: &tokio_postgres::Row) -> EndpointView {
+    EndpointView {
+        id: r.get(0),
+        account_id: r.get(1),
+        created_by: r.get(2),
+        url: r.get(3),
+        description: r.get(4),
+        secret_prefix: r.get(5),
+        events: r.get(6),
+        is_active: r.get(7),
+        created_at: r.get(8),
+        updated_at: r.get(9),
+    }
+}
+
+/// Where a `webhooks-list` page ends: the last endpoint shown, in list order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    created_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+impl ListCursor {
+    /// The opaque text handed to the client.
+    pub fn encode(&self) -> String {
+        B64URL.encode(format!("{}:{}", self.created_at.timestamp_micros(), self.id))
+    }
+
+    /// Reads a cursor this module produced.
+    pub fn decode(text: &str) -> Result<Self, EndpointError> {
+        let bad = || invalid("cursor is not one webhooks-list returned");
+        let raw = B64URL.decode(text).map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+        let micros: i64 = micros.parse().map_err(|_| bad())?;
+        Ok(ListCursor {
+            created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+            id: Uuid::parse_str(id).map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Endpoint management for one walhook process.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    db: Db,
+    secrets: SecretBox,
+    policy: AddressPolicy,
+    max_per_account: Option<u32>,
+}
+
+impl Endpoints {
+    /// Endpoint management storing secrets through `secrets` and judging literal-IP URLs
+    /// with `policy`; no endpoint quota until [`Endpoints::with_quota`].
+    pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy) -> Self {
+        Endpoints { db, secrets, policy, max_per_account: None }
+    }
+
+    /// At most `max` endpoints per account (`api.max_endpoints_per_account`).
+    pub fn with_quota(mut self, max: u32) -> Self {
+        self.max_per_account = Some(max);
+        self
+    }
+
+    /// Creates an endpoint; the returned secret is the only time it is shown in full.
+    pub async fn create(
+        &self,
+        caller: Caller,
+        new: NewEndpoint,
+    ) -> Result<(EndpointView, SigningSecret), EndpointError> {
+        let url = self.check_url(new.url.as_deref())?;
+        let description = check_description(new.description.as_deref())?.unwrap_or_default();
+        let events = check_events(new.events.as_deref().ok_or_else(|| invalid("events is required"))?)?;
+        let secret = SigningSecret::generate();
+        let mut client = self.db.get().await?;
+        let tx = client.transaction().await?;
+        if let Some(max) = self.max_per_account {
+            // Creates of one account wait for each other here, so the count cannot go stale.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&CREATE_LOCK_CLASS, &caller.account_id.to_string()],
+            )
+            .await?;
+            let have: i64 = tx
+                .query_one("SELECT count(*) FROM walhook.endpoints WHERE account_id = $1", &[&caller.account_id])
+                .await?
+                .get(0);
+            if have >= i64::from(max) {
+                return Err(EndpointError::QuotaReached(max));
+            }
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+                ),
+                &[
+                    &Uuid::new_v4(),
+                    &caller.account_id,
+                    &caller.user_id,
+                    &url,
+                    &description,
+                    &self.secrets.seal(&secret),
+                    &secret.prefix(),
+                    &events,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((view(&row), secret))
+    }
+
+    /// Up to `limit` of the caller's endpoints, newest first, after `after`; with the cursor
+    /// of the next page when more remain.
+    pub async fn list(
+        &self,
+        caller: Caller,
+        limit: i64,
+        after: Option<ListCursor>,
+    ) -> Result<(Vec<EndpointView>, Option<ListCursor>), EndpointError> {
+        let client = self.db.get().await?;
+        let (at, id) = (after.map(|c| c.created_at), after.map(|c| c.id));
+        let mut rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM walhook.endpoints WHERE account_id = $1 \
+                       AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
+                     ORDER BY created_at DESC, id DESC LIMIT $4"
+                ),
+                &[&caller.account_id, &at, &id, &(limit + 1)],
+            )
+            .await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit.max(0) as usize);
+        let page: Vec<EndpointView> = rows.iter().map(view).collect();
+        let next = page.last().filter(|_| more).map(|e| ListCursor { created_at: e.created_at, id: e.id });
+        Ok((page, next))
+    }
+
+    /// One of the caller's endpoints.
+    pub async fn get(&self, caller: Caller, id: Uuid) -> Result<EndpointView, EndpointError> {
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM walhook.endpoints WHERE id = $1 AND account_id = $2"),
+                &[&id, &caller.account_id],
+            )
+            .await?;
+        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+    }
+
+    /// Changes the given fields of one of the caller's endpoints; `updated_at` moves.
+    /// Re-enabling a disabled endpoint starts it afresh: its disable reason and failure streak
+    /// are cleared, so `dispatch.disable_after` counts again from its next failed attempt.
+    pub async fn update(&self, caller: Caller, id: Uuid, patch: EndpointPatch) -> Result<EndpointView, EndpointError> {
+        let url = match patch.url.as_deref() {
+            Some(u) => Some(self.check_url(Some(u))?),
+            None => None,
+        };
+        let description = check_description(patch.description.as_deref())?;
+        let events = patch.events.as_deref().map(check_events).transpose()?;
+        if self.secrets.encrypts() {
+            // A secret stored plain (before the key, or by a replica without it) is sealed now.
+            crate::store::secrets::reseal_plain(&self.db, &self.secrets, Some((id, caller.account_id))).await?;
+        }
+        let client = self.db.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE walhook.endpoints SET url = COALESCE($3, url), description = COALESCE($4, description), \
+                       events = COALESCE($5, events), is_active = COALESCE($6, is_active), \
+                       disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
+                       failing_since = CASE WHEN $6 AND NOT is_active THEN NULL ELSE failing_since END, \
+                       updated_at = greatest(now(), updated_at + interval '1 microsecond') \
+                     WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
+                ),
+                &[&id, &caller.account_id, &url, &description, &events, &patch.is_active],
+            )
+            .await?;
+        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+    }
+
+    /// Deletes one of the caller's endpoints. Nothing more is sent to it: routing drops it
+    /// as the delete replicates, and its waiting outbox rows are never claimed again
+    /// (retention removes them).
+    pub async fn delete(&self, caller: Caller, id: Uuid) -> Result<(), EndpointError> {
+        let client = self.db.get().await?;
+        let n = client
+            .execute("DELETE FROM walhook.endpoints WHERE id = $1 AND account_id = $2", &[&id, &caller.account_id])
+            .await?;
+        if n == 0 {
+            return Err(EndpointError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` deliveries of one of the caller's endpoints.
+    pub async fn deliveries(
+        &self,
+        caller: Caller,
+        endpoint_id: Uuid,
+        limit: i64,
+    ) -> Result<Vec<DeliveryView>, EndpointError> {
+        self.get(caller, endpoint_id).await?;
+        let client = self.db.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at \
+                 FROM walhook.deliveries WHERE endpoint_id = $1 ORDER BY commit_lsn DESC, seq DESC LIMIT $2",
+                &[&endpoint_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeliveryView {
+                id: r.get(0),
+                event_type: r.get(1),
+                status: r.get(2),
+                http_status_code: r.get(3),
+                attempt_count: r.get(4),
+                completed_at: r.get(5),
+                created_at: r.get(6),
+            })
+            .collect())
+    }
+
+    /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters, and
+    /// no literal address in a forbidden range.
+    pub fn check_url(&self, url: Option<&str>) -> Result<String, EndpointError> {
+        let raw = url.map(str::trim).filter(|u| !u.is_empty()).ok_or(EndpointError::UrlRequired)?;
+        let too_long = || EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters"));
+        if raw.len() > MAX_URL_LEN {
+            return Err(too_long());
+        }
+        if raw.chars().any(|c| c.is_control() || crate::security::invisible::is_invisible(c)) {
+            return Err(EndpointError::InvalidUrl("must not contain control or invisible format characters".into()));
+        }
+        let parsed = Url::parse(raw).map_err(|_| EndpointError::InvalidUrl("must be a valid HTTPS URL".into()))?;
+        // What is stored and sent is the normalised form (a space becomes `%20`): measure that.
+        if parsed.as_str().len() > MAX_URL_LEN {
+            return Err(too_long());
+        }
+        if parsed.scheme() != "https" {
+            return Err(EndpointError::InvalidUrl("must be a valid HTTPS URL (https://…)".into()));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(EndpointError::InvalidUrl("must not contain credentials".into()));
+        }
+        let ip = match parsed.host() {
+            None => return Err(EndpointError::InvalidUrl("must have a host".into())),
+            Some(Host::Domain("")) => return Err(EndpointError::InvalidUrl("must have a host".into())),
+            Some(Host::Domain(_)) => None,
+            Some(Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+        };
+        if let Some(ip) = ip {
+            self.policy
+                .check(ip)
+                .map_err(|reason| EndpointError::InvalidUrl(format!("must not target {ip} ({reason})")))?;
+        }
+        Ok(parsed.to_string())
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> EndpointError {
+    EndpointError::InvalidRequest(msg.into())
+}
+
+fn check_description(d: Option<&str>) -> Result<Option<String>, EndpointError> {
+    match d {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION_CHARS => {
+            Err(invalid(format!("description must be at most {MAX_DESCRIPTION_CHARS} characters")))
+        }
+        Some(d) => check_text("description", d).map(|()| Some(d.to_owned())),
+        None => Ok(None),
+    }
+}
+
+/// Text stored as given must hold no control character (NUL cannot be stored at all; the
+/// others corrupt logs and terminals of whoever reads it back), and no invisible format or
+/// separator character (it makes the text display as something it is not).
+fn check_text(field: &str, value: &str) -> Result<(), EndpointError> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!("{field} must not contain control characters (found U+{:04X})", c as u32)));
+    }
+    match value.chars().find(|&c| crate::security::invisible::is_invisible(c)) {
+        Some(c) => Err(invalid(format!(
+            "{field} must not contain invisible format or separator characters (found U+{:04X})",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_events(events: &[String]) -> Result<Vec<String>, EndpointError> {
+    if events.is_empty() {
+        return Err(invalid("events must list at least one event"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(events.len());
+    for e in events {
+        if !all_event_types().any(|known| known == e) {
+            let shown: String = e.chars().take(64).collect();
+            return Err(invalid(format!("events: unknown event {shown:?}")));
+        }
+        if !out.contains(e) {
+            out.push(e.clone());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,8 @@
+//! Administration: the documented webhooks API (`POST /api/webhooks-<verb>`) and the
+//! endpoint rules behind it (validation, tenant scoping, quotas).
+//!
+//! What must hold: every request is scoped to the caller's account; bad input is refused
+//! with a `webhooks.*` code naming the field and changes nothing.
+
+pub mod api;
+pub mod endpoints;

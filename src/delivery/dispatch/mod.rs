@@ -1,0 +1,842 @@
+//! Dispatch, fast path: deliveries are sent from memory as they are routed.
+//!
+//! What must hold:
+//! - **Order per entity** (invariant 4): per endpoint, a row (`entity_key`) has at most one
+//!   delivery in flight; later ones wait behind it. When an attempt fails, the delivery goes
+//!   to the outbox and every later delivery of that row to that endpoint follows it there
+//!   (the row is *blocked*) until the outbox has settled the last of them. Other rows and
+//!   other endpoints are not held back.
+//! - **Bounded memory** (invariant 5): an endpoint whose queue is full, whose oldest waiting
+//!   delivery waited longer than `dispatch.spill_after`, or that has too many blocked rows is
+//!   *spilled*: its waiting deliveries go to the outbox, its in-flight ones are stored there
+//!   under a lease, and its new deliveries go straight to the outbox, each row tracked as
+//!   blocked, until a probe finds nothing of it pending outside those rows. Then the blocked
+//!   rows keep waiting behind the outbox and the rest is sent directly again, even under
+//!   steady traffic. The total waiting in memory is capped; past the cap, routing (and so
+//!   the replication stream) waits.
+//! - **Bounded bytes** (invariant 5): payloads are charged to the memory budget
+//!   (`dispatch.memory_limit`, see `budget`) before routing hands them over, so what waits,
+//!   what is in flight and what goes to the store is bounded in bytes; an endpoint whose
+//!   waiting payloads pass a quarter of the budget is spilled (large rows spill early), and
+//!   while anyone waits for budget the endpoint with the most waiting bytes is spilled so its
+//!   payloads are released once the outbox holds them.
+//! - **Nothing is lost** (invariant 1): every delivery's ticket is settled only by the store
+//!   writer after its record or outbox row commits, or because its endpoint was deleted.
+//! - **Fence**: when replication loses leadership, everything held for its session is
+//!   dropped unsent and attempts in flight are cancelled, ahead of any other work, before
+//!   another replica can stream (it replays whatever was not recorded). And no attempt
+//!   starts outside leadership's tenure (renewed by each answered check of the lock), so a
+//!   process that was frozen while its lock was taken sends nothing stale when it resumes.
+
+pub mod budget;
+pub mod http;
+pub mod limits;
+pub mod policy;
+mod pressure;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::model::attempt::{Attempt, FailureKind};
+use crate::model::delivery::{Delivery, Endpoint};
+use crate::model::tenure::Tenure;
+use crate::ops::metrics::Metrics;
+use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
+use budget::MemoryBudget;
+use http::Sender;
+use limits::{Limits, Permit};
+use policy::RetryPolicy;
+
+/// Blocked rows one endpoint may have before it is spilled as a whole.
+const MAX_BLOCKED_ROWS: usize = 1000;
+/// How often waiting times are checked and blocked rows probed.
+const TICK: Duration = Duration::from_millis(200);
+/// Longest a fence waits for the lost session's store writes to commit. Short: replication
+/// holds its walsender meanwhile, and a database that is shutting down waits for it.
+const FENCE_STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// What routing tells dispatch, in stream order.
+#[derive(Debug)]
+pub enum DispatchMsg {
+    /// Send this.
+    Deliver(Delivery),
+    /// An endpoint changed (URL, events, secret or active flag).
+    EndpointChanged(Arc<Endpoint>),
+    /// An endpoint was deleted: nothing more may be sent to it.
+    EndpointRemoved(Uuid),
+    /// A replication session starts (before anything it routes): these endpoints have
+    /// deliveries waiting in the outbox, so they start spilled and their rows queue behind.
+    SessionStart {
+        /// Endpoints with `pending` deliveries.
+        pending_endpoints: Vec<Uuid>,
+    },
+}
+
+/// Makes the dispatcher drop what the replication session routed (leadership was lost).
+#[derive(Debug, Clone)]
+pub struct Fence(mpsc::Sender<tokio::sync::oneshot::Sender<()>>, Arc<Tenure>);
+
+impl Fence {
+    /// The tenure outside which the dispatcher starts no attempt (renewed by leadership).
+    pub fn tenure(&self) -> Arc<Tenure> {
+        self.1.clone()
+    }
+
+    /// Returns once the dispatcher has dropped every delivery it holds or was sent, and
+    /// aborted its attempts in flight (or has ended).
+    pub async fn raise(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.0.send(ack).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Dispatch settings derived from `[dispatch]`.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Waiting deliveries per endpoint before it spills.
+    pub endpoint_queue: usize,
+    /// Waiting deliveries in all before routing waits.
+    pub queue_capacity: usize,
+    /// Longest wait in memory before the endpoint spills.
+    pub spill_after: Duration,
+    /// Lease on rows stored while their attempt is still in flight.
+    pub lease_for: Duration,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+    /// Payload bytes held in memory (charged by routing).
+    pub budget: Arc<MemoryBudget>,
+}
+
+/// A delivery waiting in memory.
+#[derive(Debug)]
+struct Waiting {
+    delivery: Delivery,
+    since: Instant,
+}
+
+/// A delivery whose attempt is in flight.
+#[derive(Debug)]
+struct Flight {
+    delivery: Delivery,
+    /// Stored in the outbox under our lease while in flight (the endpoint spilled).
+    leased: bool,
+    /// Cancels the attempt (fence).
+    abort: tokio::task::AbortHandle,
+}
+
+/// An attempt that finished.
+#[derive(Debug)]
+struct Done {
+    endpoint_id: Uuid,
+    delivery_id: Uuid,
+    attempt: Attempt,
+}
+
+#[derive(Debug)]
+struct EndpointState {
+    endpoint: Arc<Endpoint>,
+    /// Deliveries ready to start, oldest first (their rows have nothing ahead of them).
+    ready: VecDeque<Waiting>,
+    /// Rows with a delivery ready or in flight, and what waits behind it.
+    behind: HashMap<String, VecDeque<Waiting>>,
+    /// Deliveries waiting in `ready` and `behind`.
+    waiting: usize,
+    /// Payload bytes of those deliveries.
+    waiting_bytes: usize,
+    in_flight: HashMap<Uuid, Flight>,
+    /// Rows whose latest delivery is in the outbox: row → that delivery's id.
+    blocked: HashMap<String, Uuid>,
+    /// Everything new goes to the outbox (and its row into `blocked`) until a probe finds
+    /// nothing of the endpoint pending outside the blocked rows.
+    spilled: bool,
+    /// Deliveries sent to the outbox without being tracked in `blocked` (it was full).
+    untracked_spills: u64,
+    /// `untracked_spills` when the outstanding whole-endpoint probe went out.
+    untracked_at_probe: u64,
+    /// A probe is out.
+    probing: bool,
+    /// Deleted: drop whatever is left.
+    removed: bool,
+    /// Disabled by walhook (410 Gone, failing too long): whatever waits fails.
+    disabled: bool,
+    /// When an attempt of this endpoint last finished (or when it was first seen).
+    last_progress: Instant,
+    /// The endpoint's concurrency limit (shared with the outbox workers).
+    gate: limits::Gate,
+}
+
+impl EndpointState {
+    fn new(endpoint: Arc<Endpoint>, gate: limits::Gate) -> Self {
+        EndpointState {
+            ready: VecDeque::new(),
+            behind: HashMap::new(),
+            waiting: 0,
+            waiting_bytes: 0,
+            in_flight: HashMap::new(),
+            blocked: HashMap::new(),
+            spilled: false,
+            untracked_spills: 0,
+            untracked_at_probe: 0,
+            probing: false,
+            removed: false,
+            disabled: endpoint.auto_disabled,
+            last_progress: Instant::now(),
+            gate,
+            endpoint,
+        }
+    }
+
+    fn oldest_wait(&self, now: Instant) -> Duration {
+        let fronts = self.ready.front().into_iter().chain(self.behind.values().filter_map(|q| q.front()));
+        fronts.map(|w| now - w.since).max().unwrap_or_default()
+    }
+
+    /// Marks `key` blocked behind outbox delivery `id` (its latest there); past
+    /// `MAX_BLOCKED_ROWS` the row is counted as untracked instead.
+    fn block_row(&mut self, key: &str, id: Uuid) {
+        if let Some(tail) = self.blocked.get_mut(key) {
+            *tail = id;
+        } else if self.blocked.len() < MAX_BLOCKED_ROWS {
+            self.blocked.insert(key.to_owned(), id);
+        } else {
+            self.untracked_spills += 1;
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.waiting == 0 && self.in_flight.is_empty() && self.blocked.is_empty() && !self.spilled && !self.probing
+    }
+}
+
+/// The fast-path dispatcher: one task owning every endpoint's in-memory state.
+pub struct Dispatcher {
+    settings: DispatchSettings,
+    sender: Sender,
+    limits: Arc<Limits>,
+    store: mpsc::Sender<StoreOp>,
+    outbox_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    endpoints: HashMap<Uuid, EndpointState>,
+    /// Endpoints that had deliveries waiting in the outbox when the replication session
+    /// started: they start spilled, so rows queue behind what waits there (order holds
+    /// across restarts and takeovers).
+    pending_at_start: std::collections::HashSet<Uuid>,
+    fence_tx: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    /// Attempts start only while it is valid (a frozen process that lost its lock sends
+    /// nothing when it resumes).
+    tenure: Arc<Tenure>,
+    fence_rx: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    waiting: usize,
+    lease_token: Uuid,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    probe_tx: mpsc::Sender<ProbeAnswer>,
+    probe_rx: mpsc::Receiver<ProbeAnswer>,
+}
+
+impl Dispatcher {
+    /// A dispatcher writing through `store` and waking the outbox workers with `outbox_wake`.
+    pub fn new(
+        settings: DispatchSettings,
+        sender: Sender,
+        limits: Arc<Limits>,
+        store: mpsc::Sender<StoreOp>,
+        outbox_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::channel(limits.global_available().max(1));
+        let (probe_tx, probe_rx) = mpsc::channel(1024);
+        let (fence_tx, fence_rx) = mpsc::channel(1);
+        Dispatcher {
+            settings,
+            sender,
+            limits,
+            store,
+            outbox_wake,
+            metrics,
+            endpoints: HashMap::new(),
+            pending_at_start: Default::default(),
+            waiting: 0,
+            lease_token: Uuid::new_v4(),
+            done_tx,
+            done_rx,
+            probe_tx,
+            probe_rx,
+            fence_tx,
+            tenure: Default::default(),
+            fence_rx,
+        }
+    }
+
+    /// The handle replication raises when it loses leadership.
+    pub fn fence(&self) -> Fence {
+        Fence(self.fence_tx.clone(), self.tenure.clone())
+    }
+
+    /// Runs until `rx` closes (routing ended) or `shutdown`; then stores what waits in the
+    /// outbox and lets in-flight attempts finish within `grace`.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<DispatchMsg>, shutdown: CancellationToken, grace: Duration) {
+        let released = self.limits.released();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                // 0. Fence: leadership lost; drop everything the session routed, send nothing more.
+                Some(ack) = self.fence_rx.recv() => {
+                    self.on_fence(&mut rx).await;
+                    let _ = ack.send(());
+                }
+                // 1. Shutdown: stop taking deliveries.
+                _ = shutdown.cancelled() => break,
+                // 2. Finished attempts free a slot and may unblock the row behind them.
+                Some(done) = self.done_rx.recv() => self.on_done(done).await,
+                // 3. Outbox answers: rows and endpoints whose outbox work has drained.
+                Some(answer) = self.probe_rx.recv() => self.on_probe(answer),
+                // 4. A permit freed elsewhere (outbox workers): start what waits.
+                _ = released.notified() => self.pump_all(),
+                // 5. New deliveries, while memory allows; backpressure reaches replication.
+                msg = rx.recv(), if self.waiting < self.settings.queue_capacity => match msg {
+                    Some(msg) => self.on_msg(msg).await,
+                    None => break,
+                },
+                // 6. Spill endpoints whose deliveries wait too long; probe blocked rows.
+                _ = tick.tick() => self.on_tick().await,
+            }
+            self.metrics.queued.set(self.waiting as i64);
+        }
+        self.drain(grace).await;
+    }
+
+    /// Leadership lost: the new leader replays everything not recorded, so what is waiting
+    /// here (or queued for us) is dropped unsent and attempts in flight are cancelled.
+    /// Tickets are dropped unsettled; the session's tracker is discarded with them. Returns
+    /// once what was already handed to the store has committed (at most
+    /// `FENCE_STORE_WAIT`), so the next leader sees the outbox rows this session wrote when
+    /// it reads which endpoints have rows pending.
+    async fn on_fence(&mut self, rx: &mut mpsc::Receiver<DispatchMsg>) {
+        let mut dropped = 0;
+        while let Ok(msg) = rx.try_recv() {
+            dropped += usize::from(matches!(msg, DispatchMsg::Deliver(_)));
+        }
+        let mut aborted = 0;
+        for (_, state) in self.endpoints.drain() {
+            dropped += state.waiting;
+            aborted += state.in_flight.len();
+            state.in_flight.values().for_each(|f| f.abort.abort());
+        }
+        self.waiting = 0;
+        self.pending_at_start.clear();
+        tracing::warn!(
+            dropped,
+            aborted,
+            "replication leadership lost: dropped the session's deliveries unsent; the next leader replays them"
+        );
+        // A probe is answered only after everything sent to the store before it committed.
+        let (reply, mut answer) = mpsc::channel(1);
+        let barrier =
+            Probe { endpoint_id: Uuid::nil(), ids: Vec::new(), whole_endpoint: false, known_rows: Vec::new(), reply };
+        let committed =
+            async { self.store.send(StoreOp::Probe(barrier)).await.is_err() || answer.recv().await.is_some() };
+        if tokio::time::timeout(FENCE_STORE_WAIT, committed).await.is_err() {
+            tracing::warn!(waited = ?FENCE_STORE_WAIT, "store writes of the lost session not committed yet (database unreachable?); letting the stream go");
+        }
+    }
+
+    async fn on_msg(&mut self, msg: DispatchMsg) {
+        match msg {
+            DispatchMsg::SessionStart { pending_endpoints } => {
+                self.pending_at_start = pending_endpoints.into_iter().collect();
+            }
+            DispatchMsg::Deliver(d) => self.accept(d).await,
+            DispatchMsg::EndpointChanged(ep) => {
+                let id = ep.id;
+                let Some(state) = self.endpoints.get_mut(&id) else { return };
+                let (auto_disabled, active) = (ep.auto_disabled, ep.is_active);
+                state.endpoint = ep;
+                if auto_disabled {
+                    self.disable_local(id).await;
+                    // Rows this dispatcher stored after the disable committed fail too.
+                    let _ = self.store.send(StoreOp::FailPending { endpoint_id: id }).await;
+                } else if !active && !state.spilled {
+                    // Disabled by hand: keep what waits for when it is enabled again.
+                    self.spill_endpoint(id).await;
+                } else if active {
+                    state.disabled = false;
+                }
+            }
+            DispatchMsg::EndpointRemoved(id) => {
+                if let Some(mut state) = self.endpoints.remove(&id) {
+                    for w in state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)) {
+                        if let Some(t) = w.delivery.ticket {
+                            t.settle(); // deliberately dropped: the endpoint is gone
+                        }
+                        self.waiting -= 1;
+                    }
+                    state.waiting = 0;
+                    state.waiting_bytes = 0;
+                    state.removed = true;
+                    if !state.in_flight.is_empty() {
+                        self.endpoints.insert(id, state); // let in-flight attempts finish
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept(&mut self, mut d: Delivery) {
+        let id = d.endpoint.id;
+        let share = self.endpoint_share();
+        if !self.endpoints.contains_key(&id) {
+            let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id, d.endpoint.account_id));
+            if self.pending_at_start.remove(&id) {
+                // Spilled until a probe finds its outbox empty.
+                state.spilled = true;
+            }
+            self.endpoints.insert(id, state);
+        }
+        let state = self.endpoints.get_mut(&id).expect("inserted above");
+        let key = d.event.entity_key.clone();
+        if state.removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // routed before the delete reached us; the endpoint is gone
+            }
+            return;
+        }
+        if state.disabled {
+            return self.fail_unsent(id, d).await;
+        }
+        if state.spilled || !state.endpoint.is_active {
+            return self.spill_one(id, d, 0).await;
+        }
+        if let Some(tail) = state.blocked.get_mut(&key) {
+            *tail = d.id;
+            return self.spill_one(id, d, 0).await;
+        }
+        let len = d.event.body.len();
+        let w = Waiting { delivery: d, since: Instant::now() };
+        match state.behind.get_mut(&key) {
+            Some(q) => q.push_back(w),
+            None => {
+                state.behind.insert(key, VecDeque::new());
+                state.ready.push_back(w);
+            }
+        }
+        state.waiting += 1;
+        state.waiting_bytes += len;
+        self.waiting += 1;
+        if state.waiting > self.settings.endpoint_queue {
+            return self.spill_endpoint(id).await;
+        }
+        if state.waiting_bytes > share {
+            tracing::info!(endpoint = %id, waiting_bytes = state.waiting_bytes, "payloads waiting for the endpoint passed its share of dispatch.memory_limit; spilling endpoint to the outbox");
+            return self.spill_endpoint(id).await;
+        }
+        self.pump(id);
+    }
+
+    /// Starts ready deliveries of endpoint `id` while permits allow.
+    fn pump(&mut self, id: Uuid) {
+        if !self.tenure.is_valid() {
+            return; // the tick pumps again once leadership renews it
+        }
+        let Some(state) = self.endpoints.get_mut(&id) else { return };
+        while !state.ready.is_empty() {
+            let Some(permit) = self.limits.try_acquire(&state.gate) else { break };
+            let w = state.ready.pop_front().expect("checked non-empty");
+            state.waiting -= 1;
+            state.waiting_bytes -= w.delivery.event.body.len();
+            self.waiting -= 1;
+            let d = w.delivery;
+            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
+            state.in_flight.insert(d.id, Flight { delivery: d, leased: false, abort });
+        }
+    }
+
+    fn pump_all(&mut self) {
+        let ids: Vec<Uuid> = self.endpoints.iter().filter(|(_, s)| !s.ready.is_empty()).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.pump(id);
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        let ep_id = done.endpoint_id;
+        let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
+        let Some(flight) = state.in_flight.remove(&done.delivery_id) else { return };
+        state.last_progress = Instant::now();
+        let (removed, disabled) = (state.removed, state.disabled);
+        let mut d = flight.delivery;
+        let a = done.attempt;
+        tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
+        if a.failure == Some(FailureKind::Local) {
+            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), a).await;
+            return self.pump(ep_id);
+        }
+        let gone = a.status == Some(410);
+        if gone && !disabled && !removed {
+            self.disable(ep_id).await;
+        }
+        let now = Utc::now();
+        if a.succeeded() {
+            let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
+            self.metrics.commit_to_delivered.observe(lag);
+        }
+        let (status, next) = match (a.succeeded(), self.settings.retry.next_delay(1, a.retry_after)) {
+            (true, _) => (Status::Delivered, None),
+            (false, _) if gone || disabled => (Status::Failed, None),
+            (false, Some(delay)) => (Status::Pending, Some(now + delay)),
+            (false, None) => (Status::Failed, None),
+        };
+        if status == Status::Failed {
+            self.metrics.failed.inc();
+        }
+        let completed_at = (status != Status::Pending).then_some(now);
+        if flight.leased {
+            // Already stored under our lease: record the outcome on that row.
+            let op = StoreOp::Complete(Completion {
+                id: d.id,
+                endpoint_id: ep_id,
+                lease: self.lease_token,
+                status,
+                http_status: a.status,
+                next_attempt_at: next,
+                last_error: a.error.clone(),
+                completed_at,
+                attempt_no: 1,
+                attempt: a,
+            });
+            let _ = self.store.send(op).await;
+        } else if removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // the endpoint is gone: nothing to record
+            }
+        } else {
+            self.metrics.delivery(status == Status::Delivered).inc();
+            let record = Record {
+                id: d.id,
+                endpoint_id: ep_id,
+                event: d.event.clone(),
+                status,
+                attempt_count: 1,
+                http_status: a.status,
+                next_attempt_at: next,
+                lease: None,
+                last_error: a.error.clone(),
+                completed_at,
+                attempt: Some(a),
+                ticket: d.ticket.take(),
+            };
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+            self.after_first_attempt(ep_id, &d, status).await;
+        }
+        self.pump(ep_id);
+    }
+
+    /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
+    /// memory): the delivery waits in the outbox, due soon, with no attempt spent or recorded.
+    /// `(leased, removed, disabled)` describe the flight and its endpoint.
+    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, flags: (bool, bool, bool), a: Attempt) {
+        let (leased, removed, disabled) = flags;
+        let retry_at = Utc::now() + http::LOCAL_RETRY;
+        let error = format!("local: {}", a.error.unwrap_or_default());
+        tracing::warn!(delivery = %d.id, endpoint = %ep_id, error, "attempt failed for a local reason; retrying without counting it");
+        if leased {
+            let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
+            let _ = self.store.send(StoreOp::Release(release)).await;
+        } else if removed {
+            if let Some(t) = d.ticket.take() {
+                t.settle(); // the endpoint is gone: nothing to record
+            }
+        } else if disabled {
+            // Like everything else waiting for a disabled endpoint.
+            self.after_first_attempt(ep_id, &d, Status::Failed).await;
+            self.fail_unsent(ep_id, d).await;
+        } else {
+            self.metrics.delivery(false).inc();
+            let record = Record {
+                id: d.id,
+                endpoint_id: ep_id,
+                event: d.event.clone(),
+                status: Status::Pending,
+                attempt_count: 0,
+                http_status: None,
+                next_attempt_at: Some(retry_at),
+                lease: None,
+                last_error: Some(error),
+                completed_at: None,
+                attempt: None,
+                ticket: d.ticket.take(),
+            };
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+            self.after_first_attempt(ep_id, &d, Status::Pending).await;
+        }
+    }
+
+    /// Moves the row of `d` on after its first attempt: the next delivery of the row becomes
+    /// ready, or (when `d` is now waiting in the outbox) every later one follows it there and
+    /// the row stays blocked until the outbox has settled them.
+    async fn after_first_attempt(&mut self, ep_id: Uuid, d: &Delivery, status: Status) {
+        let key = &d.event.entity_key;
+        let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
+        if status != Status::Pending {
+            match state.behind.get_mut(key).and_then(VecDeque::pop_front) {
+                Some(next) => state.ready.push_back(next),
+                None => {
+                    state.behind.remove(key);
+                }
+            }
+            return;
+        }
+        let behind = state.behind.remove(key).unwrap_or_default();
+        state.waiting -= behind.len();
+        state.waiting_bytes -= behind.iter().map(|w| w.delivery.event.body.len()).sum::<usize>();
+        self.waiting -= behind.len();
+        let tail = behind.back().map(|w| w.delivery.id).unwrap_or(d.id);
+        state.blocked.insert(key.clone(), tail);
+        let over = state.blocked.len() > MAX_BLOCKED_ROWS;
+        for w in behind {
+            self.spill_one(ep_id, w.delivery, 0).await;
+        }
+        if over {
+            self.spill_endpoint(ep_id).await;
+        }
+    }
+
+    fn on_probe(&mut self, answer: ProbeAnswer) {
+        let Some(state) = self.endpoints.get_mut(&answer.endpoint_id) else { return };
+        state.probing = false;
+        state.blocked.retain(|_, tail| !answer.settled.contains(tail));
+        // Nothing of this endpoint waits in the outbox except behind blocked rows, and every
+        // delivery sent there since the probe is tracked too: the blocked rows keep their
+        // order and everything else goes direct again, even while deliveries keep arriving.
+        if state.spilled
+            && answer.endpoint_pending == Some(false)
+            && state.in_flight.is_empty()
+            && state.untracked_spills == state.untracked_at_probe
+        {
+            tracing::info!(endpoint = %answer.endpoint_id, blocked_rows = state.blocked.len(), "endpoint's outbox caught up; sending directly again");
+            state.spilled = false;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        self.relieve_pressure().await;
+        self.pump_all();
+        let now = Instant::now();
+        // An endpoint that keeps answering is only busy: replication waits for it (backpressure).
+        // One that has not finished an attempt for spill_after while deliveries wait is stuck:
+        // its deliveries go to the outbox so they neither hold memory nor the slot.
+        let spill_after = self.settings.spill_after;
+        let slow: Vec<Uuid> = self
+            .endpoints
+            .iter()
+            .filter(|(_, s)| {
+                !s.spilled && s.waiting > 0 && s.oldest_wait(now) > spill_after && now - s.last_progress > spill_after
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in slow {
+            tracing::info!(endpoint = %id, "deliveries waited longer than dispatch.spill_after; spilling endpoint to the outbox");
+            self.spill_endpoint(id).await;
+        }
+        let mut probes = Vec::new();
+        for (id, s) in self.endpoints.iter_mut() {
+            if s.probing || (s.blocked.is_empty() && !s.spilled) {
+                continue;
+            }
+            s.probing = true;
+            let whole_endpoint = s.spilled && s.in_flight.is_empty();
+            s.untracked_at_probe = s.untracked_spills;
+            // Pending deliveries of blocked rows are accounted for; any other pending one (an
+            // untracked row, or one pending since before this process) keeps it spilled.
+            let known_rows = if whole_endpoint { s.blocked.keys().cloned().collect() } else { Vec::new() };
+            probes.push(Probe {
+                endpoint_id: *id,
+                ids: s.blocked.values().copied().collect(),
+                whole_endpoint,
+                known_rows,
+                reply: self.probe_tx.clone(),
+            });
+        }
+        for p in probes {
+            let _ = self.store.send(StoreOp::Probe(p)).await;
+        }
+        self.endpoints.retain(|_, s| !s.idle());
+        self.release_idle_capacity();
+    }
+
+    /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
+    /// what waits in the outbox) and fail what waits here.
+    async fn disable(&mut self, id: Uuid) {
+        // The store writer logs and counts the disable once it is written.
+        tracing::debug!(endpoint = %id, "endpoint answered 410 Gone; disabling it");
+        let _ = self.store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_GONE }).await;
+        self.disable_local(id).await;
+    }
+
+    /// Fails every delivery of endpoint `id` waiting in memory; later ones fail on arrival.
+    async fn disable_local(&mut self, id: Uuid) {
+        let Some(state) = self.endpoints.get_mut(&id) else { return };
+        state.disabled = true;
+        state.spilled = false;
+        state.blocked.clear();
+        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
+        self.waiting -= state.waiting;
+        state.waiting = 0;
+        state.waiting_bytes = 0;
+        for w in waiting {
+            self.fail_unsent(id, w.delivery).await;
+        }
+    }
+
+    /// Records a delivery as failed without an attempt (its endpoint was disabled).
+    async fn fail_unsent(&mut self, endpoint_id: Uuid, mut d: Delivery) {
+        self.metrics.failed.inc();
+        let record = Record {
+            id: d.id,
+            endpoint_id,
+            event: d.event.clone(),
+            status: Status::Failed,
+            attempt_count: 0,
+            http_status: None,
+            next_attempt_at: None,
+            lease: None,
+            last_error: Some("endpoint disabled".into()),
+            completed_at: Some(Utc::now()),
+            attempt: None,
+            ticket: d.ticket.take(),
+        };
+        let _ = self.store.send(StoreOp::Insert(record)).await;
+    }
+
+    /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).
+    async fn spill_one(&mut self, endpoint_id: Uuid, mut d: Delivery, attempts: i32) {
+        if let Some(s) = self.endpoints.get_mut(&endpoint_id).filter(|s| s.spilled) {
+            s.block_row(&d.event.entity_key, d.id);
+        }
+        self.metrics.delivery(false).inc();
+        let record = Record {
+            id: d.id,
+            endpoint_id,
+            event: d.event.clone(),
+            status: Status::Pending,
+            attempt_count: attempts,
+            http_status: None,
+            next_attempt_at: Some(Utc::now()),
+            lease: None,
+            last_error: None,
+            completed_at: None,
+            attempt: None,
+            ticket: d.ticket.take(),
+        };
+        let _ = self.store.send(StoreOp::Insert(record)).await;
+        self.outbox_wake.notify_one();
+    }
+
+    /// Moves everything of endpoint `id` to the outbox: in-flight attempts under our lease,
+    /// waiting deliveries due now.
+    async fn spill_endpoint(&mut self, id: Uuid) {
+        let Some(mut state) = self.endpoints.remove(&id) else { return };
+        let now = Utc::now();
+        let lease_until = now + self.settings.lease_for;
+        for flight in state.in_flight.values_mut().filter(|f| !f.leased) {
+            flight.leased = true;
+            let d = &mut flight.delivery;
+            let record = Record {
+                id: d.id,
+                endpoint_id: id,
+                event: d.event.clone(),
+                status: Status::Pending,
+                attempt_count: 1,
+                http_status: None,
+                next_attempt_at: Some(now),
+                lease: Some((self.lease_token, lease_until)),
+                last_error: None,
+                completed_at: None,
+                attempt: None,
+                ticket: d.ticket.take(),
+            };
+            self.metrics.delivery(false).inc();
+            let _ = self.store.send(StoreOp::Insert(record)).await;
+        }
+        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
+        self.waiting -= state.waiting;
+        state.waiting = 0;
+        state.waiting_bytes = 0;
+        // Rows in flight under the lease may stay in the outbox: their rows are blocked too
+        // (blocked rows stay blocked; what waits behind them follows via spill_one).
+        let flights: Vec<(String, Uuid)> = (state.in_flight.values())
+            .filter(|f| !state.blocked.contains_key(&f.delivery.event.entity_key))
+            .map(|f| (f.delivery.event.entity_key.clone(), f.delivery.id))
+            .collect();
+        for (key, delivery) in flights {
+            state.block_row(&key, delivery);
+        }
+        state.spilled = true;
+        self.endpoints.insert(id, state);
+        for w in waiting {
+            self.spill_one(id, w.delivery, 0).await;
+        }
+    }
+
+    /// Shutdown: store what waits, then give in-flight attempts until `grace` to finish.
+    async fn drain(&mut self, grace: Duration) {
+        let ids: Vec<Uuid> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            let has_work = self.endpoints.get(&id).is_some_and(|s| s.waiting > 0 || !s.in_flight.is_empty());
+            if has_work {
+                self.spill_endpoint(id).await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.endpoints.values().any(|s| !s.in_flight.is_empty()) {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(done)) => self.on_done(done).await,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Counts an attempt in flight until dropped (also when the attempt is aborted).
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// Starts one attempt in its own task; its outcome comes back on `done`.
+fn spawn_attempt(
+    sender: &Sender,
+    metrics: &Arc<Metrics>,
+    done: &mpsc::Sender<Done>,
+    d: &Delivery,
+    permit: Permit,
+) -> tokio::task::AbortHandle {
+    let (sender, metrics, done) = (sender.clone(), metrics.clone(), done.clone());
+    let endpoint = d.endpoint.clone();
+    let body = d.event.body.clone();
+    let delivery_id = d.id;
+    let task = tokio::spawn(async move {
+        metrics.in_flight.inc();
+        let counted = InFlight(metrics.clone());
+        let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
+        drop(counted);
+        drop(permit);
+        metrics.attempt(attempt.class()).inc();
+        metrics.request_duration.observe(attempt.duration.as_secs_f64());
+        let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
+    });
+    task.abort_handle()
+}

@@ -1,0 +1,479 @@
+//! Outbox workers: send what waits in `walhook.deliveries` with status `pending`.
+//!
+//! What must hold:
+//! - A row is claimed with `FOR UPDATE SKIP LOCKED` and a lease (`lease_until`,
+//!   `leased_by`), so two processes never make the same attempt, and a row whose claimer
+//!   died is claimed again once its lease has run out.
+//! - Only the oldest pending delivery of a row (endpoint + `entity_key`) is claimable, so
+//!   deliveries of one row arrive in commit order across the fast path, the outbox and
+//!   restarts (invariant 4).
+//! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
+//!   cannot take the claims of a healthy one.
+//! - Inactive or deleted endpoints are not sent to.
+//! - No attempt outlives its claim's lease: a claimed row whose attempt cannot start (no
+//!   connection slot of its endpoint or account, no memory budget) one attempt's length before
+//!   the lease ends is given back unattempted, so a later claim never sends it a second time.
+//! - Once shutdown is signalled no new attempt starts: only requests already in flight may
+//!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
+//!   (lease cleared, attempt count as before), so another replica retries them at once.
+//! - Payloads held here are bounded in bytes: a claim carries only small bodies (at most
+//!   `memory_limit / CLAIM_BATCH` each, and at most 16 KiB); every attempt charges its body to
+//!   the memory budget before it waits for a connection, reads a larger body only then, and
+//!   holds the charge until the attempt is over.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::delivery::dispatch::budget::MemoryBudget;
+use crate::delivery::dispatch::http::{Sender, LOCAL_RETRY};
+use crate::delivery::dispatch::limits::Limits;
+use crate::delivery::dispatch::policy::RetryPolicy;
+use crate::model::attempt::{Attempt, FailureKind};
+use crate::model::delivery::{event_mask, Endpoint};
+use crate::ops::metrics::Metrics;
+use crate::pg::db::{Db, DbError};
+use crate::security::secrets::SecretBox;
+use crate::security::sign::Signer;
+use crate::store::{Completion, Release, Status, StoreOp, DISABLED_GONE};
+
+/// Rows claimed per query at most.
+const CLAIM_BATCH: i64 = 512;
+/// Bodies up to this size come with the claim; larger ones are read per attempt.
+const INLINE_BODY_MAX: u64 = 16 * 1024;
+/// Claims per endpoint at once, in multiples of its concurrency: enough to keep its
+/// connections busy while the next claim runs. An endpoint is claimed for again once fewer
+/// than one multiple are outstanding, so at most `CLAIM_DEPTH + 1` multiples wait for it.
+pub const CLAIM_DEPTH: usize = 2;
+
+/// Settings of the outbox workers.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Poll interval when nothing wakes the worker.
+    pub poll_interval: Duration,
+    /// Lease taken on a claimed row.
+    pub lease_for: Duration,
+    /// The longest one attempt can take (`dispatch.connect_timeout` + `request_timeout`): a
+    /// claimed row whose attempt cannot start that long before its lease ends is given back.
+    pub attempt_max: Duration,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+    /// Payload bytes held in memory (shared with routing and dispatch).
+    pub budget: Arc<MemoryBudget>,
+}
+
+/// A claimed row, ready to send.
+struct Claimed {
+    id: Uuid,
+    endpoint: Arc<Endpoint>,
+    attempt_no: i32,
+    /// The body's size; `None` when the payload is gone.
+    body_len: Option<i32>,
+    /// The body, when it is small enough to come with the claim.
+    body: Option<Bytes>,
+    /// Commit time of the source change.
+    committed_at: chrono::DateTime<Utc>,
+}
+
+/// Claims due rows and sends them.
+pub struct OutboxWorker {
+    db: Db,
+    sender: Sender,
+    limits: Arc<Limits>,
+    store: mpsc::Sender<StoreOp>,
+    secrets: SecretBox,
+    settings: OutboxSettings,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    /// Claims in flight per endpoint; an endpoint with a full cap of them is not claimed for.
+    busy: HashMap<Uuid, usize>,
+    finished_tx: mpsc::Sender<Finished>,
+    finished_rx: mpsc::Receiver<Finished>,
+    /// Claimed rows never attempted (shutdown came first, or no slot was free in time).
+    released: Vec<Uuid>,
+}
+
+/// A claim that ended: its endpoint, and the row if it was given back unattempted.
+type Finished = (Uuid, Option<Uuid>);
+
+impl OutboxWorker {
+    /// A worker; `wake` makes it look for due rows at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: Db,
+        sender: Sender,
+        limits: Arc<Limits>,
+        store: mpsc::Sender<StoreOp>,
+        secrets: SecretBox,
+        settings: OutboxSettings,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let (finished_tx, finished_rx) = mpsc::channel(4096);
+        OutboxWorker {
+            db,
+            sender,
+            limits,
+            store,
+            secrets,
+            settings,
+            metrics,
+            wake,
+            busy: HashMap::new(),
+            finished_tx,
+            finished_rx,
+            released: Vec::new(),
+        }
+    }
+
+    /// Runs until `shutdown`; attempts in flight then get `grace` to finish.
+    pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
+        let lease_token = Uuid::new_v4();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let started = std::time::Instant::now();
+            let start_by = self.start_by(tokio::time::Instant::now());
+            let claimed = if self.limits.global_available() > 0 {
+                match self.claim(lease_token).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming due deliveries failed");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let full = claimed.len() as i64 == CLAIM_BATCH;
+            if !claimed.is_empty() {
+                tracing::debug!(claimed = claimed.len(), took = ?started.elapsed(), "claimed due deliveries");
+            }
+            for row in claimed {
+                *self.busy.entry(row.endpoint.id).or_default() += 1;
+                self.spawn(row, lease_token, start_by, shutdown.clone());
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                // 1. Shutdown.
+                _ = shutdown.cancelled() => break,
+                // 2. A claim finished: its endpoint may be claimed again.
+                Some(ep) = self.finished_rx.recv() => self.finished(ep),
+                // 3. The fast path stored something due now.
+                _ = self.wake.notified() => {}
+                // 4. Retries come due with time.
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            while let Ok(ep) = self.finished_rx.try_recv() {
+                self.finished(ep);
+            }
+            // Claims that waited too long for a slot go back to the pool at once.
+            self.release(lease_token, tokio::time::Instant::now()).await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.busy.is_empty() {
+            match tokio::time::timeout_at(deadline, self.finished_rx.recv()).await {
+                Ok(Some(ep)) => self.finished(ep),
+                _ => break,
+            }
+            while let Ok(ep) = self.finished_rx.try_recv() {
+                self.finished(ep);
+            }
+            // Claims given back return to the pool now, not after the requests in flight.
+            self.release(lease_token, deadline).await;
+        }
+        self.release(lease_token, deadline).await;
+    }
+
+    /// The latest moment an attempt of a row claimed at `claimed_at` may start: one attempt
+    /// and a second before its lease ends, so no attempt outlives the lease (after it,
+    /// another claim may send the row too).
+    fn start_by(&self, claimed_at: tokio::time::Instant) -> tokio::time::Instant {
+        let room = self.settings.lease_for.saturating_sub(self.settings.attempt_max + Duration::from_secs(1));
+        claimed_at + room
+    }
+
+    /// Gives back the claims of rows never attempted (lease cleared, the claim's attempt
+    /// count undone); what cannot be given back before `deadline` (at least a second) waits
+    /// for its lease to run out.
+    async fn release(&mut self, lease_token: Uuid, deadline: tokio::time::Instant) {
+        if self.released.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.released);
+        let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        let result = tokio::time::timeout_at(until, async {
+            let client = self.db.get().await?;
+            client
+                .execute(
+                    "UPDATE walhook.deliveries SET lease_until = NULL, leased_by = NULL, \
+                       attempt_count = attempt_count - 1 \
+                     WHERE id = ANY($1) AND leased_by = $2 AND status = 'pending'",
+                    &[&ids, &lease_token],
+                )
+                .await
+                .map_err(DbError::from)
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) => tracing::debug!(released = n, "gave back claimed deliveries not yet attempted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not give back claims; their leases will expire"),
+            Err(_) => tracing::warn!("giving back claims timed out; their leases will expire"),
+        }
+    }
+
+    fn finished(&mut self, (endpoint, released): Finished) {
+        self.released.extend(released);
+        if let Some(n) = self.busy.get_mut(&endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy.remove(&endpoint);
+            }
+        }
+    }
+
+    async fn claim(&self, lease_token: Uuid) -> Result<Vec<Claimed>, DbError> {
+        let mut client = self.db.get().await?;
+        let cap = self.limits.endpoint_limit();
+        let busy: Vec<Uuid> = self.busy.iter().filter(|(_, &n)| n >= cap).map(|(id, _)| *id).collect();
+        let limit = CLAIM_BATCH.min(self.limits.global_available() as i64 * CLAIM_DEPTH as i64);
+        let per_endpoint = (cap * CLAIM_DEPTH) as i64;
+        let lease_secs = self.settings.lease_for.as_secs_f64();
+        let tx = client.transaction().await?;
+        // The queue table's statistics lag its contents (it fills and drains in seconds); with
+        // stale estimates the planner was seen to choose an O(n²) anti-join taking seconds.
+        // Pin the plan shape instead: walk each endpoint's due rows in index order and check
+        // each candidate's row order with an index probe (`OFFSET 0` keeps it a sub-plan).
+        tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off").await?;
+        let st = tx
+            .prepare_cached(
+                "WITH due AS ( \
+                   SELECT x.id FROM walhook.endpoints e \
+                   CROSS JOIN LATERAL ( \
+                     SELECT d.id FROM walhook.deliveries d \
+                     WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now() \
+                       AND (d.lease_until IS NULL OR d.lease_until < now()) \
+                       AND NOT EXISTS ( \
+                         SELECT 1 FROM walhook.deliveries p \
+                         WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
+                           AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq) \
+                         OFFSET 0) \
+                     ORDER BY d.next_attempt_at \
+                     LIMIT $2 \
+                     FOR UPDATE OF d SKIP LOCKED) x \
+                   WHERE e.is_active AND NOT (e.id = ANY($3)) \
+                   LIMIT $1) \
+                 UPDATE walhook.deliveries d \
+                 SET lease_until = now() + make_interval(secs => $4), leased_by = $5, \
+                     attempt_count = d.attempt_count + 1 \
+                 FROM due, walhook.endpoints e \
+                 WHERE d.id = due.id AND e.id = d.endpoint_id \
+                 RETURNING d.id, d.attempt_count, e.id, e.account_id, e.url, e.secret, e.events, \
+                   (SELECT CASE WHEN octet_length(ev.body) <= $6 THEN ev.body END \
+                    FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at, \
+                   (SELECT octet_length(ev.body) FROM walhook.events ev WHERE ev.id = d.event_id)",
+            )
+            .await?;
+        let budget = &self.settings.budget;
+        let inline_max = (budget.limit() / CLAIM_BATCH as u64).min(INLINE_BODY_MAX) as i32;
+        let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token, &inline_max]).await?;
+        tx.commit().await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut endpoints: HashMap<Uuid, Option<Arc<Endpoint>>> = HashMap::new();
+        for r in rows {
+            let ep_id: Uuid = r.get(2);
+            let endpoint = endpoints
+                .entry(ep_id)
+                .or_insert_with(|| {
+                    let stored: String = r.get(5);
+                    let signer = self.secrets.open(&stored).and_then(|s| Signer::new(&s));
+                    let url = crate::model::delivery::parse_url(ep_id, &r.get::<_, String>(4))?;
+                    match signer {
+                        Ok(signer) => Some(Arc::new(Endpoint {
+                            id: ep_id,
+                            account_id: r.get(3),
+                            url,
+                            events: event_mask(&r.get::<_, Vec<String>>(6)),
+                            is_active: true,
+                            auto_disabled: false,
+                            signer,
+                        })),
+                        Err(e) => {
+                            tracing::error!(endpoint = %ep_id, error = %e, "cannot open endpoint secret");
+                            None
+                        }
+                    }
+                })
+                .clone();
+            let Some(endpoint) = endpoint else { continue };
+            out.push(Claimed {
+                id: r.get(0),
+                attempt_no: r.get(1),
+                endpoint,
+                body: r.get::<_, Option<Vec<u8>>>(7).map(Bytes::from),
+                committed_at: r.get(8),
+                body_len: r.get(9),
+            });
+        }
+        Ok(out)
+    }
+
+    fn spawn(&self, row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
+        let (db, budget) = (self.db.clone(), self.settings.budget.clone());
+        let (sender, limits, store, metrics, retry, finished) = (
+            self.sender.clone(),
+            self.limits.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            self.settings.retry.clone(),
+            self.finished_tx.clone(),
+        );
+        tokio::spawn(async move {
+            // Budget first, then a connection: what holds a connection never waits for budget.
+            // Shutdown before the request starts: the claim is given back, unattempted.
+            let charge = match row.body_len {
+                Some(len) => tokio::select! {
+                    biased;
+                    // 1. Shutdown: an attempt not started by now is not started at all.
+                    _ = shutdown.cancelled() => {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    }
+                    // 2. Too late to start within the lease: give the claim back.
+                    _ = tokio::time::sleep_until(start_by) => {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    }
+                    // 3. Room in the memory budget for the body.
+                    c = budget.reserve(len.max(0) as usize) => Some(c),
+                },
+                None => None,
+            };
+            let body = match (charge, row.body) {
+                (Some(charge), Some(body)) => Ok(Some(MemoryBudget::attach(body, charge))),
+                (Some(charge), None) => {
+                    read_body(&db, row.id).await.map(|b| b.map(|b| MemoryBudget::attach(b, charge)))
+                }
+                (None, _) => Ok(None),
+            };
+            let permanent = matches!(body, Ok(None));
+            let attempt = match body {
+                Ok(Some(body)) => {
+                    let permit = tokio::select! {
+                        biased;
+                        // 1. Shutdown: an attempt not started by now is not started at all.
+                        _ = shutdown.cancelled() => None,
+                        // 2. Too late to start within the lease: give the claim back.
+                        _ = tokio::time::sleep_until(start_by) => None,
+                        // 3. A connection slot of the endpoint, its account and the process.
+                        p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
+                    };
+                    let in_time = || !shutdown.is_cancelled() && tokio::time::Instant::now() < start_by;
+                    let Some(permit) = permit.filter(|_| in_time()) else {
+                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
+                        return;
+                    };
+                    metrics.in_flight.inc();
+                    let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
+                    metrics.in_flight.dec();
+                    drop(permit);
+                    metrics.attempt(a.class()).inc();
+                    metrics.request_duration.observe(a.duration.as_secs_f64());
+                    a
+                }
+                Ok(None) => missing_payload(),
+                Err(e) => unreadable_payload(e),
+            };
+            let now = Utc::now();
+            if attempt.failure == Some(FailureKind::Local) {
+                // The receiver was never reached: give the claim's attempt back, retry soon.
+                let last_error = format!("local: {}", attempt.error.unwrap_or_default());
+                tracing::warn!(delivery = %row.id, endpoint = %row.endpoint.id, error = last_error, "attempt failed for a local reason; retrying without counting it");
+                let release = Release { id: row.id, lease, next_attempt_at: now + LOCAL_RETRY, last_error };
+                let _ = store.send(StoreOp::Release(release)).await;
+                let _ = finished.send((row.endpoint.id, None)).await;
+                return;
+            }
+            if attempt.succeeded() {
+                metrics.commit_to_delivered.observe((now - row.committed_at).as_seconds_f64().max(0.0));
+            }
+            let gone = attempt.status == Some(410);
+            let (status, next) =
+                match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {
+                    (true, _) => (Status::Delivered, None),
+                    (false, Some(delay)) if !permanent && !gone => (Status::Pending, Some(now + delay)),
+                    (false, _) => (Status::Failed, None),
+                };
+            if status == Status::Failed {
+                metrics.failed.inc();
+            }
+            let op = StoreOp::Complete(Completion {
+                id: row.id,
+                endpoint_id: row.endpoint.id,
+                lease,
+                status,
+                http_status: attempt.status,
+                next_attempt_at: next,
+                last_error: attempt.error.clone(),
+                completed_at: (status != Status::Pending).then_some(now),
+                attempt_no: row.attempt_no,
+                attempt,
+            });
+            let _ = store.send(op).await;
+            if gone {
+                // The store writer logs and counts the disable once it is written.
+                tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
+                let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
+            }
+            let _ = finished.send((row.endpoint.id, None)).await;
+        });
+    }
+}
+
+/// The body of delivery `id`, read for its attempt (`None`: the payload is gone).
+async fn read_body(db: &Db, id: Uuid) -> Result<Option<Bytes>, DbError> {
+    let client = db.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT ev.body FROM walhook.deliveries d JOIN walhook.events ev ON ev.id = d.event_id WHERE d.id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(DbError::from)?;
+    Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+}
+
+/// Reading the payload failed: the attempt is retried on the schedule.
+fn unreadable_payload(e: DbError) -> Attempt {
+    Attempt {
+        status: None,
+        failure: Some(FailureKind::Network),
+        retry_after: None,
+        error: Some(format!("reading the event payload failed: {e}")),
+        started_at: Utc::now(),
+        duration: Duration::ZERO,
+        response_snippet: String::new(),
+    }
+}
+
+fn missing_payload() -> Attempt {
+    Attempt {
+        status: None,
+        failure: Some(FailureKind::Refused),
+        retry_after: None,
+        error: Some("the event payload is missing from walhook.events".into()),
+        started_at: Utc::now(),
+        duration: Duration::ZERO,
+        response_snippet: String::new(),
+    }
+}

@@ -1,0 +1,151 @@
+//! The operations listener (`metrics.listen`): `/metrics`, `/healthz`, `/readyz`, and the
+//! background monitor that keeps the database-derived gauges current.
+//!
+//! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
+//! while the database answers, replication streams (or stands by for another replica) and the
+//! store writer makes progress, otherwise 503 with a JSON reason naming the cause (a lost slot
+//! or a failing prerequisite, see `slot`; replication's last error while it is not streaming;
+//! a stalled store); scraping never waits on the database.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ops::metrics::Metrics;
+use crate::ops::status::{ReplicationStatus, StoreHealth};
+use crate::pg::db::Db;
+
+/// What the operations listener reads: handed over by `app`, which owns the stages.
+#[derive(Clone)]
+pub struct Health {
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Database (readiness pings it; the monitor refreshes gauges from it).
+    pub db: Db,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Replication's status (streaming, standing by, slot health).
+    pub status: Arc<ReplicationStatus>,
+    /// Whether the store writer makes progress.
+    pub store: Arc<StoreHealth>,
+}
+
+/// How often slot lag and outbox gauges are refreshed.
+const MONITOR_EVERY: Duration = Duration::from_secs(5);
+
+/// Serves the operations endpoints until `shutdown`, within `limits` (`metrics.*`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    limits: crate::security::listener::ListenerLimits,
+    shutdown: CancellationToken,
+) {
+    let monitor = tokio::spawn(monitor(health.clone(), shutdown.clone()));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    crate::security::listener::serve(listener, app, limits, "metrics", shutdown).await;
+    monitor.abort();
+}
+
+async fn metrics(State(s): State<Health>) -> impl IntoResponse {
+    let last = s.status.last_commit_us.load(Ordering::Relaxed);
+    if last > 0 {
+        let age = (chrono::Utc::now().timestamp_micros() - last).max(0) as f64 / 1e6;
+        s.metrics.last_commit_age.set(age);
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+async fn readyz(State(s): State<Health>) -> impl IntoResponse {
+    let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = s.db.get().await.ok()?;
+        client.query_one("SELECT 1", &[]).await.ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some();
+    let streaming = s.status.streaming.load(Ordering::Relaxed);
+    let standby = s.status.standby.load(Ordering::Relaxed);
+    let reason = if !db_ok {
+        Some("database unreachable".to_owned())
+    } else if let Some(slot_problem) = s.status.health.not_ready_reason() {
+        Some(slot_problem)
+    } else if !streaming && !standby {
+        Some(not_streaming(&s.status))
+    } else {
+        s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
+    };
+    match reason {
+        None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    }
+}
+
+/// Why replication is not streaming, with its last error when there is one (a busy slot, a
+/// lost connection, what the server said).
+fn not_streaming(status: &ReplicationStatus) -> String {
+    match status.last_error() {
+        Some(e) => format!("replication is not streaming: {e}"),
+        None => "replication is not streaming".to_owned(),
+    }
+}
+
+/// Refreshes slot lag and outbox gauges.
+async fn monitor(s: Health, shutdown: CancellationToken) {
+    let slot = s.cfg.replication.slot.to_string();
+    loop {
+        let result: Result<(), crate::pg::db::DbError> = async {
+            let client = s.db.get().await?;
+            if let Some(r) = client
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?
+            {
+                s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
+            }
+            // The oldest age counts only deliveries that should be moving: those of an endpoint
+            // paused by hand (or deleted) wait on purpose and must not page anyone.
+            let r = client
+                .query_one(
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
+                     FROM walhook.deliveries d LEFT JOIN walhook.endpoints e ON e.id = d.endpoint_id \
+                     WHERE d.status = 'pending'",
+                    &[],
+                )
+                .await?;
+            s.metrics.pending.set(r.get(0));
+            s.metrics.oldest_pending_age.set(r.get(1));
+            let r = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active) FROM walhook.endpoints",
+                    &[],
+                )
+                .await?;
+            s.metrics.endpoints.with_label_values(&["active"]).set(r.get(0));
+            s.metrics.endpoints.with_label_values(&["disabled"]).set(r.get(1));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "monitor query failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MONITOR_EVERY) => {}
+        }
+    }
+}

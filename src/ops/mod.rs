@@ -1,0 +1,11 @@
+//! Operations: Prometheus metrics, the status stages publish for `/readyz`, the metrics and
+//! health listener, logging, and the file-descriptor budget checked at start.
+//!
+//! What must hold: metric names are constants in `metrics`; stages receive their metric and
+//! status handles from `app` and never import one another through here.
+
+pub mod descriptors;
+pub mod health;
+pub mod logging;
+pub mod metrics;
+pub mod status;

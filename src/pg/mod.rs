@@ -1,0 +1,11 @@
+//! PostgreSQL plumbing: the connection pool, versioned migrations, the preflight checks,
+//! the catalog of CRM tables and the runtime role's grants.
+//!
+//! What must hold: errors name what to change (a setting, a grant, a migration); nothing
+//! here reads or writes deliveries or endpoints (that is `store`).
+
+pub mod catalog;
+pub mod db;
+pub mod grants;
+pub mod migrate;
+pub mod preflight;

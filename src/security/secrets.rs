@@ -1,0 +1,180 @@
+//! Endpoint signing secrets: generation, the shown prefix, and encryption at rest.
+//!
+//! What must hold: a secret comes from the OS CSPRNG (`whsec_` + base64 of 32 bytes); the
+//! prefix shown after creation is too short to be used; when an encryption key is configured
+//! the stored form is AES-256-GCM ciphertext with a fresh nonce, and secrets stored plain
+//! before the key was set are sealed at start and on update (`store::secrets::reseal_plain`); no error or
+//! log line here carries the secret or the key.
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+
+/// Prefix of every signing secret (Standard Webhooks).
+pub const SECRET_PREFIX: &str = "whsec_";
+/// Marks an encrypted stored secret.
+pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
+/// Characters of the secret kept as `secret_prefix`: `whsec_` plus 4 of the 43 base64
+/// characters (24 bits of 256), enough to tell secrets apart, useless for forging.
+const SHOWN_CHARS: usize = SECRET_PREFIX.len() + 4;
+
+/// Why a secret could not be used. Never includes the secret itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The stored secret is encrypted but no key is configured.
+    #[error("the stored signing secret is encrypted but secrets.encryption_key is not set")]
+    KeyMissing,
+    /// Decryption failed: wrong key or damaged ciphertext.
+    #[error("the stored signing secret cannot be decrypted with secrets.encryption_key")]
+    Decrypt,
+    /// The secret is not `whsec_` + base64.
+    #[error("the signing secret is not whsec_ followed by base64")]
+    Malformed,
+    /// The configured key is not base64 of 32 bytes.
+    #[error("secrets.encryption_key must be base64 of exactly 32 bytes")]
+    BadKey,
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+fn os_random(buf: &mut [u8]) {
+    getrandom::fill(buf).expect("the OS random number generator is unavailable");
+}
+
+/// A signing secret in its plain `whsec_…` form.
+#[derive(Clone)]
+pub struct SigningSecret(String);
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningSecret({}…)", self.prefix())
+    }
+}
+
+impl SigningSecret {
+    /// A new secret from the OS CSPRNG.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        os_random(&mut bytes);
+        SigningSecret(format!("{SECRET_PREFIX}{}", B64.encode(bytes)))
+    }
+
+    /// Wraps an existing `whsec_…` secret after checking its form.
+    pub fn parse(s: &str) -> Result<Self, SecretError> {
+        let secret = SigningSecret(s.to_owned());
+        secret.key_bytes()?;
+        Ok(secret)
+    }
+
+    /// The full secret, shown to the user once at creation.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The `secret_prefix` shown afterwards.
+    pub fn prefix(&self) -> &str {
+        &self.0[..SHOWN_CHARS.min(self.0.len())]
+    }
+
+    /// The HMAC key: the base64-decoded part after `whsec_`.
+    pub fn key_bytes(&self) -> Result<Vec<u8>, SecretError> {
+        let b64 = self.0.strip_prefix(SECRET_PREFIX).ok_or(SecretError::Malformed)?;
+        let key = B64.decode(b64).map_err(|_| SecretError::Malformed)?;
+        if key.is_empty() {
+            return Err(SecretError::Malformed);
+        }
+        Ok(key)
+    }
+}
+
+/// Parses `secrets.encryption_key` (base64 of 32 bytes).
+pub fn parse_encryption_key(b64: &str) -> Result<[u8; 32], SecretError> {
+    let bytes = B64.decode(b64.trim()).map_err(|_| SecretError::BadKey)?;
+    bytes.try_into().map_err(|_| SecretError::BadKey)
+}
+
+/// Seals and opens stored secrets; without a key it stores them as they are.
+#[derive(Clone)]
+pub struct SecretBox {
+    cipher: Option<Aes256Gcm>,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBox(encrypting: {})", self.cipher.is_some())
+    }
+}
+
+impl SecretBox {
+    /// A box for the configured key (`None`: store plain).
+    pub fn new(key: Option<&str>) -> Result<Self, SecretError> {
+        let cipher = match key {
+            Some(k) => Some(Aes256Gcm::new(&parse_encryption_key(k)?.into())),
+            None => None,
+        };
+        Ok(SecretBox { cipher })
+    }
+
+    /// Whether secrets are encrypted at rest.
+    pub fn encrypts(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// The form stored in `walhook.endpoints.secret`.
+    pub fn seal(&self, secret: &SigningSecret) -> String {
+        let Some(cipher) = &self.cipher else {
+            return secret.0.clone();
+        };
+        let mut nonce = [0u8; 12];
+        os_random(&mut nonce);
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), secret.0.as_bytes())
+            .expect("AES-GCM encryption of a short secret cannot fail");
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&ct);
+        format!("{ENCRYPTED_PREFIX}{}", B64.encode(blob))
+    }
+
+    /// The plain secret from its stored form.
+    pub fn open(&self, stored: &str) -> Result<SigningSecret, SecretError> {
+        let Some(b64) = stored.strip_prefix(ENCRYPTED_PREFIX) else {
+            return SigningSecret::parse(stored);
+        };
+        let cipher = self.cipher.as_ref().ok_or(SecretError::KeyMissing)?;
+        let blob = B64.decode(b64).map_err(|_| SecretError::Decrypt)?;
+        if blob.len() < 12 {
+            return Err(SecretError::Decrypt);
+        }
+        let (nonce, ct) = blob.split_at(12);
+        let plain = cipher.decrypt(Nonce::from_slice(nonce), ct).map_err(|_| SecretError::Decrypt)?;
+        let text = String::from_utf8(plain).map_err(|_| SecretError::Decrypt)?;
+        SigningSecret::parse(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_secrets_are_32_random_bytes() {
+        let a = SigningSecret::generate();
+        let b = SigningSecret::generate();
+        assert_ne!(a.expose(), b.expose());
+        assert_eq!(a.key_bytes().unwrap().len(), 32);
+        assert!(a.prefix().starts_with("whsec_") && a.prefix().len() == 10);
+    }
+
+    #[test]
+    fn sealed_secrets_round_trip_and_hide_the_secret() {
+        let key = B64.encode([7u8; 32]);
+        let bx = SecretBox::new(Some(&key)).unwrap();
+        let s = SigningSecret::generate();
+        let stored = bx.seal(&s);
+        assert!(!stored.contains(&s.expose()[6..]));
+        assert_eq!(bx.open(&stored).unwrap().expose(), s.expose());
+        let other = SecretBox::new(Some(&B64.encode([8u8; 32]))).unwrap();
+        assert!(matches!(other.open(&stored), Err(SecretError::Decrypt)));
+        assert!(matches!(SecretBox::new(None).unwrap().open(&stored), Err(SecretError::KeyMissing)));
+    }
+}

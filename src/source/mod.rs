@@ -1,0 +1,17 @@
+//! Source: the replication slot read as events. `replication` owns the stream and its
+//! session, `pgoutput` parses the protocol, `decode` and `values` turn rows into webhook
+//! bodies, `route` (with `route_versions`) picks the endpoints, `leader` decides which
+//! replica may stream, and `slot` watches the slot and its prerequisites.
+//!
+//! What must hold: the slot confirms nothing past an unsettled delivery; a session routes
+//! with the endpoints valid at the position it replays from; a lost slot is never replaced
+//! silently.
+
+pub mod decode;
+pub mod leader;
+pub mod pgoutput;
+pub mod replication;
+pub mod route;
+pub mod route_versions;
+pub mod slot;
+pub mod values;

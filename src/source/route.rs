@@ -1,0 +1,269 @@
+//! Route: which endpoints receive an event.
+//!
+//! What must hold (invariant 3): an event goes only to active endpoints whose `account_id`
+//! equals the row's `account_id` and that subscribe to its event type. A change is routed
+//! with the endpoint set as it was at its commit position: each session starts from the
+//! routing versions valid at the slot's confirmed position ([`crate::source::route_versions`]), and
+//! the set then changes only by `walhook.endpoints` rows from the replication stream, in LSN
+//! order with the CRM rows, so a replay routes exactly as the first pass did. Only routing
+//! (account, events, active) is versioned; URL and secret are the endpoint's current ones.
+//! Delivery and event ids are derived from (commit LSN, position in transaction[, endpoint])
+//! so a replay produces the same ids.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::model::delivery::{event_bit, event_mask, parse_url, Endpoint};
+use crate::pg::db::{Db, DbError};
+use crate::security::secrets::SecretBox;
+use crate::security::sign::Signer;
+use crate::source::decode::{EndpointRow, RowChange};
+
+/// Errors while loading endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// Reading `walhook.endpoints` failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`).
+    #[error("endpoint {id}: {cause}")]
+    Secret {
+        /// The endpoint.
+        id: Uuid,
+        /// Why.
+        cause: crate::security::secrets::SecretError,
+    },
+}
+
+/// What routing needs of an endpoint: the part kept per version (no URL, no secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Owning account.
+    pub account_id: Uuid,
+    /// Subscribed event names.
+    pub events: Vec<String>,
+    /// Enabled?
+    pub is_active: bool,
+    /// Why walhook disabled it itself (`None`: enabled, or disabled by hand).
+    pub disabled_reason: Option<String>,
+}
+
+/// The endpoint set, by account.
+#[derive(Debug)]
+pub struct Router {
+    by_account: HashMap<Uuid, Vec<Arc<Endpoint>>>,
+    /// Routing state of every endpoint known, routable or not (an endpoint without a usable
+    /// URL or secret is known but receives nothing).
+    routing: HashMap<Uuid, Routing>,
+    /// Endpoints changed by the transaction being read (`false`: deleted).
+    changed: HashMap<Uuid, bool>,
+    secrets: SecretBox,
+}
+
+impl Router {
+    /// An empty endpoint set.
+    pub fn new(secrets: SecretBox) -> Router {
+        Router { by_account: HashMap::new(), routing: HashMap::new(), changed: HashMap::new(), secrets }
+    }
+
+    /// Loads every endpoint as it is now (start-up check that every secret opens; sessions
+    /// route with the versioned set of [`crate::source::route_versions::load`]).
+    pub async fn load(db: &Db, secrets: SecretBox) -> Result<Router, RouteError> {
+        let client = db.get().await?;
+        let rows = client
+            .query("SELECT id, account_id, url, secret, events, is_active, disabled_reason FROM walhook.endpoints", &[])
+            .await
+            .map_err(DbError::from)?;
+        let mut router = Router::new(secrets);
+        for r in rows {
+            let routing =
+                Routing { account_id: r.get(1), events: r.get(4), is_active: r.get(5), disabled_reason: r.get(6) };
+            router.set(r.get(0), routing, Some(r.get(2)), Some(r.get(3)))?;
+        }
+        Ok(router)
+    }
+
+    /// Sets endpoint `id`'s routing state and, when both are given, the URL and stored secret
+    /// it is sent with. A secret that cannot be opened is an error.
+    pub fn set(
+        &mut self,
+        id: Uuid,
+        routing: Routing,
+        url: Option<&str>,
+        secret: Option<&str>,
+    ) -> Result<(), RouteError> {
+        self.routing.insert(id, routing);
+        let (Some(url), Some(stored)) = (url, secret) else {
+            self.unroute(id);
+            return Ok(());
+        };
+        let secret = self.secrets.open(stored).map_err(|cause| RouteError::Secret { id, cause })?;
+        let signer = Signer::new(&secret).map_err(|cause| RouteError::Secret { id, cause })?;
+        match parse_url(id, url) {
+            Some(url) => self.route_with(id, url, signer),
+            None => self.unroute(id),
+        }
+        Ok(())
+    }
+
+    /// Like [`Router::set`] for a change read from the stream: a secret that cannot be opened
+    /// leaves the endpoint unroutable (logged).
+    pub fn refresh(&mut self, id: Uuid, url: &str, secret: &str) {
+        let Some(routing) = self.routing.get(&id).cloned() else { return };
+        if let Err(e) = self.set(id, routing, Some(url), Some(secret)) {
+            tracing::error!(endpoint = %id, error = %e, "cannot open endpoint secret; endpoint skipped");
+        }
+    }
+
+    fn route_with(&mut self, id: Uuid, url: url::Url, signer: Signer) {
+        let Some(r) = self.routing.get(&id) else { return };
+        let ep = Endpoint {
+            id,
+            account_id: r.account_id,
+            url,
+            events: event_mask(&r.events),
+            is_active: r.is_active,
+            auto_disabled: !r.is_active && r.disabled_reason.is_some(),
+            signer,
+        };
+        self.unroute(id);
+        self.by_account.entry(ep.account_id).or_default().push(Arc::new(ep));
+    }
+
+    /// Stops sending to `id` (its routing state is kept).
+    pub fn unroute(&mut self, id: Uuid) {
+        self.by_account.retain(|_, eps| {
+            eps.retain(|e| e.id != id);
+            !eps.is_empty()
+        });
+    }
+
+    fn find(&self, id: Uuid) -> Option<&Arc<Endpoint>> {
+        self.by_account.values().flatten().find(|e| e.id == id)
+    }
+
+    /// The endpoint `id`, if routable.
+    pub fn get(&self, id: Uuid) -> Option<Arc<Endpoint>> {
+        self.find(id).cloned()
+    }
+
+    /// The routing state of endpoint `id`, if known.
+    pub fn routing(&self, id: Uuid) -> Option<&Routing> {
+        self.routing.get(&id)
+    }
+
+    /// Removes an endpoint (deleted through the API).
+    pub fn remove(&mut self, id: Uuid) {
+        self.routing.remove(&id);
+        self.unroute(id);
+        self.changed.insert(id, false);
+    }
+
+    /// Applies an inserted or updated endpoint row; fields absent from the row image
+    /// (unchanged TOAST) keep their current value.
+    pub fn apply(&mut self, row: EndpointRow) {
+        let Some(id) = row.id else { return };
+        let current = self.routing.get(&id).cloned();
+        let Some(account_id) = row.account_id.or(current.as_ref().map(|c| c.account_id)) else {
+            tracing::error!(endpoint = %id, "endpoint row without account_id; endpoint skipped");
+            return;
+        };
+        let routing = Routing {
+            account_id,
+            events: row.events.or(current.as_ref().map(|c| c.events.clone())).unwrap_or_default(),
+            is_active: row.is_active.or(current.as_ref().map(|c| c.is_active)).unwrap_or(false),
+            disabled_reason: row.disabled_reason,
+        };
+        self.changed.insert(id, true);
+        let sending = self.find(id).map(|e| (e.url.clone(), e.signer.clone()));
+        self.routing.insert(id, routing);
+        // URL and secret: from the row, else as they were; the commit refreshes both from the
+        // endpoint's current row.
+        let url = match (&row.url, &sending) {
+            (Some(text), _) => parse_url(id, text),
+            (None, Some((url, _))) => Some(url.clone()),
+            (None, None) => None,
+        };
+        let signer = match (&row.secret, sending) {
+            (Some(stored), _) => match self.secrets.open(stored).and_then(|s| Signer::new(&s)) {
+                Ok(signer) => Some(signer),
+                Err(e) => {
+                    tracing::error!(endpoint = %id, error = %e, "cannot open endpoint secret; endpoint skipped");
+                    None
+                }
+            },
+            (None, Some((_, signer))) => Some(signer),
+            (None, None) => None,
+        };
+        match (url, signer) {
+            (Some(url), Some(signer)) => self.route_with(id, url, signer),
+            _ => self.unroute(id),
+        }
+    }
+
+    /// The endpoints changed by the transaction read so far, with their new routing state
+    /// (`None`: deleted); clears the list.
+    pub fn take_changed(&mut self) -> Vec<(Uuid, Option<Routing>)> {
+        let changed = std::mem::take(&mut self.changed);
+        changed.into_iter().map(|(id, alive)| (id, alive.then(|| self.routing.get(&id).cloned()).flatten())).collect()
+    }
+
+    /// Forgets the changes of a transaction that will be read again.
+    pub fn clear_changed(&mut self) {
+        self.changed.clear();
+    }
+
+    /// The endpoints that receive `change`: same account, active, subscribed.
+    pub fn targets<'a>(&'a self, change: &'a RowChange) -> impl Iterator<Item = &'a Arc<Endpoint>> + 'a {
+        let bit = event_bit(change.event_type);
+        change
+            .account_id
+            .and_then(|a| self.by_account.get(&a))
+            .into_iter()
+            .flatten()
+            .filter(move |e| e.is_active && e.events & bit != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: Uuid) -> EndpointRow {
+        EndpointRow {
+            id: Some(id),
+            account_id: Some(Uuid::from_u128(1)),
+            url: Some("https://example.com/hook".into()),
+            secret: Some(format!("whsec_{}", "A".repeat(43) + "=")),
+            events: Some(vec!["contact.created".into()]),
+            is_active: Some(true),
+            disabled_reason: None,
+        }
+    }
+
+    #[test]
+    fn an_update_keeps_unchanged_toast_fields_and_every_change_is_listed_once() {
+        let mut router = Router::new(SecretBox::new(None).unwrap());
+        let (e, f) = (Uuid::from_u128(7), Uuid::from_u128(8));
+        router.apply(row(e));
+        router.apply(row(f));
+        // An update whose row image lacks the (unchanged, TOASTed) events, URL and secret.
+        router.apply(EndpointRow { id: Some(e), is_active: Some(false), ..Default::default() });
+        router.remove(f);
+        let mut changed = router.take_changed();
+        changed.sort_by_key(|(id, _)| *id);
+        let merged = Routing {
+            account_id: Uuid::from_u128(1),
+            events: vec!["contact.created".into()],
+            is_active: false,
+            disabled_reason: None,
+        };
+        assert_eq!(changed, vec![(e, Some(merged)), (f, None)]);
+        assert!(router.take_changed().is_empty());
+        let ep = router.get(e).expect("still routable with its URL and secret");
+        assert!(!ep.is_active && ep.events != 0);
+        assert!(router.get(f).is_none() && router.routing(f).is_none());
+    }
+}

@@ -1,0 +1,158 @@
+//! `walhook slot-reset`: the operator's explicit word that a lost slot may be replaced.
+//!
+//! What must hold: a healthy slot is never touched (refused, saying what to do); an
+//! invalidated one is dropped; the new slot, the gap row (from the last confirmed position and
+//! time to the new slot's start) and the reset `walhook.slot_state` row commit together, so a
+//! waiting walhook that sees the new slot also finds the gap recorded; if that transaction
+//! fails, the new slot is dropped again.
+
+use tokio_postgres::GenericClient;
+
+use super::{create, failover_supported, inspect, record_start, utc_text, LostHow, SlotError};
+use crate::config::Config;
+use crate::pg::db::Db;
+
+/// The window recorded in `walhook.replication_gaps`.
+#[derive(Debug, Clone)]
+pub struct Gap {
+    /// Row id.
+    pub id: i64,
+    /// Last confirmed position of the lost slot.
+    pub from_lsn: String,
+    /// When walhook last saw it there (RFC 3339 UTC); unknown for a slot walhook never recorded.
+    pub from_time: Option<String>,
+    /// The new slot's start position.
+    pub to_lsn: String,
+    /// When the new slot was created (RFC 3339 UTC).
+    pub to_time: String,
+}
+
+/// What `slot-reset` did, for the CLI to print.
+#[derive(Debug, Clone)]
+pub struct ResetReport {
+    /// The slot.
+    pub slot: String,
+    /// Whether an invalidated slot was dropped first.
+    pub dropped_invalidated: bool,
+    /// The new slot's start position.
+    pub start_lsn: String,
+    /// Whether the slot was created with `failover = true` (PostgreSQL 17+).
+    pub failover: bool,
+    /// The recorded gap; `None` when walhook had never streamed from the slot.
+    pub gap: Option<Gap>,
+}
+
+/// Replaces a missing or invalidated slot and records the gap.
+pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
+    let slot = cfg.replication.slot.as_str();
+    let mut client = db.connect().await?;
+    let (row, state) = inspect(&client, slot).await?;
+    let how = match &row {
+        None => LostHow::Missing,
+        Some(r) => {
+            r.validate(slot)?;
+            if !r.invalidated() {
+                let detail = format!(
+                    "wal_status {}, confirmed up to {}, {}",
+                    r.wal_status.as_deref().unwrap_or("unknown"),
+                    r.confirmed_lsn.as_deref().unwrap_or("nothing yet"),
+                    if r.active { "streamed right now" } else { "not streamed right now" }
+                );
+                return Err(SlotError::Healthy { slot: slot.to_owned(), detail });
+            }
+            client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
+            tracing::warn!(slot, "dropped the invalidated replication slot");
+            LostHow::Invalidated
+        }
+    };
+    let lost = super::Lost::new(slot, how, row.as_ref(), state);
+    let failover = failover_supported(&client).await?;
+
+    let mut created = None;
+    let outcome = async {
+        let tx = client.transaction().await?;
+        // The slot first: creating a logical slot is refused after a write in the transaction.
+        let start_lsn = create(&tx, slot, failover).await?;
+        created = Some(start_lsn.clone());
+        let gap = match &lost.confirmed_lsn {
+            Some(from_lsn) => Some(record_gap(&tx, &lost, from_lsn, &start_lsn).await?),
+            None => None,
+        };
+        reset_routing_versions(&tx, slot).await?;
+        record_start(&tx, slot, &start_lsn).await?;
+        tx.commit().await?;
+        Ok::<_, SlotError>((start_lsn, gap))
+    }
+    .await;
+    let (start_lsn, gap) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            if created.is_some() {
+                // Nothing was recorded: the new slot must not be streamed as if it were the old one.
+                let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(g) = &gap {
+        tracing::warn!(
+            slot,
+            gap_id = g.id,
+            from_lsn = %g.from_lsn,
+            from_time = g.from_time.as_deref().unwrap_or("unknown"),
+            to_lsn = %g.to_lsn,
+            to_time = %g.to_time,
+            "recorded replication gap {} ({}) to {} ({}): changes in between were not delivered",
+            g.from_lsn,
+            g.from_time.as_deref().unwrap_or("unknown time"),
+            g.to_lsn,
+            g.to_time
+        );
+    }
+    Ok(ResetReport {
+        slot: slot.to_owned(),
+        dropped_invalidated: how == LostHow::Invalidated,
+        start_lsn,
+        failover,
+        gap,
+    })
+}
+
+async fn record_gap(
+    client: &impl GenericClient,
+    lost: &super::Lost,
+    from_lsn: &str,
+    to_lsn: &str,
+) -> Result<Gap, SlotError> {
+    let reason = match lost.how {
+        LostHow::Missing => format!("replication slot {} was missing; replaced by walhook slot-reset", lost.slot),
+        LostHow::Invalidated => format!(
+            "replication slot {} was invalidated by PostgreSQL (wal_status = lost); replaced by walhook slot-reset",
+            lost.slot
+        ),
+    };
+    let r = client
+        .query_one(
+            concat!(
+                "INSERT INTO walhook.replication_gaps (slot, kind, reason, from_lsn, from_time, to_lsn, to_time) \
+                 VALUES ($1, 'slot_lost', $2, $3::text::pg_lsn, $4::text::timestamptz, $5::text::pg_lsn, clock_timestamp()) \
+                 RETURNING id, ",
+                utc_text!("to_time")
+            ),
+            &[&lost.slot, &reason, &from_lsn, &lost.confirmed_at, &to_lsn],
+        )
+        .await?;
+    Ok(Gap {
+        id: r.get(0),
+        from_lsn: from_lsn.to_owned(),
+        from_time: lost.confirmed_at.clone(),
+        to_lsn: to_lsn.to_owned(),
+        to_time: r.get(1),
+    })
+}
+
+/// The slot's routing state starts over with the slot: the endpoint set kept for replays
+/// belongs to the old slot's positions. Runs in slot-reset's transaction.
+async fn reset_routing_versions(tx: &tokio_postgres::Transaction<'_>, slot: &str) -> Result<(), SlotError> {
+    Ok(crate::source::route_versions::reset_in(tx, slot).await?)
+}
