@@ -89,11 +89,6 @@ impl Tracker {
         self.queue.is_empty()
     }
 
-    /// Transactions read and not yet confirmable.
-    pub fn unsettled(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Pops settled transactions from the front; the end LSN of the last one popped.
     pub fn confirmable(&mut self) -> Option<u64> {
         let mut lsn = None;
