@@ -76,3 +76,16 @@ fn the_checker_sees_a_backward_import() {
     assert_eq!(found, vec![(1, "source".to_owned()), (2, "model".to_owned())]);
     assert!(rank("source") > rank("delivery"));
 }
+
+#[test]
+fn the_readme_code_map_names_every_layer_in_order() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("README");
+    let map = readme.split("## Code map").nth(1).expect("README has a code map").split("\n## ").next().unwrap_or("");
+    let mut at = 0;
+    for layer in LAYERS {
+        let names = [format!("| `{layer}/` |"), format!("| `{layer}.rs` |")];
+        let found = names.iter().filter_map(|n| map[at..].find(n.as_str())).min();
+        let Some(i) = found else { panic!("the README's code map does not list {layer} after the layers below it") };
+        at += i;
+    }
+}
