@@ -135,4 +135,31 @@ mod tests {
         assert_eq!(event_mask(&["contact.created", "project.deleted", "bogus"]).count_ones(), 2);
         assert_eq!(event_mask(&all_event_types().collect::<Vec<_>>()), 0x0fff);
     }
+
+    /// Ids are stored and sent as `webhook-id`: these were computed before `Position` existed
+    /// and must never change.
+    #[test]
+    fn ids_stay_what_they_were() {
+        let e = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let known = [
+            (0u64, 0u32, "3bd9e83b-3417-8958-a9e5-28fe11cb5356", "91342155-6bf4-893d-8581-86133e05abdd"),
+            (0x1A2B3C8, 1, "dff4d667-1ec4-8ec9-9ed4-a898ad357757", "4fb09f02-1d90-80b1-8153-e9d8945fe101"),
+            (0xFFFF_FFFF_0000_0001, 7, "6a4b44a9-2c16-84fe-8cb7-f77abb2d40df", "3e1abcde-3490-8fec-8c23-d70555bde95b"),
+            (0x3000, 1, "27d953a0-b94f-8e66-b747-80746aa264a3", "f578c876-bf8e-821c-8e95-5d99f0b119a4"),
+        ];
+        for (lsn, seq, event, delivery) in known {
+            assert_eq!(event_id(lsn, seq).to_string(), event, "event id at {lsn:#x}/{seq}");
+            assert_eq!(delivery_id(lsn, seq, e).to_string(), delivery, "delivery id at {lsn:#x}/{seq}");
+        }
+    }
+
+    /// Masks are computed from stored event names on every load; their bits must not move.
+    #[test]
+    fn masks_stay_what_they_were() {
+        assert_eq!(event_mask(&["contact.created"]), 0x0001);
+        assert_eq!(event_mask(&["company.updated", "project.deleted"]), 0x0810);
+        assert_eq!(event_mask(&["activity.deleted", "activity.created", "bogus"]), 0x0140);
+        assert_eq!(event_mask(&["contact.deleted", "company.created"]), 0x000c);
+        assert_eq!(event_mask::<&str>(&[]), 0);
+    }
 }

@@ -314,3 +314,38 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(m: &Metrics, series: &str) -> Option<String> {
+        m.render().lines().find_map(|l| l.strip_prefix(series).map(|v| v.trim().to_owned()))
+    }
+
+    #[test]
+    fn changes_and_events_count_under_their_labels() {
+        let m = Metrics::new();
+        m.change(2, 1).inc();
+        m.change(3, 2).inc();
+        m.event(7).inc();
+        m.event(0).inc();
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"updated\",table=\"activities\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"deleted\",table=\"projects\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"created\",table=\"contacts\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"activity.updated\"}").as_deref(), Some("1"));
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"contact.created\"}").as_deref(), Some("1"));
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"project.deleted\"}").as_deref(), Some("0"));
+        assert_eq!(m.render().matches("walhook_events_total{").count(), 12);
+        assert_eq!(m.render().matches("walhook_replication_changes_total{").count(), 12);
+    }
+}
