@@ -1,7 +1,7 @@
 //! Stream positions: where a change sits in the replication stream.
 //!
 //! What must hold: a change is identified by the LSN of its transaction's commit record and
-//! its place among the routed rows of that transaction (1 for the first); positions order
+//! its place among the CRM rows of that transaction (1 for the first); positions order
 //! as the stream does (commit LSN first, then place), and the event and delivery ids are
 //! derived from them ([`crate::model::delivery::event_id`]).
 
@@ -12,7 +12,7 @@ use std::fmt;
 pub struct Position {
     /// LSN of the source transaction's commit record.
     pub commit_lsn: u64,
-    /// Place of the change in its transaction (1 for the first row; 0 before any).
+    /// Place of the change among its transaction's CRM rows (1 for the first; 0 before any).
     pub seq: u32,
 }
 

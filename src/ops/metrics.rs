@@ -135,7 +135,7 @@ pub struct Metrics {
     pub payload_memory_limit: IntGauge,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
-    /// Changes by (table index, op index), events by event index, deliveries by path.
+    /// Changes and events by [`EventType::index`], deliveries by path.
     change_children: [IntCounter; 12],
     event_children: [IntCounter; 12],
     delivery_children: [IntCounter; 2],

@@ -141,7 +141,7 @@ impl From<tokio_postgres::Error> for ReplicationError {
 
 /// The transaction being read.
 struct TxCtx {
-    /// The commit LSN, and the place of the last row routed (0 before the first).
+    /// The commit LSN, and the place of the last CRM row decoded (0 before the first).
     position: Position,
     commit_us: i64,
     timestamp: String,
