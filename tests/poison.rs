@@ -117,12 +117,11 @@ async fn a_hostile_receiver_stops_no_other_account() {
 
 fn event(seq: u32, key: &str) -> Arc<Event> {
     Arc::new(Event {
-        id: walhook::model::delivery::event_id(0x2000, seq),
+        id: walhook::model::delivery::event_id(walhook::model::position::Position::new(0x2000, seq)),
         account_id: ACCOUNT_A,
-        event_type: "contact.created",
+        event_type: walhook::model::event::EventType::parse("contact.created").unwrap(),
         entity_key: key.to_owned(),
-        commit_lsn: 0x2000,
-        seq,
+        position: walhook::model::position::Position::new(0x2000, seq),
         committed_at_us: chrono::Utc::now().timestamp_micros(),
         body: Bytes::from_static(b"{\"event\":\"contact.created\"}"),
     })
@@ -130,7 +129,7 @@ fn event(seq: u32, key: &str) -> Arc<Event> {
 
 fn delivered(endpoint: Uuid, seq: u32, key: &str, snippet: &str, tracker: &Tracker) -> StoreOp {
     StoreOp::Insert(Record {
-        id: walhook::model::delivery::delivery_id(0x2000, seq, endpoint),
+        id: walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x2000, seq), endpoint),
         endpoint_id: endpoint,
         event: event(seq, key),
         status: if seq % 2 == 0 { Status::Pending } else { Status::Delivered },

@@ -108,12 +108,11 @@ async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     let env = Env::new("retention_race").await;
     let ep = env.endpoint(ACCOUNT_A, "r", &["contact.created"]).await;
     let event = Arc::new(Event {
-        id: walhook::model::delivery::event_id(0x3000, 1),
+        id: walhook::model::delivery::event_id(walhook::model::position::Position::new(0x3000, 1)),
         account_id: ACCOUNT_A,
-        event_type: "contact.created",
+        event_type: walhook::model::event::EventType::parse("contact.created").unwrap(),
         entity_key: "contacts:1".into(),
-        commit_lsn: 0x3000,
-        seq: 1,
+        position: walhook::model::position::Position::new(0x3000, 1),
         committed_at_us: chrono::Utc::now().timestamp_micros(),
         body: bytes::Bytes::from_static(b"{\"event\":\"contact.created\"}"),
     });
@@ -146,7 +145,7 @@ async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     // The sweep has chosen the event; now a new pending delivery of it is stored.
     let (writer, tx) = StoreWriter::new(env.db.clone(), 8);
     let writer = tokio::spawn(writer.run());
-    let delivery = walhook::model::delivery::delivery_id(0x3000, 1, ep.id);
+    let delivery = walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x3000, 1), ep.id);
     tx.send(StoreOp::Insert(Record {
         id: delivery,
         endpoint_id: ep.id,

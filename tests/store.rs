@@ -15,12 +15,11 @@ use walhook::store::{Completion, Record, Status, StoreOp, StoreWriter};
 
 fn event(seq: u32) -> Arc<Event> {
     Arc::new(Event {
-        id: walhook::model::delivery::event_id(0x1000, seq),
+        id: walhook::model::delivery::event_id(walhook::model::position::Position::new(0x1000, seq)),
         account_id: ACCOUNT_A,
-        event_type: "contact.created",
+        event_type: walhook::model::event::EventType::parse("contact.created").unwrap(),
         entity_key: format!("contacts:{seq}"),
-        commit_lsn: 0x1000,
-        seq,
+        position: walhook::model::position::Position::new(0x1000, seq),
         committed_at_us: chrono::Utc::now().timestamp_micros(),
         body: Bytes::from_static(b"{\"event\":\"contact.created\"}"),
     })
@@ -41,7 +40,7 @@ fn ok_attempt() -> Attempt {
 fn record(endpoint: Uuid, seq: u32, status: Status, lease: Option<(Uuid, chrono::DateTime<chrono::Utc>)>) -> Record {
     let delivered = status == Status::Delivered;
     Record {
-        id: walhook::model::delivery::delivery_id(0x1000, seq, endpoint),
+        id: walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x1000, seq), endpoint),
         endpoint_id: endpoint,
         event: event(seq),
         status,

@@ -27,7 +27,7 @@ use walhook::local::cluster::{ClusterOptions, TempCluster};
 use walhook::local::receiver::{Received, Receiver, Reply};
 use walhook::local::tls::LocalCa;
 use walhook::local::SAMPLE_CRM_SCHEMA;
-use walhook::model::event::all_event_types;
+use walhook::model::event::EventType;
 use walhook::pg::db::Db;
 use walhook::security::secrets::SecretBox;
 use walhook::security::ssrf::AddressPolicy;
@@ -199,7 +199,7 @@ impl Bench {
         walhook::pg::migrate::migrate(&db, &cfg).await?;
         let endpoints =
             Endpoints::new(db, SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
-        let all: Vec<String> = all_event_types().map(str::to_owned).collect();
+        let all: Vec<String> = EventType::ALL.iter().map(|e| e.name().to_owned()).collect();
         let make = |acct: usize, path: String| {
             let (endpoints, url, all) = (endpoints.clone(), self.receiver.url(&path), all.clone());
             async move {

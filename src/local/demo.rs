@@ -19,7 +19,7 @@ use crate::local::cluster::{ClusterOptions, TempCluster};
 use crate::local::receiver::{Received, Receiver};
 use crate::local::tls::LocalCa;
 use crate::local::SAMPLE_CRM_SCHEMA;
-use crate::model::event::all_event_types;
+use crate::model::event::EventType;
 use crate::pg::db::Db;
 use crate::security::secrets::SecretBox;
 use crate::security::ssrf::AddressPolicy;
@@ -66,7 +66,7 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
             NewEndpoint {
                 url: Some(receiver.url("driftwood-hooks")),
                 description: Some("walhook demo receiver".into()),
-                events: Some(all_event_types().map(str::to_owned).collect()),
+                events: Some(EventType::ALL.iter().map(|e| e.name().to_owned()).collect()),
             },
         )
         .await?;

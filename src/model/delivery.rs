@@ -1,8 +1,8 @@
 //! Events and deliveries as they pass from routing to dispatch and the store, and the
 //! endpoint as routing and dispatch see it.
 //!
-//! What must hold: event and delivery ids are derived from (commit LSN, position in the
-//! transaction[, endpoint]) only, so a replay produces the same ids and a receiver can
+//! What must hold: event and delivery ids are derived from the change's [`Position`]
+//! (commit LSN, place in the transaction) and the endpoint only, so a replay produces the same ids and a receiver can
 //! deduplicate on `webhook-id`.
 
 use std::sync::Arc;
@@ -11,7 +11,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::model::event::all_event_types;
+use crate::model::event::EventType;
+use crate::model::position::Position;
 use crate::model::progress::Ticket;
 use crate::security::sign::Signer;
 
@@ -24,7 +25,7 @@ pub struct Endpoint {
     pub account_id: Uuid,
     /// Target URL, parsed once.
     pub url: url::Url,
-    /// Bit `i` set: subscribed to the `i`-th of [`all_event_types`].
+    /// [`EventType::bit`] of each subscribed event type.
     pub events: u16,
     /// Enabled?
     pub is_active: bool,
@@ -36,14 +37,7 @@ pub struct Endpoint {
 
 /// Bitmask of the named events (unknown names ignored).
 pub fn event_mask<S: AsRef<str>>(names: &[S]) -> u16 {
-    all_event_types()
-        .enumerate()
-        .filter(|(_, e)| names.iter().any(|n| n.as_ref() == *e))
-        .fold(0, |m, (i, _)| m | (1 << i))
-}
-
-pub fn event_bit(event_type: &str) -> u16 {
-    all_event_types().position(|e| e == event_type).map(|i| 1 << i).unwrap_or(0)
+    names.iter().filter_map(|n| EventType::parse(n.as_ref())).fold(0, |m, e| m | e.bit())
 }
 
 /// An endpoint's URL; `None` (logged) when the stored text is not a URL, which the admin
@@ -61,18 +55,16 @@ pub fn parse_url(endpoint: Uuid, text: &str) -> Option<url::Url> {
 /// One change, as every endpoint receives it.
 #[derive(Debug)]
 pub struct Event {
-    /// Derived from (commit LSN, seq).
+    /// Derived from its position.
     pub id: Uuid,
     /// Account of the row.
     pub account_id: Uuid,
     /// e.g. `contact.created`.
-    pub event_type: &'static str,
+    pub event_type: EventType,
     /// `table:id`.
     pub entity_key: String,
-    /// LSN of the source transaction's commit record.
-    pub commit_lsn: u64,
-    /// Position of the change in its transaction.
-    pub seq: u32,
+    /// Where the change sits in the stream.
+    pub position: Position,
     /// Commit time, microseconds since the Unix epoch.
     pub committed_at_us: i64,
     /// The exact body to POST.
@@ -92,21 +84,21 @@ pub struct Delivery {
     pub ticket: Option<Ticket>,
 }
 
-/// Id of the event at (`commit_lsn`, `seq`).
-pub fn event_id(commit_lsn: u64, seq: u32) -> Uuid {
-    derive_id(b"walhook:event", commit_lsn, seq, None)
+/// Id of the event at `at`.
+pub fn event_id(at: Position) -> Uuid {
+    derive_id(b"walhook:event", at, None)
 }
 
 /// Id of that event's delivery to `endpoint`.
-pub fn delivery_id(commit_lsn: u64, seq: u32, endpoint: Uuid) -> Uuid {
-    derive_id(b"walhook:delivery", commit_lsn, seq, Some(endpoint))
+pub fn delivery_id(at: Position, endpoint: Uuid) -> Uuid {
+    derive_id(b"walhook:delivery", at, Some(endpoint))
 }
 
-fn derive_id(domain: &[u8], commit_lsn: u64, seq: u32, endpoint: Option<Uuid>) -> Uuid {
+fn derive_id(domain: &[u8], at: Position, endpoint: Option<Uuid>) -> Uuid {
     let mut h = Sha256::new();
     h.update(domain);
-    h.update(commit_lsn.to_be_bytes());
-    h.update(seq.to_be_bytes());
+    h.update(at.commit_lsn.to_be_bytes());
+    h.update(at.seq.to_be_bytes());
     if let Some(e) = endpoint {
         h.update(e.as_bytes());
     }
@@ -123,16 +115,43 @@ mod tests {
     #[test]
     fn ids_are_deterministic_and_distinct() {
         let e = Uuid::from_u128(7);
-        assert_eq!(delivery_id(10, 1, e), delivery_id(10, 1, e));
-        assert_ne!(delivery_id(10, 1, e), delivery_id(10, 2, e));
-        assert_ne!(delivery_id(10, 1, e), delivery_id(11, 1, e));
-        assert_ne!(delivery_id(10, 1, e), delivery_id(10, 1, Uuid::from_u128(8)));
-        assert_ne!(event_id(10, 1), delivery_id(10, 1, e));
+        assert_eq!(delivery_id(Position::new(10, 1), e), delivery_id(Position::new(10, 1), e));
+        assert_ne!(delivery_id(Position::new(10, 1), e), delivery_id(Position::new(10, 2), e));
+        assert_ne!(delivery_id(Position::new(10, 1), e), delivery_id(Position::new(11, 1), e));
+        assert_ne!(delivery_id(Position::new(10, 1), e), delivery_id(Position::new(10, 1), Uuid::from_u128(8)));
+        assert_ne!(event_id(Position::new(10, 1)), delivery_id(Position::new(10, 1), e));
     }
 
     #[test]
     fn masks_cover_the_twelve_events() {
         assert_eq!(event_mask(&["contact.created", "project.deleted", "bogus"]).count_ones(), 2);
-        assert_eq!(event_mask(&all_event_types().collect::<Vec<_>>()), 0x0fff);
+        assert_eq!(event_mask(&EventType::ALL.map(EventType::name)), 0x0fff);
+    }
+
+    /// Ids are stored and sent as `webhook-id`: these were computed before `Position` existed
+    /// and must never change.
+    #[test]
+    fn ids_stay_what_they_were() {
+        let e = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let known = [
+            (0u64, 0u32, "3bd9e83b-3417-8958-a9e5-28fe11cb5356", "91342155-6bf4-893d-8581-86133e05abdd"),
+            (0x1A2B3C8, 1, "dff4d667-1ec4-8ec9-9ed4-a898ad357757", "4fb09f02-1d90-80b1-8153-e9d8945fe101"),
+            (0xFFFF_FFFF_0000_0001, 7, "6a4b44a9-2c16-84fe-8cb7-f77abb2d40df", "3e1abcde-3490-8fec-8c23-d70555bde95b"),
+            (0x3000, 1, "27d953a0-b94f-8e66-b747-80746aa264a3", "f578c876-bf8e-821c-8e95-5d99f0b119a4"),
+        ];
+        for (lsn, seq, event, delivery) in known {
+            assert_eq!(event_id(Position::new(lsn, seq)).to_string(), event, "event id at {lsn:#x}/{seq}");
+            assert_eq!(delivery_id(Position::new(lsn, seq), e).to_string(), delivery, "delivery id at {lsn:#x}/{seq}");
+        }
+    }
+
+    /// Masks are computed from stored event names on every load; their bits must not move.
+    #[test]
+    fn masks_stay_what_they_were() {
+        assert_eq!(event_mask(&["contact.created"]), 0x0001);
+        assert_eq!(event_mask(&["company.updated", "project.deleted"]), 0x0810);
+        assert_eq!(event_mask(&["activity.deleted", "activity.created", "bogus"]), 0x0140);
+        assert_eq!(event_mask(&["contact.deleted", "company.created"]), 0x000c);
+        assert_eq!(event_mask::<&str>(&[]), 0);
     }
 }

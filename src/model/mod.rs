@@ -9,5 +9,6 @@
 pub mod attempt;
 pub mod delivery;
 pub mod event;
+pub mod position;
 pub mod progress;
 pub mod tenure;

@@ -10,6 +10,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::model::event::EventType;
+
 /// Row changes decoded, by table and op.
 pub const CHANGES_TOTAL: &str = "walhook_replication_changes_total";
 /// Truncates seen (they produce no events).
@@ -133,9 +135,9 @@ pub struct Metrics {
     pub payload_memory_limit: IntGauge,
     /// Hot-path children, resolved once: attempts by outcome class.
     attempt_children: Vec<(&'static str, IntCounter)>,
-    /// Changes by (table index, op index), events by event index, deliveries by path.
-    change_children: Vec<IntCounter>,
-    event_children: Vec<IntCounter>,
+    /// Changes and events by [`EventType::index`], deliveries by path.
+    change_children: [IntCounter; 12],
+    event_children: [IntCounter; 12],
     delivery_children: [IntCounter; 2],
 }
 
@@ -172,18 +174,13 @@ impl Metrics {
         let events = counter_vec(EVENTS_TOTAL, "Events routed to at least one endpoint.", &["event_type"]);
         let deliveries = counter_vec(DELIVERIES_TOTAL, "Deliveries created, by path.", &["path"]);
         let attempts = counter_vec(ATTEMPTS_TOTAL, "HTTP attempts by outcome class.", &["outcome"]);
-        let ops = ["created", "updated", "deleted"];
         Metrics {
             attempt_children: ["2xx", "3xx", "4xx", "5xx", "timeout", "network", "refused", "local"]
                 .into_iter()
                 .map(|c| (c, attempts.with_label_values(&[c])))
                 .collect(),
-            change_children: crate::model::event::CRM_TABLES
-                .iter()
-                .flat_map(|t| ops.iter().map(move |op| (*t, *op)))
-                .map(|(t, op)| changes.with_label_values(&[t, op]))
-                .collect(),
-            event_children: crate::model::event::all_event_types().map(|e| events.with_label_values(&[e])).collect(),
+            change_children: EventType::ALL.map(|e| changes.with_label_values(&[e.table.name(), e.op.name()])),
+            event_children: EventType::ALL.map(|e| events.with_label_values(&[e.name()])),
             delivery_children: [deliveries.with_label_values(&["direct"]), deliveries.with_label_values(&["outbox"])],
             changes,
             events,
@@ -291,15 +288,14 @@ impl Metrics {
         &found.unwrap_or(&self.attempt_children[6]).1
     }
 
-    /// The changes counter of CRM table `table` (index into `CRM_TABLES`) and op index
-    /// (0 created, 1 updated, 2 deleted).
-    pub fn change(&self, table: usize, op: usize) -> &IntCounter {
-        &self.change_children[table * 3 + op]
+    /// The changes counter of a row change: its table and op.
+    pub fn change(&self, kind: EventType) -> &IntCounter {
+        &self.change_children[kind.index()]
     }
 
-    /// The events counter of the event at `index` of `all_event_types()`.
-    pub fn event(&self, index: usize) -> &IntCounter {
-        &self.event_children[index]
+    /// The events counter of an event type.
+    pub fn event(&self, kind: EventType) -> &IntCounter {
+        &self.event_children[kind.index()]
     }
 
     /// Deliveries created, sent directly (`true`) or through the outbox.
@@ -312,5 +308,41 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::{Op, Table};
+
+    fn value(m: &Metrics, series: &str) -> Option<String> {
+        m.render().lines().find_map(|l| l.strip_prefix(series).map(|v| v.trim().to_owned()))
+    }
+
+    #[test]
+    fn changes_and_events_count_under_their_labels() {
+        let m = Metrics::new();
+        m.change(EventType::new(Table::Activities, Op::Updated)).inc();
+        m.change(EventType::new(Table::Projects, Op::Deleted)).inc();
+        m.event(EventType::new(Table::Activities, Op::Updated)).inc();
+        m.event(EventType::new(Table::Contacts, Op::Created)).inc();
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"updated\",table=\"activities\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"deleted\",table=\"projects\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value(&m, "walhook_replication_changes_total{op=\"created\",table=\"contacts\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"activity.updated\"}").as_deref(), Some("1"));
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"contact.created\"}").as_deref(), Some("1"));
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"project.deleted\"}").as_deref(), Some("0"));
+        assert_eq!(m.render().matches("walhook_events_total{").count(), 12);
+        assert_eq!(m.render().matches("walhook_replication_changes_total{").count(), 12);
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::model::event::{event_type, Op, CRM_TABLES};
+use crate::model::event::{EventType, Op, Table};
 use crate::pg::catalog::ENDPOINTS_TABLE;
 use crate::source::pgoutput::{Datum, Message, PgOutputError, Relation, Tuple};
 use crate::source::values::{self, Kind};
@@ -41,12 +41,8 @@ impl From<tokio_postgres::Error> for DecodeError {
 /// A CRM row change, ready to route.
 #[derive(Debug, Clone)]
 pub struct RowChange {
-    /// e.g. `contact.created`.
-    pub event_type: &'static str,
-    /// Index into [`CRM_TABLES`].
-    pub table_index: usize,
-    /// The operation.
-    pub op: Op,
+    /// Which table, which operation (e.g. `contact.created`).
+    pub event_type: EventType,
     /// The row's account; `None` when the row image lacks it (cannot be routed).
     pub account_id: Option<Uuid>,
     /// `table:id`, the unit of ordering.
@@ -91,7 +87,7 @@ pub enum Decoded {
 
 #[derive(Debug)]
 enum Role {
-    Crm(usize),
+    Crm(Table),
     Endpoints,
     Other,
 }
@@ -182,7 +178,7 @@ impl Decoder {
         let role = if rel.namespace == ENDPOINTS_TABLE.0 && rel.name == ENDPOINTS_TABLE.1 {
             Role::Endpoints
         } else if rel.namespace == self.crm_schema {
-            CRM_TABLES.iter().position(|t| *t == rel.name).map(Role::Crm).unwrap_or(Role::Other)
+            Table::from_name(&rel.name).map(Role::Crm).unwrap_or(Role::Other)
         } else {
             Role::Other
         };
@@ -223,8 +219,8 @@ impl Decoder {
         match info.role {
             Role::Other => Ok(Decoded::Nothing),
             Role::Endpoints => Ok(endpoint_change(info, op, new.as_ref(), old.as_ref())),
-            Role::Crm(table_index) => {
-                let event_type = event_type(table_index, op);
+            Role::Crm(table) => {
+                let event_type = EventType::new(table, op);
                 // Deletes describe the old row; only key columns are meaningful in a 'K' image.
                 let (image, fallback, keys_only) = match (new.as_ref(), op) {
                     (Some(n), _) => (n, old.as_ref().filter(|_| old_kind == b'O'), false),
@@ -232,7 +228,7 @@ impl Decoder {
                 };
                 let mut body = Vec::with_capacity(256 + image.0.iter().map(datum_len).sum::<usize>());
                 body.extend_from_slice(b"{\"event\":\"");
-                body.extend_from_slice(event_type.as_bytes());
+                body.extend_from_slice(event_type.name().as_bytes());
                 body.extend_from_slice(b"\",\"timestamp\":\"");
                 body.extend_from_slice(timestamp.as_bytes());
                 body.extend_from_slice(b"\",\"data\":");
@@ -249,8 +245,6 @@ impl Decoder {
                 let id = text_of(info.id_col).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
                 Ok(Decoded::Row(RowChange {
                     event_type,
-                    table_index,
-                    op,
                     account_id,
                     entity_key: format!("{}:{id}", info.rel.name),
                     body: Bytes::from(body),
@@ -328,5 +322,65 @@ fn endpoint_change(info: &RelInfo, op: Op, new: Option<&Tuple>, old: Option<&Tup
         (Op::Deleted, Some(id)) => Decoded::EndpointDelete(id),
         (Op::Deleted, None) => Decoded::Nothing,
         _ => Decoded::EndpointUpsert(row),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::pgoutput::Column;
+
+    fn projects(namespace: &str, name: &str) -> Relation {
+        let col = |flags, name: &str, type_oid| Column { flags, name: name.into(), type_oid, type_mod: -1 };
+        Relation {
+            id: 42,
+            namespace: namespace.into(),
+            name: name.into(),
+            replica_identity: b'f',
+            columns: vec![col(1, "id", 25), col(0, "account_id", 2950), col(0, "budget", 23)],
+        }
+    }
+
+    fn text(s: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// The body is what receivers verify signatures over: its bytes must not change.
+    #[test]
+    fn crm_rows_become_the_documented_event_and_body() {
+        let mut d = Decoder::new("crm");
+        d.add_relation(projects("crm", "projects"));
+        let acct = "aaaa0000-0000-4000-8000-000000000001";
+        let row = Tuple(vec![text("p1"), text(acct), text("12")]);
+        let ts = "2026-12-01T14:00:00.123456Z";
+        let Decoded::Row(c) = d.decode(Message::Insert { rel: 42, new: row.clone() }, ts).unwrap() else { panic!() };
+        assert_eq!(c.event_type.to_string(), "project.created");
+        assert_eq!(c.entity_key, "projects:p1");
+        assert_eq!(c.account_id, Some(Uuid::parse_str(acct).unwrap()));
+        assert_eq!(
+            std::str::from_utf8(&c.body).unwrap(),
+            format!(
+                r#"{{"event":"project.created","timestamp":"{ts}","data":{{"id":"p1","account_id":"{acct}","budget":12}}}}"#
+            )
+        );
+        let Decoded::Row(c) = d.decode(Message::Update { rel: 42, old: None, new: row.clone() }, ts).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.event_type.to_string(), "project.updated");
+        let Decoded::Row(c) = d.decode(Message::Delete { rel: 42, kind: b'O', old: row }, ts).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.event_type.to_string(), "project.deleted");
+        assert!(std::str::from_utf8(&c.body).unwrap().starts_with(r#"{"event":"project.deleted","#));
+    }
+
+    #[test]
+    fn other_tables_and_schemas_are_not_events() {
+        for (schema, table) in [("crm", "project"), ("public", "projects"), ("crm", "deals")] {
+            let mut d = Decoder::new("crm");
+            d.add_relation(projects(schema, table));
+            let row = Tuple(vec![text("p1"), text("aaaa0000-0000-4000-8000-000000000001"), text("1")]);
+            assert!(matches!(d.decode(Message::Insert { rel: 42, new: row }, "t").unwrap(), Decoded::Nothing));
+        }
     }
 }

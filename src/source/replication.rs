@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::delivery::dispatch::budget::MemoryBudget;
 use crate::delivery::dispatch::{DispatchMsg, Fence};
 use crate::model::delivery::{self, Delivery, Event};
+use crate::model::position::Position;
 use crate::model::progress::Tracker;
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
@@ -140,10 +141,10 @@ impl From<tokio_postgres::Error> for ReplicationError {
 
 /// The transaction being read.
 struct TxCtx {
-    commit_lsn: u64,
+    /// The commit LSN, and the place of the last CRM row decoded (0 before the first).
+    position: Position,
     commit_us: i64,
     timestamp: String,
-    seq: u32,
     replay: bool,
     replay_buffer: Vec<Delivery>,
 }
@@ -416,10 +417,9 @@ impl Replication {
                     .unwrap_or_default()
                     .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
                 self.tx = Some(TxCtx {
-                    commit_lsn: final_lsn.as_u64(),
+                    position: Position::new(final_lsn.as_u64(), 0),
                     commit_us,
                     timestamp,
-                    seq: 0,
                     replay: final_lsn.as_u64() <= self.replay_until,
                     replay_buffer: Vec::new(),
                 });
@@ -438,7 +438,7 @@ impl Replication {
                     match decoder.decode(msg, &timestamp)? {
                         Decoded::Row(change) => {
                             if let Some(tx) = self.tx.as_mut() {
-                                tx.seq += 1;
+                                tx.position.seq += 1;
                             }
                             self.route(change, shutdown).await?;
                         }
@@ -482,8 +482,8 @@ impl Replication {
     }
 
     async fn route(&mut self, change: RowChange, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
-        let table = crate::model::event::CRM_TABLES[change.table_index];
-        self.metrics.change(change.table_index, change.op as usize).inc();
+        let table = change.event_type.table.name();
+        self.metrics.change(change.event_type).inc();
         let Some(account_id) = change.account_id else {
             tracing::warn!(table, entity = %change.entity_key, "row image has no account_id; not routed");
             self.metrics.unroutable.with_label_values(&[table]).inc();
@@ -495,22 +495,21 @@ impl Replication {
         }
         let Some(body) = self.charge(change.body, shutdown).await? else { return Ok(()) };
         let tx = self.tx.as_mut().expect("checked above");
-        self.metrics.event(change.table_index * 3 + change.op as usize).inc();
-        tracing::debug!(event = change.event_type, entity = %change.entity_key, endpoints = targets.len(), commit_lsn = tx.commit_lsn, seq = tx.seq, "routed");
+        self.metrics.event(change.event_type).inc();
+        tracing::debug!(event = change.event_type.name(), entity = %change.entity_key, endpoints = targets.len(), commit_lsn = tx.position.commit_lsn, seq = tx.position.seq, "routed");
         let event = Arc::new(Event {
-            id: delivery::event_id(tx.commit_lsn, tx.seq),
+            id: delivery::event_id(tx.position),
             account_id,
             event_type: change.event_type,
             entity_key: change.entity_key,
-            commit_lsn: tx.commit_lsn,
-            seq: tx.seq,
+            position: tx.position,
             committed_at_us: tx.commit_us,
             body,
         });
         let replay = tx.replay;
         for endpoint in targets {
             let d = Delivery {
-                id: delivery::delivery_id(event.commit_lsn, event.seq, endpoint.id),
+                id: delivery::delivery_id(event.position, endpoint.id),
                 endpoint,
                 event: event.clone(),
                 ticket: self.tracker.ticket(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::model::delivery::{event_bit, event_mask, parse_url, Endpoint};
+use crate::model::delivery::{event_mask, parse_url, Endpoint};
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::security::sign::Signer;
@@ -217,7 +217,7 @@ impl Router {
 
     /// The endpoints that receive `change`: same account, active, subscribed.
     pub fn targets<'a>(&'a self, change: &'a RowChange) -> impl Iterator<Item = &'a Arc<Endpoint>> + 'a {
-        let bit = event_bit(change.event_type);
+        let bit = change.event_type.bit();
         change
             .account_id
             .and_then(|a| self.by_account.get(&a))

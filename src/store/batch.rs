@@ -99,6 +99,8 @@ mod tests {
 
     use super::*;
     use crate::model::delivery::Event;
+    use crate::model::event::{EventType, Op, Table};
+    use crate::model::position::Position;
     use crate::store::Record;
 
     fn pending(body_bytes: usize, last_error: &str) -> StoreOp {
@@ -108,10 +110,9 @@ mod tests {
             event: Arc::new(Event {
                 id: Uuid::new_v4(),
                 account_id: Uuid::new_v4(),
-                event_type: "contact.created",
+                event_type: EventType::new(Table::Contacts, Op::Created),
                 entity_key: "contacts:1".into(),
-                commit_lsn: 1,
-                seq: 1,
+                position: Position::new(1, 1),
                 committed_at_us: 0,
                 body: Bytes::from(vec![b'x'; body_bytes]),
             }),

@@ -135,19 +135,19 @@ impl<'a> Columns<'a> {
                     if r.status == Status::Pending && events.insert(ev.id) {
                         c.e_id.push(ev.id);
                         c.e_acct.push(ev.account_id);
-                        c.e_type.push(ev.event_type);
-                        c.e_lsn.push(ev.commit_lsn as i64);
-                        c.e_seq.push(ev.seq as i32);
+                        c.e_type.push(ev.event_type.name());
+                        c.e_lsn.push(ev.position.commit_lsn as i64);
+                        c.e_seq.push(ev.position.seq as i32);
                         c.e_body.push(ev.body.as_ref());
                         c.e_at.push(micros_to_time(ev.committed_at_us));
                     }
                     c.d_id.push(r.id);
                     c.d_ep.push(r.endpoint_id);
                     c.d_ev.push(ev.id);
-                    c.d_type.push(ev.event_type);
+                    c.d_type.push(ev.event_type.name());
                     c.d_key.push(ev.entity_key.as_str());
-                    c.d_lsn.push(ev.commit_lsn as i64);
-                    c.d_seq.push(ev.seq as i32);
+                    c.d_lsn.push(ev.position.commit_lsn as i64);
+                    c.d_seq.push(ev.position.seq as i32);
                     c.d_status.push(r.status.as_str());
                     c.d_http.push(r.http_status.map(i32::from));
                     c.d_count.push(r.attempt_count);
