@@ -3,8 +3,8 @@
 //! Data flows one way: [`replication`] reads the slot → [`decode`] turns pgoutput rows into
 //! webhook bodies → [`route`] picks the endpoints → [`dispatch`] sends from memory → the
 //! [`store`] writer records deliveries (or stores them in the outbox) → [`outbox`] workers
-//! retry what waits. [`progress`] decides which LSN the slot may confirm. See DESIGN.md for
-//! the invariants every module keeps.
+//! retry what waits. [`progress`] decides which LSN the slot may confirm. The invariants every
+//! module keeps ("invariant N" in comments) are numbered in `docs/architecture.md`.
 
 pub mod api;
 pub mod app;

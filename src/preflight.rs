@@ -1,7 +1,7 @@
 //! Start-up checks: everything `walhook run` needs from the database, reported together,
 //! each with what to change.
 //!
-//! What must hold (invariant 8): walhook does not start streaming when a CRM table's deletes
+//! What must hold (docs/architecture.md, invariant 8): walhook does not start streaming when a CRM table's deletes
 //! would lack `account_id`, when `wal_level` is not logical, when a table or the publication
 //! is missing, when the schema is older than this build, or when the role lacks privileges on
 //! walhook's schema (reported as such, with the GRANT to run, never as an old schema). The
