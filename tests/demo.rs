@@ -9,17 +9,15 @@ use std::time::Duration;
 const NOISE: &[&str] =
     &["NOTICE:", "terminating connection", "Connection error", "tokio_postgres", "deadpool", "immediate shutdown"];
 
-#[test]
-fn demo_shows_its_tour_and_summary_and_no_library_noise() {
-    let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
-        .arg("demo")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn walhook demo");
+/// Runs `walhook demo` to its end (at most 120 s); `RUST_LOG` as given, or unset.
+fn run_demo(rust_log: Option<&str>) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhook"));
+    cmd.arg("demo").env_remove("RUST_LOG").env("NO_COLOR", "1");
+    if let Some(filter) = rust_log {
+        cmd.env("RUST_LOG", filter);
+    }
+    let child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn walhook demo");
     let pid = child.id();
     // The demo stops by itself; a deadline keeps a hung one from hanging the suite.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -31,10 +29,14 @@ fn demo_shows_its_tour_and_summary_and_no_library_noise() {
             panic!("walhook demo did not finish within 120 s");
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn demo_shows_its_tour_and_summary_and_no_library_noise() {
+    let (ok, stdout, stderr) = run_demo(None);
     let all = format!("{stdout}\n--- stderr ---\n{stderr}");
-    assert!(out.status.success(), "demo failed:\n{all}");
+    assert!(ok, "demo failed:\n{all}");
 
     assert!(stdout.contains("6 webhooks received, 6 with a valid signature, 0 from account B"), "{all}");
     assert!(stdout.contains("done: the throwaway cluster is gone."), "{all}");
@@ -43,4 +45,16 @@ fn demo_shows_its_tour_and_summary_and_no_library_noise() {
     }
     // Where the server's own log went is said once, so a curious user can read it.
     assert_eq!(stdout.matches("server log:").count(), 1, "{all}");
+}
+
+/// With the libraries' logs let through, nothing is cut off by the cluster's shutdown: the
+/// demo closes every connection (its own and walhook's pool) before it stops the cluster.
+#[test]
+fn demo_closes_its_connections_before_its_cluster_stops() {
+    let (ok, stdout, stderr) = run_demo(Some("warn,tokio_postgres=info,deadpool=info"));
+    let all = format!("{stdout}\n--- stderr ---\n{stderr}");
+    assert!(ok, "demo failed:\n{all}");
+    for cut_off in ["terminating connection", "Connection error", "connection closed"] {
+        assert!(!stderr.contains(cut_off), "a connection was cut off by the cluster's shutdown ({cut_off:?}):\n{all}");
+    }
 }
