@@ -102,3 +102,25 @@ async fn a_slot_streamed_by_another_process_is_refused() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+/// A check whose query fails says which check it was and the database's error, never that
+/// the schema is old (the version could not be read, so nothing is known about it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_preflight_query_says_what_failed_not_an_old_schema() {
+    let env = Env::new("pre_query_fails").await;
+    // Reading the version now fails with an error that is neither "missing" nor "denied".
+    env.sql(
+        "DROP TABLE walhook.schema_migrations;
+         CREATE FUNCTION walhook.broken_version() RETURNS int LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'version storage is broken'; END $$;
+         CREATE VIEW walhook.schema_migrations AS SELECT walhook.broken_version() AS version;",
+    )
+    .await;
+    let mut proc = env.spawn_binary("");
+    let status = proc.wait_exit(Duration::from_secs(60)).await.expect("walhook exits");
+    let log = proc.log_text();
+    assert!(!status.success(), "walhook should refuse to start:\n{log}");
+    assert!(log.contains("reading walhook's schema version"), "the error should say what failed:\n{log}");
+    assert!(log.contains("version storage is broken"), "the error should keep its cause:\n{log}");
+    assert!(!log.contains("is at version 0"), "an unreadable version is not an old schema:\n{log}");
+}

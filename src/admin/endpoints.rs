@@ -2,7 +2,7 @@
 //! secret), listing, update, deletion and delivery history. The admin API is a thin layer
 //! over this; tests use it directly.
 //!
-//! What must hold (invariants 3 and 7): every query is scoped to the caller's account, and
+//! What must hold (docs/architecture.md, invariants 3 and 7): every query is scoped to the caller's account, and
 //! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
 //! secret leaves this module only once, from `create`; a request that fails validation
 //! writes nothing; no text field stores a control character, a format character (such as a

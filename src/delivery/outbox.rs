@@ -6,7 +6,7 @@
 //!   died is claimed again once its lease has run out.
 //! - Only the oldest pending delivery of a row (endpoint + `entity_key`) is claimable, so
 //!   deliveries of one row arrive in commit order across the fast path, the outbox and
-//!   restarts (invariant 4).
+//!   restarts (docs/architecture.md, invariant 4).
 //! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
 //!   cannot take the claims of a healthy one.
 //! - Inactive or deleted endpoints are not sent to.

@@ -116,7 +116,7 @@ impl TempCluster {
 
     /// Starts a stopped cluster.
     pub fn pg_start(&self) -> Result<(), ClusterError> {
-        let log = self.root.join("postgres.log");
+        let log = self.log_path();
         self.run(
             "pg_ctl start",
             Command::new(self.bin("pg_ctl"))
@@ -153,7 +153,12 @@ impl TempCluster {
 
     /// The server log so far (for diagnosing a failed test).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join("postgres.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file the server writes its log to (removed with the cluster).
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("postgres.log")
     }
 
     fn data_dir(&self) -> PathBuf {

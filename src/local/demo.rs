@@ -3,8 +3,10 @@
 //! A throwaway PostgreSQL cluster gets the sample CRM schema and walhook's migrations; a local
 //! HTTPS receiver (with its own CA) registers as an endpoint of account A; a few CRM writes
 //! follow, one of them in account B; each webhook is printed as it arrives, with whether its
-//! signature verified. What must hold: it leaves nothing behind, and account B's write never
-//! reaches account A's endpoint.
+//! signature verified. What must hold: it leaves nothing behind, account B's write never
+//! reaches account A's endpoint, and it prints walhook's own lines only: the server's log goes
+//! to a file inside the cluster's directory, the client library's notices and the pool's
+//! chatter are filtered out, and every connection closes before the cluster stops.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,15 +29,24 @@ use crate::security::ssrf::AddressPolicy;
 const ACCOUNT_A: Uuid = Uuid::from_u128(0x0a0a_0000_0000_4000_8000_0000_0000_0001);
 const ACCOUNT_B: Uuid = Uuid::from_u128(0x0b0b_0000_0000_4000_8000_0000_0000_0002);
 
+/// walhook's own warnings only: not the client library's server notices (`NOTICE: schema …
+/// already exists`), nor the pool's reconnect warnings. `tokio_postgres` is named so that
+/// `init_logging` does not add its default `tokio_postgres=info`.
+const DEMO_LOG_FILTER: &str = "off,walhook=warn,tokio_postgres=off";
+
 /// Runs the tour; with `stay`, keeps streaming until Ctrl-C.
 pub async fn run(stay: bool) -> anyhow::Result<()> {
     println!("walhook demo: starting a throwaway PostgreSQL (wal_level = logical)…");
     let cluster = tokio::task::spawn_blocking(|| TempCluster::start(&ClusterOptions::default())).await??;
     let url = cluster.create_database("driftwood").await?;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let conn = tokio::spawn(conn);
     client.batch_execute(SAMPLE_CRM_SCHEMA).await.context("loading the sample CRM schema")?;
-    println!("  PostgreSQL on 127.0.0.1:{} with the sample Driftwood CRM schema", cluster.port());
+    println!(
+        "  PostgreSQL on 127.0.0.1:{} with the sample Driftwood CRM schema (server log: {}, removed with the cluster)",
+        cluster.port(),
+        cluster.log_path().display()
+    );
 
     let ca = LocalCa::generate()?;
     let dir = tempfile::tempdir()?;
@@ -49,7 +60,7 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
          [api]\nlisten = \"127.0.0.1:{api_port}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
          [replication]\nslot = \"walhook_demo\"\npublication = \"walhook_demo\"\n\
          [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\nretry_schedule = [\"1s\", \"5s\"]\n\
-         [log]\nlevel = \"warn\"\n",
+         [log]\nlevel = \"{DEMO_LOG_FILTER}\"\n",
         ca_path.display()
     ))?;
     crate::ops::logging::init_logging(&cfg);
@@ -116,6 +127,11 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = app.await;
     printer.abort();
+    // Every connection closes before the cluster stops, so none is cut off by its shutdown.
+    drop(endpoints);
+    drop(db);
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
     drop(cluster);
     if got.is_err() || verified != received.len() || foreign != 0 {
         bail!("the demo did not see the expected {expected} verified webhooks");

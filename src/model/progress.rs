@@ -1,6 +1,6 @@
 //! Which LSN the slot may confirm.
 //!
-//! What must hold (invariant 1): the confirmed LSN moves past a transaction only once every
+//! What must hold (docs/architecture.md, invariant 1): the confirmed LSN moves past a transaction only once every
 //! delivery it produced is settled (delivered and recorded, or committed in the outbox), and
 //! only once every earlier transaction is settled too. A ticket settles one delivery; a
 //! ticket dropped without `settle` never lets its transaction be confirmed, so a bug or a

@@ -1,7 +1,7 @@
 //! Start-up checks: everything `walhook run` needs from the database, reported together,
 //! each with what to change.
 //!
-//! What must hold (invariant 8): walhook does not start streaming when a CRM table's deletes
+//! What must hold (docs/architecture.md, invariant 8): walhook does not start streaming when a CRM table's deletes
 //! would lack `account_id`, when `wal_level` is not logical, when a table or the publication
 //! is missing, when the schema is older than this build, or when the role lacks privileges on
 //! walhook's schema (reported as such, with the GRANT to run, never as an old schema). The
@@ -21,18 +21,26 @@ use tokio_postgres::GenericClient;
 /// Why walhook cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
-    /// The checks could not be run.
+    /// No connection for the checks could be had.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A check's query failed: which check, and the database's error. Nothing is concluded
+    /// from a check that could not run (an unreadable version is not an old schema).
+    #[error("preflight failed while {step}: {cause}")]
+    Query {
+        /// What the failed query was for.
+        step: &'static str,
+        /// The database's error.
+        cause: DbError,
+    },
     /// One or more prerequisites are not met; each line says what to change.
     #[error("the database is not ready for walhook:\n  - {}", .0.join("\n  - "))]
     NotReady(Vec<String>),
 }
 
-impl From<tokio_postgres::Error> for PreflightError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        PreflightError::Db(DbError::Postgres(e))
-    }
+/// Labels a failed query of a check with what it was for.
+fn failed<E: Into<DbError>>(step: &'static str) -> impl FnOnce(E) -> PreflightError {
+    move |e| PreflightError::Query { step, cause: e.into() }
 }
 
 /// Runs every check; `Ok` when streaming may start.
@@ -40,7 +48,7 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
     let client = db.get().await?;
     let mut problems = Vec::new();
 
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(failed("reading wal_level"))?.get(0);
     if wal_level != "logical" {
         problems.push(format!(
             "wal_level is '{wal_level}': set wal_level = logical in postgresql.conf (or the \
@@ -53,7 +61,8 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
                 "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
                 &[],
             )
-            .await?;
+            .await
+            .map_err(failed("reading the role's REPLICATION attribute"))?;
         (r.get(0), r.get(1))
     };
     if !can_replicate {
@@ -62,7 +71,9 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
 
     problems.extend(schema_access(&**client, &user).await?);
 
-    problems.extend(catalog_problems(&**client, cfg).await?.into_iter().map(|p| p.message));
+    let catalog =
+        catalog_problems(&**client, cfg).await.map_err(failed("inspecting the CRM tables and the publication"))?;
+    problems.extend(catalog.into_iter().map(|p| p.message));
 
     if problems.is_empty() {
         Ok(())
@@ -76,18 +87,23 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
 /// permission problem must be reported as one, with the GRANT that fixes it, not as an old
 /// schema.
 async fn schema_access(client: &impl GenericClient, user: &str) -> Result<Vec<String>, PreflightError> {
-    let lacking = grants::missing(client).await?;
+    let privileges = "reading the role's privileges on schema walhook";
+    let lacking = grants::missing(client).await.map_err(failed(privileges))?;
     if !lacking.is_empty() {
         return Ok(vec![format!(
             "role {user} lacks {} (schema walhook belongs to the role that ran `walhook migrate`): run \
              `walhook migrate` again as that role with database.runtime_role = \"{user}\", or, as that role: {}",
             lacking.join(", "),
-            grants::grant_sql(client, user).await?
+            grants::grant_sql(client, user).await.map_err(failed(privileges))?
         )]);
     }
     // The table's name is resolved when a statement is parsed, so look it up first.
-    let exists: bool =
-        client.query_one("SELECT to_regclass('walhook.schema_migrations') IS NOT NULL", &[]).await?.get(0);
+    let reading_version = "reading walhook's schema version";
+    let exists: bool = client
+        .query_one("SELECT to_regclass('walhook.schema_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(failed(reading_version))?
+        .get(0);
     let version: i32 = if !exists {
         0
     } else {
@@ -97,10 +113,10 @@ async fn schema_access(client: &impl GenericClient, user: &str) -> Result<Vec<St
                 return Ok(vec![format!(
                     "role {user} may not read walhook's schema version ({}): as the schema's owner, {}",
                     crate::pg::db::error_chain(&e),
-                    grants::grant_sql(client, user).await?
+                    grants::grant_sql(client, user).await.map_err(failed(privileges))?
                 )]);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed(reading_version)(e)),
         }
     };
     let latest = migrate::latest_version();

@@ -2,7 +2,7 @@
 //!
 //! What must hold:
 //! - The confirmed LSN only moves to the end of a transaction whose deliveries (and every
-//!   earlier transaction's) are settled (invariant 1), or to a keepalive / heartbeat
+//!   earlier transaction's) are settled (docs/architecture.md, invariant 1), or to a keepalive / heartbeat
 //!   position while nothing read is unsettled (invariant 6: an idle slot does not hoard WAL).
 //! - A replayed transaction (commit LSN at or below the newest recorded delivery) does not
 //!   send or store what is already recorded (invariant 2).

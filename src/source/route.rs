@@ -1,6 +1,6 @@
 //! Route: which endpoints receive an event.
 //!
-//! What must hold (invariant 3): an event goes only to active endpoints whose `account_id`
+//! What must hold (docs/architecture.md, invariant 3): an event goes only to active endpoints whose `account_id`
 //! equals the row's `account_id` and that subscribe to its event type. A change is routed
 //! with the endpoint set as it was at its commit position: each session starts from the
 //! routing versions valid at the slot's confirmed position ([`crate::source::route_versions`]), and

@@ -1,7 +1,7 @@
 //! The admin API on `api.listen`: the documented `POST /api/webhooks-*` operations and
 //! `GET /api/openapi.json`, in the `{ "ok": true, "result": … }` envelope.
 //!
-//! What must hold (invariants 3 and 7): every operation authenticates first and is scoped to
+//! What must hold (docs/architecture.md, invariants 3 and 7): every operation authenticates first and is scoped to
 //! the caller's account; another account's endpoint is `webhooks.not_found`; the signing
 //! secret appears once, in the create response; request bodies, tokens and secrets are never
 //! logged.

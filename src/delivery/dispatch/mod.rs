@@ -1,7 +1,7 @@
 //! Dispatch, fast path: deliveries are sent from memory as they are routed.
 //!
 //! What must hold:
-//! - **Order per entity** (invariant 4): per endpoint, a row (`entity_key`) has at most one
+//! - **Order per entity** (docs/architecture.md, invariant 4): per endpoint, a row (`entity_key`) has at most one
 //!   delivery in flight; later ones wait behind it. When an attempt fails, the delivery goes
 //!   to the outbox and every later delivery of that row to that endpoint follows it there
 //!   (the row is *blocked*) until the outbox has settled the last of them. Other rows and
