@@ -36,5 +36,6 @@ pub mod secrets;
 pub mod sign;
 pub mod slot;
 pub mod store;
+pub mod supervise;
 pub mod tls;
 pub mod values;
