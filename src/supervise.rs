@@ -120,6 +120,15 @@ pub enum StageError<E> {
 }
 
 impl<E> StageError<E> {
+    /// The stage that stopped.
+    pub fn stage(&self) -> Stage {
+        match self {
+            StageError::Ended { stage } | StageError::Panicked { stage, .. } | StageError::Failed { stage, .. } => {
+                *stage
+            }
+        }
+    }
+
     fn panicked(&self) -> bool {
         matches!(self, StageError::Panicked { .. })
     }
@@ -255,9 +264,9 @@ impl<E: std::fmt::Display + Send + 'static> Stages<E> {
                     let Some(joined) = joined else { break };
                     let Some(failure) = self.ended(joined) else { continue };
                     if reported.is_none() || failure.panicked() {
-                        tracing::error!("{failure}; stopping the other stages");
+                        tracing::error!(stage = %failure.stage(), "{failure}; stopping the other stages");
                     } else {
-                        tracing::warn!("{failure} (while stopping)");
+                        tracing::warn!(stage = %failure.stage(), "{failure} (while stopping)");
                     }
                     self.shutdown.cancel();
                     if reported.as_ref().is_none_or(|r| failure.panicked() && !r.panicked()) {
