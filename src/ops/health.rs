@@ -5,7 +5,8 @@
 //! while the database answers, replication streams (or stands by for another replica) and the
 //! store writer makes progress, otherwise 503 with a JSON reason naming the cause (a lost slot
 //! or a failing prerequisite, see `slot`; replication's last error while it is not streaming;
-//! a stalled store); scraping never waits on the database.
+//! a stalled store); scraping never waits on the database; the monitor ending before
+//! shutdown ends this stage with it (gauges never freeze unnoticed).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,14 +49,30 @@ pub async fn serve(
     limits: crate::security::listener::ListenerLimits,
     shutdown: CancellationToken,
 ) {
-    let monitor = tokio::spawn(monitor(health.clone(), shutdown.clone()));
+    let mut monitor = tokio::spawn(monitor(health.clone(), shutdown.clone()));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(health);
-    crate::security::listener::serve(listener, app, limits, "metrics", shutdown).await;
-    monitor.abort();
+    let serve = crate::security::listener::serve(listener, app, limits, "metrics", shutdown.clone());
+    tokio::pin!(serve);
+    tokio::select! {
+        biased;
+        // 1. The listener ended (shutdown).
+        () = &mut serve => return monitor.abort(),
+        // 2. The gauge monitor ended. Before shutdown that is a bug, and frozen gauges would
+        //    hide it: this stage ends with it (its panic carried on) for the supervisor to report.
+        ended = &mut monitor => {
+            if let Err(Ok(panic)) = ended.map_err(tokio::task::JoinError::try_into_panic) {
+                std::panic::resume_unwind(panic);
+            }
+            if !shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+    serve.await;
 }
 
 async fn metrics(State(s): State<Health>) -> impl IntoResponse {

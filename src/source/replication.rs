@@ -12,6 +12,8 @@
 //!   buffer never holds the budget it waits for.
 //! - A lost connection or a restarted server is survived: the session is rebuilt with
 //!   backoff and resumes from the slot once what was in flight has settled.
+//! - The dispatcher gone (its channel closed) is not a lost connection: it is fatal at once,
+//!   never retried, and nothing more is confirmed (what it held never settles).
 //! - Every session routes with the endpoint set valid at the slot's confirmed position, and
 //!   an endpoint change is stored as a routing version before its commit can be confirmed,
 //!   so a replay routes exactly as the first pass did ([`crate::source::route_versions`]).
@@ -76,6 +78,10 @@ pub enum ReplicationError {
     /// The server ended the stream.
     #[error("the server closed the replication stream")]
     Closed,
+    /// Dispatch stopped taking deliveries (its task ended): nothing read can be delivered
+    /// any more, so this is never retried (the supervisor names the dispatcher).
+    #[error("the dispatcher's channel is closed: dispatch stopped taking deliveries")]
+    DispatchClosed,
     /// Another process streams the slot.
     #[error(
         "replication slot {slot} is in use by another process (pid {pid}, application {application:?}): \
@@ -118,6 +124,7 @@ impl ReplicationError {
             ReplicationError::Decode(DecodeError::TypeLookup(_)) => true,
             ReplicationError::Decode(_) => false,
             ReplicationError::Closed | ReplicationError::LeadershipLost => true,
+            ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
             ReplicationError::SlotBusy { .. } => true,
             ReplicationError::SlotUnusable { .. } => false,
@@ -608,7 +615,7 @@ impl Replication {
 
     async fn send(&self, msg: DispatchMsg, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
         tokio::select! {
-            r = self.dispatch.send(msg) => r.map_err(|_| ReplicationError::Closed),
+            r = self.dispatch.send(msg) => r.map_err(|_| ReplicationError::DispatchClosed),
             // Shutdown while dispatch is full: the unsent delivery stays in the slot.
             _ = shutdown.cancelled() => Ok(()),
         }

@@ -4,10 +4,14 @@
 //!                                      outbox workers ↗
 //!
 //! What must hold: every channel between the stages is bounded; shutdown is a token passed
-//! in, observed by every stage; a fatal replication error stops the whole process (nothing
-//! keeps serving while the slot is not read); once shutdown starts, every stage gets
+//! in, observed by every stage; every long-lived task is a stage of [`crate::app::supervise`]: a
+//! fatal replication error, or any stage ending or panicking while shutdown was not asked
+//! for, stops the whole process with the stage named (nothing keeps serving while the slot
+//! is not read or what is read cannot be delivered); once shutdown starts, every stage gets
 //! `shutdown.grace` in all, whatever the database does, and a stage still running then is
 //! stopped (what it had not written stays unconfirmed in the slot and is read again).
+
+pub mod supervise;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::supervise::{Fault, FaultError, Stage, StageError, Stages};
 use crate::config::Config;
 use crate::delivery::dispatch::budget::MemoryBudget;
 use crate::delivery::dispatch::http::{HttpError, Sender};
@@ -62,6 +67,12 @@ pub enum AppError {
     /// Replication failed for good.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// A stage ended or panicked while shutdown was not asked for.
+    #[error(transparent)]
+    Stage(StageError<std::convert::Infallible>),
+    /// The fault-injection test hook is malformed.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
     /// The connection caps do not fit in the file descriptor limit.
     #[error(transparent)]
     Descriptors(#[from] crate::ops::descriptors::BudgetError),
@@ -75,8 +86,9 @@ pub enum AppError {
     },
 }
 
-/// Runs walhook until `shutdown` is cancelled or replication fails for good.
+/// Runs walhook until `shutdown` is cancelled, replication fails for good, or a stage ends.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
+    let fault = Fault::from_env()?;
     crate::ops::descriptors::reserve(&cfg)?;
     let db = Db::new(&cfg.database)?;
     preflight::check(&db, &cfg).await?;
@@ -145,88 +157,65 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         outbox_wake.clone(),
         metrics.clone(),
     );
-    let maintenance = tokio::spawn(crate::store::maintenance::run(
-        db.clone(),
-        cfg.clone(),
-        metrics.clone(),
-        store_tx.clone(),
-        shutdown.clone(),
-    ));
     let outbox = OutboxWorker::new(
         db.clone(),
         sender,
         limits,
-        store_tx,
+        store_tx.clone(),
         secrets.clone(),
         OutboxSettings { poll_interval: d.poll_interval.get(), lease_for, attempt_max, retry, budget: budget.clone() },
         metrics.clone(),
         outbox_wake,
     );
-    let slot_watch = tokio::spawn(crate::source::slot::watch(
-        db.clone(),
-        cfg.clone(),
-        metrics.clone(),
-        status.clone(),
-        shutdown.clone(),
-    ));
-    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status)
+    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status.clone())
         .with_fence(dispatcher.fence())
         .with_memory_budget(budget);
 
-    let pool_lifetime = tokio::spawn(db.clone().close_old_connections(shutdown.clone()));
-    let ops = tokio::spawn(crate::ops::health::serve(ops_listener, health, cfg.metrics.limits(), shutdown.clone()));
-    let api = tokio::spawn(crate::admin::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()));
-    let writer = tokio::spawn(writer.run());
-    let dispatcher = tokio::spawn(dispatcher.run(dispatch_rx, shutdown.clone(), grace));
-    let outbox = tokio::spawn(outbox.run(shutdown.clone(), grace));
-
-    // Cancelled `shutdown.grace` after shutdown starts: what still runs then is stopped.
-    let hard_stop = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            hard_stop.cancel();
+    let delivered = {
+        let metrics = metrics.clone();
+        Arc::new(move || metrics.delivery(true).get() + metrics.delivery(false).get())
+    };
+    let mut stages = Stages::new(shutdown.clone(), grace).with_fault(fault, delivered);
+    let maintenance =
+        crate::store::maintenance::run(db.clone(), cfg.clone(), metrics.clone(), store_tx, shutdown.clone());
+    stages.spawn(Stage::Maintenance, maintenance);
+    stages.spawn(
+        Stage::SlotWatch,
+        crate::source::slot::watch(db.clone(), cfg.clone(), metrics, status, shutdown.clone()),
+    );
+    stages.spawn(Stage::PoolLifetime, db.close_old_connections(shutdown.clone()));
+    stages.spawn(
+        Stage::MetricsListener,
+        crate::ops::health::serve(ops_listener, health, cfg.metrics.limits(), shutdown.clone()),
+    );
+    stages.spawn(
+        Stage::ApiListener,
+        crate::admin::api::serve(api_listener, api_state, cfg.api.limits(), shutdown.clone()),
+    );
+    // The writer ends once every stage holding a sender has ended and its writes are in.
+    stages.spawn(Stage::StoreWriter, writer.run());
+    stages.spawn(Stage::Dispatcher, dispatcher.run(dispatch_rx, shutdown.clone(), grace));
+    stages.spawn(Stage::Outbox, outbox.run(shutdown.clone(), grace));
+    stages.spawn_fallible(Stage::Replication, async move {
+        match replication.run(shutdown.clone()).await {
+            // The dispatcher ended: its end is the one to report, and it stops the stages.
+            Err(ReplicationError::DispatchClosed) => {
+                shutdown.cancelled().await;
+                Ok(())
+            }
+            r => r,
         }
     });
-    let result = tokio::select! {
-        biased;
-        // 1. Replication ended: a fatal error, or shutdown with everything read settled.
-        r = replication.run(shutdown.clone()) => r,
-        // 2. Shutdown, and what was read did not settle within the grace period.
-        _ = hard_stop.cancelled() => Ok(()),
-    };
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "replication stopped; shutting down");
-    }
-    shutdown.cancel();
-    for (stage, task) in [
-        ("dispatch", dispatcher),
-        ("outbox", outbox),
-        ("maintenance", maintenance),
-        ("slot watch", slot_watch),
-        ("pool", pool_lifetime),
-    ] {
-        join_until(stage, task, &hard_stop).await;
-    }
-    // The writer ends once every stage holding a sender has ended and its writes are in.
-    join_until("store writer", writer, &hard_stop).await;
-    join_until("metrics listener", ops, &hard_stop).await;
-    join_until("api listener", api, &hard_stop).await;
-    Ok(result?)
+    Ok(stages.run().await?)
 }
 
-/// Waits for `task` until `hard_stop`, then stops it.
-async fn join_until(stage: &str, mut task: tokio::task::JoinHandle<()>, hard_stop: &CancellationToken) {
-    tokio::select! {
-        biased;
-        // 1. It finished.
-        _ = &mut task => {}
-        // 2. The grace period is over.
-        _ = hard_stop.cancelled() => {
-            task.abort();
-            tracing::warn!(stage, "still running at the end of shutdown.grace; stopped it (unconfirmed changes are read again at the next start)");
+impl From<StageError<ReplicationError>> for AppError {
+    fn from(e: StageError<ReplicationError>) -> Self {
+        match e {
+            // Replication's own errors read as they always have.
+            StageError::Failed { cause, .. } => AppError::Replication(cause),
+            StageError::Ended { stage } => AppError::Stage(StageError::Ended { stage }),
+            StageError::Panicked { stage, message } => AppError::Stage(StageError::Panicked { stage, message }),
         }
     }
 }
