@@ -33,8 +33,10 @@ use uuid::Uuid;
 
 use crate::db::{Db, DbError};
 use crate::dispatch::budget::MemoryBudget;
-use crate::dispatch::http::{Attempt, FailureKind, Sender, LOCAL_RETRY};
+use crate::dispatch::happening::Happening;
+use crate::dispatch::http::{Attempt, FailureKind, Sender};
 use crate::dispatch::limits::Limits;
+use crate::dispatch::outcome::{self, send_one, Outcome};
 use crate::dispatch::policy::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::route::{event_mask, Endpoint};
@@ -365,7 +367,6 @@ impl OutboxWorker {
                 }
                 (None, _) => Ok(None),
             };
-            let permanent = matches!(body, Ok(None));
             let attempt = match body {
                 Ok(Some(body)) => {
                     let permit = tokio::select! {
@@ -382,39 +383,30 @@ impl OutboxWorker {
                         let _ = finished.send((row.endpoint.id, Some(row.id))).await;
                         return;
                     };
-                    metrics.in_flight.inc();
-                    let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
-                    metrics.in_flight.dec();
-                    drop(permit);
-                    metrics.attempt(a.class()).inc();
-                    metrics.request_duration.observe(a.duration.as_secs_f64());
-                    a
+                    send_one(&sender, &metrics, &row.endpoint, row.id, body, permit).await
                 }
                 Ok(None) => missing_payload(),
                 Err(e) => unreadable_payload(e),
             };
             let now = Utc::now();
-            if attempt.failure == Some(FailureKind::Local) {
+            let outcome = outcome::decide(&attempt, row.attempt_no as usize, &retry, now);
+            if let Outcome::LocalRetry(next_attempt_at) = outcome {
                 // The receiver was never reached: give the claim's attempt back, retry soon.
                 let last_error = format!("local: {}", attempt.error.unwrap_or_default());
-                tracing::warn!(delivery = %row.id, endpoint = %row.endpoint.id, error = last_error, "attempt failed for a local reason; retrying without counting it");
-                let release = Release { id: row.id, lease, next_attempt_at: now + LOCAL_RETRY, last_error };
+                let (delivery, endpoint) = (row.id, row.endpoint.id);
+                Happening::LocalFailure { delivery, endpoint, error: &last_error }.record(&metrics);
+                let release = Release { id: row.id, lease, next_attempt_at, last_error };
                 let _ = store.send(StoreOp::Release(release)).await;
                 let _ = finished.send((row.endpoint.id, None)).await;
                 return;
             }
-            if attempt.succeeded() {
-                metrics.commit_to_delivered.observe((now - row.committed_at).as_seconds_f64().max(0.0));
+            if outcome == Outcome::Delivered {
+                let lag_seconds = (now - row.committed_at).as_seconds_f64().max(0.0);
+                Happening::Delivered { lag_seconds }.record(&metrics);
             }
-            let gone = attempt.status == Some(410);
-            let (status, next) =
-                match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {
-                    (true, _) => (Status::Delivered, None),
-                    (false, Some(delay)) if !permanent && !gone => (Status::Pending, Some(now + delay)),
-                    (false, _) => (Status::Failed, None),
-                };
+            let (status, next) = outcome.status();
             if status == Status::Failed {
-                metrics.failed.inc();
+                Happening::DeliveryFailed.record(&metrics);
             }
             let op = StoreOp::Complete(Completion {
                 id: row.id,
@@ -429,9 +421,8 @@ impl OutboxWorker {
                 attempt,
             });
             let _ = store.send(op).await;
-            if gone {
-                // The store writer logs and counts the disable once it is written.
-                tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
+            if outcome == Outcome::EndpointGone {
+                Happening::EndpointGone { endpoint: row.endpoint.id }.record(&metrics);
                 let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
             }
             let _ = finished.send((row.endpoint.id, None)).await;
@@ -465,10 +456,11 @@ fn unreadable_payload(e: DbError) -> Attempt {
     }
 }
 
+/// The payload is gone: the delivery fails at once (no attempt can succeed).
 fn missing_payload() -> Attempt {
     Attempt {
         status: None,
-        failure: Some(FailureKind::Refused),
+        failure: Some(FailureKind::Payload),
         retry_after: None,
         error: Some("the event payload is missing from walhook.events".into()),
         started_at: Utc::now(),

@@ -29,8 +29,10 @@
 //!   process that was frozen while its lock was taken sends nothing stale when it resumes.
 
 pub mod budget;
+pub mod happening;
 pub mod http;
 pub mod limits;
+pub mod outcome;
 pub mod policy;
 mod pressure;
 pub mod ranges;
@@ -49,8 +51,10 @@ use crate::metrics::Metrics;
 use crate::route::{Delivery, Endpoint};
 use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
 use budget::MemoryBudget;
+use happening::Happening;
 use http::{Attempt, Sender};
 use limits::{Limits, Permit};
+use outcome::Outcome;
 use policy::RetryPolicy;
 
 /// Blocked rows one endpoint may have before it is spilled as a whole.
@@ -477,27 +481,22 @@ impl Dispatcher {
         let mut d = flight.delivery;
         let a = done.attempt;
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
-        if a.failure == Some(http::FailureKind::Local) {
-            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), a).await;
+        let now = Utc::now();
+        let outcome = outcome::decide(&a, 1, &self.settings.retry, now).given_disabled(disabled);
+        if let Outcome::LocalRetry(retry_at) = outcome {
+            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), retry_at, a).await;
             return self.pump(ep_id);
         }
-        let gone = a.status == Some(410);
-        if gone && !disabled && !removed {
+        if outcome == Outcome::EndpointGone && !disabled && !removed {
             self.disable(ep_id).await;
         }
-        let now = Utc::now();
-        if a.succeeded() {
+        if outcome == Outcome::Delivered {
             let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
-            self.metrics.commit_to_delivered.observe(lag);
+            Happening::Delivered { lag_seconds: lag }.record(&self.metrics);
         }
-        let (status, next) = match (a.succeeded(), self.settings.retry.next_delay(1, a.retry_after)) {
-            (true, _) => (Status::Delivered, None),
-            (false, _) if gone || disabled => (Status::Failed, None),
-            (false, Some(delay)) => (Status::Pending, Some(now + delay)),
-            (false, None) => (Status::Failed, None),
-        };
+        let (status, next) = outcome.status();
         if status == Status::Failed {
-            self.metrics.failed.inc();
+            Happening::DeliveryFailed.record(&self.metrics);
         }
         let completed_at = (status != Status::Pending).then_some(now);
         if flight.leased {
@@ -520,20 +519,15 @@ impl Dispatcher {
                 t.settle(); // the endpoint is gone: nothing to record
             }
         } else {
-            self.metrics.delivery(status == Status::Delivered).inc();
+            Happening::Created { direct: status == Status::Delivered }.record(&self.metrics);
             let record = Record {
-                id: d.id,
-                endpoint_id: ep_id,
-                event: d.event.clone(),
-                status,
                 attempt_count: 1,
                 http_status: a.status,
                 next_attempt_at: next,
-                lease: None,
                 last_error: a.error.clone(),
                 completed_at,
                 attempt: Some(a),
-                ticket: d.ticket.take(),
+                ..Record::new(&mut d, status)
             };
             let _ = self.store.send(StoreOp::Insert(record)).await;
             self.after_first_attempt(ep_id, &d, status).await;
@@ -542,13 +536,19 @@ impl Dispatcher {
     }
 
     /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
-    /// memory): the delivery waits in the outbox, due soon, with no attempt spent or recorded.
-    /// `(leased, removed, disabled)` describe the flight and its endpoint.
-    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, flags: (bool, bool, bool), a: Attempt) {
+    /// memory): the delivery waits in the outbox, due at `retry_at`, with no attempt spent or
+    /// recorded. `(leased, removed, disabled)` describe the flight and its endpoint.
+    async fn on_local_failure(
+        &mut self,
+        ep_id: Uuid,
+        mut d: Delivery,
+        flags: (bool, bool, bool),
+        retry_at: chrono::DateTime<Utc>,
+        a: Attempt,
+    ) {
         let (leased, removed, disabled) = flags;
-        let retry_at = Utc::now() + http::LOCAL_RETRY;
         let error = format!("local: {}", a.error.unwrap_or_default());
-        tracing::warn!(delivery = %d.id, endpoint = %ep_id, error, "attempt failed for a local reason; retrying without counting it");
+        Happening::LocalFailure { delivery: d.id, endpoint: ep_id, error: &error }.record(&self.metrics);
         if leased {
             let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
             let _ = self.store.send(StoreOp::Release(release)).await;
@@ -561,20 +561,11 @@ impl Dispatcher {
             self.after_first_attempt(ep_id, &d, Status::Failed).await;
             self.fail_unsent(ep_id, d).await;
         } else {
-            self.metrics.delivery(false).inc();
+            Happening::Created { direct: false }.record(&self.metrics);
             let record = Record {
-                id: d.id,
-                endpoint_id: ep_id,
-                event: d.event.clone(),
-                status: Status::Pending,
-                attempt_count: 0,
-                http_status: None,
                 next_attempt_at: Some(retry_at),
-                lease: None,
                 last_error: Some(error),
-                completed_at: None,
-                attempt: None,
-                ticket: d.ticket.take(),
+                ..Record::new(&mut d, Status::Pending)
             };
             let _ = self.store.send(StoreOp::Insert(record)).await;
             self.after_first_attempt(ep_id, &d, Status::Pending).await;
@@ -677,8 +668,7 @@ impl Dispatcher {
     /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
     /// what waits in the outbox) and fail what waits here.
     async fn disable(&mut self, id: Uuid) {
-        // The store writer logs and counts the disable once it is written.
-        tracing::debug!(endpoint = %id, "endpoint answered 410 Gone; disabling it");
+        Happening::EndpointGone { endpoint: id }.record(&self.metrics);
         let _ = self.store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_GONE }).await;
         self.disable_local(id).await;
     }
@@ -700,20 +690,12 @@ impl Dispatcher {
 
     /// Records a delivery as failed without an attempt (its endpoint was disabled).
     async fn fail_unsent(&mut self, endpoint_id: Uuid, mut d: Delivery) {
-        self.metrics.failed.inc();
+        debug_assert_eq!(endpoint_id, d.endpoint.id);
+        Happening::DeliveryFailed.record(&self.metrics);
         let record = Record {
-            id: d.id,
-            endpoint_id,
-            event: d.event.clone(),
-            status: Status::Failed,
-            attempt_count: 0,
-            http_status: None,
-            next_attempt_at: None,
-            lease: None,
             last_error: Some("endpoint disabled".into()),
             completed_at: Some(Utc::now()),
-            attempt: None,
-            ticket: d.ticket.take(),
+            ..Record::new(&mut d, Status::Failed)
         };
         let _ = self.store.send(StoreOp::Insert(record)).await;
     }
@@ -723,20 +705,11 @@ impl Dispatcher {
         if let Some(s) = self.endpoints.get_mut(&endpoint_id).filter(|s| s.spilled) {
             s.block_row(&d.event.entity_key, d.id);
         }
-        self.metrics.delivery(false).inc();
+        Happening::Created { direct: false }.record(&self.metrics);
         let record = Record {
-            id: d.id,
-            endpoint_id,
-            event: d.event.clone(),
-            status: Status::Pending,
             attempt_count: attempts,
-            http_status: None,
             next_attempt_at: Some(Utc::now()),
-            lease: None,
-            last_error: None,
-            completed_at: None,
-            attempt: None,
-            ticket: d.ticket.take(),
+            ..Record::new(&mut d, Status::Pending)
         };
         let _ = self.store.send(StoreOp::Insert(record)).await;
         self.outbox_wake.notify_one();
@@ -750,22 +723,13 @@ impl Dispatcher {
         let lease_until = now + self.settings.lease_for;
         for flight in state.in_flight.values_mut().filter(|f| !f.leased) {
             flight.leased = true;
-            let d = &mut flight.delivery;
             let record = Record {
-                id: d.id,
-                endpoint_id: id,
-                event: d.event.clone(),
-                status: Status::Pending,
                 attempt_count: 1,
-                http_status: None,
                 next_attempt_at: Some(now),
                 lease: Some((self.lease_token, lease_until)),
-                last_error: None,
-                completed_at: None,
-                attempt: None,
-                ticket: d.ticket.take(),
+                ..Record::new(&mut flight.delivery, Status::Pending)
             };
-            self.metrics.delivery(false).inc();
+            Happening::Created { direct: false }.record(&self.metrics);
             let _ = self.store.send(StoreOp::Insert(record)).await;
         }
         let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
@@ -807,15 +771,6 @@ impl Dispatcher {
     }
 }
 
-/// Counts an attempt in flight until dropped (also when the attempt is aborted).
-struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
 /// Starts one attempt in its own task; its outcome comes back on `done`.
 fn spawn_attempt(
     sender: &Sender,
@@ -829,13 +784,7 @@ fn spawn_attempt(
     let body = d.event.body.clone();
     let delivery_id = d.id;
     let task = tokio::spawn(async move {
-        metrics.in_flight.inc();
-        let counted = InFlight(metrics.clone());
-        let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
-        drop(counted);
-        drop(permit);
-        metrics.attempt(attempt.class()).inc();
-        metrics.request_duration.observe(attempt.duration.as_secs_f64());
+        let attempt = outcome::send_one(&sender, &metrics, &endpoint, delivery_id, body, permit).await;
         let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
     });
     task.abort_handle()
