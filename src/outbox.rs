@@ -329,7 +329,7 @@ impl OutboxWorker {
         Ok(out)
     }
 
-    fn spawn(&self, row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
+    fn spawn(&self, mut row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
         let (db, budget) = (self.db.clone(), self.settings.budget.clone());
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
@@ -360,7 +360,7 @@ impl OutboxWorker {
                 },
                 None => None,
             };
-            let body = match (charge, row.body) {
+            let body = match (charge, row.body.take()) {
                 (Some(charge), Some(body)) => Ok(Some(MemoryBudget::attach(body, charge))),
                 (Some(charge), None) => {
                     read_body(&db, row.id).await.map(|b| b.map(|b| MemoryBudget::attach(b, charge)))
@@ -388,45 +388,55 @@ impl OutboxWorker {
                 Ok(None) => missing_payload(),
                 Err(e) => unreadable_payload(e),
             };
-            let now = Utc::now();
-            let outcome = outcome::decide(&attempt, row.attempt_no as usize, &retry, now);
-            if let Outcome::LocalRetry(next_attempt_at) = outcome {
-                // The receiver was never reached: give the claim's attempt back, retry soon.
-                let last_error = format!("local: {}", attempt.error.unwrap_or_default());
-                let (delivery, endpoint) = (row.id, row.endpoint.id);
-                Happening::LocalFailure { delivery, endpoint, error: &last_error }.record(&metrics);
-                let release = Release { id: row.id, lease, next_attempt_at, last_error };
-                let _ = store.send(StoreOp::Release(release)).await;
-                let _ = finished.send((row.endpoint.id, None)).await;
-                return;
-            }
-            if outcome == Outcome::Delivered {
-                let lag_seconds = (now - row.committed_at).as_seconds_f64().max(0.0);
-                Happening::Delivered { lag_seconds }.record(&metrics);
-            }
-            let (status, next) = outcome.status();
-            if status == Status::Failed {
-                Happening::DeliveryFailed.record(&metrics);
-            }
-            let op = StoreOp::Complete(Completion {
-                id: row.id,
-                endpoint_id: row.endpoint.id,
-                lease,
-                status,
-                http_status: attempt.status,
-                next_attempt_at: next,
-                last_error: attempt.error.clone(),
-                completed_at: (status != Status::Pending).then_some(now),
-                attempt_no: row.attempt_no,
-                attempt,
-            });
-            let _ = store.send(op).await;
-            if outcome == Outcome::EndpointGone {
-                Happening::EndpointGone { endpoint: row.endpoint.id }.record(&metrics);
-                let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
-            }
+            record(attempt, &row, lease, &retry, &store, &metrics).await;
             let _ = finished.send((row.endpoint.id, None)).await;
         });
+    }
+}
+
+/// Records what the attempt on claimed `row` (made under `lease`) means for it.
+async fn record(
+    attempt: Attempt,
+    row: &Claimed,
+    lease: Uuid,
+    retry: &RetryPolicy,
+    store: &mpsc::Sender<StoreOp>,
+    metrics: &Metrics,
+) {
+    let now = Utc::now();
+    let outcome = outcome::decide(&attempt, row.attempt_no as usize, retry, now);
+    if let Outcome::LocalRetry(next_attempt_at) = outcome {
+        // The receiver was never reached: give the claim's attempt back, retry soon.
+        let last_error = format!("local: {}", attempt.error.unwrap_or_default());
+        Happening::LocalFailure { delivery: row.id, endpoint: row.endpoint.id, error: &last_error }.record(metrics);
+        let release = Release { id: row.id, lease, next_attempt_at, last_error };
+        let _ = store.send(StoreOp::Release(release)).await;
+        return;
+    }
+    if outcome == Outcome::Delivered {
+        let lag_seconds = (now - row.committed_at).as_seconds_f64().max(0.0);
+        Happening::Delivered { lag_seconds }.record(metrics);
+    }
+    let (status, next) = outcome.status();
+    if status == Status::Failed {
+        Happening::DeliveryFailed.record(metrics);
+    }
+    let op = StoreOp::Complete(Completion {
+        id: row.id,
+        endpoint_id: row.endpoint.id,
+        lease,
+        status,
+        http_status: attempt.status,
+        next_attempt_at: next,
+        last_error: attempt.error.clone(),
+        completed_at: (status != Status::Pending).then_some(now),
+        attempt_no: row.attempt_no,
+        attempt,
+    });
+    let _ = store.send(op).await;
+    if outcome == Outcome::EndpointGone {
+        Happening::EndpointGone { endpoint: row.endpoint.id }.record(metrics);
+        let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
     }
 }
 
