@@ -349,3 +349,21 @@ async fn a_spilled_endpoint_returns_to_direct_sending_under_steady_traffic() {
     assert!(direct >= expected as i64 / 4, "only {direct} of {expected} were sent directly after the spill");
     wh.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_payload_fails_with_its_own_kind() {
+    let env = Env::new("engine_payload_gone").await;
+    env.endpoint(ACCOUNT_A, "p", &["contact.created"]).await;
+    env.receiver.script("p", vec![Reply::Status(500)]);
+    let wh = env.start("[dispatch]\nretry_schedule = [\"3s\", \"3s\"]\n").await;
+    env.sql(&insert_contact("p")).await;
+    let waiting = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending' AND attempt_count = 1";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(waiting).await == 1 }).await;
+    // The payload disappears while the delivery waits for its retry.
+    env.sql("DELETE FROM walhook.events").await;
+    let failed = "SELECT count(*) FROM walhook.deliveries WHERE status = 'failed'";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(failed).await == 1 }).await;
+    assert_eq!(error_kinds(&env).await, [Some("status".to_string()), Some("payload".to_string())]);
+    assert_eq!(env.receiver.received().len(), 1, "nothing is sent without a payload");
+    wh.stop().await.unwrap();
+}

@@ -32,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::delivery::dispatch::budget::MemoryBudget;
-use crate::delivery::dispatch::http::{Sender, LOCAL_RETRY};
+use crate::delivery::dispatch::happening::Happening;
+use crate::delivery::dispatch::http::Sender;
 use crate::delivery::dispatch::limits::Limits;
+use crate::delivery::dispatch::outcome::{self, send_one, Outcome};
 use crate::delivery::dispatch::policy::RetryPolicy;
 use crate::model::attempt::{Attempt, FailureKind};
 use crate::model::delivery::{event_mask, Endpoint};
@@ -328,7 +330,7 @@ impl OutboxWorker {
         Ok(out)
     }
 
-    fn spawn(&self, row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
+    fn spawn(&self, mut row: Claimed, lease: Uuid, start_by: tokio::time::Instant, shutdown: CancellationToken) {
         let (db, budget) = (self.db.clone(), self.settings.budget.clone());
         let (sender, limits, store, metrics, retry, finished) = (
             self.sender.clone(),
@@ -359,14 +361,13 @@ impl OutboxWorker {
                 },
                 None => None,
             };
-            let body = match (charge, row.body) {
+            let body = match (charge, row.body.take()) {
                 (Some(charge), Some(body)) => Ok(Some(MemoryBudget::attach(body, charge))),
                 (Some(charge), None) => {
                     read_body(&db, row.id).await.map(|b| b.map(|b| MemoryBudget::attach(b, charge)))
                 }
                 (None, _) => Ok(None),
             };
-            let permanent = matches!(body, Ok(None));
             let attempt = match body {
                 Ok(Some(body)) => {
                     let permit = tokio::select! {
@@ -383,60 +384,60 @@ impl OutboxWorker {
                         let _ = finished.send((row.endpoint.id, Some(row.id))).await;
                         return;
                     };
-                    metrics.in_flight.inc();
-                    let a = sender.attempt(&row.endpoint, &row.id.to_string(), body).await;
-                    metrics.in_flight.dec();
-                    drop(permit);
-                    metrics.attempt(a.class()).inc();
-                    metrics.request_duration.observe(a.duration.as_secs_f64());
-                    a
+                    send_one(&sender, &metrics, &row.endpoint, row.id, body, permit).await
                 }
                 Ok(None) => missing_payload(),
                 Err(e) => unreadable_payload(e),
             };
-            let now = Utc::now();
-            if attempt.failure == Some(FailureKind::Local) {
-                // The receiver was never reached: give the claim's attempt back, retry soon.
-                let last_error = format!("local: {}", attempt.error.unwrap_or_default());
-                tracing::warn!(delivery = %row.id, endpoint = %row.endpoint.id, error = last_error, "attempt failed for a local reason; retrying without counting it");
-                let release = Release { id: row.id, lease, next_attempt_at: now + LOCAL_RETRY, last_error };
-                let _ = store.send(StoreOp::Release(release)).await;
-                let _ = finished.send((row.endpoint.id, None)).await;
-                return;
-            }
-            if attempt.succeeded() {
-                metrics.commit_to_delivered.observe((now - row.committed_at).as_seconds_f64().max(0.0));
-            }
-            let gone = attempt.status == Some(410);
-            let (status, next) =
-                match (attempt.succeeded(), retry.next_delay(row.attempt_no as usize, attempt.retry_after)) {
-                    (true, _) => (Status::Delivered, None),
-                    (false, Some(delay)) if !permanent && !gone => (Status::Pending, Some(now + delay)),
-                    (false, _) => (Status::Failed, None),
-                };
-            if status == Status::Failed {
-                metrics.failed.inc();
-            }
-            let op = StoreOp::Complete(Completion {
-                id: row.id,
-                endpoint_id: row.endpoint.id,
-                lease,
-                status,
-                http_status: attempt.status,
-                next_attempt_at: next,
-                last_error: attempt.error.clone(),
-                completed_at: (status != Status::Pending).then_some(now),
-                attempt_no: row.attempt_no,
-                attempt,
-            });
-            let _ = store.send(op).await;
-            if gone {
-                // The store writer logs and counts the disable once it is written.
-                tracing::debug!(endpoint = %row.endpoint.id, "endpoint answered 410 Gone; disabling it");
-                let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
-            }
+            record(attempt, &row, lease, &retry, &store, &metrics).await;
             let _ = finished.send((row.endpoint.id, None)).await;
         });
+    }
+}
+
+/// Records what the attempt on claimed `row` (made under `lease`) means for it.
+async fn record(
+    attempt: Attempt,
+    row: &Claimed,
+    lease: Uuid,
+    retry: &RetryPolicy,
+    store: &mpsc::Sender<StoreOp>,
+    metrics: &Metrics,
+) {
+    let now = Utc::now();
+    let outcome = outcome::decide(&attempt, row.attempt_no as usize, retry, now);
+    if let Outcome::LocalRetry(next_attempt_at) = outcome {
+        // The receiver was never reached: give the claim's attempt back, retry soon.
+        let last_error = format!("local: {}", attempt.error.unwrap_or_default());
+        Happening::LocalFailure { delivery: row.id, endpoint: row.endpoint.id, error: &last_error }.record(metrics);
+        let release = Release { id: row.id, lease, next_attempt_at, last_error };
+        let _ = store.send(StoreOp::Release(release)).await;
+        return;
+    }
+    if outcome == Outcome::Delivered {
+        let lag_seconds = (now - row.committed_at).as_seconds_f64().max(0.0);
+        Happening::Delivered { lag_seconds }.record(metrics);
+    }
+    let (status, next) = outcome.status();
+    if status == Status::Failed {
+        Happening::DeliveryFailed.record(metrics);
+    }
+    let op = StoreOp::Complete(Completion {
+        id: row.id,
+        endpoint_id: row.endpoint.id,
+        lease,
+        status,
+        http_status: attempt.status,
+        next_attempt_at: next,
+        last_error: attempt.error.clone(),
+        completed_at: (status != Status::Pending).then_some(now),
+        attempt_no: row.attempt_no,
+        attempt,
+    });
+    let _ = store.send(op).await;
+    if outcome == Outcome::EndpointGone {
+        Happening::EndpointGone { endpoint: row.endpoint.id }.record(metrics);
+        let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
     }
 }
 
@@ -466,10 +467,11 @@ fn unreadable_payload(e: DbError) -> Attempt {
     }
 }
 
+/// The payload is gone: the delivery fails at once (no attempt can succeed).
 fn missing_payload() -> Attempt {
     Attempt {
         status: None,
-        failure: Some(FailureKind::Refused),
+        failure: Some(FailureKind::Payload),
         retry_after: None,
         error: Some("the event payload is missing from walhook.events".into()),
         started_at: Utc::now(),

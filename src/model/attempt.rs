@@ -26,6 +26,9 @@ pub enum FailureKind {
     /// walhook itself ran out of a resource (file descriptors, memory) before reaching the
     /// receiver: retried soon, without spending one of the delivery's scheduled attempts.
     Local,
+    /// The delivery's payload is gone from `walhook.events` (nothing was sent): it fails at
+    /// once, as no later attempt could send it either.
+    Payload,
 }
 
 /// What one attempt produced.
@@ -53,7 +56,8 @@ impl Attempt {
         self.failure.is_none()
     }
 
-    /// Outcome class for metrics: 2xx, 3xx, 4xx, 5xx, timeout, network, refused.
+    /// Outcome class for metrics: 2xx, 3xx, 4xx, 5xx, timeout, network, refused, local
+    /// (`payload` is never sent, so never counted as an attempt).
     pub fn class(&self) -> &'static str {
         match (self.failure, self.status) {
             (None, _) => "2xx",
@@ -61,6 +65,7 @@ impl Attempt {
             (Some(FailureKind::Network), _) => "network",
             (Some(FailureKind::Refused), _) => "refused",
             (Some(FailureKind::Local), _) => "local",
+            (Some(FailureKind::Payload), _) => "payload",
             (Some(FailureKind::Status), Some(300..=399)) => "3xx",
             (Some(FailureKind::Status), Some(400..=499)) => "4xx",
             (Some(FailureKind::Status), _) => "5xx",

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "drop_unused_index", include_str!("../../sql/0002_drop_unused_index.sql")),
     (3, "routing_versions", include_str!("../../sql/0003_routing_versions.sql")),
     (4, "slot_state", include_str!("../../sql/0004_slot_state.sql")),
+    (5, "attempt_kind_payload", include_str!("../../sql/0005_attempt_kind_payload.sql")),
 ];
 
 /// The schema version this build expects.

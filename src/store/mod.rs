@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::model::attempt::Attempt;
-use crate::model::delivery::Event;
+use crate::model::delivery::{Delivery, Event};
 use crate::model::progress::Ticket;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::StoreHealth;
@@ -80,6 +80,27 @@ pub struct Record {
     pub attempt: Option<Attempt>,
     /// Settled once this row commits.
     pub ticket: Option<Ticket>,
+}
+
+impl Record {
+    /// A row of delivery `d` with `status`, taking its ticket: no attempt made or reported,
+    /// not due, no lease, no error. Callers set what differs.
+    pub fn new(d: &mut Delivery, status: Status) -> Record {
+        Record {
+            id: d.id,
+            endpoint_id: d.endpoint.id,
+            event: d.event.clone(),
+            status,
+            attempt_count: 0,
+            http_status: None,
+            next_attempt_at: None,
+            lease: None,
+            last_error: None,
+            completed_at: None,
+            attempt: None,
+            ticket: d.ticket.take(),
+        }
+    }
 }
 
 /// The outcome of an attempt on a leased pending row.

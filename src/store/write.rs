@@ -200,6 +200,7 @@ impl<'a> Columns<'a> {
             FailureKind::Timeout => "timeout",
             FailureKind::Network => "network",
             FailureKind::Refused => "refused",
+            FailureKind::Payload => "payload",
             // Never recorded as an attempt (see `StoreOp::Release`); kept within the column's
             // CHECK constraint should one ever get here.
             FailureKind::Local => "network",

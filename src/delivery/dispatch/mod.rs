@@ -27,14 +27,23 @@
 //!   another replica can stream (it replays whatever was not recorded). And no attempt
 //!   starts outside leadership's tenure (renewed by each answered check of the lock), so a
 //!   process that was frozen while its lock was taken sends nothing stale when it resumes.
+//!
+//! How: each endpoint's order, blocking, spill and probe bookkeeping is a synchronous state
+//! machine ([`endpoint`], unit-tested there); this task feeds it what happens and carries out
+//! the actions it answers with. What an attempt means (delivered, retry at, failed, endpoint
+//! gone, local retry) is decided by [`outcome`], shared with the outbox workers; log lines
+//! and counters of what happens go through [`happening`].
 
 pub mod budget;
+mod endpoint;
+pub(crate) mod happening;
 pub mod http;
 pub mod limits;
+pub(crate) mod outcome;
 pub mod policy;
 mod pressure;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,18 +52,19 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::model::attempt::{Attempt, FailureKind};
+use crate::model::attempt::Attempt;
 use crate::model::delivery::{Delivery, Endpoint};
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
 use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
 use budget::MemoryBudget;
+use endpoint::{Action, Bounds, EndpointState};
+use happening::Happening;
 use http::Sender;
 use limits::{Limits, Permit};
+use outcome::Outcome;
 use policy::RetryPolicy;
 
-/// Blocked rows one endpoint may have before it is spilled as a whole.
-const MAX_BLOCKED_ROWS: usize = 1000;
 /// How often waiting times are checked and blocked rows probed.
 const TICK: Duration = Duration::from_millis(200);
 /// Longest a fence waits for the lost session's store writes to commit. Short: replication
@@ -115,105 +125,12 @@ pub struct DispatchSettings {
     pub budget: Arc<MemoryBudget>,
 }
 
-/// A delivery waiting in memory.
-#[derive(Debug)]
-struct Waiting {
-    delivery: Delivery,
-    since: Instant,
-}
-
-/// A delivery whose attempt is in flight.
-#[derive(Debug)]
-struct Flight {
-    delivery: Delivery,
-    /// Stored in the outbox under our lease while in flight (the endpoint spilled).
-    leased: bool,
-    /// Cancels the attempt (fence).
-    abort: tokio::task::AbortHandle,
-}
-
 /// An attempt that finished.
 #[derive(Debug)]
 struct Done {
     endpoint_id: Uuid,
     delivery_id: Uuid,
     attempt: Attempt,
-}
-
-#[derive(Debug)]
-struct EndpointState {
-    endpoint: Arc<Endpoint>,
-    /// Deliveries ready to start, oldest first (their rows have nothing ahead of them).
-    ready: VecDeque<Waiting>,
-    /// Rows with a delivery ready or in flight, and what waits behind it.
-    behind: HashMap<String, VecDeque<Waiting>>,
-    /// Deliveries waiting in `ready` and `behind`.
-    waiting: usize,
-    /// Payload bytes of those deliveries.
-    waiting_bytes: usize,
-    in_flight: HashMap<Uuid, Flight>,
-    /// Rows whose latest delivery is in the outbox: row → that delivery's id.
-    blocked: HashMap<String, Uuid>,
-    /// Everything new goes to the outbox (and its row into `blocked`) until a probe finds
-    /// nothing of the endpoint pending outside the blocked rows.
-    spilled: bool,
-    /// Deliveries sent to the outbox without being tracked in `blocked` (it was full).
-    untracked_spills: u64,
-    /// `untracked_spills` when the outstanding whole-endpoint probe went out.
-    untracked_at_probe: u64,
-    /// A probe is out.
-    probing: bool,
-    /// Deleted: drop whatever is left.
-    removed: bool,
-    /// Disabled by walhook (410 Gone, failing too long): whatever waits fails.
-    disabled: bool,
-    /// When an attempt of this endpoint last finished (or when it was first seen).
-    last_progress: Instant,
-    /// The endpoint's concurrency limit (shared with the outbox workers).
-    gate: limits::Gate,
-}
-
-impl EndpointState {
-    fn new(endpoint: Arc<Endpoint>, gate: limits::Gate) -> Self {
-        EndpointState {
-            ready: VecDeque::new(),
-            behind: HashMap::new(),
-            waiting: 0,
-            waiting_bytes: 0,
-            in_flight: HashMap::new(),
-            blocked: HashMap::new(),
-            spilled: false,
-            untracked_spills: 0,
-            untracked_at_probe: 0,
-            probing: false,
-            removed: false,
-            disabled: endpoint.auto_disabled,
-            last_progress: Instant::now(),
-            gate,
-            endpoint,
-        }
-    }
-
-    fn oldest_wait(&self, now: Instant) -> Duration {
-        let fronts = self.ready.front().into_iter().chain(self.behind.values().filter_map(|q| q.front()));
-        fronts.map(|w| now - w.since).max().unwrap_or_default()
-    }
-
-    /// Marks `key` blocked behind outbox delivery `id` (its latest there); past
-    /// `MAX_BLOCKED_ROWS` the row is counted as untracked instead.
-    fn block_row(&mut self, key: &str, id: Uuid) {
-        if let Some(tail) = self.blocked.get_mut(key) {
-            *tail = id;
-        } else if self.blocked.len() < MAX_BLOCKED_ROWS {
-            self.blocked.insert(key.to_owned(), id);
-        } else {
-            self.untracked_spills += 1;
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.waiting == 0 && self.in_flight.is_empty() && self.blocked.is_empty() && !self.spilled && !self.probing
-    }
 }
 
 /// The fast-path dispatcher: one task owning every endpoint's in-memory state.
@@ -225,6 +142,8 @@ pub struct Dispatcher {
     outbox_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     endpoints: HashMap<Uuid, EndpointState>,
+    /// Cancels the attempt of each delivery in flight (fence).
+    aborts: HashMap<Uuid, tokio::task::AbortHandle>,
     /// Endpoints that had deliveries waiting in the outbox when the replication session
     /// started: they start spilled, so rows queue behind what waits there (order holds
     /// across restarts and takeovers).
@@ -234,6 +153,7 @@ pub struct Dispatcher {
     /// nothing when it resumes).
     tenure: Arc<Tenure>,
     fence_rx: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    /// Deliveries waiting in memory, all endpoints together (kept by `with_endpoint`).
     waiting: usize,
     lease_token: Uuid,
     done_tx: mpsc::Sender<Done>,
@@ -263,6 +183,7 @@ impl Dispatcher {
             outbox_wake,
             metrics,
             endpoints: HashMap::new(),
+            aborts: HashMap::new(),
             pending_at_start: Default::default(),
             waiting: 0,
             lease_token: Uuid::new_v4(),
@@ -329,10 +250,10 @@ impl Dispatcher {
         }
         let mut aborted = 0;
         for (_, state) in self.endpoints.drain() {
-            dropped += state.waiting;
-            aborted += state.in_flight.len();
-            state.in_flight.values().for_each(|f| f.abort.abort());
+            dropped += state.waiting();
+            aborted += state.in_flight();
         }
+        self.aborts.drain().for_each(|(_, attempt)| attempt.abort());
         self.waiting = 0;
         self.pending_at_start.clear();
         tracing::warn!(
@@ -359,88 +280,61 @@ impl Dispatcher {
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
                 let id = ep.id;
-                let Some(state) = self.endpoints.get_mut(&id) else { return };
-                let (auto_disabled, active) = (ep.auto_disabled, ep.is_active);
-                state.endpoint = ep;
-                if auto_disabled {
-                    self.disable_local(id).await;
+                let Some((actions, fail_pending)) = self.with_endpoint(id, |s| s.changed(ep)) else { return };
+                self.execute(id, actions).await;
+                if fail_pending {
                     // Rows this dispatcher stored after the disable committed fail too.
                     let _ = self.store.send(StoreOp::FailPending { endpoint_id: id }).await;
-                } else if !active && !state.spilled {
-                    // Disabled by hand: keep what waits for when it is enabled again.
-                    self.spill_endpoint(id).await;
-                } else if active {
-                    state.disabled = false;
                 }
             }
             DispatchMsg::EndpointRemoved(id) => {
-                if let Some(mut state) = self.endpoints.remove(&id) {
-                    for w in state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)) {
-                        if let Some(t) = w.delivery.ticket {
-                            t.settle(); // deliberately dropped: the endpoint is gone
-                        }
-                        self.waiting -= 1;
-                    }
-                    state.waiting = 0;
-                    state.waiting_bytes = 0;
-                    state.removed = true;
-                    if !state.in_flight.is_empty() {
-                        self.endpoints.insert(id, state); // let in-flight attempts finish
-                    }
+                let Some(actions) = self.with_endpoint(id, EndpointState::removed) else { return };
+                self.execute(id, actions).await;
+                // Kept only while attempts in flight finish.
+                if self.endpoints.get(&id).is_some_and(|s| s.in_flight() == 0) {
+                    self.endpoints.remove(&id);
                 }
             }
         }
     }
 
-    async fn accept(&mut self, mut d: Delivery) {
+    async fn accept(&mut self, d: Delivery) {
         let id = d.endpoint.id;
-        let share = self.endpoint_share();
+        let bounds = Bounds { queue: self.settings.endpoint_queue, bytes: self.endpoint_share() };
         if !self.endpoints.contains_key(&id) {
-            let mut state = EndpointState::new(d.endpoint.clone(), self.limits.gate(id, d.endpoint.account_id));
-            if self.pending_at_start.remove(&id) {
-                // Spilled until a probe finds its outbox empty.
-                state.spilled = true;
+            // Spilled until a probe finds its outbox empty.
+            let spilled = self.pending_at_start.remove(&id);
+            let gate = self.limits.gate(id, d.endpoint.account_id);
+            self.endpoints.insert(id, EndpointState::new(d.endpoint.clone(), gate, spilled, Instant::now()));
+        }
+        let actions = self.with_endpoint(id, |s| s.arrive(d, Instant::now(), bounds)).unwrap_or_default();
+        self.execute(id, actions).await;
+    }
+
+    /// Runs `f` on the state of endpoint `id` (if known), keeping the total waiting in step.
+    fn with_endpoint<R>(&mut self, id: Uuid, f: impl FnOnce(&mut EndpointState) -> R) -> Option<R> {
+        let state = self.endpoints.get_mut(&id)?;
+        let before = state.waiting();
+        let out = f(state);
+        self.waiting = self.waiting - before + state.waiting();
+        Some(out)
+    }
+
+    /// Carries out what the state of endpoint `id` asked for, in order.
+    async fn execute(&mut self, id: Uuid, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Spill(d) => self.store_spilled(d).await,
+                Action::StoreLeased(d) => self.store_leased(d).await,
+                Action::FailUnsent(d) => self.fail_unsent(d).await,
+                Action::Drop(d) => {
+                    if let Some(t) = d.ticket {
+                        t.settle(); // deliberately dropped: the endpoint is gone
+                    }
+                }
+                Action::Pump => self.pump(id),
             }
-            self.endpoints.insert(id, state);
         }
-        let state = self.endpoints.get_mut(&id).expect("inserted above");
-        let key = d.event.entity_key.clone();
-        if state.removed {
-            if let Some(t) = d.ticket.take() {
-                t.settle(); // routed before the delete reached us; the endpoint is gone
-            }
-            return;
-        }
-        if state.disabled {
-            return self.fail_unsent(id, d).await;
-        }
-        if state.spilled || !state.endpoint.is_active {
-            return self.spill_one(id, d, 0).await;
-        }
-        if let Some(tail) = state.blocked.get_mut(&key) {
-            *tail = d.id;
-            return self.spill_one(id, d, 0).await;
-        }
-        let len = d.event.body.len();
-        let w = Waiting { delivery: d, since: Instant::now() };
-        match state.behind.get_mut(&key) {
-            Some(q) => q.push_back(w),
-            None => {
-                state.behind.insert(key, VecDeque::new());
-                state.ready.push_back(w);
-            }
-        }
-        state.waiting += 1;
-        state.waiting_bytes += len;
-        self.waiting += 1;
-        if state.waiting > self.settings.endpoint_queue {
-            return self.spill_endpoint(id).await;
-        }
-        if state.waiting_bytes > share {
-            tracing::info!(endpoint = %id, waiting_bytes = state.waiting_bytes, "payloads waiting for the endpoint passed its share of dispatch.memory_limit; spilling endpoint to the outbox");
-            return self.spill_endpoint(id).await;
-        }
-        self.pump(id);
     }
 
     /// Starts ready deliveries of endpoint `id` while permits allow.
@@ -449,55 +343,46 @@ impl Dispatcher {
             return; // the tick pumps again once leadership renews it
         }
         let Some(state) = self.endpoints.get_mut(&id) else { return };
-        while !state.ready.is_empty() {
-            let Some(permit) = self.limits.try_acquire(&state.gate) else { break };
-            let w = state.ready.pop_front().expect("checked non-empty");
-            state.waiting -= 1;
-            state.waiting_bytes -= w.delivery.event.body.len();
+        while state.has_ready() {
+            let Some(permit) = self.limits.try_acquire(state.gate()) else { break };
+            let d = state.start_next().expect("checked ready");
             self.waiting -= 1;
-            let d = w.delivery;
-            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, &d, permit);
-            state.in_flight.insert(d.id, Flight { delivery: d, leased: false, abort });
+            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, d, permit);
+            self.aborts.insert(d.id, abort);
         }
     }
 
     fn pump_all(&mut self) {
-        let ids: Vec<Uuid> = self.endpoints.iter().filter(|(_, s)| !s.ready.is_empty()).map(|(id, _)| *id).collect();
+        let ids: Vec<Uuid> = self.endpoints.iter().filter(|(_, s)| s.has_ready()).map(|(id, _)| *id).collect();
         for id in ids {
             self.pump(id);
         }
     }
 
     async fn on_done(&mut self, done: Done) {
+        self.aborts.remove(&done.delivery_id);
         let ep_id = done.endpoint_id;
         let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
-        let Some(flight) = state.in_flight.remove(&done.delivery_id) else { return };
-        state.last_progress = Instant::now();
-        let (removed, disabled) = (state.removed, state.disabled);
+        let Some((flight, removed, disabled)) = state.finished(done.delivery_id, Instant::now()) else { return };
         let mut d = flight.delivery;
         let a = done.attempt;
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
-        if a.failure == Some(FailureKind::Local) {
-            self.on_local_failure(ep_id, d, (flight.leased, removed, disabled), a).await;
+        let now = Utc::now();
+        let outcome = outcome::decide(&a, 1, &self.settings.retry, now).given_disabled(disabled);
+        if let Outcome::LocalRetry(retry_at) = outcome {
+            self.on_local_failure(d, (flight.leased, removed, disabled), retry_at, a).await;
             return self.pump(ep_id);
         }
-        let gone = a.status == Some(410);
-        if gone && !disabled && !removed {
+        if outcome == Outcome::EndpointGone && !disabled && !removed {
             self.disable(ep_id).await;
         }
-        let now = Utc::now();
-        if a.succeeded() {
+        if outcome == Outcome::Delivered {
             let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
-            self.metrics.commit_to_delivered.observe(lag);
+            Happening::Delivered { lag_seconds: lag }.record(&self.metrics);
         }
-        let (status, next) = match (a.succeeded(), self.settings.retry.next_delay(1, a.retry_after)) {
-            (true, _) => (Status::Delivered, None),
-            (false, _) if gone || disabled => (Status::Failed, None),
-            (false, Some(delay)) => (Status::Pending, Some(now + delay)),
-            (false, None) => (Status::Failed, None),
-        };
+        let (status, next) = outcome.status();
         if status == Status::Failed {
-            self.metrics.failed.inc();
+            Happening::DeliveryFailed.record(&self.metrics);
         }
         let completed_at = (status != Status::Pending).then_some(now);
         if flight.leased {
@@ -520,35 +405,35 @@ impl Dispatcher {
                 t.settle(); // the endpoint is gone: nothing to record
             }
         } else {
-            self.metrics.delivery(status == Status::Delivered).inc();
+            Happening::Created { direct: status == Status::Delivered }.record(&self.metrics);
             let record = Record {
-                id: d.id,
-                endpoint_id: ep_id,
-                event: d.event.clone(),
-                status,
                 attempt_count: 1,
                 http_status: a.status,
                 next_attempt_at: next,
-                lease: None,
                 last_error: a.error.clone(),
                 completed_at,
                 attempt: Some(a),
-                ticket: d.ticket.take(),
+                ..Record::new(&mut d, status)
             };
             let _ = self.store.send(StoreOp::Insert(record)).await;
-            self.after_first_attempt(ep_id, &d, status).await;
+            self.first_attempt_settled(&d, status).await;
         }
         self.pump(ep_id);
     }
 
     /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
-    /// memory): the delivery waits in the outbox, due soon, with no attempt spent or recorded.
-    /// `(leased, removed, disabled)` describe the flight and its endpoint.
-    async fn on_local_failure(&mut self, ep_id: Uuid, mut d: Delivery, flags: (bool, bool, bool), a: Attempt) {
+    /// memory): the delivery waits in the outbox, due at `retry_at`, with no attempt spent or
+    /// recorded. `(leased, removed, disabled)` describe the flight and its endpoint.
+    async fn on_local_failure(
+        &mut self,
+        mut d: Delivery,
+        flags: (bool, bool, bool),
+        retry_at: chrono::DateTime<Utc>,
+        a: Attempt,
+    ) {
         let (leased, removed, disabled) = flags;
-        let retry_at = Utc::now() + http::LOCAL_RETRY;
         let error = format!("local: {}", a.error.unwrap_or_default());
-        tracing::warn!(delivery = %d.id, endpoint = %ep_id, error, "attempt failed for a local reason; retrying without counting it");
+        Happening::LocalFailure { delivery: d.id, endpoint: d.endpoint.id, error: &error }.record(&self.metrics);
         if leased {
             let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
             let _ = self.store.send(StoreOp::Release(release)).await;
@@ -558,73 +443,31 @@ impl Dispatcher {
             }
         } else if disabled {
             // Like everything else waiting for a disabled endpoint.
-            self.after_first_attempt(ep_id, &d, Status::Failed).await;
-            self.fail_unsent(ep_id, d).await;
+            self.first_attempt_settled(&d, Status::Failed).await;
+            self.fail_unsent(d).await;
         } else {
-            self.metrics.delivery(false).inc();
+            Happening::Created { direct: false }.record(&self.metrics);
             let record = Record {
-                id: d.id,
-                endpoint_id: ep_id,
-                event: d.event.clone(),
-                status: Status::Pending,
-                attempt_count: 0,
-                http_status: None,
                 next_attempt_at: Some(retry_at),
-                lease: None,
                 last_error: Some(error),
-                completed_at: None,
-                attempt: None,
-                ticket: d.ticket.take(),
+                ..Record::new(&mut d, Status::Pending)
             };
             let _ = self.store.send(StoreOp::Insert(record)).await;
-            self.after_first_attempt(ep_id, &d, Status::Pending).await;
+            self.first_attempt_settled(&d, Status::Pending).await;
         }
     }
 
-    /// Moves the row of `d` on after its first attempt: the next delivery of the row becomes
-    /// ready, or (when `d` is now waiting in the outbox) every later one follows it there and
-    /// the row stays blocked until the outbox has settled them.
-    async fn after_first_attempt(&mut self, ep_id: Uuid, d: &Delivery, status: Status) {
-        let key = &d.event.entity_key;
-        let Some(state) = self.endpoints.get_mut(&ep_id) else { return };
-        if status != Status::Pending {
-            match state.behind.get_mut(key).and_then(VecDeque::pop_front) {
-                Some(next) => state.ready.push_back(next),
-                None => {
-                    state.behind.remove(key);
-                }
-            }
-            return;
-        }
-        let behind = state.behind.remove(key).unwrap_or_default();
-        state.waiting -= behind.len();
-        state.waiting_bytes -= behind.iter().map(|w| w.delivery.event.body.len()).sum::<usize>();
-        self.waiting -= behind.len();
-        let tail = behind.back().map(|w| w.delivery.id).unwrap_or(d.id);
-        state.blocked.insert(key.clone(), tail);
-        let over = state.blocked.len() > MAX_BLOCKED_ROWS;
-        for w in behind {
-            self.spill_one(ep_id, w.delivery, 0).await;
-        }
-        if over {
-            self.spill_endpoint(ep_id).await;
-        }
+    /// Moves the row of `d` on after its first attempt was recorded with `status`.
+    async fn first_attempt_settled(&mut self, d: &Delivery, status: Status) {
+        let id = d.endpoint.id;
+        let pending = status == Status::Pending;
+        let actions = self.with_endpoint(id, |s| s.first_attempt_settled(d, pending)).unwrap_or_default();
+        self.execute(id, actions).await;
     }
 
     fn on_probe(&mut self, answer: ProbeAnswer) {
-        let Some(state) = self.endpoints.get_mut(&answer.endpoint_id) else { return };
-        state.probing = false;
-        state.blocked.retain(|_, tail| !answer.settled.contains(tail));
-        // Nothing of this endpoint waits in the outbox except behind blocked rows, and every
-        // delivery sent there since the probe is tracked too: the blocked rows keep their
-        // order and everything else goes direct again, even while deliveries keep arriving.
-        if state.spilled
-            && answer.endpoint_pending == Some(false)
-            && state.in_flight.is_empty()
-            && state.untracked_spills == state.untracked_at_probe
-        {
-            tracing::info!(endpoint = %answer.endpoint_id, blocked_rows = state.blocked.len(), "endpoint's outbox caught up; sending directly again");
-            state.spilled = false;
+        if let Some(state) = self.endpoints.get_mut(&answer.endpoint_id) {
+            state.probe_answered(&answer);
         }
     }
 
@@ -632,40 +475,18 @@ impl Dispatcher {
         self.relieve_pressure().await;
         self.pump_all();
         let now = Instant::now();
-        // An endpoint that keeps answering is only busy: replication waits for it (backpressure).
-        // One that has not finished an attempt for spill_after while deliveries wait is stuck:
-        // its deliveries go to the outbox so they neither hold memory nor the slot.
         let spill_after = self.settings.spill_after;
-        let slow: Vec<Uuid> = self
-            .endpoints
-            .iter()
-            .filter(|(_, s)| {
-                !s.spilled && s.waiting > 0 && s.oldest_wait(now) > spill_after && now - s.last_progress > spill_after
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in slow {
-            tracing::info!(endpoint = %id, "deliveries waited longer than dispatch.spill_after; spilling endpoint to the outbox");
-            self.spill_endpoint(id).await;
+        let ids: Vec<Uuid> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            let actions = self.with_endpoint(id, |s| s.spill_if_stuck(now, spill_after)).unwrap_or_default();
+            self.execute(id, actions).await;
         }
         let mut probes = Vec::new();
         for (id, s) in self.endpoints.iter_mut() {
-            if s.probing || (s.blocked.is_empty() && !s.spilled) {
-                continue;
+            if let Some(q) = s.probe() {
+                let (ids, whole_endpoint, known_rows) = (q.ids, q.whole_endpoint, q.known_rows);
+                probes.push(Probe { endpoint_id: *id, ids, whole_endpoint, known_rows, reply: self.probe_tx.clone() });
             }
-            s.probing = true;
-            let whole_endpoint = s.spilled && s.in_flight.is_empty();
-            s.untracked_at_probe = s.untracked_spills;
-            // Pending deliveries of blocked rows are accounted for; any other pending one (an
-            // untracked row, or one pending since before this process) keeps it spilled.
-            let known_rows = if whole_endpoint { s.blocked.keys().cloned().collect() } else { Vec::new() };
-            probes.push(Probe {
-                endpoint_id: *id,
-                ids: s.blocked.values().copied().collect(),
-                whole_endpoint,
-                known_rows,
-                reply: self.probe_tx.clone(),
-            });
         }
         for p in probes {
             let _ = self.store.send(StoreOp::Probe(p)).await;
@@ -677,142 +498,62 @@ impl Dispatcher {
     /// The endpoint answered 410 Gone: disable it for good (in the database, which also fails
     /// what waits in the outbox) and fail what waits here.
     async fn disable(&mut self, id: Uuid) {
-        // The store writer logs and counts the disable once it is written.
-        tracing::debug!(endpoint = %id, "endpoint answered 410 Gone; disabling it");
+        Happening::EndpointGone { endpoint: id }.record(&self.metrics);
         let _ = self.store.send(StoreOp::Disable { endpoint_id: id, reason: DISABLED_GONE }).await;
-        self.disable_local(id).await;
+        let actions = self.with_endpoint(id, EndpointState::disable).unwrap_or_default();
+        self.execute(id, actions).await;
     }
 
-    /// Fails every delivery of endpoint `id` waiting in memory; later ones fail on arrival.
-    async fn disable_local(&mut self, id: Uuid) {
-        let Some(state) = self.endpoints.get_mut(&id) else { return };
-        state.disabled = true;
-        state.spilled = false;
-        state.blocked.clear();
-        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
-        self.waiting -= state.waiting;
-        state.waiting = 0;
-        state.waiting_bytes = 0;
-        for w in waiting {
-            self.fail_unsent(id, w.delivery).await;
-        }
+    /// Moves everything of endpoint `id` to the outbox (see [`EndpointState::spill`]).
+    async fn spill_endpoint(&mut self, id: Uuid) {
+        let actions = self.with_endpoint(id, EndpointState::spill).unwrap_or_default();
+        self.execute(id, actions).await;
     }
 
     /// Records a delivery as failed without an attempt (its endpoint was disabled).
-    async fn fail_unsent(&mut self, endpoint_id: Uuid, mut d: Delivery) {
-        self.metrics.failed.inc();
+    async fn fail_unsent(&mut self, mut d: Delivery) {
+        Happening::DeliveryFailed.record(&self.metrics);
         let record = Record {
-            id: d.id,
-            endpoint_id,
-            event: d.event.clone(),
-            status: Status::Failed,
-            attempt_count: 0,
-            http_status: None,
-            next_attempt_at: None,
-            lease: None,
             last_error: Some("endpoint disabled".into()),
             completed_at: Some(Utc::now()),
-            attempt: None,
-            ticket: d.ticket.take(),
+            ..Record::new(&mut d, Status::Failed)
         };
         let _ = self.store.send(StoreOp::Insert(record)).await;
     }
 
     /// Sends a delivery to the outbox, due now (it waits behind older ones of its row).
-    async fn spill_one(&mut self, endpoint_id: Uuid, mut d: Delivery, attempts: i32) {
-        if let Some(s) = self.endpoints.get_mut(&endpoint_id).filter(|s| s.spilled) {
-            s.block_row(&d.event.entity_key, d.id);
-        }
-        self.metrics.delivery(false).inc();
-        let record = Record {
-            id: d.id,
-            endpoint_id,
-            event: d.event.clone(),
-            status: Status::Pending,
-            attempt_count: attempts,
-            http_status: None,
-            next_attempt_at: Some(Utc::now()),
-            lease: None,
-            last_error: None,
-            completed_at: None,
-            attempt: None,
-            ticket: d.ticket.take(),
-        };
+    async fn store_spilled(&mut self, mut d: Delivery) {
+        Happening::Created { direct: false }.record(&self.metrics);
+        let record = Record { next_attempt_at: Some(Utc::now()), ..Record::new(&mut d, Status::Pending) };
         let _ = self.store.send(StoreOp::Insert(record)).await;
         self.outbox_wake.notify_one();
     }
 
-    /// Moves everything of endpoint `id` to the outbox: in-flight attempts under our lease,
-    /// waiting deliveries due now.
-    async fn spill_endpoint(&mut self, id: Uuid) {
-        let Some(mut state) = self.endpoints.remove(&id) else { return };
+    /// Stores a delivery whose first attempt is in flight under our lease.
+    async fn store_leased(&mut self, mut d: Delivery) {
         let now = Utc::now();
-        let lease_until = now + self.settings.lease_for;
-        for flight in state.in_flight.values_mut().filter(|f| !f.leased) {
-            flight.leased = true;
-            let d = &mut flight.delivery;
-            let record = Record {
-                id: d.id,
-                endpoint_id: id,
-                event: d.event.clone(),
-                status: Status::Pending,
-                attempt_count: 1,
-                http_status: None,
-                next_attempt_at: Some(now),
-                lease: Some((self.lease_token, lease_until)),
-                last_error: None,
-                completed_at: None,
-                attempt: None,
-                ticket: d.ticket.take(),
-            };
-            self.metrics.delivery(false).inc();
-            let _ = self.store.send(StoreOp::Insert(record)).await;
-        }
-        let waiting: Vec<Waiting> = state.ready.drain(..).chain(state.behind.drain().flat_map(|(_, q)| q)).collect();
-        self.waiting -= state.waiting;
-        state.waiting = 0;
-        state.waiting_bytes = 0;
-        // Rows in flight under the lease may stay in the outbox: their rows are blocked too
-        // (blocked rows stay blocked; what waits behind them follows via spill_one).
-        let flights: Vec<(String, Uuid)> = (state.in_flight.values())
-            .filter(|f| !state.blocked.contains_key(&f.delivery.event.entity_key))
-            .map(|f| (f.delivery.event.entity_key.clone(), f.delivery.id))
-            .collect();
-        for (key, delivery) in flights {
-            state.block_row(&key, delivery);
-        }
-        state.spilled = true;
-        self.endpoints.insert(id, state);
-        for w in waiting {
-            self.spill_one(id, w.delivery, 0).await;
-        }
+        let lease = Some((self.lease_token, now + self.settings.lease_for));
+        let record =
+            Record { attempt_count: 1, next_attempt_at: Some(now), lease, ..Record::new(&mut d, Status::Pending) };
+        Happening::Created { direct: false }.record(&self.metrics);
+        let _ = self.store.send(StoreOp::Insert(record)).await;
     }
 
     /// Shutdown: store what waits, then give in-flight attempts until `grace` to finish.
     async fn drain(&mut self, grace: Duration) {
         let ids: Vec<Uuid> = self.endpoints.keys().copied().collect();
         for id in ids {
-            let has_work = self.endpoints.get(&id).is_some_and(|s| s.waiting > 0 || !s.in_flight.is_empty());
-            if has_work {
+            if self.endpoints.get(&id).is_some_and(EndpointState::has_work) {
                 self.spill_endpoint(id).await;
             }
         }
         let deadline = tokio::time::Instant::now() + grace;
-        while self.endpoints.values().any(|s| !s.in_flight.is_empty()) {
+        while self.endpoints.values().any(|s| s.in_flight() > 0) {
             match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
                 Ok(Some(done)) => self.on_done(done).await,
                 _ => break,
             }
         }
-    }
-}
-
-/// Counts an attempt in flight until dropped (also when the attempt is aborted).
-struct InFlight(Arc<Metrics>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
     }
 }
 
@@ -829,13 +570,7 @@ fn spawn_attempt(
     let body = d.event.body.clone();
     let delivery_id = d.id;
     let task = tokio::spawn(async move {
-        metrics.in_flight.inc();
-        let counted = InFlight(metrics.clone());
-        let attempt = sender.attempt(&endpoint, &delivery_id.to_string(), body).await;
-        drop(counted);
-        drop(permit);
-        metrics.attempt(attempt.class()).inc();
-        metrics.request_duration.observe(attempt.duration.as_secs_f64());
+        let attempt = outcome::send_one(&sender, &metrics, &endpoint, delivery_id, body, permit).await;
         let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
     });
     task.abort_handle()

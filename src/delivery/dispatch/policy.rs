@@ -24,6 +24,12 @@ impl RetryPolicy {
         RetryPolicy { schedule: cfg.retry_schedule.iter().map(|d| d.get()).collect(), jitter: cfg.jitter }
     }
 
+    /// A schedule without jitter (tests).
+    #[cfg(test)]
+    pub fn fixed(schedule: Vec<Duration>) -> Self {
+        RetryPolicy { schedule, jitter: 0.0 }
+    }
+
     /// Attempts a delivery gets in all.
     pub fn max_attempts(&self) -> usize {
         self.schedule.len() + 1

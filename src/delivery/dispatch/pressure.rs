@@ -26,9 +26,9 @@ impl Dispatcher {
             return;
         }
         let largest = (self.endpoints.iter())
-            .filter(|(_, s)| !s.spilled && s.waiting_bytes > 0)
-            .max_by_key(|(_, s)| s.waiting_bytes)
-            .map(|(id, s)| (*id, s.waiting_bytes));
+            .filter(|(_, s)| !s.spilled() && s.waiting_bytes() > 0)
+            .max_by_key(|(_, s)| s.waiting_bytes())
+            .map(|(id, s)| (*id, s.waiting_bytes()));
         if let Some((id, bytes)) = largest {
             tracing::info!(endpoint = %id, waiting_bytes = bytes, held = self.settings.budget.held(), "dispatch.memory_limit reached; spilling the endpoint with the most waiting payload bytes to the outbox");
             self.spill_endpoint(id).await;
@@ -41,18 +41,10 @@ impl Dispatcher {
             capacity > KEEP_CAPACITY && len < capacity / 4
         }
         for s in self.endpoints.values_mut() {
-            if sparse(s.ready.len(), s.ready.capacity()) {
-                s.ready.shrink_to_fit();
-            }
-            if sparse(s.behind.len(), s.behind.capacity()) {
-                s.behind.shrink_to_fit();
-            }
-            if sparse(s.in_flight.len(), s.in_flight.capacity()) {
-                s.in_flight.shrink_to_fit();
-            }
-            if sparse(s.blocked.len(), s.blocked.capacity()) {
-                s.blocked.shrink_to_fit();
-            }
+            s.shrink(sparse);
+        }
+        if sparse(self.aborts.len(), self.aborts.capacity()) {
+            self.aborts.shrink_to_fit();
         }
         if sparse(self.endpoints.len(), self.endpoints.capacity()) {
             self.endpoints.shrink_to_fit();
