@@ -89,3 +89,88 @@ fn the_readme_code_map_names_every_layer_in_order() {
         at += i;
     }
 }
+
+/// Walhook's own tables: every `CREATE TABLE walhook.<name>` of the migrations in `sql/`.
+fn walhook_tables(sql_dir: &Path) -> Vec<String> {
+    let mut tables = Vec::new();
+    for entry in std::fs::read_dir(sql_dir).expect("sql is readable") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "sql") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("readable");
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("CREATE TABLE walhook.") {
+            let tail = &rest[i + "CREATE TABLE walhook.".len()..];
+            tables.push(tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect());
+            rest = tail;
+        }
+    }
+    tables
+}
+
+/// The lines of `text` holding SQL on one of `tables`: `walhook.<table>` in a string literal
+/// that, from its opening quote on, names an SQL clause (`FROM`, `INTO`, `UPDATE`, `JOIN`,
+/// `TABLE`, upper case as walhook writes SQL). Messages that merely name a table ("recorded
+/// in walhook.replication_gaps"), comments and privileges (`GRANT`, `REVOKE`: the
+/// migration's role set-up) are not queries.
+fn sql_on_tables(text: &str, tables: &[String]) -> Vec<usize> {
+    const CLAUSES: [&str; 5] = ["FROM", "INTO", "UPDATE", "JOIN", "TABLE"];
+    let code: String =
+        text.lines().map(|l| if l.trim_start().starts_with("//") { "" } else { l }).collect::<Vec<_>>().join("\n");
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(i) = code[from..].find("walhook.").map(|i| i + from) {
+        from = i + "walhook.".len();
+        let name: String = code[from..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !tables.contains(&name) {
+            continue;
+        }
+        let literal = &code[code[..i].rfind('"').map_or(0, |q| q + 1)..i];
+        let privileges = literal.starts_with("GRANT") || literal.starts_with("REVOKE");
+        let line = code[..i].matches('\n').count() + 1;
+        if !privileges
+            && literal.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| CLAUSES.contains(&w))
+            && found.last() != Some(&line)
+        {
+            found.push(line);
+        }
+    }
+    found
+}
+
+#[test]
+fn only_the_store_queries_walhooks_tables() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tables = walhook_tables(&root.join("sql"));
+    assert!(tables.contains(&"deliveries".to_owned()) && tables.len() >= 8, "tables read from sql/: {tables:?}");
+    let src = root.join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let mut outside = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).expect("under src");
+        // The store owns the tables; migrations create them; this file is the checker.
+        if rel.starts_with("store") || rel == Path::new("pg/migrate.rs") || rel == Path::new("layers.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).expect("readable");
+        for line in sql_on_tables(&text, &tables) {
+            outside.push(format!("src/{}:{line}", rel.display()));
+        }
+    }
+    assert!(outside.is_empty(), "SQL on walhook's tables outside src/store/:\n{}", outside.join("\n"));
+}
+
+#[test]
+fn the_checker_sees_sql_on_a_walhook_table() {
+    let tables = vec!["deliveries".to_owned(), "endpoints".to_owned()];
+    let text = "let a = client.query(\"SELECT id \\\n    FROM due, walhook.deliveries d\", &[]);\n\
+                // SELECT 1 FROM walhook.endpoints\n\
+                warn!(\"recorded in walhook.endpoints\");\n\
+                let b = format!(\"SELECT {COLUMNS} FROM walhook.endpoints\");\n\
+                let c = \"SELECT 1 FROM walhook.schema_migrations\";\n\
+                let d = [\"GRANT SELECT, UPDATE ON walhook.deliveries TO walhook\"];\n\
+                let e = \"UPDATE walhook.deliveries SET a = 1 FROM walhook.endpoints e\";";
+    assert_eq!(sql_on_tables(text, &tables), vec![2, 5, 8]);
+}

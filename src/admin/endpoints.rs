@@ -21,6 +21,9 @@ use crate::model::event::EventType;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::{SecretBox, SigningSecret};
 use crate::security::ssrf::AddressPolicy;
+use crate::store;
+pub use crate::store::deliveries::DeliveryView;
+use crate::store::endpoints::StoredEndpoint;
 
 /// Longest accepted URL.
 pub const MAX_URL_LEN: usize = 2048;
@@ -99,25 +102,6 @@ pub struct EndpointView {
     pub updated_at: DateTime<Utc>,
 }
 
-/// A delivery as `webhooks-deliveries` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeliveryView {
-    /// Delivery id (also the `webhook-id` header).
-    pub id: Uuid,
-    /// e.g. `contact.created`.
-    pub event_type: String,
-    /// `pending`, `delivered` or `failed`.
-    pub status: String,
-    /// Last HTTP status received.
-    pub http_status_code: Option<i32>,
-    /// Attempts made.
-    pub attempt_count: i32,
-    /// When it was delivered or failed.
-    pub completed_at: Option<DateTime<Utc>>,
-    /// When the change was committed.
-    pub created_at: DateTime<Utc>,
-}
-
 /// Fields of a new endpoint.
 #[derive(Debug, Clone, Default)]
 pub struct NewEndpoint {
@@ -142,21 +126,19 @@ pub struct EndpointPatch {
     pub is_active: Option<bool>,
 }
 
-const COLUMNS: &str =
-    "id, account_id, created_by, url, description, secret_prefix, events, is_active, created_at, updated_at";
-
-fn view(r: &tokio_postgres::Row) -> EndpointView {
+/// What the API shows of a stored endpoint (never its secret).
+fn view(e: StoredEndpoint) -> EndpointView {
     EndpointView {
-        id: r.get(0),
-        account_id: r.get(1),
-        created_by: r.get(2),
-        url: r.get(3),
-        description: r.get(4),
-        secret_prefix: r.get(5),
-        events: r.get(6),
-        is_active: r.get(7),
-        created_at: r.get(8),
-        updated_at: r.get(9),
+        id: e.id,
+        account_id: e.account_id,
+        created_by: e.created_by,
+        url: e.url,
+        description: e.description,
+        secret_prefix: e.secret_prefix,
+        events: e.events,
+        is_active: e.is_active,
+        created_at: e.created_at,
+        updated_at: e.updated_at,
     }
 }
 
@@ -228,34 +210,24 @@ impl Endpoints {
                 &[&CREATE_LOCK_CLASS, &caller.account_id.to_string()],
             )
             .await?;
-            let have: i64 = tx
-                .query_one("SELECT count(*) FROM walhook.endpoints WHERE account_id = $1", &[&caller.account_id])
-                .await?
-                .get(0);
+            let have = store::endpoints::count_in_account(&*tx, caller.account_id).await?;
             if have >= i64::from(max) {
                 return Err(EndpointError::QuotaReached(max));
             }
         }
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
-                ),
-                &[
-                    &Uuid::new_v4(),
-                    &caller.account_id,
-                    &caller.user_id,
-                    &url,
-                    &description,
-                    &self.secrets.seal(&secret),
-                    &secret.prefix(),
-                    &events,
-                ],
-            )
-            .await?;
+        let new = store::endpoints::Insert {
+            id: Uuid::new_v4(),
+            account_id: caller.account_id,
+            created_by: caller.user_id,
+            url: &url,
+            description: &description,
+            secret: &self.secrets.seal(&secret),
+            secret_prefix: secret.prefix(),
+            events: &events,
+        };
+        let row = store::endpoints::insert(&*tx, &new).await?;
         tx.commit().await?;
-        Ok((view(&row), secret))
+        Ok((view(row), secret))
     }
 
     /// Up to `limit` of the caller's endpoints, newest first, after `after`; with the cursor
@@ -267,20 +239,11 @@ impl Endpoints {
         after: Option<ListCursor>,
     ) -> Result<(Vec<EndpointView>, Option<ListCursor>), EndpointError> {
         let client = self.db.get().await?;
-        let (at, id) = (after.map(|c| c.created_at), after.map(|c| c.id));
-        let mut rows = client
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM walhook.endpoints WHERE account_id = $1 \
-                       AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
-                     ORDER BY created_at DESC, id DESC LIMIT $4"
-                ),
-                &[&caller.account_id, &at, &id, &(limit + 1)],
-            )
-            .await?;
+        let after = after.map(|c| (c.created_at, c.id));
+        let mut rows = store::endpoints::page_in_account(&**client, caller.account_id, after, limit + 1).await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit.max(0) as usize);
-        let page: Vec<EndpointView> = rows.iter().map(view).collect();
+        let page: Vec<EndpointView> = rows.into_iter().map(view).collect();
         let next = page.last().filter(|_| more).map(|e| ListCursor { created_at: e.created_at, id: e.id });
         Ok((page, next))
     }
@@ -288,13 +251,8 @@ impl Endpoints {
     /// One of the caller's endpoints.
     pub async fn get(&self, caller: Caller, id: Uuid) -> Result<EndpointView, EndpointError> {
         let client = self.db.get().await?;
-        let row = client
-            .query_opt(
-                &format!("SELECT {COLUMNS} FROM walhook.endpoints WHERE id = $1 AND account_id = $2"),
-                &[&id, &caller.account_id],
-            )
-            .await?;
-        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+        let row = store::endpoints::get_in_account(&**client, caller.account_id, id).await?;
+        row.map(view).ok_or(EndpointError::NotFound)
     }
 
     /// Changes the given fields of one of the caller's endpoints; `updated_at` moves.
@@ -312,20 +270,14 @@ impl Endpoints {
             crate::store::secrets::reseal_plain(&self.db, &self.secrets, Some((id, caller.account_id))).await?;
         }
         let client = self.db.get().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE walhook.endpoints SET url = COALESCE($3, url), description = COALESCE($4, description), \
-                       events = COALESCE($5, events), is_active = COALESCE($6, is_active), \
-                       disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
-                       failing_since = CASE WHEN $6 AND NOT is_active THEN NULL ELSE failing_since END, \
-                       updated_at = greatest(now(), updated_at + interval '1 microsecond') \
-                     WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
-                ),
-                &[&id, &caller.account_id, &url, &description, &events, &patch.is_active],
-            )
-            .await?;
-        row.as_ref().map(view).ok_or(EndpointError::NotFound)
+        let change = store::endpoints::Update {
+            url: url.as_deref(),
+            description: description.as_deref(),
+            events: events.as_deref(),
+            is_active: patch.is_active,
+        };
+        let row = store::endpoints::update_in_account(&**client, caller.account_id, id, &change).await?;
+        row.map(view).ok_or(EndpointError::NotFound)
     }
 
     /// Deletes one of the caller's endpoints. Nothing more is sent to it: routing drops it
@@ -333,10 +285,7 @@ impl Endpoints {
     /// (retention removes them).
     pub async fn delete(&self, caller: Caller, id: Uuid) -> Result<(), EndpointError> {
         let client = self.db.get().await?;
-        let n = client
-            .execute("DELETE FROM walhook.endpoints WHERE id = $1 AND account_id = $2", &[&id, &caller.account_id])
-            .await?;
-        if n == 0 {
+        if !store::endpoints::delete_in_account(&**client, caller.account_id, id).await? {
             return Err(EndpointError::NotFound);
         }
         Ok(())
@@ -351,25 +300,7 @@ impl Endpoints {
     ) -> Result<Vec<DeliveryView>, EndpointError> {
         self.get(caller, endpoint_id).await?;
         let client = self.db.get().await?;
-        let rows = client
-            .query(
-                "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at \
-                 FROM walhook.deliveries WHERE endpoint_id = $1 ORDER BY commit_lsn DESC, seq DESC LIMIT $2",
-                &[&endpoint_id, &limit],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeliveryView {
-                id: r.get(0),
-                event_type: r.get(1),
-                status: r.get(2),
-                http_status_code: r.get(3),
-                attempt_count: r.get(4),
-                completed_at: r.get(5),
-                created_at: r.get(6),
-            })
-            .collect())
+        Ok(store::deliveries::newest_of_endpoint(&**client, endpoint_id, limit).await?)
     }
 
     /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters, and

@@ -112,6 +112,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics: metrics.clone(),
         status: status.clone(),
         store: store_health.clone(),
+        gauges: crate::store::deliveries::outbox_gauges,
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
     let api_listener = bind(cfg.api.listen).await?;

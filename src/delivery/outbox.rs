@@ -43,7 +43,7 @@ use crate::ops::metrics::Metrics;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::security::sign::Signer;
-use crate::store::{Completion, Release, Status, StoreOp, DISABLED_GONE};
+use crate::store::{self, Completion, Release, Status, StoreOp, DISABLED_GONE};
 
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
@@ -216,15 +216,7 @@ impl OutboxWorker {
         let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
         let result = tokio::time::timeout_at(until, async {
             let client = self.db.get().await?;
-            client
-                .execute(
-                    "UPDATE walhook.deliveries SET lease_until = NULL, leased_by = NULL, \
-                       attempt_count = attempt_count - 1 \
-                     WHERE id = ANY($1) AND leased_by = $2 AND status = 'pending'",
-                    &[&ids, &lease_token],
-                )
-                .await
-                .map_err(DbError::from)
+            store::outbox::give_back(&**client, &ids, lease_token).await
         })
         .await;
         match result {
@@ -252,60 +244,26 @@ impl OutboxWorker {
         let per_endpoint = (cap * CLAIM_DEPTH) as i64;
         let lease_secs = self.settings.lease_for.as_secs_f64();
         let tx = client.transaction().await?;
-        // The queue table's statistics lag its contents (it fills and drains in seconds); with
-        // stale estimates the planner was seen to choose an O(n²) anti-join taking seconds.
-        // Pin the plan shape instead: walk each endpoint's due rows in index order and check
-        // each candidate's row order with an index probe (`OFFSET 0` keeps it a sub-plan).
-        tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off").await?;
-        let st = tx
-            .prepare_cached(
-                "WITH due AS ( \
-                   SELECT x.id FROM walhook.endpoints e \
-                   CROSS JOIN LATERAL ( \
-                     SELECT d.id FROM walhook.deliveries d \
-                     WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now() \
-                       AND (d.lease_until IS NULL OR d.lease_until < now()) \
-                       AND NOT EXISTS ( \
-                         SELECT 1 FROM walhook.deliveries p \
-                         WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
-                           AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq) \
-                         OFFSET 0) \
-                     ORDER BY d.next_attempt_at \
-                     LIMIT $2 \
-                     FOR UPDATE OF d SKIP LOCKED) x \
-                   WHERE e.is_active AND NOT (e.id = ANY($3)) \
-                   LIMIT $1) \
-                 UPDATE walhook.deliveries d \
-                 SET lease_until = now() + make_interval(secs => $4), leased_by = $5, \
-                     attempt_count = d.attempt_count + 1 \
-                 FROM due, walhook.endpoints e \
-                 WHERE d.id = due.id AND e.id = d.endpoint_id \
-                 RETURNING d.id, d.attempt_count, e.id, e.account_id, e.url, e.secret, e.events, \
-                   (SELECT CASE WHEN octet_length(ev.body) <= $6 THEN ev.body END \
-                    FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at, \
-                   (SELECT octet_length(ev.body) FROM walhook.events ev WHERE ev.id = d.event_id)",
-            )
-            .await?;
         let budget = &self.settings.budget;
         let inline_max = (budget.limit() / CLAIM_BATCH as u64).min(INLINE_BODY_MAX) as i32;
-        let rows = tx.query(&st, &[&limit, &per_endpoint, &busy, &lease_secs, &lease_token, &inline_max]).await?;
+        let claim = store::outbox::Claim { limit, per_endpoint, busy: &busy, lease_secs, lease_token, inline_max };
+        let rows = store::outbox::claim(&tx, &claim).await?;
         tx.commit().await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut endpoints: HashMap<Uuid, Option<Arc<Endpoint>>> = HashMap::new();
         for r in rows {
-            let ep_id: Uuid = r.get(2);
+            let ep_id: Uuid = r.endpoint.id;
             let endpoint = endpoints
                 .entry(ep_id)
                 .or_insert_with(|| {
-                    let stored: String = r.get(5);
-                    let signer = self.secrets.open(&stored).and_then(|s| Signer::new(&s));
-                    let url = crate::model::delivery::parse_url(ep_id, &r.get::<_, String>(4))?;
+                    let signer = self.secrets.open(&r.endpoint.secret).and_then(|s| Signer::new(&s));
+                    let url = crate::model::delivery::parse_url(ep_id, &r.endpoint.url)?;
                     match signer {
                         Ok(signer) => Some(Arc::new(Endpoint {
                             id: ep_id,
-                            account_id: r.get(3),
+                            account_id: r.endpoint.account_id,
                             url,
-                            events: event_mask(&r.get::<_, Vec<String>>(6)),
+                            events: event_mask(&r.endpoint.events),
                             is_active: true,
                             auto_disabled: false,
                             signer,
@@ -319,12 +277,12 @@ impl OutboxWorker {
                 .clone();
             let Some(endpoint) = endpoint else { continue };
             out.push(Claimed {
-                id: r.get(0),
-                attempt_no: r.get(1),
+                id: r.id,
+                attempt_no: r.attempt_no,
                 endpoint,
-                body: r.get::<_, Option<Vec<u8>>>(7).map(Bytes::from),
-                committed_at: r.get(8),
-                body_len: r.get(9),
+                body: r.body.map(Bytes::from),
+                committed_at: r.committed_at,
+                body_len: r.body_len,
             });
         }
         Ok(out)
@@ -444,14 +402,8 @@ async fn record(
 /// The body of delivery `id`, read for its attempt (`None`: the payload is gone).
 async fn read_body(db: &Db, id: Uuid) -> Result<Option<Bytes>, DbError> {
     let client = db.get().await?;
-    let row = client
-        .query_opt(
-            "SELECT ev.body FROM walhook.deliveries d JOIN walhook.events ev ON ev.id = d.event_id WHERE d.id = $1",
-            &[&id],
-        )
-        .await
-        .map_err(DbError::from)?;
-    Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+    let body = store::outbox::payload(&**client, id).await?;
+    Ok(body.map(Bytes::from))
 }
 
 /// Reading the payload failed: the attempt is retried on the schedule.

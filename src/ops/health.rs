@@ -8,6 +8,8 @@
 //! a stalled store); scraping never waits on the database; the monitor ending before
 //! shutdown ends this stage with it (gauges never freeze unnoticed).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::{ReplicationStatus, StoreHealth};
-use crate::pg::db::Db;
+use crate::pg::db::{Db, DbError};
 
 /// What the operations listener reads: handed over by `app`, which owns the stages.
 #[derive(Clone)]
@@ -37,7 +39,30 @@ pub struct Health {
     pub status: Arc<ReplicationStatus>,
     /// Whether the store writer makes progress.
     pub store: Arc<StoreHealth>,
+    /// Reads the outbox and endpoint gauges (the store owns those tables:
+    /// `crate::store::deliveries::outbox_gauges`).
+    pub gauges: ReadGauges,
 }
+
+/// The outbox and endpoint gauges, as one read of walhook's tables gives them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OutboxGauges {
+    /// Deliveries waiting in the outbox.
+    pub pending: i64,
+    /// Seconds since the oldest of them was committed, counting only those of active
+    /// endpoints (one paused by hand, or deleted, waits on purpose and must not page anyone).
+    pub oldest_pending_age: f64,
+    /// Active endpoints.
+    pub active_endpoints: i64,
+    /// Disabled endpoints.
+    pub disabled_endpoints: i64,
+}
+
+/// What [`ReadGauges`] returns: the gauges, read on the connection it borrows.
+pub type GaugesFuture<'a> = Pin<Box<dyn Future<Output = Result<OutboxGauges, DbError>> + Send + 'a>>;
+
+/// Reads [`OutboxGauges`] on the monitor's connection.
+pub type ReadGauges = for<'a> fn(&'a tokio_postgres::Client) -> GaugesFuture<'a>;
 
 /// How often slot lag and outbox gauges are refreshed.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
@@ -123,7 +148,7 @@ fn not_streaming(status: &ReplicationStatus) -> String {
 async fn monitor(s: Health, shutdown: CancellationToken) {
     let slot = s.cfg.replication.slot.to_string();
     loop {
-        let result: Result<(), crate::pg::db::DbError> = async {
+        let result: Result<(), DbError> = async {
             let client = s.db.get().await?;
             if let Some(r) = client
                 .query_opt(
@@ -134,26 +159,11 @@ async fn monitor(s: Health, shutdown: CancellationToken) {
             {
                 s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
             }
-            // The oldest age counts only deliveries that should be moving: those of an endpoint
-            // paused by hand (or deleted) wait on purpose and must not page anyone.
-            let r = client
-                .query_one(
-                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
-                     FROM walhook.deliveries d LEFT JOIN walhook.endpoints e ON e.id = d.endpoint_id \
-                     WHERE d.status = 'pending'",
-                    &[],
-                )
-                .await?;
-            s.metrics.pending.set(r.get(0));
-            s.metrics.oldest_pending_age.set(r.get(1));
-            let r = client
-                .query_one(
-                    "SELECT count(*) FILTER (WHERE is_active), count(*) FILTER (WHERE NOT is_active) FROM walhook.endpoints",
-                    &[],
-                )
-                .await?;
-            s.metrics.endpoints.with_label_values(&["active"]).set(r.get(0));
-            s.metrics.endpoints.with_label_values(&["disabled"]).set(r.get(1));
+            let g = (s.gauges)(&client).await?;
+            s.metrics.pending.set(g.pending);
+            s.metrics.oldest_pending_age.set(g.oldest_pending_age);
+            s.metrics.endpoints.with_label_values(&["active"]).set(g.active_endpoints);
+            s.metrics.endpoints.with_label_values(&["disabled"]).set(g.disabled_endpoints);
             Ok(())
         }
         .await;

@@ -52,6 +52,7 @@ use crate::source::leader::{self, Leadership};
 use crate::source::pgoutput::{self, Message};
 use crate::source::route::{RouteError, Router};
 use crate::source::route_versions;
+use crate::store;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -346,12 +347,8 @@ impl Replication {
         self.router = Some(route_versions::load(&self.db, &slot, self.secrets.clone()).await?);
         let pending_endpoints: Vec<Uuid> = {
             let client = self.db.get().await?;
-            let row = client.query_one("SELECT COALESCE(max(commit_lsn), 0) FROM walhook.deliveries", &[]).await?;
-            self.replay_until = row.get::<_, i64>(0) as u64;
-            let rows = client
-                .query("SELECT DISTINCT endpoint_id FROM walhook.deliveries WHERE status = 'pending'", &[])
-                .await?;
-            rows.iter().map(|r| r.get(0)).collect()
+            self.replay_until = store::deliveries::last_recorded_commit(&**client).await?;
+            store::deliveries::endpoints_with_pending(&**client).await?
         };
         // Before anything of this session is routed: endpoints with rows waiting in the outbox
         // (left by this process, a dead one, or the leader this one took over from) start
@@ -560,12 +557,7 @@ impl Replication {
         let ids: Vec<Uuid> = batch.iter().map(|d| d.id).collect();
         let recorded: Vec<Uuid> = {
             let client = self.db.get().await?;
-            client
-                .query("SELECT id FROM walhook.deliveries WHERE id = ANY($1)", &[&ids])
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
+            store::deliveries::recorded_among(&**client, &ids).await?
         };
         tracing::debug!(checked = ids.len(), recorded = recorded.len(), "replayed deliveries checked");
         for mut d in batch {

@@ -72,15 +72,16 @@ impl Router {
     /// route with the versioned set of [`crate::source::route_versions::load`]).
     pub async fn load(db: &Db, secrets: SecretBox) -> Result<Router, RouteError> {
         let client = db.get().await?;
-        let rows = client
-            .query("SELECT id, account_id, url, secret, events, is_active, disabled_reason FROM walhook.endpoints", &[])
-            .await
-            .map_err(DbError::from)?;
+        let rows = crate::store::endpoints::all(&**client).await?;
         let mut router = Router::new(secrets);
-        for r in rows {
-            let routing =
-                Routing { account_id: r.get(1), events: r.get(4), is_active: r.get(5), disabled_reason: r.get(6) };
-            router.set(r.get(0), routing, Some(r.get(2)), Some(r.get(3)))?;
+        for e in rows {
+            let routing = Routing {
+                account_id: e.account_id,
+                events: e.events,
+                is_active: e.is_active,
+                disabled_reason: e.disabled_reason,
+            };
+            router.set(e.id, routing, Some(&e.url), Some(&e.secret))?;
         }
         Ok(router)
     }

@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::source::route::{RouteError, Router, Routing};
+use crate::store::versions;
 
 /// The router for a new session of `slot`: the endpoint set valid at the slot's confirmed
 /// position. Seeds the slot's versions first if it has none; compacts what is superseded.
@@ -42,25 +43,19 @@ pub(crate) async fn load(db: &Db, slot: &str, secrets: SecretBox) -> Result<Rout
         tx.commit().await.map_err(DbError::from)?;
     }
     compact(&**client, slot, confirmed).await?;
-    let rows = client
-        .query(
-            "SELECT v.endpoint_id, v.account_id, v.events, v.is_active, v.disabled_reason, e.url, e.secret \
-             FROM (SELECT DISTINCT ON (endpoint_id) * FROM walhook.endpoint_versions \
-                   WHERE slot = $1 AND valid_from <= $2 ORDER BY endpoint_id, valid_from DESC) v \
-             LEFT JOIN walhook.endpoints e ON e.id = v.endpoint_id \
-             WHERE NOT v.deleted",
-            &[&slot, &confirmed],
-        )
-        .await
-        .map_err(DbError::from)?;
+    let rows = versions::valid_at(&**client, slot, confirmed).await?;
+    let endpoints = rows.len();
     let mut router = Router::new(secrets);
-    for r in &rows {
-        let routing =
-            Routing { account_id: r.get(1), events: r.get(2), is_active: r.get(3), disabled_reason: r.get(4) };
-        let (url, secret): (Option<String>, Option<String>) = (r.get(5), r.get(6));
-        router.set(r.get(0), routing, url.as_deref(), secret.as_deref())?;
+    for v in rows {
+        let routing = Routing {
+            account_id: v.account_id,
+            events: v.events,
+            is_active: v.is_active,
+            disabled_reason: v.disabled_reason,
+        };
+        router.set(v.endpoint_id, routing, v.url.as_deref(), v.secret.as_deref())?;
     }
-    tracing::debug!(slot, confirmed, endpoints = rows.len(), "routing versions loaded");
+    tracing::debug!(slot, confirmed, endpoints, "routing versions loaded");
     Ok(router)
 }
 
@@ -69,8 +64,7 @@ pub(crate) async fn load(db: &Db, slot: &str, secrets: SecretBox) -> Result<Rout
 /// slot, records the gap and starts the routing versions over at once, because what an
 /// older slot saw does not apply to the new one.
 pub(crate) async fn reset_in(tx: &tokio_postgres::Transaction<'_>, slot: &str) -> Result<(), DbError> {
-    tx.execute("DELETE FROM walhook.endpoint_versions WHERE slot = $1", &[&slot]).await?;
-    tx.execute("DELETE FROM walhook.routing_slots WHERE slot = $1", &[&slot]).await?;
+    versions::forget(tx, slot).await?;
     seed_if_new(tx, slot).await?;
     tracing::info!(slot, "routing versions reset to the current endpoints");
     Ok(())
@@ -88,46 +82,23 @@ pub(crate) async fn record(
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     for (id, routing) in changes {
-        let r = routing.as_ref();
-        tx.execute(
-            "INSERT INTO walhook.endpoint_versions \
-                 (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (slot, endpoint_id, valid_from) DO UPDATE SET deleted = EXCLUDED.deleted, \
-                 account_id = EXCLUDED.account_id, events = EXCLUDED.events, is_active = EXCLUDED.is_active, \
-                 disabled_reason = EXCLUDED.disabled_reason",
-            &[
-                &slot,
-                id,
-                &valid_from,
-                &r.is_none(),
-                &r.map(|r| r.account_id),
-                &r.map(|r| r.events.clone()),
-                &r.map(|r| r.is_active),
-                &r.and_then(|r| r.disabled_reason.clone()),
-            ],
-        )
-        .await?;
+        let state = routing.as_ref().map(|r| versions::State {
+            account_id: r.account_id,
+            events: &r.events,
+            is_active: r.is_active,
+            disabled_reason: r.disabled_reason.as_deref(),
+        });
+        versions::put(&tx, slot, *id, valid_from, state).await?;
     }
     tx.commit().await?;
     let alive: Vec<Uuid> = changes.iter().filter(|(_, r)| r.is_some()).map(|(id, _)| *id).collect();
-    let rows = client.query("SELECT id, url, secret FROM walhook.endpoints WHERE id = ANY($1)", &[&alive]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+    let rows = crate::store::endpoints::by_ids(&**client, &alive).await?;
+    Ok(rows.into_iter().map(|e| (e.id, (e.url, e.secret))).collect())
 }
 
 /// Seeds `slot` from the current endpoint rows at position 0 unless it was seeded before.
 async fn seed_if_new(tx: &tokio_postgres::Transaction<'_>, slot: &str) -> Result<(), DbError> {
-    let new =
-        tx.execute("INSERT INTO walhook.routing_slots (slot) VALUES ($1) ON CONFLICT DO NOTHING", &[&slot]).await?;
-    if new == 1 {
-        let n = tx
-            .execute(
-                "INSERT INTO walhook.endpoint_versions \
-                     (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason) \
-                 SELECT $1, id, 0, false, account_id, events, is_active, disabled_reason FROM walhook.endpoints",
-                &[&slot],
-            )
-            .await?;
+    if let Some(n) = versions::seed_if_new(tx, slot).await? {
         tracing::info!(slot, endpoints = n, "routing versions seeded from the current endpoints");
     }
     Ok(())
@@ -135,20 +106,7 @@ async fn seed_if_new(tx: &tokio_postgres::Transaction<'_>, slot: &str) -> Result
 
 /// Deletes versions superseded at or below `confirmed`, and endpoints deleted by then.
 async fn compact(client: &impl GenericClient, slot: &str, confirmed: i64) -> Result<(), DbError> {
-    let superseded = client
-        .execute(
-            "DELETE FROM walhook.endpoint_versions v WHERE v.slot = $1 AND v.valid_from < \
-                 (SELECT max(w.valid_from) FROM walhook.endpoint_versions w \
-                  WHERE w.slot = $1 AND w.endpoint_id = v.endpoint_id AND w.valid_from <= $2)",
-            &[&slot, &confirmed],
-        )
-        .await?;
-    let deleted = client
-        .execute(
-            "DELETE FROM walhook.endpoint_versions WHERE slot = $1 AND deleted AND valid_from <= $2",
-            &[&slot, &confirmed],
-        )
-        .await?;
+    let (superseded, deleted) = versions::compact(client, slot, confirmed).await?;
     if superseded + deleted > 0 {
         tracing::debug!(slot, superseded, deleted, "routing versions compacted");
     }

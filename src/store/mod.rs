@@ -8,6 +8,17 @@
 //! dropped, and one the database refuses is split so that only the op at fault is set aside
 //! (`resilient`); probes are answered after every op sent before them has committed and before
 //! any op sent after them does; batches are bounded in ops and bytes (`batch`).
+//!
+//! The store owns walhook's tables (those the migrations in `sql/` create): every query on
+//! them is here, one file per table or group, and the other stages call its named functions
+//! (`endpoints`, `deliveries`, `outbox`, `versions`, `slot_state`, `secrets`, `maintenance`,
+//! and the writer). An endpoint row is decoded in one place (`endpoints::decode`). Functions
+//! that take a client or transaction run on the caller's, so the caller keeps its
+//! transaction boundaries. Not here, by design: the DDL of `sql/`, run by `pg::migrate`
+//! (with its `schema_migrations` bookkeeping, whose version `pg::preflight` reads), the
+//! role's privileges (`pg::grants`), and PostgreSQL's own catalogs and views
+//! (`pg_replication_slots`, `pg_publication`, …), which are not walhook's tables. The unit
+//! test `layers::only_the_store_queries_walhooks_tables` checks this.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +35,14 @@ use crate::ops::status::StoreHealth;
 use crate::pg::db::{Db, DbError};
 
 mod batch;
+pub(crate) mod deliveries;
+pub(crate) mod endpoints;
 pub mod maintenance;
+pub(crate) mod outbox;
 mod resilient;
 pub mod secrets;
+pub(crate) mod slot_state;
+pub(crate) mod versions;
 mod write;
 
 /// Default of `database.write_stall_after`.

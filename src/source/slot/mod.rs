@@ -40,13 +40,6 @@ const LOST_POLL_MAX: Duration = Duration::from_secs(5);
 /// How long a slot held by another process may take to be released before that is an error
 /// (a previous session's walsender may still be winding down).
 const BUSY_WAIT: Duration = Duration::from_secs(10);
-/// `timestamptz` column `$c` as RFC 3339 UTC text, whatever the session's TimeZone.
-macro_rules! utc_text {
-    ($c:literal) => {
-        concat!("to_char(", $c, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
-    };
-}
-pub(crate) use utc_text;
 
 /// Why the slot cannot be used or reset.
 #[derive(Debug, thiserror::Error)]
@@ -175,17 +168,9 @@ async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<Slot
             wal_status: r.get(7),
             confirmed_lsn: r.get(8),
         });
-    let state = client
-        .query_opt(
-            concat!(
-                "SELECT confirmed_lsn::text, ",
-                utc_text!("confirmed_at"),
-                " FROM walhook.slot_state WHERE slot = $1"
-            ),
-            &[&slot],
-        )
+    let state = crate::store::slot_state::confirmed(client, slot)
         .await?
-        .map(|r| StateRow { confirmed_lsn: r.get(0), confirmed_at: r.get(1) });
+        .map(|(confirmed_lsn, confirmed_at)| StateRow { confirmed_lsn, confirmed_at });
     Ok((row, state))
 }
 
@@ -263,16 +248,7 @@ async fn create(client: &impl GenericClient, slot: &str, failover: bool) -> Resu
 
 /// Records that walhook streams from `slot`, starting at `lsn`.
 async fn record_start(client: &impl GenericClient, slot: &str, lsn: &str) -> Result<(), DbError> {
-    client
-        .execute(
-            "INSERT INTO walhook.slot_state (slot, created_at, start_lsn, confirmed_lsn, confirmed_at) \
-             VALUES ($1, now(), $2::text::pg_lsn, $2::text::pg_lsn, now()) \
-             ON CONFLICT (slot) DO UPDATE SET created_at = now(), start_lsn = EXCLUDED.start_lsn, \
-                 confirmed_lsn = EXCLUDED.confirmed_lsn, confirmed_at = now()",
-            &[&slot, &lsn],
-        )
-        .await?;
-    Ok(())
+    crate::store::slot_state::record_start(client, slot, lsn).await
 }
 
 /// Looks at the slot once: creates it on the first start, adopts one without a record.

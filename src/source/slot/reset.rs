@@ -8,7 +8,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{create, failover_supported, inspect, record_start, utc_text, LostHow, SlotError};
+use super::{create, failover_supported, inspect, record_start, LostHow, SlotError};
 use crate::config::Config;
 use crate::pg::db::Db;
 
@@ -131,23 +131,15 @@ async fn record_gap(
             lost.slot
         ),
     };
-    let r = client
-        .query_one(
-            concat!(
-                "INSERT INTO walhook.replication_gaps (slot, kind, reason, from_lsn, from_time, to_lsn, to_time) \
-                 VALUES ($1, 'slot_lost', $2, $3::text::pg_lsn, $4::text::timestamptz, $5::text::pg_lsn, clock_timestamp()) \
-                 RETURNING id, ",
-                utc_text!("to_time")
-            ),
-            &[&lost.slot, &reason, &from_lsn, &lost.confirmed_at, &to_lsn],
-        )
-        .await?;
+    let from = (from_lsn, lost.confirmed_at.as_deref());
+    let (id, to_time) =
+        crate::store::slot_state::record_slot_lost_gap(client, &lost.slot, &reason, from, to_lsn).await?;
     Ok(Gap {
-        id: r.get(0),
+        id,
         from_lsn: from_lsn.to_owned(),
         from_time: lost.confirmed_at.clone(),
         to_lsn: to_lsn.to_owned(),
-        to_time: r.get(1),
+        to_time,
     })
 }
 

@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
-use super::{declare_lost, utc_text, Lost, LostHow};
+use super::{declare_lost, Lost, LostHow};
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::ReplicationStatus;
 use crate::pg::db::{Db, DbError};
 use crate::pg::preflight::{self, Check};
+use crate::store::slot_state::utc_text;
 
 /// How often the confirmed position is recorded (sooner with a shorter recheck interval).
 const RECORD_EVERY: Duration = Duration::from_secs(5);
@@ -122,16 +123,7 @@ async fn look_at_slot(
     let slot = cfg.replication.slot.as_str();
     // Written when the position moved, and once a minute otherwise (so the time stays
     // recent on an idle database without writing every few seconds).
-    client
-        .execute(
-            "UPDATE walhook.slot_state st SET confirmed_lsn = s.confirmed_flush_lsn, confirmed_at = now() \
-             FROM pg_replication_slots s \
-             WHERE st.slot = $1 AND s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL \
-               AND s.wal_status IS DISTINCT FROM 'lost' \
-               AND (s.confirmed_flush_lsn > st.confirmed_lsn OR st.confirmed_at < now() - interval '1 minute')",
-            &[&slot],
-        )
-        .await?;
+    crate::store::slot_state::follow_confirmed(client, slot).await?;
     let wal_status: Option<String> = client
         .query_opt("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
         .await?
@@ -219,28 +211,14 @@ async fn open_gap(
     reason: &str,
     since: Option<&Mark>,
 ) -> Result<(), DbError> {
-    let (lsn, at) = (since.map(|m| m.lsn.as_str()), since.map(|m| m.at.as_str()));
-    client
-        .execute(
-            "INSERT INTO walhook.replication_gaps (slot, kind, reason, from_lsn, from_time) \
-             SELECT $1, $2, $3, $4::text::pg_lsn, $5::text::timestamptz \
-             WHERE NOT EXISTS (SELECT 1 FROM walhook.replication_gaps \
-                               WHERE slot = $1 AND kind = $2 AND to_time IS NULL)",
-            &[&slot, &check.label(), &reason, &lsn, &at],
-        )
-        .await?;
-    Ok(())
+    let from = (since.map(|m| m.lsn.as_str()), since.map(|m| m.at.as_str()));
+    crate::store::slot_state::open_gap(client, slot, check.label(), reason, from).await
 }
 
 /// Closes the open gap rows of `check`: it holds again as of `now`.
 async fn close_gaps(client: &impl GenericClient, slot: &str, check: Check, now: &Mark) -> Result<(), DbError> {
-    let closed = client
-        .execute(
-            "UPDATE walhook.replication_gaps SET to_lsn = $3::text::pg_lsn, to_time = $4::text::timestamptz \
-             WHERE slot = $1 AND kind = $2 AND to_time IS NULL",
-            &[&slot, &check.label(), &now.lsn, &now.at],
-        )
-        .await?;
+    let to = (now.lsn.as_str(), now.at.as_str());
+    let closed = crate::store::slot_state::close_gaps(client, slot, check.label(), to).await?;
     if closed > 0 {
         tracing::warn!(
             slot,

@@ -1,0 +1,105 @@
+//! Reads of `walhook.deliveries` outside the writer: an endpoint's delivery history, the
+//! outbox gauges (with the endpoint counts), and what replication's replay may skip.
+//!
+//! What must hold: these only read; every write of a delivery row goes through the store
+//! writer ([`crate::store::StoreWriter`]) or the outbox's claim ([`crate::store::outbox`]).
+//! The replay filter answers from committed rows only: a delivery counts as recorded once
+//! its row (delivered, failed or pending) is there, so a replay never sends it twice.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::ops::health::{GaugesFuture, OutboxGauges};
+use crate::pg::db::DbError;
+
+/// A delivery as `webhooks-deliveries` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeliveryView {
+    /// Delivery id (also the `webhook-id` header).
+    pub id: Uuid,
+    /// e.g. `contact.created`.
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Last HTTP status received.
+    pub http_status_code: Option<i32>,
+    /// Attempts made.
+    pub attempt_count: i32,
+    /// When it was delivered or failed.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// When the change was committed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The newest `limit` deliveries of `endpoint`, newest commit first (the caller checks the
+/// endpoint belongs to its account).
+pub async fn newest_of_endpoint(
+    client: &impl GenericClient,
+    endpoint: Uuid,
+    limit: i64,
+) -> Result<Vec<DeliveryView>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at \
+             FROM walhook.deliveries WHERE endpoint_id = $1 ORDER BY commit_lsn DESC, seq DESC LIMIT $2",
+            &[&endpoint, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DeliveryView {
+            id: r.get(0),
+            event_type: r.get(1),
+            status: r.get(2),
+            http_status_code: r.get(3),
+            attempt_count: r.get(4),
+            completed_at: r.get(5),
+            created_at: r.get(6),
+        })
+        .collect())
+}
+
+/// The outbox and endpoint gauges (`ops::health`'s monitor reads them with this).
+pub fn outbox_gauges(client: &tokio_postgres::Client) -> GaugesFuture<'_> {
+    Box::pin(async move {
+        let (pending, oldest_pending_age) = pending_gauges(client).await?;
+        let (active_endpoints, disabled_endpoints) = crate::store::endpoints::counts(client).await?;
+        Ok(OutboxGauges { pending, oldest_pending_age, active_endpoints, disabled_endpoints })
+    })
+}
+
+/// Pending deliveries, and the age in seconds of the oldest one whose endpoint is active (0
+/// when there is none): those of an endpoint paused by hand or deleted wait on purpose.
+pub async fn pending_gauges(client: &impl GenericClient) -> Result<(i64, f64), DbError> {
+    let r = client
+        .query_one(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at) FILTER (WHERE e.is_active))::float8, 0) \
+             FROM walhook.deliveries d LEFT JOIN walhook.endpoints e ON e.id = d.endpoint_id \
+             WHERE d.status = 'pending'",
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// The highest commit position (LSN as a number) any delivery was recorded at, 0 when none:
+/// changes committed up to it may have been delivered already, so a replay checks them.
+pub async fn last_recorded_commit(client: &impl GenericClient) -> Result<u64, DbError> {
+    let row = client.query_one("SELECT COALESCE(max(commit_lsn), 0) FROM walhook.deliveries", &[]).await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+/// The endpoints with a delivery waiting in the outbox.
+pub async fn endpoints_with_pending(client: &impl GenericClient) -> Result<Vec<Uuid>, DbError> {
+    let rows =
+        client.query("SELECT DISTINCT endpoint_id FROM walhook.deliveries WHERE status = 'pending'", &[]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Which of `ids` are recorded (a row exists, whatever its status): the replay filter.
+pub async fn recorded_among(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+    let rows = client.query("SELECT id FROM walhook.deliveries WHERE id = ANY($1)", &[&ids]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
