@@ -24,9 +24,9 @@ pub mod ops;
 
 pub mod store;
 
-pub mod delivery;
+pub(crate) mod delivery;
 
-pub mod source;
+pub(crate) mod source;
 
 pub mod admin;
 

@@ -11,4 +11,4 @@ pub mod delivery;
 pub mod event;
 pub mod position;
 pub mod progress;
-pub mod tenure;
+pub(crate) mod tenure;

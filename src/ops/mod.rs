@@ -4,8 +4,8 @@
 //! What must hold: metric names are constants in `metrics`; stages receive their metric and
 //! status handles from `app` and never import one another through here.
 
-pub mod descriptors;
-pub mod health;
-pub mod logging;
+pub(crate) mod descriptors;
+pub(crate) mod health;
+pub(crate) mod logging;
 pub mod metrics;
-pub mod status;
+pub(crate) mod status;

@@ -4,8 +4,8 @@
 //! What must hold: errors name what to change (a setting, a grant, a migration); nothing
 //! here reads or writes deliveries or endpoints (that is `store`).
 
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod db;
-pub mod grants;
+pub(crate) mod grants;
 pub mod migrate;
-pub mod preflight;
+pub(crate) mod preflight;

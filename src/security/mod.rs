@@ -5,10 +5,10 @@
 //! What must hold: no module here does I/O on walhook's tables or knows about the data
 //! flow; it is the bottom layer and imports nothing else from the crate.
 
-pub mod invisible;
+pub(crate) mod invisible;
 pub mod listener;
-pub mod ranges;
+pub(crate) mod ranges;
 pub mod secrets;
 pub mod sign;
 pub mod ssrf;
-pub mod tls;
+pub(crate) mod tls;

@@ -151,6 +151,7 @@ impl Router {
     }
 
     /// The routing state of endpoint `id`, if known.
+    #[cfg(test)]
     pub fn routing(&self, id: Uuid) -> Option<&Routing> {
         self.routing.get(&id)
     }

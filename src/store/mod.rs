@@ -40,7 +40,7 @@ pub(crate) mod endpoints;
 pub mod maintenance;
 pub(crate) mod outbox;
 mod resilient;
-pub mod secrets;
+pub(crate) mod secrets;
 pub(crate) mod slot_state;
 pub(crate) mod versions;
 mod write;

@@ -87,12 +87,6 @@ impl Sender {
         Ok(Sender { client, policy })
     }
 
-    /// Whether `url` may be targeted as written: `https`, a host, and not a forbidden
-    /// literal address. (Names are checked again at connect time.)
-    pub fn check_url(&self, url: &Url) -> Result<(), String> {
-        check_target(&self.policy, url)
-    }
-
     /// Makes one attempt of delivery `msg_id` to `endpoint`.
     pub async fn attempt(&self, endpoint: &Endpoint, msg_id: &str, body: Bytes) -> Attempt {
         let started_at = chrono::Utc::now();

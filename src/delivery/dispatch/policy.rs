@@ -31,6 +31,7 @@ impl RetryPolicy {
     }
 
     /// Attempts a delivery gets in all.
+    #[cfg(test)]
     pub fn max_attempts(&self) -> usize {
         self.schedule.len() + 1
     }

@@ -31,7 +31,7 @@ use crate::source::replication::ReplicationError;
 mod reset;
 mod watch;
 
-pub use reset::{reset, Gap, ResetReport};
+pub use reset::{reset, ResetReport};
 pub use watch::watch;
 
 /// A lost slot is looked at again at least this often (sooner with a shorter
