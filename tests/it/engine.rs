@@ -2,11 +2,9 @@
 //! resets, 410, 429 with Retry-After, redirects; per-row order with a stuck row overtaken by
 //! another; a dead endpoint beside a healthy one; attempt records.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, ACCOUNT_A};
 use walhook::local::receiver::{Received, Reply};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";

@@ -5,7 +5,7 @@ use walhook::secrets::SigningSecret;
 use walhook::sign::Signer;
 
 fn vectors() -> Vec<Value> {
-    let text = include_str!("fixtures/standard-webhooks.json");
+    let text = include_str!("../fixtures/standard-webhooks.json");
     let doc: Value = serde_json::from_str(text).unwrap();
     doc["vectors"].as_array().unwrap().clone()
 }

@@ -2,11 +2,9 @@
 //! what waits in the outbox, an old leader whose lock connection dropped stops sending
 //! before anyone else streams, and a standby waits for the old walsender instead of exiting.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{free_port, wait_for, Env, Proc, ACCOUNT_A};
+use crate::common::{free_port, wait_for, Env, Proc, ACCOUNT_A};
 use walhook::local::receiver::{Received, Reply};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";

@@ -2,12 +2,10 @@
 //! backoff, resumes from the slot, and every committed change is delivered.
 //! (Its own cluster: restarting the shared one would disturb other tests.)
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{own_cluster, Env, ACCOUNT_A};
+use crate::common::{own_cluster, Env, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 

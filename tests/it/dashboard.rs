@@ -6,14 +6,13 @@
 //! The load covers what the panels show: deliveries that succeed, fail (500, retried until
 //! they give up, so the outbox fills) and hit a 410 (the endpoint is disabled).
 
-mod common;
-mod tools;
+use crate::tools;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, wait_for, Env, ACCOUNT_A};
+use crate::common::{free_port, wait_for, Env, ACCOUNT_A};
 use serde_json::Value;
 use walhook::local::receiver::Reply;
 

@@ -1,12 +1,10 @@
 //! Nothing is lost: walhook killed with SIGKILL in the middle of a load, then restarted,
 //! delivers every committed change, and every copy of one delivery carries one webhook-id.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 

@@ -3,13 +3,13 @@
 //! create-time check on purpose: think of a DNS name that later points inside, or rows
 //! created while `dispatch.allowed_cidrs` was wider.)
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, ACCOUNT_A};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

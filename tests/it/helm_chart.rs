@@ -9,14 +9,14 @@
 //! config/default.toml, every values key is documented, the chart follows the crate's
 //! version, and every alert has a runbook section in docs/operations.md.
 
-mod tools;
+use crate::tools;
 
 use std::collections::BTreeSet;
 use std::fs;
 
+use crate::tools::{chart_dir, helm, render, Rendered};
 use base64::Engine;
 use serde_json::{json, Value};
-use tools::{chart_dir, helm, render, Rendered};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const RELEASE: &str = "crm";
@@ -106,7 +106,7 @@ fn rendered(values: &Value) -> Rendered {
 }
 
 /// Kinds that come from the Prometheus Operator's CRDs, not Kubernetes; promtool checks the
-/// PrometheusRule's rules (tests/alerts.rs).
+/// PrometheusRule's rules (tests/it/alerts.rs).
 const CRD_KINDS: &[&str] = &["ServiceMonitor", "PrometheusRule"];
 
 #[test]

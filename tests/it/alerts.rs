@@ -7,7 +7,7 @@
 //! in tests/alerts.test.yaml (adding an alert means adding both there), and the test file
 //! names no alert the chart lacks.
 
-mod tools;
+use crate::tools;
 
 use std::collections::BTreeSet;
 use std::path::Path;

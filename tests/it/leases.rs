@@ -1,12 +1,10 @@
 //! Outbox claims: an attempt in flight when its process died is retried once its lease has
 //! run out (not before), and two processes working one outbox never make the same attempt.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{free_port, wait_for, Env, ACCOUNT_A};
+use crate::common::{free_port, wait_for, Env, ACCOUNT_A};
 use walhook::local::receiver::Reply;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";

@@ -2,12 +2,10 @@
 //! not migrated, deletes that would lose account_id, a missing table, wal_level not logical,
 //! a role without REPLICATION, or a slot another process streams.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{cluster, own_cluster, wait_for, Env};
+use crate::common::{cluster, own_cluster, wait_for, Env};
 
 /// Runs `walhook run` and expects it to fail with every one of `needles` in its output.
 async fn refuses(env: &Env, extra: &str, needles: &[&str]) {
@@ -95,7 +93,13 @@ async fn a_slot_streamed_by_another_process_is_refused() {
         .spawn()
         .expect("pg_recvlogical");
     wait_for(Duration::from_secs(20), || async {
-        env.scalar_i64("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'").await == 1
+        // (Other tests of the shared cluster may run pg_recvlogical too: only this slot's counts.)
+        env.scalar_i64(
+            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = 'pre_slot_busy' AND r.application_name = 'pg_recvlogical'",
+        )
+        .await
+            == 1
     })
     .await;
     refuses(&env, "", &["replication slot pre_slot_busy is in use by another process", "pg_recvlogical"]).await;

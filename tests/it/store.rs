@@ -1,13 +1,11 @@
 //! The store writer against a real database: whatever lands in one batch is written as if op
 //! by op, in order, exactly once.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{Env, ACCOUNT_A};
 use bytes::Bytes;
-use common::{Env, ACCOUNT_A};
 use uuid::Uuid;
 use walhook::dispatch::http::Attempt;
 use walhook::route::Event;

@@ -49,9 +49,9 @@ pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("helm").join("walhook")
 }
 
-/// Runs one command of tests/tools/helm.py with `request` on stdin; returns its JSON answer.
+/// Runs one command of tests/it/tools/helm.py with `request` on stdin; returns its JSON answer.
 pub fn helm(command: &str, request: &Value) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("tools").join("helm.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("it").join("tools").join("helm.py");
     let mut child = Command::new(python())
         .arg(&script)
         .arg(command)

@@ -2,13 +2,11 @@
 //! and readiness, JSON logs without secrets, heartbeats that move an idle slot, and a
 //! graceful SIGTERM that loses nothing.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 

@@ -1,11 +1,9 @@
 //! A replayed change is routed with the endpoints as they were at its commit position, in
 //! every session: after a kill -9, and after a PostgreSQL restart in the same process.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
 use uuid::Uuid;
 use walhook::dispatch::ssrf::AddressPolicy;
 use walhook::endpoints::{Caller, EndpointPatch, Endpoints};

@@ -4,11 +4,11 @@
 //! breaks while walhook runs (a table dropped from the publication) is just as loud, and its
 //! time window is recorded.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{own_cluster, wait_for, Env, Proc, ACCOUNT_A};
+use crate::common::{own_cluster, wait_for, Env, Proc, ACCOUNT_A};
 use walhook::local::receiver::Received;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
@@ -113,7 +113,8 @@ async fn a_dropped_slot_is_not_recreated_until_slot_reset_records_the_gap() {
         .await
         .unwrap();
     assert_eq!(api.status().as_u16(), 401, "the API keeps answering");
-    // The ERROR is logged once per state change, not on every poll.
+    // The ERROR is logged once per state change, not on every poll: a fixed wait, on purpose,
+    // long enough for several re-checks (they come on a timer; there is nothing to wait for).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(slot_count(&env).await, 0, "still no slot after several re-checks");
     let errors = wh.log_text().lines().filter(|l| l.contains("ERROR") && l.contains("slot_lost_dropped")).count();

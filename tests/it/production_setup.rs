@@ -6,11 +6,9 @@
 //!
 //! What must hold: what the README tells an operator to do is enough for walhook to run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{cluster, wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{cluster, wait_for, Env, ACCOUNT_A, USER};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

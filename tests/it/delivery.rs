@@ -2,12 +2,10 @@
 //! slot is confirmed only past what is durable, idle or unrelated writes still move it, a
 //! replay records and sends nothing twice, and a huge transaction spills instead of piling up.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 use walhook::local::receiver::Reply;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
@@ -27,7 +25,7 @@ async fn tenants_never_mix() {
     ))
     .await;
     env.receiver.wait_until(Duration::from_secs(20), |r| r.len() >= 35).await.expect("35 webhooks");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.quiescent().await;
     let a = env.receiver.received_on("a");
     let b = env.receiver.received_on("b");
     assert_eq!(a.len(), 20);
@@ -73,6 +71,9 @@ async fn a_delivery_fails_after_its_last_scheduled_retry() {
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'failed' AND attempt_count = 4 AND http_status_code = 500";
     wait_for(Duration::from_secs(20), || async { env.scalar_i64(q).await == 1 }).await;
     assert_eq!(env.receiver.count(), 4, "first attempt + 3 scheduled retries");
+    // A fixed wait, on purpose: a wrong fifth attempt would come on the retry schedule (its
+    // last step is 1 s, the outbox polls every 100 ms), and a failed delivery is not pending,
+    // so quiescence would not wait for it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.receiver.count(), 4, "nothing after failing");
     wh.stop().await.unwrap();

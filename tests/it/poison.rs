@@ -3,13 +3,11 @@
 //! account's webhooks keep being delivered and recorded and the slot keeps moving; and a store
 //! batch the database refuses is split so that only the row at fault is set aside.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 use bytes::Bytes;
-use common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 use uuid::Uuid;
 use walhook::dispatch::http::Attempt;
 use walhook::local::receiver::Reply;

@@ -6,10 +6,9 @@
 //! attempt that fails for a local resource reason is retried without spending one of the
 //! delivery's attempts.
 //!
-//! The tests of this binary run one at a time: one of them starves this very process of
-//! file descriptors.
-
-mod common;
+//! The tests of this file run one at a time (`SERIAL`). The two that starve their own process
+//! of file descriptors (one also installs the log subscriber) run alone in a child process of
+//! the test binary (`common::alone`), so they starve no test of another file.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -18,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{self, wait_for, Env, ACCOUNT_A, USER};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -303,6 +302,9 @@ impl Drop for Starve {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_failing_for_lack_of_descriptors_does_not_spend_an_attempt() {
     let _serial = SERIAL.lock().await;
+    if !common::alone("listeners::an_attempt_failing_for_lack_of_descriptors_does_not_spend_an_attempt").await {
+        return;
+    }
     let env = Env::new("listeners_local_failure").await;
     env.endpoint(ACCOUNT_A, "warm", &["contact.created"]).await;
     // One retry only: had the local failures counted, the delivery would fail for good.
@@ -576,6 +578,9 @@ impl Captured {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_failures_are_logged_at_most_once_a_second() {
     let _serial = SERIAL.lock().await;
+    if !common::alone("listeners::accept_failures_are_logged_at_most_once_a_second").await {
+        return;
+    }
     let log = Captured::default();
     let sink = log.clone();
     tracing_subscriber::fmt()
@@ -609,6 +614,7 @@ async fn accept_failures_are_logged_at_most_once_a_second() {
         }
     });
     wait_for(Duration::from_secs(10), || async { log.count(LINE) >= 1 }).await;
+    // A fixed wait, on purpose: the rate of lines is judged over a few seconds of failures.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lines = log.count(LINE);
     let secs = started.elapsed().as_secs_f64();

@@ -3,11 +3,11 @@
 //! once, shutdown starts no new outbox attempt, a paused endpoint does not page, the rate
 //! limit says what it limits, and `/readyz` names why replication is not streaming.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{wait_for, Env, ACCOUNT_A, USER};
 use walhook::dispatch::ssrf::AddressPolicy;
 use walhook::endpoints::{Caller, EndpointPatch, Endpoints};
 use walhook::local::receiver::Reply;

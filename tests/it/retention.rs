@@ -1,11 +1,11 @@
 //! Background upkeep: retention removes only what it should, in small batches; an endpoint
 //! whose deliveries have all failed for `dispatch.disable_after` is disabled.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, ACCOUNT_A};
 use walhook::dispatch::ssrf::AddressPolicy;
 use walhook::endpoints::{Caller, Endpoints};
 use walhook::local::receiver::Reply;

@@ -1,11 +1,11 @@
 //! Tenant fairness in dispatch: one account's endpoints cannot hold every request slot, so
 //! another account's deliveries (first attempts and outbox retries alike) keep flowing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{Env, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{Env, ACCOUNT_A, ACCOUNT_B};
 use walhook::local::receiver::Reply;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";

@@ -1,11 +1,9 @@
 //! Column values become the JSON the CRM's API uses, whatever the table's shape and the
 //! server's TimeZone, and unchanged TOASTed values are filled in or left out, never null.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Env, ACCOUNT_A};
+use crate::common::{Env, ACCOUNT_A};
 use serde_json::json;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";

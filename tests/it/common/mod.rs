@@ -1,6 +1,10 @@
-//! Test support: one throwaway PostgreSQL cluster per test binary, one database (with its own
-//! slot and publication) per test, a real HTTPS receiver, and walhook run either in-process
-//! or as the real binary (for kill -9 and signals). Waits are conditions with deadlines.
+//! Test support: one throwaway PostgreSQL cluster shared by every test of the binary (started
+//! by the first test that needs it, removed by its watchdog when the binary exits), one
+//! database (with its own slot and publication) per test, a real HTTPS receiver, and walhook
+//! run either in-process or as the real binary (for kill -9 and signals). Waits are conditions
+//! with deadlines; "nothing more arrives" is judged once walhook is quiescent
+//! (`Env::quiescent`), never after a fixed sleep. A test that must change process-wide state
+//! runs alone in a child process (`alone`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -35,7 +39,8 @@ fn init_test_logging() {
     });
 }
 
-/// The cluster shared by the tests of one binary.
+/// The cluster shared by the tests of the binary. (A static is never dropped: the cluster's
+/// watchdog stops and removes it once this process has exited.)
 pub fn cluster() -> &'static TempCluster {
     static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| TempCluster::start(&ClusterOptions::default()).expect("throwaway PostgreSQL"))
@@ -243,12 +248,73 @@ impl Env {
 
     /// The slot's confirmed position.
     pub async fn confirmed_lsn(&self) -> i64 {
+        self.confirmed_lsn_of(&self.name).await
+    }
+
+    /// The confirmed position of `slot`.
+    pub async fn confirmed_lsn_of(&self, slot: &str) -> i64 {
         self.scalar_i64(&format!(
-            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = '{}'",
-            self.name
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = '{slot}'"
         ))
         .await
     }
+
+    /// Waits until walhook has nothing more to do for what this test committed so far: the
+    /// slot's confirmed position has passed the WAL position read now (after the test's last
+    /// commit), and no delivery in this test's database is pending (waiting for a retry, or in
+    /// flight from the outbox). A position is confirmed only once every delivery before it is
+    /// settled, so by then the receiver has got all it will get, short of retries. Panics,
+    /// naming what is still outstanding, if that takes longer than 30 s.
+    pub async fn quiescent(&self) {
+        self.quiescent_slot(&self.name).await
+    }
+
+    /// Like `quiescent`, for walhook streaming `slot`.
+    pub async fn quiescent_slot(&self, slot: &str) {
+        let target = self.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+        let pending = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (confirmed, pending) = (self.confirmed_lsn_of(slot).await, self.scalar_i64(pending).await);
+            if confirmed >= target && pending == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not quiescent within 30 s: slot {slot} confirmed {confirmed:#x}, the last commit ends by \
+                 {target:#x}; {pending} deliveries pending"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs test `name` (`file::test`) alone in a child process of this test binary, for a test
+/// that changes state of its whole process (it starves it of file descriptors, installs the
+/// log subscriber) and would break the tests running beside it. In the child this returns
+/// `true`: run the test's body. In the test's own process it runs the child, fails unless the
+/// child ran exactly that test and it passed, and returns `false`: the body already ran.
+pub async fn alone(name: &str) -> bool {
+    const VAR: &str = "WALHOOK_TEST_ALONE";
+    if std::env::var_os(VAR).is_some_and(|v| v == name) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = tokio::process::Command::new(exe)
+        .args([name, "--exact", "--test-threads", "1", "--nocapture"])
+        .env(VAR, name)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run the test in a child process");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{name}, run alone:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name}, run alone in a child process, failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    false
 }
 
 fn merge(into: &mut toml::Table, from: toml::Table) {

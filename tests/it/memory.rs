@@ -2,14 +2,12 @@
 //! never holds more payload bytes in memory (waiting, in flight, or on their way to the
 //! store) than the limit, and still delivers every row, in order per row.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, ACCOUNT_A};
 use walhook::local::receiver::{Received, Reply};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
