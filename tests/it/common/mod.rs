@@ -218,7 +218,27 @@ impl Env {
             "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = '{slot}'"
         );
-        wait_for(Duration::from_secs(30), || async { self.scalar_i64(&q).await == 1 }).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.scalar_i64(&q).await != 1 {
+            if tokio::time::Instant::now() > deadline {
+                // What a slot being created waits for: transactions running anywhere in the
+                // cluster (it is shared by every test) must end first.
+                let rows = self
+                    .client
+                    .query(
+                        "SELECT format('%s pid %s %s xid %s since %s: %s', datname, pid, state, backend_xid, \
+                         now() - xact_start, left(query, 200)) FROM pg_stat_activity \
+                         WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL OR wait_event_type = 'Lock' \
+                            OR query ILIKE '%replication_slot%'",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                panic!("slot {slot} not streamed within 30 s; transactions and waits now:\n{}", rows.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Writes the config to a file and starts the real binary with it.
