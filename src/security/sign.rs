@@ -2,7 +2,7 @@
 //! the key being the base64-decoded part of `whsec_…`.
 //!
 //! What must hold: the Standard Webhooks specification's published test vectors
-//! (`tests/fixtures/standard-webhooks.json`, checked by `tests/signatures.rs`) verify; the key is kept
+//! (`tests/fixtures/standard-webhooks.json`, checked by `tests/it/signatures.rs`) verify; the key is kept
 //! as a pre-keyed HMAC state so signing does not re-derive it per request; `Debug` never
 //! shows key material.
 

@@ -1,0 +1,273 @@
+//! A hostile tenant cannot stop anyone else's deliveries: whatever its receiver answers (NUL
+//! bytes, invalid UTF-8, binary or gzip bodies, huge or odd headers, any status), every other
+//! account's webhooks keep being delivered and recorded and the slot keeps moving; and a store
+//! batch the database refuses is split so that only the row at fault is set aside.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
+use bytes::Bytes;
+use uuid::Uuid;
+use walhook::local::receiver::Reply;
+use walhook::model::attempt::Attempt;
+use walhook::model::delivery::Event;
+use walhook::model::progress::Tracker;
+use walhook::store::{Record, Status, StoreOp, StoreWriter};
+
+const A: &str = "aaaa0000-0000-4000-8000-000000000001";
+const B: &str = "bbbb0000-0000-4000-8000-000000000002";
+
+/// Every kind of hostile answer, in turn.
+fn hostile_answers() -> Vec<Reply> {
+    let gzip =
+        Bytes::from_static(&[0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0xff, 0xfe]);
+    let odd_headers: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("x-odd-{i}"), format!("caf\u{e9}\t{}", "\u{7f}".len().to_string().repeat(2000))))
+        .collect();
+    let mut big = vec![0u8; 200 * 1024];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i * 7 % 256) as u8;
+    }
+    vec![
+        Reply::Raw(200, vec![], Bytes::from_static(b"ok\x00\xff")),
+        Reply::Raw(500, vec![], Bytes::from_static(b"boom\x00\xc3\x28")),
+        Reply::Raw(200, vec![("content-encoding".into(), "gzip".into())], gzip),
+        Reply::Raw(200, odd_headers, Bytes::from_static(b"\xff\xfe\x00\x01\x1b[31m")),
+        Reply::Raw(503, vec![("retry-after".into(), "\u{e9}\u{e9}".into())], Bytes::from(big)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_receiver_stops_no_other_account() {
+    let env = Env::new("poison_tenant").await;
+    let evil = env.endpoint(ACCOUNT_A, "evil", &["contact.created"]).await;
+    // The other account's server is another host (connections are pooled per host).
+    let other = walhook::local::receiver::Receiver::start(&env.ca).await.unwrap();
+    let (good, secret) = env.endpoint_url(ACCOUNT_B, &other.url("good"), &["contact.created"]).await;
+    other.set_secret("good", &secret);
+    let mut script = Vec::new();
+    for _ in 0..8 {
+        script.extend(hostile_answers());
+    }
+    env.receiver.script("evil", script);
+    env.receiver.set_default("evil", Reply::Raw(200, vec![], Bytes::from_static(b"ok\x00\xff")));
+    let wh = env.start("[dispatch]\nretry_schedule = [\"200ms\"]\n").await;
+    // Both accounts write in the same transactions, so their records share store batches.
+    let n = 40;
+    for round in 0..4 {
+        env.sql(&format!(
+            "INSERT INTO contacts (account_id, first_name) SELECT a, 'r{round}-' || i \
+             FROM generate_series(1, {}) i, (VALUES ('{A}'::uuid), ('{B}'::uuid)) v(a)",
+            n / 4
+        ))
+        .await;
+    }
+    let written = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    let good_ones = |r: &[walhook::local::receiver::Received]| r.iter().filter(|r| r.path == "/good").count();
+    if let Err(got) = other.wait_until(Duration::from_secs(30), |r| good_ones(r) >= n).await {
+        panic!("the other account's webhooks arrive: {} of {n}", good_ones(&got));
+    }
+    let recorded =
+        format!("SELECT count(*) FROM walhook.deliveries WHERE endpoint_id = '{}' AND status = 'delivered'", good.id);
+    let settled =
+        format!("SELECT count(*) FROM walhook.deliveries WHERE endpoint_id = '{}' AND status <> 'pending'", evil.id);
+    let deadline = Duration::from_secs(30);
+    let outcome = tokio::time::timeout(deadline, async {
+        wait_for(deadline, || async {
+            env.scalar_i64(&recorded).await == n as i64 && env.scalar_i64(&settled).await == n as i64
+        })
+        .await
+    })
+    .await;
+    if outcome.is_err() {
+        let rows = env
+            .client
+            .query(
+                "SELECT endpoint_id::text || status || coalesce(last_error, ''), count(*)::text, 0::int8 FROM walhook.deliveries GROUP BY 1 ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let states: Vec<(String, String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        panic!("every delivery recorded (other account {}, hostile {}): {states:?}", good.id, evil.id);
+    }
+    wait_for(Duration::from_secs(20), || async { env.confirmed_lsn().await >= written }).await;
+    // What the receiver sent is kept for operators, made safe.
+    let snippets = env
+        .client
+        .query(
+            "SELECT a.response_snippet FROM walhook.attempts a JOIN walhook.deliveries d ON d.id = a.delivery_id \
+             WHERE d.endpoint_id = $1 AND a.response_snippet IS NOT NULL",
+            &[&evil.id],
+        )
+        .await
+        .unwrap();
+    assert!(snippets.iter().any(|r| r.get::<_, String>(0).starts_with("ok")), "snippets are kept");
+    for r in &snippets {
+        let s: String = r.get(0);
+        assert!(s.len() <= 1024 && !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{s:?}");
+    }
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    wh.stop().await.unwrap();
+}
+
+fn event(seq: u32, key: &str) -> Arc<Event> {
+    Arc::new(Event {
+        id: walhook::model::delivery::event_id(walhook::model::position::Position::new(0x2000, seq)),
+        account_id: ACCOUNT_A,
+        event_type: walhook::model::event::EventType::parse("contact.created").unwrap(),
+        entity_key: key.to_owned(),
+        position: walhook::model::position::Position::new(0x2000, seq),
+        committed_at_us: chrono::Utc::now().timestamp_micros(),
+        body: Bytes::from_static(b"{\"event\":\"contact.created\"}"),
+    })
+}
+
+fn delivered(endpoint: Uuid, seq: u32, key: &str, snippet: &str, tracker: &Tracker) -> StoreOp {
+    StoreOp::Insert(Record {
+        id: walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x2000, seq), endpoint),
+        endpoint_id: endpoint,
+        event: event(seq, key),
+        status: if seq % 2 == 0 { Status::Pending } else { Status::Delivered },
+        attempt_count: 1,
+        http_status: Some(200),
+        next_attempt_at: (seq % 2 == 0).then(chrono::Utc::now),
+        lease: None,
+        last_error: None,
+        completed_at: Some(chrono::Utc::now()),
+        attempt: Some(Attempt {
+            status: Some(200),
+            failure: None,
+            retry_after: None,
+            error: None,
+            started_at: chrono::Utc::now(),
+            duration: Duration::from_millis(3),
+            response_snippet: snippet.into(),
+        }),
+        ticket: tracker.ticket(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_split_and_only_the_row_at_fault_is_set_aside() {
+    let env = Env::new("poison_bisect").await;
+    // Rows the database refuses (constraints standing in for any row-level refusal): one
+    // whose texts are refused (stored again without them), one whose payload is refused
+    // (stored as failed, with the reason), and one refused in every form.
+    env.sql(
+        "ALTER TABLE walhook.attempts ADD CONSTRAINT no_poison CHECK (response_snippet IS DISTINCT FROM 'poison');
+         ALTER TABLE walhook.events ADD CONSTRAINT no_payload CHECK (seq <> 54);
+         ALTER TABLE walhook.deliveries ADD CONSTRAINT no_cursed CHECK (entity_key <> 'contacts:cursed');",
+    )
+    .await;
+    let endpoint = Uuid::new_v4();
+    let mut tracker = Tracker::new();
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 256);
+    let mut ops = Vec::new();
+    for seq in 1..=100u32 {
+        tracker.begin();
+        let (key, snippet) = match seq {
+            37 => ("contacts:37".to_owned(), "poison"),
+            71 => ("contacts:cursed".to_owned(), "ok"),
+            _ => (format!("contacts:{seq}"), "ok"),
+        };
+        ops.push(delivered(endpoint, seq, &key, snippet, &tracker));
+        tracker.commit(u64::from(seq) * 100);
+    }
+    for op in ops {
+        tx.send(op).await.unwrap();
+    }
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(60), writer.run()).await.expect("the writer gets past a refused row");
+    let count = |q: &'static str| env.scalar_i64(q);
+    assert_eq!(count("SELECT count(*) FROM walhook.deliveries").await, 99, "all but the cursed row");
+    assert_eq!(
+        count("SELECT count(*) FROM walhook.attempts WHERE response_snippet IS NULL").await,
+        1,
+        "the poisoned attempt is stored without its texts"
+    );
+    assert_eq!(count("SELECT count(*) FROM walhook.deliveries WHERE seq = 37").await, 1);
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE seq = 54 AND status = 'failed' AND last_error LIKE '%could not store this delivery%'";
+    assert_eq!(count(q).await, 1, "the row whose payload was refused is failed with the reason");
+    // Tickets: every stored row settled; the one never stored holds its transaction.
+    assert_eq!(tracker.confirmable(), Some(7000), "transactions up to the refused row are confirmable");
+    assert_eq!(tracker.confirmable(), None, "the refused row's transaction is not settled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
+    let env = Env::new("poison_stall").await;
+    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
+    let readyz = || readyz(&env);
+    assert_eq!(readyz().await.0, 200);
+    // Wedge the store: a transaction holding walhook.deliveries.
+    let (_locker, lock) = lock_deliveries(&env).await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'stalled')")).await;
+    env.receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await.unwrap();
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
+    assert_eq!(status, 503, "not ready while the store cannot commit: {body}");
+    assert!(body.contains("store writer cannot make progress"), "{body}");
+    assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
+    assert_eq!(env.metric("walhook_store_stalled").await, 0.0);
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
+    wh.stop().await.unwrap();
+}
+
+/// A store writer waiting on a lock while it answers an outbox probe (rows blocked behind a
+/// failed delivery are probed every tick) is stalled just the same: /readyz and the gauge say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
+    let env = Env::new("poison_probe_stall").await;
+    env.endpoint(ACCOUNT_A, "p", &["contact.created"]).await;
+    env.receiver.set_default("p", Reply::Status(500));
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n[dispatch]\nretry_schedule = [\"60s\"]\n").await;
+    let readyz = || readyz(&env);
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'blocked')")).await;
+    let pending = "SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(pending).await == 1 }).await;
+    assert_eq!(readyz().await.0, 200);
+    // The row is blocked behind its failed delivery, so dispatch probes the outbox; wedge it.
+    let (_locker, lock) = lock_deliveries(&env).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
+    assert_eq!(status, 503, "not ready while a probe cannot read the outbox: {body}");
+    assert!(body.contains("store writer cannot make progress"), "{body}");
+    assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
+    wh.stop().await.unwrap();
+}
+
+/// `/readyz`: status and body.
+async fn readyz(env: &Env) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", env.metrics_port)).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `/readyz` once it answers 503, or its last answer after `within`.
+async fn readyz_until_503(env: &Env, within: Duration) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (s, b) = readyz(env).await;
+        if s == 503 || tokio::time::Instant::now() > deadline {
+            return (s, b);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A session holding `walhook.deliveries` in ACCESS EXCLUSIVE mode until `ROLLBACK` is sent
+/// on the returned client (the store wedged).
+async fn lock_deliveries(env: &Env) -> (tokio::task::JoinHandle<()>, tokio_postgres::Client) {
+    let (client, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.batch_execute("BEGIN; LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    (task, client)
+}

@@ -1,0 +1,207 @@
+//! A replayed change is routed with the endpoints as they were at its commit position, in
+//! every session: after a kill -9, and after a PostgreSQL restart in the same process.
+
+use std::time::Duration;
+
+use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
+use uuid::Uuid;
+use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
+use walhook::local::receiver::{Received, Reply};
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
+
+const A: &str = "aaaa0000-0000-4000-8000-000000000001";
+/// Attempts hang long enough that only a kill ends them.
+const SLOW: &str = "[dispatch]\nrequest_timeout = \"60s\"\nspill_after = \"60s\"\n";
+
+fn endpoints(env: &Env) -> Endpoints {
+    Endpoints::new(
+        env.db.clone(),
+        SecretBox::new(None).unwrap(),
+        AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]),
+    )
+}
+
+async fn set_active(env: &Env, id: Uuid, active: bool) {
+    endpoints(env)
+        .update(
+            Caller { account_id: ACCOUNT_A, user_id: USER },
+            id,
+            EndpointPatch { is_active: Some(active), ..Default::default() },
+        )
+        .await
+        .expect("update endpoint");
+}
+
+async fn insert_contact(env: &Env, id: &str, name: &str) {
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{id}', '{A}', '{name}')")).await;
+}
+
+fn is_contact(r: &Received, id: &str) -> bool {
+    r.json()["data"]["id"].as_str() == Some(id)
+}
+
+/// Waits until the slot has confirmed everything written so far.
+async fn wait_confirmed_to_now(env: &Env) {
+    let now = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    wait_for(Duration::from_secs(30), || async { env.confirmed_lsn().await >= now }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_disabled_before_a_replay_still_gets_the_change_committed_while_it_was_active() {
+    let env = Env::new("replay_routing_disabled").await;
+    let e = env.endpoint(ACCOUNT_A, "e", &["contact.created"]).await;
+    env.receiver.script("e", vec![Reply::Hang]);
+    let mut first = env.spawn_binary(SLOW);
+    env.wait_streaming().await;
+    let contact = "81000000-0000-4000-8000-000000000001";
+    insert_contact(&env, contact, "while-active").await;
+    env.receiver.wait_until(Duration::from_secs(30), |r| r.len() == 1).await.expect("first attempt arrives");
+    // The change is unconfirmed (its attempt hangs) when walhook dies; E is disabled by hand
+    // before walhook reads the stream again.
+    first.kill9();
+    set_active(&env, e.id, false).await;
+    let mut second = env.spawn_binary(SLOW);
+    env.wait_streaming().await;
+    wait_confirmed_to_now(&env).await;
+    set_active(&env, e.id, true).await;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().filter(|r| is_contact(r, contact)).count() >= 2)
+        .await
+        .unwrap_or_else(|rs| {
+            panic!("E got the contact {} time(s), never after the replay\n{}", rs.len(), second.log_text())
+        });
+    let q = format!("SELECT count(*) FROM walhook.deliveries WHERE endpoint_id = '{}' AND status = 'delivered'", e.id);
+    wait_for(Duration::from_secs(20), || async { env.scalar_i64(&q).await == 1 }).await;
+    second.sigterm();
+    assert!(second.wait_exit(Duration::from_secs(30)).await.expect("exits").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_created_after_a_row_does_not_get_it_on_replay() {
+    let env = Env::new("replay_routing_created_after").await;
+    env.endpoint(ACCOUNT_A, "g", &["contact.created"]).await;
+    env.receiver.script("g", vec![Reply::Hang]);
+    let mut first = env.spawn_binary(SLOW);
+    env.wait_streaming().await;
+    let old_row = "82000000-0000-4000-8000-000000000001";
+    insert_contact(&env, old_row, "before-f").await;
+    env.receiver.wait_until(Duration::from_secs(30), |r| r.len() == 1).await.expect("G's attempt hangs");
+    env.endpoint(ACCOUNT_A, "f", &["contact.created"]).await;
+    // F is known to this session (it gets a later row) while the old row is still unconfirmed.
+    let later = "82000000-0000-4000-8000-000000000002";
+    insert_contact(&env, later, "after-f").await;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/f" && is_contact(r, later)))
+        .await
+        .expect("F receives the later row");
+    first.kill9();
+    let mut second = env.spawn_binary(SLOW);
+    env.wait_streaming().await;
+    let last = "82000000-0000-4000-8000-000000000003";
+    insert_contact(&env, last, "after-restart").await;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/f" && is_contact(r, last)))
+        .await
+        .expect("F receives a row after the restart");
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| {
+            rs.iter().filter(|r| r.path == "/g" && is_contact(r, old_row)).count() >= 2
+        })
+        .await
+        .expect("G gets the old row again after the restart");
+    wait_confirmed_to_now(&env).await;
+    let f_got_old: Vec<_> = env.receiver.received_on("f").into_iter().filter(|r| is_contact(r, old_row)).collect();
+    assert!(f_got_old.is_empty(), "F, created after the row was committed, received it on replay");
+    second.sigterm();
+    assert!(second.wait_exit(Duration::from_secs(30)).await.expect("exits").success());
+}
+
+/// The advisory lock key walhook's leaders take for `slot`.
+fn leader_key(slot: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("walhook:slot:{slot}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_postgres_restart_the_new_session_routes_with_the_endpoints_of_the_change() {
+    let name = "replay_routing_pg_restart";
+    let mut cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, name).await;
+    let e = env.endpoint(ACCOUNT_A, "e", &["contact.created"]).await;
+    let wh = env.start("").await;
+    let contact = "83000000-0000-4000-8000-000000000001";
+    // Restart PostgreSQL and hold walhook's leadership lock before it reconnects, so the
+    // contact and E's deactivation are both written before its new session starts. (If
+    // walhook wins the race to the lock, restart again.)
+    let mut holder = None;
+    for _ in 0..5 {
+        cluster = tokio::task::spawn_blocking(move || {
+            cluster.pg_stop(false).expect("stop");
+            cluster.pg_start().expect("start");
+            cluster
+        })
+        .await
+        .unwrap();
+        let (client, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&leader_key(name)]).await.unwrap().get(0);
+        if got {
+            holder = Some(client);
+            break;
+        }
+    }
+    let holder = holder.expect("took the leadership lock before walhook reconnected");
+    let (client, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{contact}', '{A}', 'x')"))
+        .await
+        .unwrap();
+    set_active(&env, e.id, false).await;
+    drop(holder);
+    // (The test's own connection died with the restart: query on a new one.)
+    let now: i64 = client.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[]).await.unwrap().get(0);
+    let q = format!("SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = '{name}'");
+    wait_for(Duration::from_secs(30), || async { client.query_one(&q, &[]).await.unwrap().get::<_, i64>(0) >= now })
+        .await;
+    set_active(&env, e.id, true).await;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| is_contact(r, contact)))
+        .await
+        .expect("E receives the contact committed while it was active");
+    wh.stop().await.unwrap();
+    drop(env);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_versions_are_written_per_change_and_compacted_at_the_next_session() {
+    let env = Env::new("replay_routing_versions").await;
+    let e = env.endpoint(ACCOUNT_A, "e", &["contact.created"]).await;
+    let gone = env.endpoint(ACCOUNT_A, "gone", &["contact.created"]).await;
+    let wh = env.start("").await;
+    let versions = |id: Uuid| format!("SELECT count(*) FROM walhook.endpoint_versions WHERE endpoint_id = '{id}'");
+    assert_eq!(env.scalar_i64(&versions(e.id)).await, 1, "seeded");
+    set_active(&env, e.id, false).await;
+    set_active(&env, e.id, true).await;
+    endpoints(&env).delete(Caller { account_id: ACCOUNT_A, user_id: USER }, gone.id).await.unwrap();
+    wait_confirmed_to_now(&env).await;
+    assert_eq!(env.scalar_i64(&versions(e.id)).await, 3, "one version per change");
+    assert_eq!(env.scalar_i64(&versions(gone.id)).await, 2, "the delete is a version too");
+    wh.stop().await.unwrap();
+    let wh = env.start("").await;
+    // (The old walsender may still show as streaming: wait for the new session's start.)
+    // Superseded versions are compacted, and a confirmed delete leaves nothing.
+    wait_for(Duration::from_secs(30), || async {
+        env.scalar_i64(&versions(e.id)).await == 1 && env.scalar_i64(&versions(gone.id)).await == 0
+    })
+    .await;
+    let active = format!("SELECT count(*) FROM walhook.endpoint_versions WHERE endpoint_id = '{}' AND is_active", e.id);
+    assert_eq!(env.scalar_i64(&active).await, 1);
+    // Still routed after the restart.
+    insert_contact(&env, "84000000-0000-4000-8000-000000000001", "after").await;
+    env.receiver.wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/e")).await.expect("E routed");
+    wh.stop().await.unwrap();
+}

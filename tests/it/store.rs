@@ -1,0 +1,122 @@
+//! The store writer against a real database: whatever lands in one batch is written as if op
+//! by op, in order, exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{Env, ACCOUNT_A};
+use bytes::Bytes;
+use uuid::Uuid;
+use walhook::model::attempt::Attempt;
+use walhook::model::delivery::Event;
+use walhook::store::{Completion, Record, Status, StoreOp, StoreWriter};
+
+fn event(seq: u32) -> Arc<Event> {
+    Arc::new(Event {
+        id: walhook::model::delivery::event_id(walhook::model::position::Position::new(0x1000, seq)),
+        account_id: ACCOUNT_A,
+        event_type: walhook::model::event::EventType::parse("contact.created").unwrap(),
+        entity_key: format!("contacts:{seq}"),
+        position: walhook::model::position::Position::new(0x1000, seq),
+        committed_at_us: chrono::Utc::now().timestamp_micros(),
+        body: Bytes::from_static(b"{\"event\":\"contact.created\"}"),
+    })
+}
+
+fn ok_attempt() -> Attempt {
+    Attempt {
+        status: Some(200),
+        failure: None,
+        retry_after: None,
+        error: None,
+        started_at: chrono::Utc::now(),
+        duration: Duration::from_millis(3),
+        response_snippet: "ok".into(),
+    }
+}
+
+fn record(endpoint: Uuid, seq: u32, status: Status, lease: Option<(Uuid, chrono::DateTime<chrono::Utc>)>) -> Record {
+    let delivered = status == Status::Delivered;
+    Record {
+        id: walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x1000, seq), endpoint),
+        endpoint_id: endpoint,
+        event: event(seq),
+        status,
+        attempt_count: i32::from(delivered || lease.is_some()),
+        http_status: delivered.then_some(200),
+        next_attempt_at: (!delivered).then(chrono::Utc::now),
+        lease,
+        last_error: None,
+        completed_at: delivered.then(chrono::Utc::now),
+        attempt: delivered.then(ok_attempt),
+        ticket: None,
+    }
+}
+
+/// Sends `ops` before the writer starts, so they reach it as one batch; waits for it to finish.
+async fn write_as_one_batch(env: &Env, ops: Vec<StoreOp>) {
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 64);
+    for op in ops {
+        tx.send(op).await.unwrap();
+    }
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(30), writer.run()).await.expect("the writer finishes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_batched_with_its_own_insert_is_not_lost() {
+    let env = Env::new("store_same_batch").await;
+    let endpoint = Uuid::new_v4();
+    let lease = Uuid::new_v4();
+    let leased =
+        record(endpoint, 1, Status::Pending, Some((lease, chrono::Utc::now() + chrono::Duration::seconds(60))));
+    let leased_id = leased.id;
+    let ops = vec![
+        StoreOp::Insert(leased),
+        StoreOp::Insert(record(endpoint, 2, Status::Delivered, None)),
+        StoreOp::Complete(Completion {
+            id: leased_id,
+            endpoint_id: endpoint,
+            lease,
+            status: Status::Delivered,
+            http_status: Some(200),
+            next_attempt_at: None,
+            last_error: None,
+            completed_at: Some(chrono::Utc::now()),
+            attempt_no: 1,
+            attempt: ok_attempt(),
+        }),
+    ];
+    write_as_one_batch(&env, ops).await;
+    let rows = env
+        .client
+        .query("SELECT status, leased_by IS NULL, completed_at IS NOT NULL FROM walhook.deliveries ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, bool, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let delivered = ("delivered".to_owned(), true, true);
+    assert_eq!(got, vec![delivered.clone(), delivered], "the leased row's completion was applied");
+    let attempts = env.scalar_i64("SELECT count(*) FROM walhook.attempts").await;
+    assert_eq!(attempts, 2, "one attempt row per attempt");
+    let events = env.scalar_i64("SELECT count(*) FROM walhook.events").await;
+    assert_eq!(events, 1, "the pending row's payload was stored, the delivered one's was not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_batch_inserts_nothing_twice() {
+    let env = Env::new("store_replay").await;
+    let endpoint = Uuid::new_v4();
+    let batch = || {
+        vec![
+            StoreOp::Insert(record(endpoint, 1, Status::Delivered, None)),
+            StoreOp::Insert(record(endpoint, 2, Status::Pending, None)),
+            StoreOp::Insert(record(endpoint, 2, Status::Pending, None)),
+        ]
+    };
+    write_as_one_batch(&env, batch()).await;
+    write_as_one_batch(&env, batch()).await;
+    let count = |t: &str| format!("SELECT count(*) FROM walhook.{t}");
+    assert_eq!(env.scalar_i64(&count("deliveries")).await, 2);
+    assert_eq!(env.scalar_i64(&count("events")).await, 1);
+    assert_eq!(env.scalar_i64(&count("attempts")).await, 1);
+}
