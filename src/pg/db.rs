@@ -67,14 +67,34 @@ impl From<deadpool_postgres::PoolError> for DbError {
 }
 
 impl DbError {
-    /// Whether retrying later may succeed (connection trouble rather than a bad statement).
+    /// Whether retrying later may succeed (connection trouble rather than a bad statement):
+    /// no answer at all, a closed connection, or a server that refuses for now.
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            DbError::Postgres(e) => e.is_closed() || e.code().is_none_or(refused_for_now),
             DbError::Pool(_) => true,
             DbError::Config(_) => false,
         }
     }
+}
+
+/// Codes of a server that cannot serve this connection now but may soon: a connection
+/// exception (class 08), insufficient resources (class 53: too many connections, out of
+/// memory, disk full), or an operator intervention that ends or refuses sessions (shutting
+/// down, crashed, starting up or not accepting connections, idle session timeout). A dropped
+/// database (57P04) is not one of them.
+fn refused_for_now(code: &tokio_postgres::error::SqlState) -> bool {
+    use tokio_postgres::error::SqlState;
+    let class = &code.code()[..2];
+    class == "08"
+        || class == "53"
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::IDLE_SESSION_TIMEOUT,
+        ]
+        .contains(code)
 }
 
 /// The database handle shared by every part of walhook.
@@ -217,5 +237,23 @@ mod tests {
         #[error("outer")]
         struct Outer(#[source] std::io::Error);
         assert_eq!(super::error_chain(&Outer(std::io::Error::other("inner"))), "outer: inner");
+    }
+
+    #[test]
+    fn a_server_refusing_for_now_is_told_apart_from_a_bad_statement() {
+        use tokio_postgres::error::SqlState;
+        for code in [
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::DISK_FULL,
+        ] {
+            assert!(super::refused_for_now(&code), "{code:?}");
+        }
+        for code in [SqlState::UNDEFINED_TABLE, SqlState::INSUFFICIENT_PRIVILEGE, SqlState::UNDEFINED_DATABASE] {
+            assert!(!super::refused_for_now(&code), "{code:?}");
+        }
     }
 }

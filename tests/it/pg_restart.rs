@@ -77,3 +77,23 @@ async fn a_fast_postgres_restart_mid_stream_loses_nothing() {
 async fn a_postgres_crash_mid_stream_loses_nothing() {
     restart_mid_stream("pg_restart_crash", true).await;
 }
+
+/// A server that refuses a connection for now (too many connections, shutting down, starting
+/// up, not accepting connections) says so with an error code; that is still connection
+/// trouble, retried, not a reason for a stage to stop the process. Here: a role whose
+/// connection limit is reached (SQLSTATE 53300, what `max_connections` exhaustion also says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_connections_for_now_is_a_transient_error() {
+    let env = Env::new("pg_refuses_for_now").await;
+    env.sql(
+        "DROP ROLE IF EXISTS walhook_refused_for_now; CREATE ROLE walhook_refused_for_now LOGIN CONNECTION LIMIT 0",
+    )
+    .await;
+    let url = env.url.replacen("postgres://postgres@", "postgres://walhook_refused_for_now@", 1);
+    let cfg = walhook::config::Config::from_toml(&format!("[database]\nurl = \"{url}\"\n")).unwrap();
+    let db = walhook::pg::db::Db::new(&cfg.database).unwrap();
+    let Err(err) = db.connect().await else { panic!("the role's connection limit refuses the connection") };
+    assert!(err.to_string().contains("too many connections"), "{err}");
+    assert!(err.is_transient(), "refused for now, so retried: {err}");
+    env.sql("DROP ROLE walhook_refused_for_now").await;
+}
