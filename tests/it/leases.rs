@@ -45,7 +45,10 @@ async fn two_processes_never_send_the_same_attempt() {
     let n = 60;
     env.receiver.script("shared", vec![Reply::Status(500); 2 * n]);
     let cfg = "[dispatch]\nretry_schedule = [\"200ms\", \"200ms\", \"200ms\", \"200ms\"]\n";
-    let _leader = env.spawn_binary(cfg);
+    // The leader sends at most 2 attempts to the endpoint at a time, so it claims only a few
+    // rows at once and the standby (32) finds due rows too: both processes claim the same rows.
+    let leader_cfg = cfg.replace("[dispatch]\n", "[dispatch]\nendpoint_concurrency = 2\n");
+    let _leader = env.spawn_binary(&leader_cfg);
     env.wait_streaming().await;
     // A second replica: stands by for the slot, works the same outbox. It looks for due rows
     // every 100 ms, while the leader, woken by its own writes, could otherwise win every claim

@@ -184,7 +184,10 @@ async fn heartbeats_move_an_idle_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_wedged_store_exits_within_grace_and_loses_nothing() {
-    let env = Env::new("ops_sigterm_wedged").await;
+    // Its own cluster: while the store is wedged, walhook's open write transaction holds an xid,
+    // and creating a logical slot anywhere in a cluster waits for such transactions to end.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "ops_sigterm_wedged").await;
     env.endpoint(ACCOUNT_A, "w", &["contact.created"]).await;
     let grace = 3;
     let mut proc = env.spawn_binary(&format!("[shutdown]\ngrace = \"{grace}s\"\n"));

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 use bytes::Bytes;
 use uuid::Uuid;
 use walhook::local::receiver::Reply;
@@ -198,7 +198,10 @@ async fn a_refused_batch_is_split_and_only_the_row_at_fault_is_set_aside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
-    let env = Env::new("poison_stall").await;
+    // Its own cluster: while the store is wedged, walhook's open write transaction holds an xid,
+    // and creating a logical slot anywhere in a cluster waits for such transactions to end.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "poison_stall").await;
     env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
     let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
     let readyz = || readyz(&env);
@@ -223,7 +226,10 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
 /// failed delivery are probed every tick) is stalled just the same: /readyz and the gauge say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
-    let env = Env::new("poison_probe_stall").await;
+    // Its own cluster: while the store is wedged, walhook's open write transaction holds an xid,
+    // and creating a logical slot anywhere in a cluster waits for such transactions to end.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "poison_probe_stall").await;
     env.endpoint(ACCOUNT_A, "p", &["contact.created"]).await;
     env.receiver.set_default("p", Reply::Status(500));
     let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n[dispatch]\nretry_schedule = [\"60s\"]\n").await;
