@@ -52,6 +52,7 @@ use crate::source::leader::{self, Leadership};
 use crate::source::pgoutput::{self, Message};
 use crate::source::route::{RouteError, Router};
 use crate::source::route_versions;
+use crate::source::slot::SlotError;
 use crate::store;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -83,27 +84,9 @@ pub enum ReplicationError {
     /// any more, so this is never retried (the supervisor names the dispatcher).
     #[error("the dispatcher's channel is closed: dispatch stopped taking deliveries")]
     DispatchClosed,
-    /// Another process streams the slot.
-    #[error(
-        "replication slot {slot} is in use by another process (pid {pid}, application {application:?}): \
-         stop that consumer or give walhook its own slot with replication.slot"
-    )]
-    SlotBusy {
-        /// The slot.
-        slot: String,
-        /// Server process streaming it.
-        pid: i32,
-        /// Its application_name.
-        application: String,
-    },
-    /// The slot exists but cannot be used by walhook.
-    #[error("replication slot {slot}: {why}")]
-    SlotUnusable {
-        /// The slot.
-        slot: String,
-        /// What is wrong.
-        why: String,
-    },
+    /// The slot is streamed by another process, or cannot be used by walhook.
+    #[error(transparent)]
+    Slot(SlotError),
     /// Endpoints could not be loaded.
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -127,8 +110,9 @@ impl ReplicationError {
             ReplicationError::Closed | ReplicationError::LeadershipLost => true,
             ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
-            ReplicationError::SlotBusy { .. } => true,
-            ReplicationError::SlotUnusable { .. } => false,
+            ReplicationError::Slot(SlotError::Busy { .. }) => true,
+            ReplicationError::Slot(SlotError::Db(e)) => e.is_transient(),
+            ReplicationError::Slot(_) => false,
             ReplicationError::Route(RouteError::Db(e)) => e.is_transient(),
             ReplicationError::Route(_) => false,
         }
@@ -271,7 +255,9 @@ impl Replication {
                 // takeover it is the old leader's walsender winding down: wait for it.
                 Err(e)
                     if !e.is_transient()
-                        || (!started_once && !took_over && matches!(e, ReplicationError::SlotBusy { .. })) =>
+                        || (!started_once
+                            && !took_over
+                            && matches!(e, ReplicationError::Slot(SlotError::Busy { .. }))) =>
                 {
                     self.status.set_last_error(format!("stopped: {e}"));
                     return Err(e);
@@ -281,7 +267,7 @@ impl Replication {
                     if began.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }
-                    if let ReplicationError::SlotBusy { pid, application, .. } = &e {
+                    if let ReplicationError::Slot(SlotError::Busy { pid, application, .. }) = &e {
                         tracing::warn!(slot, pid, application, retry_in = ?backoff, "replication slot still streamed after taking over; waiting for the previous walsender to end");
                     } else {
                         tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, wait_for_keys, Env, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -59,20 +59,7 @@ async fn sigkill_mid_load_then_restart_loses_nothing() {
         let b = r.json();
         (b["event"].as_str().unwrap_or_default().to_string(), b["data"]["id"].as_str().unwrap_or_default().to_string())
     };
-    let got = env
-        .receiver
-        .wait_until(Duration::from_secs(120), |rs| rs.iter().map(key).collect::<HashSet<_>>().len() >= expected.len())
-        .await
-        .unwrap_or_else(|rs| {
-            let seen: HashSet<_> = rs.iter().map(key).collect();
-            let missing: Vec<_> = expected.difference(&seen).take(5).collect();
-            panic!(
-                "{} of {} changes arrived; missing e.g. {missing:?}\n{}",
-                seen.len(),
-                expected.len(),
-                second.log_text()
-            )
-        });
+    let got = wait_for_keys(&env.receiver, &expected, key, &second).await;
     let seen: HashSet<_> = got.iter().map(key).collect();
     let extra: Vec<_> = seen.difference(&expected).take(5).collect();
     assert!(extra.is_empty(), "unexpected webhooks: {extra:?}");

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, wait_for_keys, Env, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -81,20 +81,7 @@ async fn stage_dies_then_restart_loses_nothing(name: &str, fault: &str, stage: &
     let mut second = env.spawn_binary("");
     let expected: HashSet<String> = rows.iter().map(|(id, _)| id.clone()).collect();
     let key = |r: &walhook::local::receiver::Received| r.json()["data"]["id"].as_str().unwrap_or_default().to_string();
-    let got = env
-        .receiver
-        .wait_until(Duration::from_secs(120), |rs| rs.iter().map(key).collect::<HashSet<_>>().len() >= expected.len())
-        .await
-        .unwrap_or_else(|rs| {
-            let seen: HashSet<_> = rs.iter().map(key).collect();
-            let missing: Vec<_> = expected.difference(&seen).take(5).collect();
-            panic!(
-                "{} of {} changes arrived; missing e.g. {missing:?}\n{}",
-                seen.len(),
-                expected.len(),
-                second.log_text()
-            )
-        });
+    let got = wait_for_keys(&env.receiver, &expected, key, &second).await;
     let seen: HashSet<_> = got.iter().map(key).collect();
     assert_eq!(seen, expected, "every committed change arrives, nothing else");
     assert!(got.iter().all(|r| r.verified));

@@ -93,11 +93,7 @@ impl From<SlotError> for ReplicationError {
     fn from(e: SlotError) -> Self {
         match e {
             SlotError::Db(e) => ReplicationError::Db(e),
-            SlotError::Busy { slot, pid, application } => ReplicationError::SlotBusy { slot, pid, application },
-            SlotError::Unusable { slot, why } => ReplicationError::SlotUnusable { slot, why },
-            SlotError::Healthy { slot, detail } => {
-                ReplicationError::SlotUnusable { slot, why: format!("healthy ({detail}), not reset") }
-            }
+            e => ReplicationError::Slot(e),
         }
     }
 }

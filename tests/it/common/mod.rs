@@ -7,6 +7,9 @@
 //! runs alone in a child process (`alone`).
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::hash::Hash;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
@@ -17,7 +20,7 @@ use uuid::Uuid;
 use walhook::admin::endpoints::{Caller, EndpointView, Endpoints, NewEndpoint};
 use walhook::config::Config;
 use walhook::local::cluster::{ClusterOptions, TempCluster};
-use walhook::local::receiver::Receiver;
+use walhook::local::receiver::{Received, Receiver};
 use walhook::local::tls::LocalCa;
 use walhook::local::SAMPLE_CRM_SCHEMA;
 use walhook::pg::db::Db;
@@ -425,4 +428,21 @@ where
         assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits up to two minutes until `receiver` has seen every key of `expected` (`key` of each
+/// request); then returns what it received. Fails naming how many arrived, a few missing
+/// ones, and `proc`'s log.
+pub async fn wait_for_keys<K: Eq + Hash + Debug>(
+    receiver: &Receiver,
+    expected: &HashSet<K>,
+    key: impl Fn(&Received) -> K,
+    proc: &Proc,
+) -> Vec<Received> {
+    let seen = |rs: &[Received]| rs.iter().map(&key).collect::<HashSet<_>>();
+    receiver.wait_until(Duration::from_secs(120), |rs| seen(rs).len() >= expected.len()).await.unwrap_or_else(|rs| {
+        let seen = seen(&rs);
+        let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+        panic!("{} of {} changes arrived; missing e.g. {missing:?}\n{}", seen.len(), expected.len(), proc.log_text())
+    })
 }
