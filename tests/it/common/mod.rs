@@ -55,6 +55,9 @@ pub fn own_cluster(extra_conf: &[&str]) -> TempCluster {
         .expect("throwaway PostgreSQL")
 }
 
+/// Seconds a started walhook has to stream its slot.
+const STREAMING_WITHIN: u64 = 60;
+
 pub const ACCOUNT_A: Uuid = Uuid::from_u128(0xaaaa_0000_0000_4000_8000_0000_0000_0001);
 pub const ACCOUNT_B: Uuid = Uuid::from_u128(0xbbbb_0000_0000_4000_8000_0000_0000_0002);
 pub const USER: Uuid = Uuid::from_u128(0xcccc_0000_0000_4000_8000_0000_0000_0003);
@@ -204,8 +207,14 @@ impl Env {
         let slot = cfg.replication.slot.to_string();
         let token = CancellationToken::new();
         let handle = tokio::spawn(walhook::app::run(cfg, token.clone()));
-        let ip = InProcess { token, handle: Some(handle) };
-        self.wait_streaming_slot(&slot).await;
+        let mut ip = InProcess { token, handle: Some(handle) };
+        let streaming = self.wait_streaming_slot(&slot);
+        tokio::pin!(streaming);
+        tokio::select! {
+            () = &mut streaming => {}
+            // walhook stopped before it streamed: say why instead of waiting out the deadline.
+            ended = ip.handle.as_mut().expect("just spawned") => panic!("walhook stopped before streaming: {ended:?}"),
+        }
         ip
     }
 
@@ -221,7 +230,9 @@ impl Env {
             "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = '{slot}'"
         );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Generous: on a loaded machine a start (preflight, leadership, slot creation behind
+        // other tests' transactions, one reconnect backoff) can take a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(STREAMING_WITHIN);
         while self.scalar_i64(&q).await != 1 {
             if tokio::time::Instant::now() > deadline {
                 // What a slot being created waits for: transactions running anywhere in the
@@ -232,13 +243,18 @@ impl Env {
                         "SELECT format('%s pid %s %s xid %s since %s: %s', datname, pid, state, backend_xid, \
                          now() - xact_start, left(query, 200)) FROM pg_stat_activity \
                          WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL OR wait_event_type = 'Lock' \
-                            OR query ILIKE '%replication_slot%'",
-                        &[],
+                            OR query ILIKE '%replication_slot%' \
+                         UNION ALL SELECT format('slot %s active %s pid %s', slot_name, active, active_pid) \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
                     )
                     .await
                     .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
                     .unwrap_or_default();
-                panic!("slot {slot} not streamed within 30 s; transactions and waits now:\n{}", rows.join("\n"));
+                panic!(
+                    "slot {slot} not streamed within {STREAMING_WITHIN} s; transactions, waits and the slot now:\n{}",
+                    rows.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
