@@ -93,7 +93,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let cfg = Config::load(config.as_deref())?;
             init_logging(&cfg);
             let db = crate::pg::db::Db::new(&cfg.database)?;
-            let report = crate::pg::migrate::migrate(&db, &cfg).await.context("migrate")?;
+            let migrated = crate::app::migrate(&db, &cfg).await.context("migrate")?;
+            let report = &migrated.schema;
             println!(
                 "walhook schema at version {}; applied {:?}; replica identity FULL set on {:?}; publication {} {}",
                 crate::pg::migrate::latest_version(),
@@ -108,6 +109,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     format!("extended with {:?}, restored {:?}", report.publication_added, report.publication_restored)
                 }
             );
+            let slot = &cfg.replication.slot;
+            match migrated.slot {
+                crate::source::slot::Prepared::Created { lsn, failover } => println!(
+                    "created replication slot {slot} at {lsn}{}: every change committed from now on is delivered",
+                    if failover { " (failover = true)" } else { "" }
+                ),
+                crate::source::slot::Prepared::Adopted { lsn } => {
+                    println!("adopted the existing replication slot {slot} at {lsn}")
+                }
+                crate::source::slot::Prepared::Recorded => println!("replication slot {slot}: walhook's already"),
+            }
             Ok(())
         }
         Command::Run { config } => {
@@ -136,16 +148,23 @@ fn print_reset(r: &crate::source::slot::ResetReport) {
     if r.dropped_invalidated {
         println!("dropped the invalidated replication slot {}", r.slot);
     }
-    println!(
-        "created replication slot {} at {}{}",
-        r.slot,
-        r.start_lsn,
-        if r.failover {
-            " with failover = true (PostgreSQL 17+: carried to a standby with sync_replication_slots)"
-        } else {
-            ""
-        }
-    );
+    if r.adopted {
+        println!(
+            "adopted replication slot {}, which walhook did not create, at its confirmed position {}",
+            r.slot, r.start_lsn
+        );
+    } else {
+        println!(
+            "created replication slot {} at {}{}",
+            r.slot,
+            r.start_lsn,
+            if r.failover {
+                " with failover = true (PostgreSQL 17+: carried to a standby with sync_replication_slots)"
+            } else {
+                ""
+            }
+        );
+    }
     match &r.gap {
         Some(g) => println!(
             "recorded gap {} in walhook.replication_gaps: from {} ({}) to {} ({}); changes committed in between \
@@ -158,7 +177,7 @@ fn print_reset(r: &crate::source::slot::ResetReport) {
         ),
         None => println!("walhook had not streamed from this slot before: no gap to record"),
     }
-    println!("a waiting walhook resumes streaming from the new slot by itself");
+    println!("a waiting walhook resumes streaming from the slot by itself");
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.

@@ -196,7 +196,7 @@ impl Bench {
     async fn endpoints(&self, args: &Args) -> anyhow::Result<()> {
         let cfg = Config::from_toml(&self.config_toml())?;
         let db = Db::new(&cfg.database)?;
-        walhook::pg::migrate::migrate(&db, &cfg).await?;
+        walhook::app::migrate(&db, &cfg).await?;
         let endpoints =
             Endpoints::new(db, SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
         let all: Vec<String> = EventType::ALL.iter().map(|e| e.name().to_owned()).collect();

@@ -86,6 +86,36 @@ pub enum AppError {
     },
 }
 
+pub use crate::source::slot::Prepared;
+
+/// What `walhook migrate` did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The schema, publication, replica identity and grants.
+    pub schema: crate::pg::migrate::MigrateReport,
+    /// The replication slot.
+    pub slot: Prepared,
+}
+
+/// Why `walhook migrate` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The schema part failed.
+    #[error(transparent)]
+    Schema(#[from] crate::pg::migrate::MigrateError),
+    /// The slot could not be created or adopted.
+    #[error(transparent)]
+    Slot(#[from] crate::source::slot::SlotError),
+}
+
+/// `walhook migrate`: the schema, the publication, then the slot, so that from the moment it
+/// returns every committed change of a published table is in the slot (invariant 22).
+pub async fn migrate(db: &Db, cfg: &Config) -> Result<Migrated, MigrateError> {
+    let schema = crate::pg::migrate::migrate(db, cfg).await?;
+    let slot = crate::source::slot::prepare(db, cfg).await?;
+    Ok(Migrated { schema, slot })
+}
+
 /// Runs walhook until `shutdown` is cancelled, replication fails for good, or a stage ends.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
     let fault = Fault::from_env()?;
@@ -105,13 +135,14 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
 
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(ReplicationStatus::default());
-    let store_health = Arc::new(StoreHealth::new(metrics.store_stalled.clone()));
+    let store_health = Arc::new(StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
     let health = Health {
         cfg: cfg.clone(),
         db: db.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
         store: store_health.clone(),
+        reach: Default::default(),
         gauges: crate::store::deliveries::outbox_gauges,
     };
     let ops_listener = bind(cfg.metrics.listen).await?;

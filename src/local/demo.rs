@@ -65,8 +65,8 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
     ))?;
     crate::ops::logging::init_logging(&cfg);
     let db = Db::new(&cfg.database)?;
-    crate::pg::migrate::migrate(&db, &cfg).await?;
-    println!("  migrated: schema walhook, publication walhook_demo, REPLICA IDENTITY FULL on the CRM tables");
+    crate::app::migrate(&db, &cfg).await?;
+    println!("  migrated: schema walhook, publication and slot walhook_demo, REPLICA IDENTITY FULL on the CRM tables");
 
     let endpoints =
         Endpoints::new(db.clone(), SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
@@ -92,7 +92,7 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
             print_webhook(&r);
         }
     });
-    wait_streaming(&db).await?;
+    wait_ready(metrics_port).await?;
 
     println!("\nwriting to the CRM (account A, plus one row of account B that must not arrive):\n");
     client
@@ -151,23 +151,17 @@ fn print_webhook(r: &Received) {
     );
 }
 
-async fn wait_streaming(db: &Db) -> anyhow::Result<()> {
+/// Waits, as an operator's probe does, until `/readyz` on `metrics_port` says walhook is ready.
+async fn wait_ready(metrics_port: u16) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let url = format!("http://127.0.0.1:{metrics_port}/readyz");
     loop {
-        let client = db.get().await?;
-        let active: Option<bool> = client
-            .query_opt(
-                "SELECT true FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-                 WHERE s.slot_name = 'walhook_demo'",
-                &[],
-            )
-            .await?
-            .map(|r| r.get(0));
-        if active == Some(true) {
+        if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("walhook did not start streaming within 30 s");
+            bail!("walhook was not ready within 30 s ({url})");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

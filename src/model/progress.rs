@@ -7,7 +7,7 @@
 //! crash errs towards replay, never towards loss.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -18,6 +18,8 @@ struct TxState {
     remaining: AtomicUsize,
     /// End LSN of the commit; 0 until the commit is seen.
     end_lsn: AtomicU64,
+    /// A ticket of it was dropped unsettled: it can never be confirmed in this session.
+    abandoned: AtomicBool,
 }
 
 /// A claim on one delivery of a transaction; `settle` it once the delivery is durable.
@@ -25,12 +27,23 @@ struct TxState {
 pub struct Ticket {
     tx: Arc<TxState>,
     notify: Arc<Notify>,
+    settled: bool,
 }
 
 impl Ticket {
     /// Marks the delivery durable (recorded as delivered, or stored in the outbox).
-    pub fn settle(self) {
+    pub fn settle(mut self) {
+        self.settled = true;
         if self.tx.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.tx.abandoned.store(true, Ordering::Release);
             self.notify.notify_one();
         }
     }
@@ -52,7 +65,11 @@ impl Tracker {
 
     /// A transaction begins.
     pub fn begin(&mut self) {
-        let tx = Arc::new(TxState { remaining: AtomicUsize::new(1), end_lsn: AtomicU64::new(0) });
+        let tx = Arc::new(TxState {
+            remaining: AtomicUsize::new(1),
+            end_lsn: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
+        });
         self.queue.push_back(tx.clone());
         self.open = Some(tx);
     }
@@ -61,14 +78,14 @@ impl Tracker {
     pub fn ticket(&self) -> Option<Ticket> {
         let tx = self.open.as_ref()?;
         tx.remaining.fetch_add(1, Ordering::AcqRel);
-        Some(Ticket { tx: tx.clone(), notify: self.notify.clone() })
+        Some(Ticket { tx: tx.clone(), notify: self.notify.clone(), settled: false })
     }
 
     /// The open transaction committed; it ends at `end_lsn`.
     pub fn commit(&mut self, end_lsn: u64) {
         if let Some(tx) = self.open.take() {
             tx.end_lsn.store(end_lsn, Ordering::Release);
-            Ticket { tx, notify: self.notify.clone() }.settle();
+            Ticket { tx, notify: self.notify.clone(), settled: false }.settle();
         }
     }
 
@@ -87,6 +104,12 @@ impl Tracker {
     /// Whether nothing read is unsettled (so a keepalive's position may be confirmed).
     pub fn is_settled(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Whether nothing more can be confirmed: the oldest unconfirmed transaction lost a
+    /// ticket unsettled (its delivery was set aside or dropped), so waiting for it is useless.
+    pub fn stuck(&self) -> bool {
+        self.queue.front().is_some_and(|tx| tx.abandoned.load(Ordering::Acquire))
     }
 
     /// Pops settled transactions from the front; the end LSN of the last one popped.
@@ -139,8 +162,10 @@ mod tests {
         t.commit(50);
         assert_eq!(t.confirmable(), Some(50));
         t.begin();
+        assert!(!t.stuck());
         drop(t.ticket().unwrap());
         t.commit(60);
         assert_eq!(t.confirmable(), None);
+        assert!(t.stuck(), "a dropped ticket: nothing more can be confirmed, so nobody waits for it");
     }
 }

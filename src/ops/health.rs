@@ -1,12 +1,16 @@
 //! The operations listener (`metrics.listen`): `/metrics`, `/healthz`, `/readyz`, and the
 //! background monitor that keeps the database-derived gauges current.
 //!
-//! What must hold: `/healthz` answers 200 while the process runs; `/readyz` answers 200 only
-//! while the database answers, replication streams (or stands by for another replica) and the
-//! store writer makes progress, otherwise 503 with a JSON reason naming the cause (a lost slot
-//! or a failing prerequisite, see `slot`; replication's last error while it is not streaming;
-//! a stalled store); scraping never waits on the database; the monitor ending before
-//! shutdown ends this stage with it (gauges never freeze unnoticed).
+//! What must hold (docs/architecture.md, invariant 22): `/healthz` answers 200 while the
+//! process runs; `/readyz` answers 200 only while the database answers, this replica streams
+//! (or stands by because another replica holds the lock: never during its own start or
+//! reconnect) and the store writer makes progress, otherwise 503 with a JSON reason naming the
+//! cause (a lost slot or a failing prerequisite, see `slot`; replication's last error while it
+//! is not streaming; a stalled store with what it waits on). Neither `/readyz` nor a scrape
+//! waits on the database: readiness reads state the stages keep, and whether the database
+//! answers is checked every [`PING_EVERY`] on a connection of its own, never one of the pool
+//! the deliveries need. The monitor or the check ending before shutdown ends this stage with
+//! it (gauges and readiness never freeze unnoticed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
-use crate::ops::status::{ReplicationStatus, StoreHealth};
+use crate::ops::status::{Reachability, ReplicationStatus, StoreHealth};
 use crate::pg::db::{Db, DbError};
 
 /// What the operations listener reads: handed over by `app`, which owns the stages.
@@ -39,6 +43,8 @@ pub struct Health {
     pub status: Arc<ReplicationStatus>,
     /// Whether the store writer makes progress.
     pub store: Arc<StoreHealth>,
+    /// Whether the database answers (kept by this stage's own check).
+    pub reach: Arc<Reachability>,
     /// Reads the outbox and endpoint gauges (the store owns those tables:
     /// `crate::store::deliveries::outbox_gauges`).
     pub gauges: ReadGauges,
@@ -66,6 +72,12 @@ pub type ReadGauges = for<'a> fn(&'a tokio_postgres::Client) -> GaugesFuture<'a>
 
 /// How often slot lag and outbox gauges are refreshed.
 const MONITOR_EVERY: Duration = Duration::from_secs(5);
+/// How often the database is checked for `/readyz`.
+pub const PING_EVERY: Duration = Duration::from_secs(2);
+/// A check not answered within this counts as no answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The database counts as unreachable when no check answered for this long.
+const PING_FRESH: Duration = Duration::from_secs(7);
 
 /// Serves the operations endpoints until `shutdown`, within `limits` (`metrics.*`).
 pub async fn serve(
@@ -74,7 +86,12 @@ pub async fn serve(
     limits: crate::security::listener::ListenerLimits,
     shutdown: CancellationToken,
 ) {
-    let mut monitor = tokio::spawn(monitor(health.clone(), shutdown.clone()));
+    let mut monitor = tokio::spawn({
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            tokio::join!(monitor(health.clone(), shutdown.clone()), ping(health, shutdown));
+        }
+    });
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -86,8 +103,9 @@ pub async fn serve(
         biased;
         // 1. The listener ended (shutdown).
         () = &mut serve => return monitor.abort(),
-        // 2. The gauge monitor ended. Before shutdown that is a bug, and frozen gauges would
-        //    hide it: this stage ends with it (its panic carried on) for the supervisor to report.
+        // 2. The gauge monitor or the database check ended. Before shutdown that is a bug, and
+        //    frozen gauges or readiness would hide it: this stage ends with it (its panic
+        //    carried on) for the supervisor to report.
         ended = &mut monitor => {
             if let Err(Ok(panic)) = ended.map_err(tokio::task::JoinError::try_into_panic) {
                 std::panic::resume_unwind(panic);
@@ -110,18 +128,10 @@ async fn metrics(State(s): State<Health>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Health>) -> impl IntoResponse {
-    let db_ok = tokio::time::timeout(Duration::from_secs(2), async {
-        let client = s.db.get().await.ok()?;
-        client.query_one("SELECT 1", &[]).await.ok()
-    })
-    .await
-    .ok()
-    .flatten()
-    .is_some();
     let streaming = s.status.streaming.load(Ordering::Relaxed);
     let standby = s.status.standby.load(Ordering::Relaxed);
-    let reason = if !db_ok {
-        Some("database unreachable".to_owned())
+    let reason = if let Some(unreachable) = s.reach.problem(PING_FRESH) {
+        Some(unreachable)
     } else if let Some(slot_problem) = s.status.health.not_ready_reason() {
         Some(slot_problem)
     } else if !streaming && !standby {
@@ -130,8 +140,37 @@ async fn readyz(State(s): State<Health>) -> impl IntoResponse {
         s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
     };
     match reason {
-        None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby}))),
+        None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby && !streaming}))),
         Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    }
+}
+
+/// Checks every [`PING_EVERY`] that the database answers, on a connection of its own (opened
+/// again when it fails), and keeps the answer for `/readyz`.
+async fn ping(s: Health, shutdown: CancellationToken) {
+    let mut conn: Option<tokio_postgres::Client> = None;
+    loop {
+        let checked = tokio::time::timeout(PING_TIMEOUT, async {
+            let client = match conn.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => s.db.connect().await?,
+            };
+            client.simple_query("SELECT 1").await.map_err(DbError::from)?;
+            Ok::<_, DbError>(client)
+        })
+        .await;
+        match checked {
+            Ok(Ok(client)) => {
+                s.reach.answered();
+                conn = Some(client);
+            }
+            Ok(Err(e)) => s.reach.failed(e.to_string()),
+            Err(_) => s.reach.failed(format!("no answer within {PING_TIMEOUT:?}")),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PING_EVERY) => {}
+        }
     }
 }
 

@@ -59,6 +59,9 @@ pub const API_REQUEST_DURATION_SECONDS: &str = "walhook_api_request_duration_sec
 pub const RETENTION_DELETED_TOTAL: &str = "walhook_retention_deleted_rows_total";
 /// 1 while the store writer cannot commit (see `database.write_stall_after`).
 pub const STORE_STALLED: &str = "walhook_store_stalled";
+/// Delivery records the database refuses in every form, kept and tried again: each holds the
+/// slot until it is stored.
+pub const STORE_PINNED_RECORDS: &str = "walhook_store_pinned_records";
 /// Store writes the database refused, by what was done with them (`without_texts`, `failed`,
 /// `rejected`).
 pub const STORE_SET_ASIDE_TOTAL: &str = "walhook_store_set_aside_total";
@@ -123,6 +126,8 @@ pub struct Metrics {
     pub retention_deleted: IntCounterVec,
     /// See [`STORE_STALLED`].
     pub store_stalled: IntGauge,
+    /// See [`STORE_PINNED_RECORDS`].
+    pub store_pinned: IntGauge,
     /// See [`STORE_SET_ASIDE_TOTAL`].
     pub store_set_aside: IntCounterVec,
     /// See [`SLOT_LOST`].
@@ -250,6 +255,10 @@ impl Metrics {
             ),
             retention_deleted: counter_vec(RETENTION_DELETED_TOTAL, "Rows deleted by retention.", &["table"]),
             store_stalled: gauge(STORE_STALLED, "1 while the store writer cannot commit deliveries."),
+            store_pinned: gauge(
+                STORE_PINNED_RECORDS,
+                "Delivery records the database refuses in every form; each holds the replication slot until stored.",
+            ),
             store_set_aside: counter_vec(
                 STORE_SET_ASIDE_TOTAL,
                 "Store writes the database refused, by what was done with them.",

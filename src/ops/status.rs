@@ -92,22 +92,74 @@ impl SlotHealth {
     }
 }
 
+/// Whether the database answers, as a check on a connection of its own keeps it (so that
+/// `/readyz` never waits on the database, nor on the pool the deliveries need).
+#[derive(Debug, Default)]
+pub struct Reachability {
+    state: Mutex<(Option<std::time::Instant>, Option<String>)>,
+}
+
+impl Reachability {
+    /// The database answered a check now.
+    pub(crate) fn answered(&self) {
+        *self.state.lock().expect("lock") = (Some(std::time::Instant::now()), None);
+    }
+
+    /// A check failed (`why`).
+    pub(crate) fn failed(&self, why: String) {
+        self.state.lock().expect("lock").1 = Some(why);
+    }
+
+    /// Why the database counts as unreachable: no check answered within `fresh` (never, or
+    /// not lately), with the last failure if there was one.
+    pub fn problem(&self, fresh: std::time::Duration) -> Option<String> {
+        let (last_ok, error) = self.state.lock().expect("lock").clone();
+        if last_ok.is_some_and(|t| t.elapsed() <= fresh) {
+            return None;
+        }
+        let since = match last_ok {
+            Some(t) => format!("no answer for {} s", t.elapsed().as_secs()),
+            None => "no answer yet".to_owned(),
+        };
+        Some(match error {
+            Some(e) => format!("database unreachable: {since}; last error: {e}"),
+            None => format!("database unreachable: {since}"),
+        })
+    }
+}
+
 /// The store writer's health, shared with the operations listener.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
     stalled: Mutex<Option<String>>,
-    gauge: Mutex<Option<IntGauge>>,
+    /// The database's last error while ops wait (cleared by a commit).
+    last_error: Mutex<Option<String>>,
+    /// Delivery records the database refuses in every form, each holding the slot: why.
+    pinned: Mutex<BTreeMap<uuid::Uuid, String>>,
+    /// `walhook_store_stalled` and `walhook_store_pinned_records`.
+    gauges: Option<(IntGauge, IntGauge)>,
 }
 
 impl StoreHealth {
-    /// A healthy store whose stalls are also shown by `gauge`.
-    pub fn new(gauge: IntGauge) -> Self {
-        StoreHealth { stalled: Mutex::new(None), gauge: Mutex::new(Some(gauge)) }
+    /// A healthy store whose stalls are also shown by `stalled` and whose pinned records are
+    /// counted by `pinned`.
+    pub fn new(stalled: IntGauge, pinned: IntGauge) -> Self {
+        StoreHealth { gauges: Some((stalled, pinned)), ..Default::default() }
     }
 
-    /// Why the store cannot make progress, while it cannot.
+    /// Why the store cannot make progress, while it cannot: a stall, or records that hold
+    /// the slot.
     pub fn problem(&self) -> Option<String> {
-        self.stalled.lock().expect("lock").clone()
+        if let Some(stalled) = self.stalled.lock().expect("lock").clone() {
+            return Some(stalled);
+        }
+        let pinned = self.pinned.lock().expect("lock");
+        let (id, why) = pinned.iter().next()?;
+        Some(format!(
+            "{} delivery record(s) the database refuses in every form hold the replication slot (it cannot be \
+             confirmed past them until they are stored; walhook keeps trying), e.g. delivery {id}: {why}",
+            pinned.len()
+        ))
     }
 
     /// Whether a stall is being reported.
@@ -120,23 +172,48 @@ impl StoreHealth {
         let mut stalled = self.stalled.lock().expect("lock");
         if stalled.is_none() {
             tracing::error!(cause = %why, "the store writer cannot make progress: deliveries are not recorded and the slot does not move");
-            self.set_gauge(1);
+            self.set_gauge(|g| &g.0, 1);
             *stalled = Some(why);
         }
     }
 
+    /// A write failed with `error`: a stall reported later names it as its cause.
+    pub(crate) fn note_error(&self, error: String) {
+        *self.last_error.lock().expect("lock") = Some(error);
+    }
+
+    /// The database's last error since the last commit, if any.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("lock").clone()
+    }
+
     /// A write committed (or the database answered with a refusal the writer handles).
     pub(crate) fn progress(&self) {
+        self.last_error.lock().expect("lock").take();
         let mut stalled = self.stalled.lock().expect("lock");
         if stalled.take().is_some() {
             tracing::info!("the store writer makes progress again");
-            self.set_gauge(0);
+            self.set_gauge(|g| &g.0, 0);
         }
     }
 
-    fn set_gauge(&self, v: i64) {
-        if let Some(g) = self.gauge.lock().expect("lock").as_ref() {
-            g.set(v);
+    /// Delivery `id`'s record is refused in every form (`why`) and holds the slot.
+    pub(crate) fn pin(&self, id: uuid::Uuid, why: String) {
+        let mut pinned = self.pinned.lock().expect("lock");
+        pinned.insert(id, why);
+        self.set_gauge(|g| &g.1, pinned.len() as i64);
+    }
+
+    /// Delivery `id`'s record is stored at last.
+    pub(crate) fn unpin(&self, id: uuid::Uuid) {
+        let mut pinned = self.pinned.lock().expect("lock");
+        pinned.remove(&id);
+        self.set_gauge(|g| &g.1, pinned.len() as i64);
+    }
+
+    fn set_gauge(&self, which: impl Fn(&(IntGauge, IntGauge)) -> &IntGauge, v: i64) {
+        if let Some(g) = self.gauges.as_ref() {
+            which(g).set(v);
         }
     }
 }

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "routing_versions", include_str!("../../sql/0003_routing_versions.sql")),
     (4, "slot_state", include_str!("../../sql/0004_slot_state.sql")),
     (5, "attempt_kind_payload", include_str!("../../sql/0005_attempt_kind_payload.sql")),
+    (6, "slot_ceiling", include_str!("../../sql/0006_slot_ceiling.sql")),
 ];
 
 /// The schema version this build expects.

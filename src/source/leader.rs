@@ -14,6 +14,7 @@
 //! attempt outside it. A new holder waits [`TENURE`] after taking the lock, so whatever an old
 //! holder still has in memory can no longer be sent by the time the new one streams.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::tenure::{Tenure, TENURE};
+use crate::ops::status::ReplicationStatus;
 use crate::pg::db::{Db, DbError};
 
 /// How often the lock's connection is checked (a round trip renews the tenure).
@@ -67,11 +69,13 @@ fn lock_key(slot: &str) -> i64 {
 }
 
 /// Waits until this process holds the slot's lock, then one [`TENURE`] more (a previous
-/// holder's tenure has run out by then); `None` on shutdown.
+/// holder's tenure has run out by then); `None` on shutdown. `status` says standing by only
+/// while another process holds the lock (`/readyz` is 200 then), never during the wait.
 pub async fn acquire(
     db: &Db,
     slot: &str,
     tenure: &Arc<Tenure>,
+    status: &ReplicationStatus,
     shutdown: &CancellationToken,
 ) -> Result<Option<Leadership>, DbError> {
     let key = lock_key(slot);
@@ -79,10 +83,15 @@ pub async fn acquire(
     loop {
         let client = db.connect().await?;
         let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?.get(0);
+        status.standby.store(!got, Ordering::Relaxed);
         if got {
             if announced {
                 tracing::info!(slot, "took over replication");
             }
+            status.set_last_error(format!(
+                "starting: took the replication lock, waiting {TENURE:?} before streaming (a previous holder's \
+                 attempts end by then)"
+            ));
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(TENURE) => {}
@@ -96,7 +105,10 @@ pub async fn acquire(
         }
         drop(client);
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => {
+                status.standby.store(false, Ordering::Relaxed);
+                return Ok(None);
+            }
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }

@@ -52,6 +52,7 @@ use crate::source::leader::{self, Leadership};
 use crate::source::pgoutput::{self, Message};
 use crate::source::route::{RouteError, Router};
 use crate::source::route_versions;
+use crate::source::slot::ceiling::{Ceiling, CeilingError};
 use crate::source::slot::SlotError;
 use crate::store;
 
@@ -97,6 +98,10 @@ pub enum ReplicationError {
     /// unconfirmed and is read again).
     #[error("storing routing versions: {0}")]
     RoutingVersions(DbError),
+    /// The confirm ceiling could not be raised: the query failed, or the slot is no longer
+    /// the one walhook streamed from (the next session reports it lost).
+    #[error("confirm ceiling: {0}")]
+    Ceiling(#[from] CeilingError),
 }
 
 impl ReplicationError {
@@ -110,6 +115,9 @@ impl ReplicationError {
             ReplicationError::Closed | ReplicationError::LeadershipLost => true,
             ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
+            ReplicationError::Ceiling(CeilingError::Db(e)) => e.is_transient(),
+            // The next session looks at the slot and reports it lost.
+            ReplicationError::Ceiling(CeilingError::NotWalhooks(_)) => true,
             ReplicationError::Slot(SlotError::Busy { .. }) => true,
             ReplicationError::Slot(SlotError::Db(e)) => e.is_transient(),
             ReplicationError::Slot(_) => false,
@@ -160,6 +168,8 @@ pub struct Replication {
     tenure: Arc<Tenure>,
     /// Event payload bytes in memory (shared with dispatch and the outbox).
     budget: Arc<MemoryBudget>,
+    /// How far the session may confirm (loaded at each session start).
+    ceiling: Option<Ceiling>,
 }
 
 impl Replication {
@@ -187,6 +197,7 @@ impl Replication {
             replay_until: 0,
             fence: None,
             tenure: Default::default(),
+            ceiling: None,
         }
     }
 
@@ -205,31 +216,36 @@ impl Replication {
     }
 
     /// Streams until `shutdown`, reconnecting after transient failures. The first session's
-    /// slot problems are returned (start-up must fail loudly); later ones are retried.
+    /// slot problems are returned (start-up must fail loudly); later ones are retried. The
+    /// leadership lock is kept across reconnects: a blip of the replication connection does
+    /// not hand the slot to another replica (whose outbox rows this one's endpoint states
+    /// would not know about); only losing the lock's own connection does.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ReplicationError> {
         let slot = self.cfg.replication.slot.to_string();
         let mut backoff = Duration::from_secs(1);
         let mut started_once = false;
         // This process waited for the lock: the slot's walsender may still be the old leader's.
         let mut took_over = false;
+        let mut held: Option<Leadership> = None;
         loop {
-            self.status.standby.store(true, Ordering::Relaxed);
-            let lead = leader::acquire(&self.db, &slot, &self.tenure, &shutdown).await;
-            self.status.standby.store(false, Ordering::Relaxed);
-            let lead = match lead {
-                Ok(Some(lead)) => lead,
-                Ok(None) => return Ok(()),
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "cannot reach the database to take the replication lock; retrying");
-                    self.status.set_last_error(format!("cannot reach the database to take the replication lock: {e}"));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+            let lead = match held.take() {
+                Some(lead) => lead,
+                None => match leader::acquire(&self.db, &slot, &self.tenure, &self.status, &shutdown).await {
+                    Ok(Some(lead)) => lead,
+                    Ok(None) => return Ok(()),
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, "cannot reach the database to take the replication lock; retrying");
+                        self.status
+                            .set_last_error(format!("cannot reach the database to take the replication lock: {e}"));
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e.into()),
+                },
             };
             took_over |= lead.took_over();
             let began = Instant::now();
@@ -273,10 +289,12 @@ impl Replication {
                         tracing::warn!(error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
                     }
                     self.metrics.reconnects.inc();
-                    if !self.settle_session(&lead, lost, &shutdown).await {
-                        return Ok(());
+                    match self.settle_session(&lead, lost, &shutdown).await {
+                        None => return Ok(()),
+                        // The lock is kept unless it was lost (its connection is not the stream's).
+                        Some(true) => held = Some(lead),
+                        Some(false) => drop(lead),
                     }
-                    drop(lead);
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
@@ -297,24 +315,26 @@ impl Replication {
     /// After a session ended with an error: lets what it routed settle, for up to a minute,
     /// so the next session's replay check sees it. The lock is held meanwhile (no other
     /// replica streams while this dispatcher still sends); losing it fences dispatch, and
-    /// after a fence nothing of the session will settle. `false` on shutdown.
-    async fn settle_session(&mut self, lead: &Leadership, fenced: bool, shutdown: &CancellationToken) -> bool {
+    /// after a fence nothing of the session will settle. Whether the lock is still held
+    /// (`fenced`: it was lost already); `None` on shutdown.
+    async fn settle_session(&mut self, lead: &Leadership, fenced: bool, shutdown: &CancellationToken) -> Option<bool> {
         let settle_until = tokio::time::Instant::now() + Duration::from_secs(60);
         let notify = self.tracker.notify();
-        while !fenced && !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
+        let mut leading = !fenced;
+        while leading && !self.tracker.is_settled() && tokio::time::Instant::now() < settle_until {
             self.tracker.confirmable();
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 _ = lead.lost() => {
                     self.fence().await;
-                    break;
+                    leading = false;
                 }
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
         self.tracker = Tracker::new();
-        true
+        Some(leading)
     }
 
     #[tracing::instrument(name = "replication", skip_all, fields(slot = %self.cfg.replication.slot))]
@@ -348,6 +368,7 @@ impl Replication {
             .with_wakeup_interval(Duration::from_secs(10))
             .with_buffer_size(STREAM_BUFFER)
             .with_application_name("walhook");
+        self.ceiling = Some(Ceiling::load(&self.db, &slot).await?);
         let stream = stream.insert(ReplicationClient::connect(repl_cfg).await?);
         stream.wait_started().await?;
         *started_once = true;
@@ -369,9 +390,14 @@ impl Replication {
                 }
                 // 2. Deliveries settled: confirm the transactions they complete.
                 _ = notify.notified() => self.confirm(stream),
-                // 3. Heartbeat: a WAL message so an idle publication still moves the slot.
+                // 3. The confirm ceiling: raised (one write) when confirms wait for it.
+                _ = tokio::time::sleep_until(self.ceiling().next_raise()), if self.ceiling().wants_raise() => {
+                    self.ceiling.as_mut().expect("loaded at session start").raise(&self.db).await?;
+                    self.send_confirm(stream);
+                }
+                // 4. Heartbeat: a WAL message so an idle publication still moves the slot.
                 _ = heartbeat.tick(), if !heartbeat_every.is_zero() => self.heartbeat().await,
-                // 4. The stream itself.
+                // 5. The stream itself.
                 event = stream.recv() => match event? {
                     Some(event) => {
                         tracing::trace!(event = %pgoutput::Summary(&event), "replication event");
@@ -383,12 +409,28 @@ impl Replication {
         }
     }
 
-    /// Confirms the end of every settled transaction at the front.
+    /// Confirms the end of every settled transaction at the front (up to the ceiling).
     fn confirm(&mut self, stream: &ReplicationClient) {
         if let Some(lsn) = self.tracker.confirmable() {
+            self.ceiling_mut().want(lsn, false);
+        }
+        self.send_confirm(stream);
+    }
+
+    /// Hands the server what may be confirmed now.
+    fn send_confirm(&mut self, stream: &ReplicationClient) {
+        if let Some(lsn) = self.ceiling_mut().take_sendable() {
             tracing::trace!(lsn = %Lsn::from_u64(lsn), "confirming");
             stream.update_applied_lsn(Lsn::from_u64(lsn));
         }
+    }
+
+    fn ceiling(&self) -> &Ceiling {
+        self.ceiling.as_ref().expect("loaded at session start")
+    }
+
+    fn ceiling_mut(&mut self) -> &mut Ceiling {
+        self.ceiling.as_mut().expect("loaded at session start")
     }
 
     async fn handle(
@@ -464,11 +506,13 @@ impl Replication {
 
     /// With nothing unsettled and no transaction open, everything up to `lsn` is done.
     fn confirm_idle(&mut self, stream: &ReplicationClient, lsn: Lsn) {
-        self.confirm(stream);
-        if !self.tracker.in_transaction() && self.tracker.is_settled() && !lsn.is_zero() {
-            tracing::trace!(lsn = %lsn, "confirming idle position");
-            stream.update_applied_lsn(lsn);
+        if let Some(settled) = self.tracker.confirmable() {
+            self.ceiling_mut().want(settled, false);
         }
+        if !self.tracker.in_transaction() && self.tracker.is_settled() && !lsn.is_zero() {
+            self.ceiling_mut().want(lsn.as_u64(), true);
+        }
+        self.send_confirm(stream);
     }
 
     async fn route(&mut self, change: RowChange, shutdown: &CancellationToken) -> Result<(), ReplicationError> {
@@ -625,10 +669,18 @@ impl Replication {
         let mut confirmed = None;
         loop {
             if let Some(lsn) = self.tracker.confirmable() {
-                stream.update_applied_lsn(Lsn::from_u64(lsn));
-                confirmed = Some(lsn);
+                self.ceiling_mut().want(lsn, false);
+                if self.ceiling().wants_raise() {
+                    if let Err(e) = self.ceiling.as_mut().expect("loaded at session start").raise(&self.db).await {
+                        tracing::warn!(error = %e, "could not raise the confirm ceiling at shutdown");
+                    }
+                }
+                if let Some(lsn) = self.ceiling_mut().take_sendable() {
+                    stream.update_applied_lsn(Lsn::from_u64(lsn));
+                    confirmed = Some(lsn);
+                }
             }
-            if self.tracker.is_settled() {
+            if self.tracker.is_settled() || self.tracker.stuck() {
                 break;
             }
             tokio::select! {

@@ -99,6 +99,24 @@ pub struct Record {
 }
 
 impl Record {
+    /// The same row, without the ticket (which stays with `self`).
+    pub(crate) fn duplicate(&self) -> Record {
+        Record {
+            id: self.id,
+            endpoint_id: self.endpoint_id,
+            event: self.event.clone(),
+            status: self.status,
+            attempt_count: self.attempt_count,
+            http_status: self.http_status,
+            next_attempt_at: self.next_attempt_at,
+            lease: self.lease,
+            last_error: self.last_error.clone(),
+            completed_at: self.completed_at,
+            attempt: self.attempt.clone(),
+            ticket: None,
+        }
+    }
+
     /// A row of delivery `d` with `status`, taking its ticket: no attempt made or reported,
     /// not due, no lease, no error. Callers set what differs.
     pub fn new(d: &mut Delivery, status: Status) -> Record {
@@ -246,7 +264,7 @@ impl StoreWriter {
     pub fn new(db: Db, capacity: usize) -> (StoreWriter, mpsc::Sender<StoreOp>) {
         let (tx, rx) = mpsc::channel(capacity);
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(StoreHealth::new(metrics.store_stalled.clone()));
+        let health = Arc::new(StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
         (StoreWriter { db, rx, health, metrics, stall_after: DEFAULT_STALL_AFTER }, tx)
     }
 
@@ -273,9 +291,21 @@ impl StoreWriter {
             metrics: &self.metrics,
             stall_after: self.stall_after,
         };
-        while let Some(mut batch) = batch::next(&mut self.rx, &mut carry).await {
+        let mut parked = resilient::Parked::default();
+        loop {
+            let next = tokio::select! {
+                biased;
+                // 1. The next batch.
+                next = batch::next(&mut self.rx, &mut carry) => next,
+                // 2. Records the database refused in every form, tried again with backoff.
+                _ = tokio::time::sleep_until(parked.due()), if !parked.is_empty() => {
+                    parked.retry(&ctx).await;
+                    continue;
+                }
+            };
+            let Some(mut batch) = next else { break };
             let started = std::time::Instant::now();
-            resilient::write(&ctx, &mut batch).await;
+            resilient::write(&ctx, &mut batch, &mut parked).await;
             tracing::trace!(ops = batch.len(), took = ?started.elapsed(), "store batch written");
             let probes = settle(&mut batch);
             for probe in probes {
@@ -283,6 +313,11 @@ impl StoreWriter {
                 resilient::watched(&ctx, answer_probe(&self.db, probe), tokio::time::Instant::now()).await;
                 ctx.health.progress();
             }
+        }
+        // Every sender is gone: one last try; what is still refused is dropped with its ticket
+        // (its transaction is read again after a restart).
+        if !parked.is_empty() {
+            parked.retry(&ctx).await;
         }
     }
 }

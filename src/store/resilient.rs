@@ -5,16 +5,21 @@
 //! refusal of the data (SQLSTATE classes 22, 23, 54) splits the batch, halves in op order, to
 //! find the op at fault, and everything else commits; the op at fault is stored again
 //! without its free texts, then (a new delivery) as failed without payload or attempt, with
-//! the reason; an op refused even then is skipped with an ERROR naming it, and its ticket is
-//! dropped unsettled (nothing not durable is confirmed: its transaction replays after a
-//! restart). A write that does not commit for the stall limit is reported ([`StoreHealth`]).
+//! the reason. A new delivery refused even then is *parked* ([`Parked`]): one ERROR names it,
+//! `walhook_store_pinned_records` counts it and `/readyz` says it holds the slot (its ticket,
+//! unsettled, keeps the slot from moving past it: nothing not durable is confirmed), and it is
+//! tried again, every form in turn, with backoff, so the slot catches up once the cause is gone,
+//! without a restart. At shutdown what is still parked is dropped, its ticket with it (its
+//! transaction replays after a restart). Any other op refused in every form is skipped with an
+//! ERROR (a completion left alone is claimed again once its lease ends). A write that does not
+//! commit for the stall limit is reported ([`StoreHealth`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{write, Status, StoreOp, DISABLED_GONE};
+use super::{write, Record, Status, StoreOp, DISABLED_GONE};
 use crate::ops::metrics::Metrics;
 use crate::ops::status::StoreHealth;
 use crate::pg::db::{Db, DbError};
@@ -30,14 +35,81 @@ pub(super) struct Ctx<'a> {
     pub stall_after: Duration,
 }
 
-/// Writes `ops` in order; returns once each is committed or set aside.
-pub(super) async fn write(ctx: &Ctx<'_>, ops: &mut [StoreOp]) {
+/// Parked tries: first again after this, doubling up to the most.
+const PARKED_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// New deliveries the database refused in every form, each with its ticket: tried again until
+/// stored (see the module's documentation).
+#[derive(Debug)]
+pub(super) struct Parked {
+    records: Vec<Record>,
+    next_try: Instant,
+    backoff: Duration,
+}
+
+impl Default for Parked {
+    fn default() -> Self {
+        Parked { records: Vec::new(), next_try: Instant::now(), backoff: PARKED_RETRY.0 }
+    }
+}
+
+impl Parked {
+    /// Whether nothing is parked.
+    pub(super) fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// When the parked records are tried next.
+    pub(super) fn due(&self) -> Instant {
+        self.next_try
+    }
+
+    fn park(&mut self, ctx: &Ctx<'_>, record: Record, why: String) {
+        ctx.health.pin(record.id, why);
+        self.records.push(record);
+        self.backoff = PARKED_RETRY.0;
+        self.next_try = Instant::now() + self.backoff;
+    }
+
+    /// Tries every parked record again, each in every form; settles those stored.
+    pub(super) async fn retry(&mut self, ctx: &Ctx<'_>) {
+        let mut still = Vec::new();
+        for record in std::mem::take(&mut self.records) {
+            let original = record.duplicate();
+            let mut op = StoreOp::Insert(record);
+            match store_in_some_form(ctx, &mut op).await {
+                Ok(form) => {
+                    let StoreOp::Insert(mut stored) = op else { unreachable!("an insert stays one") };
+                    tracing::info!(delivery = %stored.id, form, "a parked delivery record was stored at last; the slot moves on");
+                    ctx.health.unpin(stored.id);
+                    if let Some(t) = stored.ticket.take() {
+                        t.settle();
+                    }
+                }
+                Err(e) => {
+                    let StoreOp::Insert(mut tried) = op else { unreachable!("an insert stays one") };
+                    tracing::debug!(delivery = %tried.id, error = %e, "a parked delivery record is still refused");
+                    let mut again = original;
+                    again.ticket = tried.ticket.take();
+                    ctx.health.pin(again.id, e.to_string());
+                    still.push(again);
+                }
+            }
+        }
+        self.records = still;
+        self.backoff = (self.backoff * 2).min(PARKED_RETRY.1);
+        self.next_try = Instant::now() + self.backoff;
+    }
+}
+
+/// Writes `ops` in order; returns once each is committed, set aside or parked.
+pub(super) async fn write(ctx: &Ctx<'_>, ops: &mut [StoreOp], parked: &mut Parked) {
     let started = Instant::now();
     let mut todo = VecDeque::from([(0, ops.len())]);
     while let Some((from, to)) = todo.pop_front() {
         match write_retrying(ctx, &ops[from..to], started).await {
             Ok(()) => {}
-            Err(e) if to - from == 1 => set_aside(ctx, &mut ops[from], e, started).await,
+            Err(e) if to - from == 1 => set_aside(ctx, &mut ops[from], e, started, parked).await,
             Err(e) => {
                 tracing::debug!(error = %e, ops = to - from, "the database refused a store batch; splitting it");
                 let mid = from + (to - from) / 2;
@@ -77,6 +149,7 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
             }
             Err(e) => {
                 tracing::warn!(error = %e, ops = ops.len(), retry_in = ?backoff, "store write failed; retrying");
+                ctx.health.note_error(e.to_string());
                 if started.elapsed() >= ctx.stall_after {
                     ctx.health.stall(format!("store writes have failed for {:?}: {e}", started.elapsed()));
                 }
@@ -95,15 +168,46 @@ pub(super) async fn watched<T>(ctx: &Ctx<'_>, write: impl std::future::Future<Ou
         biased;
         // 1. The write finished.
         r = &mut write => return r,
-        // 2. It takes too long: say so, and keep waiting.
+        // 2. It takes too long: say so, with what it waits on, and keep waiting.
         _ = tokio::time::sleep_until(started + ctx.stall_after), if !ctx.health.is_stalled() => {
-            ctx.health.stall(format!(
-                "a store write has not committed for {:?} (a lock on walhook's tables, or an overloaded database?)",
-                ctx.stall_after
-            ));
+            let cause = match ctx.health.last_error() {
+                Some(e) => format!("the database's last answer: {e}"),
+                None => waits_of(ctx.db).await,
+            };
+            ctx.health.stall(format!("a store write has not committed for {:?}: {cause}", ctx.stall_after));
         }
     }
     write.await
+}
+
+/// What walhook's own sessions wait on, read on a connection of its own (the pool's may all be
+/// waiting): the lock waits and who holds them, or what the server says about its sessions.
+async fn waits_of(db: &Db) -> String {
+    const WAITS: &str = "SELECT format('waiting for a lock (%s) held by pid %s (user %s, application %s, %s since %s, \
+                                       query: %s)', w.wait_event, b.pid, coalesce(b.usename::text, '?'), \
+                                       coalesce(b.application_name, '?'), coalesce(b.state, '?'), \
+                                       coalesce(to_char(b.state_change AT TIME ZONE 'UTC', \
+                                                'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), \
+                                       coalesce(left(b.query, 120), '?')) \
+                         FROM pg_stat_activity w \
+                         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) \
+                         JOIN pg_stat_activity b ON b.pid = bp.pid \
+                         WHERE w.datname = current_database() AND w.usename = current_user \
+                           AND w.pid <> pg_backend_pid() AND w.wait_event_type = 'Lock' \
+                         GROUP BY w.wait_event, b.pid, b.usename, b.application_name, b.state, b.state_change, b.query \
+                         LIMIT 3";
+    let looked = tokio::time::timeout(Duration::from_secs(3), async {
+        let client = db.connect().await?;
+        let rows = client.query(WAITS, &[]).await?;
+        Ok::<_, DbError>(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+    })
+    .await;
+    match looked {
+        Ok(Ok(waits)) if !waits.is_empty() => waits.join("; "),
+        Ok(Ok(_)) => "no lock wait found: an overloaded database, or a slow disk?".to_owned(),
+        Ok(Err(e)) => format!("the database does not answer a new connection either: {e}"),
+        Err(_) => "the database does not answer a new connection within 3 s".to_owned(),
+    }
 }
 
 /// Reports the endpoints a committed write disabled: once each, however many 410 answers or
@@ -120,36 +224,72 @@ fn report_disabled(metrics: &Metrics, disabled: Vec<(uuid::Uuid, String)>) {
     }
 }
 
-/// The op the database refused, alone: stored in a reduced form if it can be, else skipped.
-async fn set_aside(ctx: &Ctx<'_>, op: &mut StoreOp, refusal: DbError, started: Instant) {
+/// The op the database refused, alone: stored in a reduced form if it can be, else parked (a
+/// new delivery) or skipped.
+async fn set_aside(ctx: &Ctx<'_>, op: &mut StoreOp, refusal: DbError, started: Instant, parked: &mut Parked) {
     let code = sqlstate(&refusal).to_owned();
     let id = op_id(op);
+    let original = match op {
+        StoreOp::Insert(r) => Some(r.duplicate()),
+        _ => None,
+    };
+    let cause = match reduced_forms(ctx, op, refusal, started).await {
+        Ok(form) => {
+            if form == "failed" {
+                tracing::error!(delivery = %id, sqlstate = %code, "the database refused this delivery; stored it as failed, without its payload");
+            } else {
+                tracing::warn!(delivery = %id, sqlstate = %code, "the database refused this delivery's texts; stored it without them");
+            }
+            ctx.metrics.store_set_aside.with_label_values(&[form]).inc();
+            return;
+        }
+        Err(cause) => cause,
+    };
+    ctx.metrics.store_set_aside.with_label_values(&["rejected"]).inc();
+    match (op, original) {
+        (StoreOp::Insert(r), Some(mut original)) => {
+            tracing::error!(delivery = %id, sqlstate = %sqlstate(&cause), error = %cause, "the database refused this delivery's record in every form; it holds the replication slot until it is stored, and walhook tries it again (see /readyz and walhook_store_pinned_records)");
+            original.ticket = r.ticket.take();
+            parked.park(ctx, original, cause.to_string());
+        }
+        _ => {
+            tracing::error!(delivery = %id, sqlstate = %sqlstate(&cause), error = %cause, "the database refused this store write in every form; skipped it (an attempt's outcome is claimed again once its lease ends)");
+        }
+    }
+}
+
+/// Stores `op` as it is, or else in a reduced form; which form (`as_is`, `without_texts`,
+/// `failed`), or the last refusal.
+async fn store_in_some_form(ctx: &Ctx<'_>, op: &mut StoreOp) -> Result<&'static str, DbError> {
+    let started = Instant::now();
+    match write_retrying(ctx, std::slice::from_mut(op), started).await {
+        Ok(()) => Ok("as_is"),
+        Err(refusal) => reduced_forms(ctx, op, refusal, started).await,
+    }
+}
+
+/// After `refusal`: `op` without its texts, then as failed; the form stored, or the last refusal.
+async fn reduced_forms(
+    ctx: &Ctx<'_>,
+    op: &mut StoreOp,
+    refusal: DbError,
+    started: Instant,
+) -> Result<&'static str, DbError> {
+    let code = sqlstate(&refusal).to_owned();
     let mut cause = refusal;
     if without_texts(op, &code) {
         match write_retrying(ctx, std::slice::from_mut(op), started).await {
-            Ok(()) => {
-                tracing::warn!(delivery = %id, sqlstate = %code, error = %cause, "the database refused this delivery's texts; stored it without them");
-                ctx.metrics.store_set_aside.with_label_values(&["without_texts"]).inc();
-                return;
-            }
+            Ok(()) => return Ok("without_texts"),
             Err(e) => cause = e,
         }
     }
     if as_failed(op, &code) {
         match write_retrying(ctx, std::slice::from_mut(op), started).await {
-            Ok(()) => {
-                tracing::error!(delivery = %id, sqlstate = %code, error = %cause, "the database refused this delivery; stored it as failed, without its payload");
-                ctx.metrics.store_set_aside.with_label_values(&["failed"]).inc();
-                return;
-            }
+            Ok(()) => return Ok("failed"),
             Err(e) => cause = e,
         }
     }
-    tracing::error!(delivery = %id, sqlstate = %sqlstate(&cause), error = %cause, "the database refused this store write in every form; skipped it (a new delivery's change stays unconfirmed and is read again after a restart)");
-    ctx.metrics.store_set_aside.with_label_values(&["rejected"]).inc();
-    if let StoreOp::Insert(r) = op {
-        drop(r.ticket.take());
-    }
+    Err(cause)
 }
 
 fn op_id(op: &StoreOp) -> uuid::Uuid {

@@ -19,47 +19,103 @@ macro_rules! utc_text {
 }
 pub(crate) use utc_text;
 
-/// walhook's record of `slot`: the position it last confirmed and when (RFC 3339 UTC).
-pub async fn confirmed(client: &impl GenericClient, slot: &str) -> Result<Option<(String, String)>, DbError> {
+/// walhook's record of a slot (`walhook.slot_state`).
+#[derive(Debug, Clone)]
+pub struct SlotRecord {
+    /// The slot's confirmed position as last recorded.
+    pub confirmed_lsn: String,
+    /// No commit after `confirmed_lsn` happened before this time (RFC 3339 UTC).
+    pub confirmed_at: String,
+    /// The confirm ceiling (bytes since 0/0); `None` for a record from before it existed.
+    pub ceiling: Option<i64>,
+}
+
+/// walhook's record of `slot`, if it has one.
+pub async fn record(client: &impl GenericClient, slot: &str) -> Result<Option<SlotRecord>, DbError> {
     let row = client
         .query_opt(
             concat!(
                 "SELECT confirmed_lsn::text, ",
                 utc_text!("confirmed_at"),
-                " FROM walhook.slot_state WHERE slot = $1"
+                ", (confirm_ceiling - '0/0')::int8 FROM walhook.slot_state WHERE slot = $1"
             ),
             &[&slot],
         )
         .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| SlotRecord { confirmed_lsn: r.get(0), confirmed_at: r.get(1), ceiling: r.get(2) }))
 }
 
-/// Records that walhook streams from `slot`, starting at `lsn`.
+/// Records that walhook streams from `slot`, starting at `lsn`: its confirmed position and
+/// its confirm ceiling. (`now()` is no later than any commit after `lsn`: the slot's position
+/// was read in this transaction or before it.)
 pub async fn record_start(client: &impl GenericClient, slot: &str, lsn: &str) -> Result<(), DbError> {
     client
         .execute(
-            "INSERT INTO walhook.slot_state (slot, created_at, start_lsn, confirmed_lsn, confirmed_at) \
-             VALUES ($1, now(), $2::text::pg_lsn, $2::text::pg_lsn, now()) \
+            "INSERT INTO walhook.slot_state (slot, created_at, start_lsn, confirmed_lsn, confirmed_at, confirm_ceiling) \
+             VALUES ($1, now(), $2::text::pg_lsn, $2::text::pg_lsn, now(), $2::text::pg_lsn) \
              ON CONFLICT (slot) DO UPDATE SET created_at = now(), start_lsn = EXCLUDED.start_lsn, \
-                 confirmed_lsn = EXCLUDED.confirmed_lsn, confirmed_at = now()",
+                 confirmed_lsn = EXCLUDED.confirmed_lsn, confirmed_at = now(), \
+                 confirm_ceiling = EXCLUDED.confirm_ceiling",
             &[&slot, &lsn],
         )
         .await?;
     Ok(())
 }
 
-/// Copies the slot's confirmed position into its record when it moved, and once a minute
-/// otherwise (so the time stays recent on an idle database without writing every few
-/// seconds); a lost slot's record is left as it was.
-pub async fn follow_confirmed(client: &impl GenericClient, slot: &str) -> Result<(), DbError> {
+/// Sets the confirm ceiling of a record from before ceilings existed to the slot's position.
+pub async fn set_missing_ceiling(client: &impl GenericClient, slot: &str, lsn: &str) -> Result<(), DbError> {
     client
         .execute(
-            "UPDATE walhook.slot_state st SET confirmed_lsn = s.confirmed_flush_lsn, confirmed_at = now() \
-             FROM pg_replication_slots s \
-             WHERE st.slot = $1 AND s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL \
-               AND s.wal_status IS DISTINCT FROM 'lost' \
-               AND (s.confirmed_flush_lsn > st.confirmed_lsn OR st.confirmed_at < now() - interval '1 minute')",
+            "UPDATE walhook.slot_state SET confirm_ceiling = $2::text::pg_lsn WHERE slot = $1 AND confirm_ceiling IS NULL",
+            &[&slot, &lsn],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A raised confirm ceiling: up to where walhook may confirm now, and where the WAL ended
+/// after the raise itself (a later position is more than walhook's own write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raised {
+    /// The new ceiling (bytes since 0/0).
+    pub ceiling: u64,
+    /// The WAL insert position after the raise committed.
+    pub after: u64,
+}
+
+/// Raises `slot`'s confirm ceiling to the WAL insert position now, only while the slot's
+/// confirmed position is still at or below the old ceiling (so the slot is still the one walhook
+/// streamed from). `None` when it is not (replaced, advanced by someone else, or gone).
+pub async fn raise_ceiling(client: &impl GenericClient, slot: &str) -> Result<Option<Raised>, DbError> {
+    let raised = client
+        .query_opt(
+            "UPDATE walhook.slot_state SET confirm_ceiling = pg_current_wal_insert_lsn() \
+             WHERE slot = $1 AND confirm_ceiling IS NOT NULL \
+               AND (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1) <= confirm_ceiling \
+             RETURNING (confirm_ceiling - '0/0')::int8",
             &[&slot],
+        )
+        .await?;
+    let Some(row) = raised else { return Ok(None) };
+    let after: i64 = client.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[]).await?.get(0);
+    Ok(Some(Raised { ceiling: row.get::<_, i64>(0) as u64, after: after as u64 }))
+}
+
+/// Records `slot`'s confirmed position `lsn` when it moved past the recorded one, with `at`
+/// (a time no commit after `lsn` precedes; when `None` the recorded time stays, which is
+/// earlier and so still true). A lost slot's record is left as it was.
+pub async fn follow_confirmed(
+    client: &impl GenericClient,
+    slot: &str,
+    lsn: &str,
+    at: Option<&str>,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE walhook.slot_state SET confirmed_lsn = $2::text::pg_lsn, \
+                 confirmed_at = COALESCE($3::text::timestamptz, confirmed_at) \
+             WHERE slot = $1 AND $2::text::pg_lsn > confirmed_lsn",
+            &[&slot, &lsn, &at],
         )
         .await?;
     Ok(())

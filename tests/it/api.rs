@@ -7,7 +7,7 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::common::{Env, ACCOUNT_A, ACCOUNT_B, USER};
+use crate::common::{Env, Readiness, ACCOUNT_A, ACCOUNT_B, USER};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -468,7 +468,7 @@ async fn secrets_are_encrypted_at_rest_and_never_logged() {
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let mut proc = env
         .spawn_binary(&format!("{}[secrets]\nencryption_key = \"{key}\"\n[log]\nlevel = \"debug\"\n", auth_config()));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let api = Api::new(&env);
     let a = jwt(ACCOUNT_A);
     let created = api.ok("webhooks-create", &a, create_body(&env, "enc")).await;
@@ -542,7 +542,7 @@ async fn the_openapi_document_and_the_router_agree() {
 async fn an_unencrypted_secret_is_not_logged_even_at_debug_level() {
     let env = Env::new("api_secret_debug_log").await;
     let mut proc = env.spawn_binary(&format!("{}[log]\nlevel = \"debug\"\n", auth_config()));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let api = Api::new(&env);
     let created = api.ok("webhooks-create", &jwt(ACCOUNT_A), create_body(&env, "plain")).await;
     let secret = created["signing_secret"].as_str().unwrap().to_owned();
@@ -730,7 +730,7 @@ async fn an_empty_jwt_key_does_not_start_and_does_not_accept_forged_tokens() {
 async fn raw_replication_messages_are_not_logged_even_at_trace_level() {
     let env = Env::new("api_trace_log").await;
     let mut proc = env.spawn_binary(&format!("{}[log]\nlevel = \"trace\"\n", auth_config()));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     // Created while streaming: the endpoint row (its unencrypted secret included) replicates.
     let created = Api::new(&env).ok("webhooks-create", &jwt(ACCOUNT_A), create_body(&env, "trace")).await;
     let secret = created["signing_secret"].as_str().unwrap().to_owned();
@@ -761,7 +761,7 @@ async fn turning_on_encryption_re_encrypts_existing_secrets_and_says_how_many() 
     assert_eq!(plain, 2);
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let mut proc = env.spawn_binary(&format!("{}[secrets]\nencryption_key = \"{key}\"\n", auth_config()));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v1:%'").await;
     assert_eq!(plain, 0, "every stored secret is encrypted once the key is on");
     // They still sign what the receiver verifies.

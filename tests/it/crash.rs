@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::common::{wait_for, wait_for_keys, Env, ACCOUNT_A};
+use crate::common::{wait_for, wait_for_keys, Env, Readiness, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -35,7 +35,7 @@ async fn sigkill_mid_load_then_restart_loses_nothing() {
     let env = Env::new("sigkill_mid_load").await;
     env.endpoint(ACCOUNT_A, "hook", &["contact.created", "contact.updated"]).await;
     let mut first = env.spawn_binary("");
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let n = 1500;
     let writer = tokio::spawn(load(env.url.clone(), n));
     // Kill it while changes are flowing: some delivered, some in flight, most not yet read.

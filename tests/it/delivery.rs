@@ -155,6 +155,7 @@ async fn a_replay_from_an_older_lsn_creates_no_duplicates() {
     assert!(source_confirmed > last_commit, "a graceful stop confirms what it delivered");
 
     // Replay everything from the copy's older position.
+    env.migrate_slot("replay_no_dupes_copy").await;
     let wh = env.start("[replication]\nslot = \"replay_no_dupes_copy\"\n").await;
     let q =
         "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = 'replay_no_dupes_copy'";

@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::{Duration, SystemTime};
 
-use crate::common::{wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{wait_for, Env, Readiness, ACCOUNT_A, USER};
 use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
 use walhook::local::receiver::Reply;
 use walhook::security::secrets::SecretBox;
@@ -34,7 +34,7 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
     let env = Env::new("truth_colour").await;
     let mut wh = env.spawn_binary("[log]\nformat = \"text\"\n");
     wait_for(Duration::from_secs(30), || async { wh.log_text().contains("walhook starting") }).await;
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let log = wh.log_text();
     assert!(!log.contains('\u{1b}'), "stderr is a file, yet the log has ANSI escapes:\n{log:?}");
     wh.sigterm();
@@ -265,8 +265,31 @@ async fn readyz_names_a_busy_slot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(body["reason"].as_str().unwrap().contains("pg_recvlogical"), "{body}");
-    let _ = other.kill();
+    // The other consumer takes a change walhook never delivered, confirms it as it stops
+    // (SIGINT), and goes: the slot is no longer walhook's to stream from without a word.
+    env.sql("INSERT INTO contacts (account_id, first_name) VALUES ('aaaa0000-0000-4000-8000-000000000001', 'taken')")
+        .await;
+    let taken = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    let sent = format!(
+        "SELECT COALESCE(max((r.sent_lsn - '0/0')::int8), 0) FROM pg_replication_slots s \
+         JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = '{}'",
+        env.name
+    );
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(&sent).await >= taken }).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.confirmed_lsn().await < taken && other.try_wait().unwrap().is_none() {
+        std::process::Command::new("kill").args(["-INT", &other.id().to_string()]).status().unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "pg_recvlogical neither confirmed nor stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let _ = other.wait();
+    wait_for(Duration::from_secs(30), || async {
+        let (status, body) = readyz(&env).await;
+        status == 503 && body["reason"].as_str().unwrap_or_default().contains("not the one walhook streamed from")
+    })
+    .await;
+    let mut reset = env.spawn_command("slot-reset", "");
+    assert!(reset.wait_exit(Duration::from_secs(60)).await.unwrap().success(), "{}", reset.log_text());
     wait_for(Duration::from_secs(60), || async { readyz(&env).await.0 == 200 }).await;
     wh.stop().await.unwrap();
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::common::{free_port, wait_for, Env, ACCOUNT_A};
+use crate::common::{free_port, wait_for, Env, Readiness, ACCOUNT_A};
 use walhook::local::receiver::Reply;
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
@@ -18,7 +18,7 @@ async fn sigkill_with_an_attempt_in_flight_retries_it_after_its_lease() {
     let cfg =
         "[dispatch]\nretry_schedule = [\"300ms\", \"300ms\"]\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"\n";
     let mut first = env.spawn_binary(cfg);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'leased')")).await;
     env.receiver.wait_until(Duration::from_secs(20), |r| r.len() >= 2).await.expect("the retry is in flight");
     let row = env.client.query_one("SELECT lease_until, attempt_count FROM walhook.deliveries", &[]).await.unwrap();
@@ -49,7 +49,7 @@ async fn two_processes_never_send_the_same_attempt() {
     // rows at once and the standby (32) finds due rows too: both processes claim the same rows.
     let leader_cfg = cfg.replace("[dispatch]\n", "[dispatch]\nendpoint_concurrency = 2\n");
     let _leader = env.spawn_binary(&leader_cfg);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     // A second replica: stands by for the slot, works the same outbox. It looks for due rows
     // every 100 ms, while the leader, woken by its own writes, could otherwise win every claim
     // on a loaded machine: the scenario must exercise two processes claiming the same rows.

@@ -35,6 +35,7 @@ mod pg_restart;
 mod poison;
 mod preflight;
 mod production_setup;
+mod readiness;
 mod replay_routing;
 mod retention;
 mod signatures;

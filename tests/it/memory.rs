@@ -171,6 +171,7 @@ async fn a_replayed_transaction_larger_than_the_limit_does_not_wait_on_itself() 
 
     // Replaying it buffers its deliveries to check them against the database; the buffer
     // must not hold the budget that routing waits for.
+    env.migrate_slot("memory_replay_large_tx_copy").await;
     let wh = env.start(&format!("{extra}[replication]\nslot = \"memory_replay_large_tx_copy\"\n")).await;
     let q = "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots \
              WHERE slot_name = 'memory_replay_large_tx_copy'";

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, USER};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -113,7 +113,7 @@ async fn sigterm_during_a_load_exits_cleanly_and_loses_nothing() {
     env.receiver.set_default("t", walhook::local::receiver::Reply::Delay(Duration::from_millis(300), 200));
     let grace = 5;
     let mut proc = env.spawn_binary(&format!("[shutdown]\ngrace = \"{grace}s\"\n[dispatch]\nspill_after = \"10s\"\n"));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let n = 300;
     env.sql(&format!(
         "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'c' || i FROM generate_series(1, {n}) i"
@@ -142,7 +142,7 @@ async fn json_logs_parse_and_carry_no_secrets_or_payloads() {
     let (_, secret) = env.endpoint_url(ACCOUNT_A, &env.receiver.url("j"), &["contact.created"]).await;
     env.receiver.set_secret("j", &secret);
     let mut proc = env.spawn_binary("[log]\nformat = \"json\"\nlevel = \"info\"\n[secrets]\nencryption_key = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\n");
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'payload-marker-xyz')")).await;
     env.receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await.unwrap();
     let _ = reqwest::Client::new()
@@ -191,7 +191,7 @@ async fn sigterm_with_a_wedged_store_exits_within_grace_and_loses_nothing() {
     env.endpoint(ACCOUNT_A, "w", &["contact.created"]).await;
     let grace = 3;
     let mut proc = env.spawn_binary(&format!("[shutdown]\ngrace = \"{grace}s\"\n"));
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     // Wedge the store: a transaction holds walhook.deliveries, so nothing can be recorded.
     let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, ACCOUNT_B};
 use bytes::Bytes;
 use uuid::Uuid;
 use walhook::local::receiver::Reply;
@@ -276,4 +276,68 @@ async fn lock_deliveries(env: &Env) -> (tokio::task::JoinHandle<()>, tokio_postg
     });
     client.batch_execute("BEGIN; LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE").await.unwrap();
     (task, client)
+}
+
+/// A delivery record the database refuses in every form (an operator's constraint) holds the
+/// slot, and says so: `/readyz` 503 naming the delivery, `walhook_store_pinned_records`, one
+/// ERROR. It is tried again, so once the cause is gone the slot catches up without a restart;
+/// and a SIGTERM while one is pinned does not wait out the grace period for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_in_every_form_pins_the_slot_loudly_and_is_stored_once_the_cause_is_gone() {
+    let env = Env::new("poison_pinned").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    let mut wh = env.spawn_binary("[shutdown]\ngrace = \"20s\"\n");
+    env.ready(Readiness::Streaming).await;
+    let cursed = "96000000-0000-4000-8000-000000000001";
+    env.sql(&format!(
+        "ALTER TABLE walhook.deliveries ADD CONSTRAINT refuse_one CHECK (entity_key <> 'contacts:{cursed}') NOT VALID"
+    ))
+    .await;
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{cursed}', '{A}', 'cursed')")).await;
+    let cursed_end = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'after')")).await;
+    env.receiver.wait_until(Duration::from_secs(20), |r| r.len() >= 2).await.expect("both are sent");
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("hold the replication slot") && body.contains("refuse_one"), "{body}");
+    assert_eq!(env.metric("walhook_store_pinned_records").await, 1.0);
+    let errors = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("refused this delivery's record in every form"))
+            .count()
+    };
+    assert_eq!(errors(&wh.log_text()), 1, "one ERROR naming it:\n{}", wh.log_text());
+    // The slot stays behind it, however long.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.confirmed_lsn().await < cursed_end, "the slot moved past a delivery that is not recorded");
+
+    env.sql("ALTER TABLE walhook.deliveries DROP CONSTRAINT refuse_one").await;
+    wait_for(Duration::from_secs(60), || async { readyz(&env).await.0 == 200 }).await;
+    env.quiescent().await;
+    assert_eq!(env.metric("walhook_store_pinned_records").await, 0.0);
+    let recorded = format!("SELECT count(*) FROM walhook.deliveries WHERE entity_key = 'contacts:{cursed}'");
+    assert_eq!(env.scalar_i64(&recorded).await, 1, "stored at last, once");
+    assert_eq!(errors(&wh.log_text()), 1);
+
+    // Pinned again, then SIGTERM: the process does not wait for what cannot be stored.
+    let second = "96000000-0000-4000-8000-000000000002";
+    env.sql(&format!(
+        "ALTER TABLE walhook.deliveries ADD CONSTRAINT refuse_two CHECK (entity_key <> 'contacts:{second}') NOT VALID;
+         INSERT INTO contacts (id, account_id, first_name) VALUES ('{second}', '{A}', 'second');"
+    ))
+    .await;
+    readyz_until_503(&env, Duration::from_secs(20)).await;
+    let asked = std::time::Instant::now();
+    wh.sigterm();
+    let status = wh.wait_exit(Duration::from_secs(30)).await.expect("exits");
+    assert!(status.success(), "{}", wh.log_text());
+    assert!(asked.elapsed() < Duration::from_secs(15), "it waited out the grace period: {:?}", asked.elapsed());
+    assert!(env.confirmed_lsn().await < env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await);
+    env.sql("ALTER TABLE walhook.deliveries DROP CONSTRAINT refuse_two").await;
+    // After a restart it is read again and recorded.
+    let _wh = env.spawn_binary("");
+    env.ready(Readiness::Streaming).await;
+    env.quiescent().await;
+    let recorded = format!("SELECT count(*) FROM walhook.deliveries WHERE entity_key = 'contacts:{second}'");
+    assert_eq!(env.scalar_i64(&recorded).await, 1);
 }

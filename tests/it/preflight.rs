@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{cluster, own_cluster, wait_for, Env};
+use crate::common::{cluster, own_cluster, wait_for, Env, Readiness};
 
 /// Runs `walhook run` and expects it to fail with every one of `needles` in its output.
 async fn refuses(env: &Env, extra: &str, needles: &[&str]) {
@@ -41,7 +41,7 @@ async fn deletes_that_would_lose_account_id_are_refused() {
     )
     .await;
     let mut proc = env.spawn_binary("");
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     proc.sigterm();
     assert!(proc.wait_exit(Duration::from_secs(30)).await.unwrap().success());
 }
@@ -74,7 +74,14 @@ async fn a_role_without_replication_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_replica_is_refused() {
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&["wal_level = replica"])).await.unwrap();
-    let env = Env::on(&cluster, "pre_wal_level").await;
+    let env = Env::unmigrated(&cluster, "pre_wal_level").await;
+    // `walhook migrate` cannot create the slot, and says why.
+    let mut migrate = env.spawn_command("migrate", "");
+    let status = migrate.wait_exit(Duration::from_secs(60)).await.expect("migrate ends");
+    let out = migrate.log_text();
+    assert!(!status.success(), "migrate must fail without logical WAL:\n{out}");
+    assert!(out.contains("wal_level is 'replica'") && out.contains("wal_level = logical"), "{out}");
+    // And `walhook run` refuses to start, naming the same fix.
     refuses(&env, "", &["wal_level is 'replica'", "wal_level = logical"]).await;
     drop(env);
     drop(cluster);
@@ -82,8 +89,8 @@ async fn wal_level_replica_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_streamed_by_another_process_is_refused() {
+    // (`walhook migrate` created the slot.)
     let env = Env::new("pre_slot_busy").await;
-    env.sql("SELECT pg_create_logical_replication_slot('pre_slot_busy', 'pgoutput')").await;
     let mut other = Command::new(cluster().bindir().join("pg_recvlogical"))
         .args(["-h", "127.0.0.1", "-p", &cluster().port().to_string(), "-U", "postgres", "-d", "pre_slot_busy"])
         .args(["--slot", "pre_slot_busy", "--start", "-f", "/dev/null"])

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, ACCOUNT_A, USER};
+use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, USER};
 use uuid::Uuid;
 use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
 use walhook::local::receiver::{Received, Reply};
@@ -53,7 +53,7 @@ async fn an_endpoint_disabled_before_a_replay_still_gets_the_change_committed_wh
     let e = env.endpoint(ACCOUNT_A, "e", &["contact.created"]).await;
     env.receiver.script("e", vec![Reply::Hang]);
     let mut first = env.spawn_binary(SLOW);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let contact = "81000000-0000-4000-8000-000000000001";
     insert_contact(&env, contact, "while-active").await;
     env.receiver.wait_until(Duration::from_secs(30), |r| r.len() == 1).await.expect("first attempt arrives");
@@ -62,7 +62,7 @@ async fn an_endpoint_disabled_before_a_replay_still_gets_the_change_committed_wh
     first.kill9();
     set_active(&env, e.id, false).await;
     let mut second = env.spawn_binary(SLOW);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     wait_confirmed_to_now(&env).await;
     set_active(&env, e.id, true).await;
     env.receiver
@@ -83,7 +83,7 @@ async fn an_endpoint_created_after_a_row_does_not_get_it_on_replay() {
     env.endpoint(ACCOUNT_A, "g", &["contact.created"]).await;
     env.receiver.script("g", vec![Reply::Hang]);
     let mut first = env.spawn_binary(SLOW);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let old_row = "82000000-0000-4000-8000-000000000001";
     insert_contact(&env, old_row, "before-f").await;
     env.receiver.wait_until(Duration::from_secs(30), |r| r.len() == 1).await.expect("G's attempt hangs");
@@ -97,7 +97,7 @@ async fn an_endpoint_created_after_a_row_does_not_get_it_on_replay() {
         .expect("F receives the later row");
     first.kill9();
     let mut second = env.spawn_binary(SLOW);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let last = "82000000-0000-4000-8000-000000000003";
     insert_contact(&env, last, "after-restart").await;
     env.receiver

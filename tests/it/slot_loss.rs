@@ -8,8 +8,8 @@ use crate::common;
 
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, Proc, ACCOUNT_A};
-use walhook::local::receiver::Received;
+use crate::common::{own_cluster, wait_for, Env, Proc, Readiness, ACCOUNT_A};
+use walhook::local::receiver::{Received, Reply};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -85,7 +85,7 @@ async fn a_dropped_slot_is_not_recreated_until_slot_reset_records_the_gap() {
     let env = Env::new("slot_lost_dropped").await;
     env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
     let mut wh = env.spawn_binary(FAST_RECHECK);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     contact(&env, "before").await;
     env.receiver.wait_until(Duration::from_secs(20), |r| !r.is_empty()).await.expect("delivered before the loss");
 
@@ -140,7 +140,7 @@ async fn a_dropped_slot_is_not_recreated_until_slot_reset_records_the_gap() {
     assert!(out.contains(&confirmed) && out.contains(&gap.get::<_, String>(2)), "slot-reset reports the gap:\n{out}");
 
     // The waiting walhook resumes by itself on the new slot.
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     wait_for(Duration::from_secs(20), || async { readyz(&env).await.0 == 200 }).await;
     wait_for(Duration::from_secs(10), || async { env.metric("walhook_replication_slot_lost").await == 0.0 }).await;
     contact(&env, "after").await;
@@ -155,7 +155,7 @@ async fn a_table_dropped_from_the_publication_makes_walhook_not_ready_and_record
     let env = Env::new("slot_pub_drop").await;
     env.endpoint(ACCOUNT_A, "hook", &["contact.created", "company.created"]).await;
     let mut wh = env.spawn_binary(FAST_RECHECK);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     wait_for(Duration::from_secs(20), || async { readyz(&env).await.0 == 200 }).await;
 
     env.sql("ALTER PUBLICATION slot_pub_drop DROP TABLE contacts").await;
@@ -232,18 +232,22 @@ async fn slot_reset_refuses_a_healthy_slot() {
     assert!(!ok, "slot-reset must refuse a healthy slot:\n{out}");
     assert!(out.contains("slot_reset_healthy is healthy") && out.contains("nothing to reset"), "says why:\n{out}");
     assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.replication_gaps").await, 0);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     wh.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_from_before_the_record_is_adopted_and_its_position_recorded() {
-    // An upgrade: the slot exists, walhook.slot_state has no row for it yet.
-    let env = Env::new("slot_adopted").await;
-    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    // An upgrade: an older walhook created the slot (after its publication) and kept no
+    // record of it; the new `walhook migrate` adopts it.
+    let env = Env::unmigrated(common::cluster(), "slot_adopted").await;
+    walhook::pg::migrate::migrate(&env.db, &env.config("")).await.expect("the schema part of migrate");
     env.sql("SELECT pg_create_logical_replication_slot('slot_adopted', 'pgoutput')").await;
     let created =
         text(&env, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'slot_adopted'").await;
+    let migrated = walhook::app::migrate(&env.db, &env.config("")).await.expect("migrate");
+    assert_eq!(migrated.slot, walhook::app::Prepared::Adopted { lsn: created.clone() });
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
     let wh = env.start(FAST_RECHECK).await;
     contact(&env, "adopted").await;
     env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "adopted")).await.expect("streams the adopted slot");
@@ -296,7 +300,7 @@ async fn an_invalidated_slot_is_reported_and_replaced_only_by_slot_reset() {
             .await;
     assert_ne!(lost, "lost", "the invalidated slot was dropped and created anew");
     assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.replication_gaps WHERE kind = 'slot_lost'").await, 1);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     contact(&env, "after").await;
     env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "after")).await.expect("delivered after the reset");
     drop(wh);
@@ -341,13 +345,15 @@ async fn publish_actions_row_filters_and_column_lists_are_rechecked() {
 async fn a_replica_that_stops_holding_the_slot_forgets_what_it_reported() {
     let env = Env::new("slot_forget").await;
     let _first = env.spawn_binary(FAST_RECHECK);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let other_metrics = common::free_port();
     let second = format!(
         "{FAST_RECHECK}[api]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nlisten = \"127.0.0.1:{other_metrics}\"\n",
         common::free_port()
     );
     let _second = env.spawn_binary(&second);
+    // Both started (past their checks), as an operator sees it: one streams, one stands by.
+    common::wait_ready(format!("127.0.0.1:{other_metrics}").parse().unwrap(), Readiness::Standby).await;
     env.sql("ALTER TABLE contacts REPLICA IDENTITY DEFAULT").await;
     wait_not_ready(&env, &["public.contacts"], Duration::from_secs(15)).await;
     // The first replica loses its lock; the second takes the slot over.
@@ -365,4 +371,156 @@ async fn a_replica_that_stops_holding_the_slot_forgets_what_it_reported() {
     wait_for(Duration::from_secs(30), standing_by).await;
     assert_eq!(env.metric("walhook_replication_prerequisite_failing{check=\"replica_identity\"}").await, 0.0);
     env.sql("ALTER TABLE contacts REPLICA IDENTITY FULL").await;
+}
+
+/// A slot of walhook's name that walhook did not create (failover tooling's permanent slots,
+/// a cleanup script) is a gap, never adopted silently: neither while walhook runs nor while
+/// it was down. `slot-reset` adopts it and records the gap up to its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_created_again_by_someone_else_is_lost_until_slot_reset_adopts_it_with_the_gap() {
+    let env = Env::new("slot_recreated").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    let mut wh = env.spawn_binary(FAST_RECHECK);
+    env.ready(Readiness::Streaming).await;
+    contact(&env, "before").await;
+    env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "before")).await.expect("streaming");
+
+    // While walhook runs: its slot goes, a row is written, a slot of the same name comes back.
+    drop_slot_behind_walhooks_back(&env).await;
+    contact(&env, "between").await;
+    let between = text(&env, "SELECT pg_current_wal_lsn()::text").await;
+    wait_not_ready(&env, &["replication slot slot_recreated", "lost"], Duration::from_secs(30)).await;
+    env.sql("SELECT pg_create_logical_replication_slot('slot_recreated', 'pgoutput')").await;
+    contact(&env, "after").await;
+    let reason =
+        wait_not_ready(&env, &["slot_recreated", "not the one walhook streamed from"], Duration::from_secs(30)).await;
+    assert!(reason.contains("walhook slot-reset"), "says what to do: {reason}");
+    // And it stays so: looked at again and again, never adopted by itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = readyz(&env).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(env.metric("walhook_replication_slot_lost").await, 1.0);
+    assert!(!has(&env.receiver.received(), "after"), "nothing is streamed from a slot walhook did not create");
+
+    let (ok, out) = slot_reset(&env).await;
+    assert!(ok && out.contains("adopted replication slot slot_recreated"), "slot-reset adopts the slot:\n{out}");
+    let covered = env
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM walhook.replication_gaps WHERE slot = 'slot_recreated' AND kind = 'slot_lost' \
+             AND from_lsn <= '{between}' AND to_lsn >= '{between}'"
+        ))
+        .await;
+    assert_eq!(covered, 1, "the gap covers the row written while the slot was gone:\n{out}");
+    env.ready(Readiness::Streaming).await;
+    env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "after")).await.expect("streams the adopted slot");
+    assert!(!has(&env.receiver.received(), "between"), "the gap is recorded, not papered over");
+
+    // While walhook is down: the same, found at start-up.
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.unwrap().success(), "{}", wh.log_text());
+    env.sql("SELECT pg_drop_replication_slot('slot_recreated')").await;
+    contact(&env, "down-between").await;
+    env.sql("SELECT pg_create_logical_replication_slot('slot_recreated', 'pgoutput')").await;
+    contact(&env, "down-after").await;
+    let mut wh = env.spawn_binary(FAST_RECHECK);
+    wait_not_ready(&env, &["slot_recreated", "not the one walhook streamed from"], Duration::from_secs(30)).await;
+    let (ok, out) = slot_reset(&env).await;
+    assert!(ok && out.contains("adopted replication slot slot_recreated"), "{out}");
+    env.ready(Readiness::Streaming).await;
+    env.receiver.wait_until(Duration::from_secs(20), |rs| has(rs, "down-after")).await.expect("streams again");
+    assert!(!has(&env.receiver.received(), "down-between"));
+    let gaps = env.scalar_i64("SELECT count(*) FROM walhook.replication_gaps WHERE slot = 'slot_recreated'").await;
+    assert_eq!(gaps, 2, "one gap per replacement");
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.unwrap().success(), "{}", wh.log_text());
+}
+
+/// The gap of a slot lost while confirmation was stuck (a forgotten lock on walhook's table)
+/// starts no later than any change it lost, in position and in time, so the runbook's repair
+/// (`updated_at BETWEEN from_time AND to_time`) finds every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slots_gap_starts_no_later_than_any_change_it_lost() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&["max_slot_wal_keep_size = 1MB"])).await.unwrap();
+    let env = Env::on(&cluster, "slot_gap_time").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    let mut wh = env.spawn_binary(FAST_RECHECK);
+    env.ready(Readiness::Streaming).await;
+    // Rows keep coming, about a hundred a second, each in its own transaction.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (stop, url) = (stop.clone(), env.url.clone());
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                client
+                    .batch_execute(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'w{n}')"))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    env.receiver.wait_until(Duration::from_secs(20), |rs| rs.len() >= 50).await.expect("streaming");
+    // Someone forgets a lock on walhook's table: nothing more is recorded, so nothing confirmed.
+    let (locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    locker.batch_execute("BEGIN; LOCK TABLE walhook.deliveries").await.unwrap();
+    // And the receiver fails from now on: what is read from now waits to be stored for a retry.
+    env.receiver.set_default("hook", Reply::Status(500));
+    tokio::time::sleep(Duration::from_secs(3)).await; // rows keep coming meanwhile
+    env.sql("CREATE TABLE filler (x text)").await;
+    wait_for(Duration::from_secs(90), || async {
+        env.sql(
+            "INSERT INTO filler SELECT repeat('x', 200) FROM generate_series(1, 20000); \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await;
+        text(&env, "SELECT COALESCE(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'slot_gap_time'").await
+            == "lost"
+    })
+    .await;
+    stop.cancel();
+    writer.await.unwrap();
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    wait_not_ready(&env, &["replication slot slot_gap_time", "invalidated"], Duration::from_secs(30)).await;
+    let (ok, out) = slot_reset(&env).await;
+    assert!(ok, "{out}");
+    env.ready(Readiness::Streaming).await;
+    // What arrived is all that will: the rows of the gap are gone with the old slot.
+    env.quiescent().await;
+    let got: Vec<String> = (env.receiver.received().iter())
+        .filter(|r| r.answered == 200)
+        .map(|r| r.json()["data"]["first_name"].as_str().unwrap().to_owned())
+        .collect();
+    let row = env
+        .client
+        .query_one(
+            "SELECT count(*), \
+                    count(*) FILTER (WHERE c.updated_at < g.from_time), \
+                    count(*) FILTER (WHERE c.updated_at > g.to_time), \
+                    string_agg(c.first_name || ' at ' || c.updated_at::text, ', ') FILTER (WHERE c.updated_at < g.from_time), \
+                    g.from_time::text \
+             FROM contacts c, walhook.replication_gaps g \
+             WHERE g.slot = 'slot_gap_time' AND NOT c.first_name = ANY($1) GROUP BY g.from_time, g.to_time",
+            &[&got],
+        )
+        .await
+        .expect("one gap, and rows it lost");
+    let (lost, before, after): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(lost > 0, "the loss lost rows");
+    assert_eq!(
+        before,
+        0,
+        "{before} of {lost} lost rows were written before the gap's from_time {}: {:?}",
+        row.get::<_, String>(4),
+        row.get::<_, Option<String>>(3)
+    );
+    assert_eq!(after, 0, "and none after its to_time");
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.unwrap().success(), "{}", wh.log_text());
+    drop(env);
+    drop(cluster);
 }

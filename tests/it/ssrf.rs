@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{wait_for, Env, ACCOUNT_A};
+use crate::common::{wait_for, Env, Readiness, ACCOUNT_A};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +188,7 @@ async fn a_proxy_in_the_environment_does_not_bypass_the_address_check() {
             .env_remove("NO_PROXY")
             .env_remove("no_proxy");
     });
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     env.sql("INSERT INTO contacts (account_id, first_name) VALUES ('aaaa0000-0000-4000-8000-000000000001', 'x')").await;
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status <> 'pending'";
     wait_for(Duration::from_secs(20), || async { env.scalar_i64(q).await == 1 }).await;

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::common::{wait_for, wait_for_keys, Env, ACCOUNT_A};
+use crate::common::{wait_for, wait_for_keys, Env, Readiness, ACCOUNT_A};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
@@ -39,7 +39,7 @@ async fn stage_dies_then_restart_loses_nothing(name: &str, fault: &str, stage: &
     let mut first = env.spawn_command_with("run", "", |c| {
         c.env("TEST_WALHOOK_FAULT", fault);
     });
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let n = 800;
     let writer = tokio::spawn(load(env.url.clone(), n));
 

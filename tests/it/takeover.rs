@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::common::{free_port, wait_for, Env, Proc, ACCOUNT_A};
+use crate::common::{free_port, wait_for, Env, Proc, Readiness, ACCOUNT_A};
 use walhook::local::receiver::{Received, Reply};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
@@ -64,7 +64,7 @@ async fn a_standby_that_takes_over_keeps_a_row_behind_its_delivery_waiting_in_th
     env.receiver.script("x", vec![Reply::Status(500)]);
     let cfg = "[dispatch]\nretry_schedule = [\"15s\", \"1s\"]\n";
     let mut leader = env.spawn_binary(cfg);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let mut standby = env.spawn_binary(&second(cfg));
     wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
     let x = "91000000-0000-4000-8000-000000000001";
@@ -93,7 +93,7 @@ async fn a_leader_that_loses_its_lock_stops_sending_before_another_streams() {
     env.receiver.script("x", vec![Reply::Delay(Duration::from_secs(8), 200)]);
     let cfg = "[dispatch]\nendpoint_concurrency = 1\nspill_after = \"60s\"\nrequest_timeout = \"30s\"\n";
     let leader = env.spawn_binary(cfg);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let mut standby = env.spawn_binary(&second(cfg));
     wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
     let x = "92000000-0000-4000-8000-000000000001";
@@ -127,7 +127,7 @@ async fn a_standby_that_takes_over_waits_for_the_old_walsender_instead_of_exitin
     let env = Env::new("takeover_busy_walsender").await;
     env.endpoint(ACCOUNT_A, "x", &["contact.created"]).await;
     let mut leader = env.spawn_binary("");
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let mut standby = env.spawn_binary(&second(""));
     wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
     // A leader that hangs: its walsender stays while its lock connection is cut.
@@ -158,7 +158,7 @@ async fn a_frozen_leader_that_resumes_after_a_takeover_sends_nothing_stale() {
     env.receiver.set_default("f", Reply::Delay(Duration::from_millis(400), 200));
     let cfg = "[dispatch]\nendpoint_concurrency = 16\nspill_after = \"60s\"\nrequest_timeout = \"30s\"\n";
     let mut leader = env.spawn_binary(cfg);
-    env.wait_streaming().await;
+    env.ready(Readiness::Streaming).await;
     let mut standby = env.spawn_binary(&second(cfg));
     wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
     let rows: Vec<String> = (1..=24).map(|i| format!("94000000-0000-4000-8000-{i:012}")).collect();
@@ -208,4 +208,87 @@ async fn a_frozen_leader_that_resumes_after_a_takeover_sends_nothing_stale() {
         leader.log_text()
     );
     leader.kill9();
+}
+
+/// Walsender blips beside a standby: the replica that streams keeps its lock across each
+/// reconnect (a blip hands nothing over), so with two replicas, rows of a busy, slow endpoint
+/// still arrive in commit order: every version first arrives after every older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walsender_blips_beside_a_standby_keep_every_rows_order() {
+    let env = Env::new("takeover_blips_order").await;
+    env.endpoint(ACCOUNT_A, "o", &["contact.created", "contact.updated"]).await;
+    env.receiver.set_default("o", Reply::Delay(Duration::from_millis(300), 200));
+    let mut leader = env.spawn_binary("");
+    env.ready(Readiness::Streaming).await;
+    let standby_cfg = second("");
+    let mut standby = env.spawn_binary(&standby_cfg);
+    wait_log(&mut standby, "standing by", Duration::from_secs(30)).await;
+    let rows: Vec<String> = (1..=20).map(|i| format!("95000000-0000-4000-8000-{i:012}")).collect();
+    for id in &rows {
+        env.sql(&format!(
+            "INSERT INTO contacts (id, account_id, first_name, last_name) VALUES ('{id}', '{A}', 'o', 'v0')"
+        ))
+        .await;
+    }
+    // About a hundred updates a second, one row after the other; the walsender is terminated
+    // five times along the way.
+    let versions = 60;
+    let updater = {
+        let (url, rows) = (env.url.clone(), rows.clone());
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            for v in 1..=versions {
+                for id in &rows {
+                    client
+                        .batch_execute(&format!("UPDATE contacts SET last_name = 'v{v}' WHERE id = '{id}'"))
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        env.sql(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
+            env.name
+        ))
+        .await;
+    }
+    updater.await.unwrap();
+    let all = |rs: &[Received]| {
+        rows.iter().all(|id| rs.iter().any(|r| r.json()["data"]["id"].as_str() == Some(id) && version(r) == versions))
+    };
+    env.receiver.wait_until(Duration::from_secs(180), all).await.expect("every row's last version arrives");
+    env.quiescent().await;
+    // First arrivals only (a re-send under the same webhook-id after a failure is allowed).
+    let mut seen = std::collections::HashSet::new();
+    let mut newest: std::collections::HashMap<String, i64> = Default::default();
+    let mut out_of_order = Vec::new();
+    for r in env.receiver.received() {
+        if !seen.insert(r.webhook_id.clone()) {
+            continue;
+        }
+        let id = r.json()["data"]["id"].as_str().unwrap().to_owned();
+        let v = version(&r);
+        let top = newest.entry(id.clone()).or_insert(-1);
+        if v < *top {
+            out_of_order.push((id, v, *top));
+        }
+        *top = (*top).max(v);
+    }
+    assert!(
+        out_of_order.is_empty(),
+        "{} versions first arrived after a newer one of their row, e.g. {:?}\nleader:\n{}\nstandby:\n{}",
+        out_of_order.len(),
+        &out_of_order[..out_of_order.len().min(5)],
+        leader.log_text(),
+        standby.log_text()
+    );
+    leader.sigterm();
+    standby.sigterm();
+    assert!(leader.wait_exit(Duration::from_secs(30)).await.unwrap().success());
+    assert!(standby.wait_exit(Duration::from_secs(30)).await.unwrap().success());
 }

@@ -275,7 +275,18 @@ impl Dispatcher {
     async fn on_msg(&mut self, msg: DispatchMsg) {
         match msg {
             DispatchMsg::SessionStart { pending_endpoints } => {
-                self.pending_at_start = pending_endpoints.into_iter().collect();
+                let mut pending: std::collections::HashSet<Uuid> = pending_endpoints.into_iter().collect();
+                // States that outlived the last session (blocked rows, a spill) learn it too:
+                // another process may have stored deliveries of their rows meanwhile, and a
+                // row's next change must queue behind them, not go out directly.
+                let known: Vec<Uuid> = pending.iter().filter(|id| self.endpoints.contains_key(id)).copied().collect();
+                for id in known {
+                    pending.remove(&id);
+                    if !self.endpoints[&id].spilled() {
+                        self.spill_endpoint(id).await;
+                    }
+                }
+                self.pending_at_start = pending;
             }
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {

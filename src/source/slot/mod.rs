@@ -1,21 +1,31 @@
-//! The replication slot's lifecycle: created once, adopted once, never silently replaced.
+//! The replication slot's lifecycle: created once, by `walhook migrate`, never silently
+//! replaced.
 //!
 //! What must hold:
-//! - walhook creates a slot by itself only when it never streamed from one of that name (no
-//!   `walhook.slot_state` row and no slot: the first start). A slot that exists without a
-//!   row (it predates this table) is adopted: the row is written and streaming goes on.
+//! - `walhook migrate` creates the slot ([`prepare()`]) when walhook has no record of it and
+//!   it does not exist, after the publication: from the moment migrate returns, every
+//!   committed change of a published table is in the slot. A slot that exists without a
+//!   record (created by hand before walhook was installed) is adopted there. `walhook run`
+//!   never creates a slot: without a record it stops and says to run migrate.
 //! - A slot walhook streamed from (a `walhook.slot_state` row) that is missing (dropped, or
 //!   not carried over by a failover: PostgreSQL before 17 does not copy logical slots to a
-//!   standby) or invalidated (`wal_status = 'lost'`, past `max_slot_wal_keep_size`) is
-//!   *lost*. The streaming stage then waits, re-checking every few seconds without exiting
-//!   (the API and the outbox keep working); `/readyz` answers 503 with the reason;
-//!   `walhook_replication_slot_lost` is 1; one ERROR per state change names the slot and the
-//!   last confirmed position and time. Only `walhook slot-reset` ([`reset()`]) creates the new
-//!   slot, and it records the gap in `walhook.replication_gaps` in the same transaction.
+//!   standby), invalidated (`wal_status = 'lost'`, past `max_slot_wal_keep_size`) or
+//!   *replaced* (its confirmed position is past walhook's confirm ceiling: it was dropped and
+//!   created again by someone else, or advanced by hand) is *lost*. The streaming stage then
+//!   waits, re-checking every few seconds without exiting (the API and the outbox keep
+//!   working); `/readyz` answers 503 with the reason; `walhook_replication_slot_lost` is 1;
+//!   one ERROR per state change names the slot and the last confirmed position and time.
+//!   Only `walhook slot-reset` ([`reset()`]) ends it, recording the gap in
+//!   `walhook.replication_gaps` in the same transaction that creates or adopts the new slot.
+//! - The confirm ceiling ([`ceiling`]): walhook never confirms past it, and raises it (to the
+//!   WAL position of the moment) only while the slot's confirmed position is still at or below
+//!   it. A slot created anew starts past every earlier WAL position, so a replaced slot is
+//!   always past the ceiling, at start-up and at the next raise alike.
 //! - On PostgreSQL 17 and later (on a primary) the slot is created with `failover = true`,
 //!   so that a standby with `sync_replication_slots = on` carries it over a failover.
-//! - The confirmed position is recorded every few seconds off the hot path ([`watch()`]), which
-//!   also re-checks the prerequisites while walhook runs.
+//! - The confirmed position is recorded every few seconds off the hot path ([`watch()`]), with
+//!   a time no commit after it precedes, and the prerequisites are re-checked while walhook
+//!   runs.
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +37,9 @@ use crate::ops::metrics::Metrics;
 use crate::ops::status::SlotHealth;
 use crate::pg::db::{Db, DbError};
 use crate::source::replication::ReplicationError;
+use crate::store::slot_state::SlotRecord;
 
+pub mod ceiling;
 mod reset;
 mod watch;
 
@@ -67,6 +79,28 @@ pub enum SlotError {
         slot: String,
         /// What is wrong.
         why: String,
+    },
+    /// `walhook run` found neither the slot nor walhook's record of it.
+    #[error(
+        "replication slot {slot} does not exist and walhook has no record of it: run `walhook migrate --config FILE` \
+         first (it creates the slot, so that nothing committed from then on can be missed)"
+    )]
+    NotPrepared {
+        /// The slot.
+        slot: String,
+    },
+    /// `walhook migrate` may not create the slot.
+    #[error(
+        "replication slot {slot}: walhook migrate creates it, which needs the REPLICATION attribute, and role {role} \
+         has none{hint}"
+    )]
+    CannotCreate {
+        /// The slot.
+        slot: String,
+        /// The role migrating.
+        role: String,
+        /// What to do.
+        hint: String,
     },
     /// `slot-reset` was asked to replace a slot that works.
     #[error(
@@ -109,6 +143,8 @@ struct SlotRow {
     application: String,
     wal_status: Option<String>,
     confirmed_lsn: Option<String>,
+    /// `confirmed_lsn` in bytes since 0/0.
+    confirmed: Option<i64>,
 }
 
 impl SlotRow {
@@ -133,21 +169,20 @@ impl SlotRow {
     fn invalidated(&self) -> bool {
         self.wal_status.as_deref() == Some("lost")
     }
-}
 
-/// walhook's record of the slot (`walhook.slot_state`).
-struct StateRow {
-    confirmed_lsn: String,
-    confirmed_at: String,
+    /// Past walhook's confirm ceiling: not the slot walhook streamed from.
+    fn past(&self, ceiling: Option<i64>) -> bool {
+        matches!((self.confirmed, ceiling), (Some(c), Some(ceiling)) if c > ceiling)
+    }
 }
 
 /// Reads the slot and walhook's record of it.
-async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<SlotRow>, Option<StateRow>), DbError> {
+async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<SlotRow>, Option<SlotRecord>), DbError> {
     let row = client
         .query_opt(
             "SELECT s.plugin::text, s.slot_type, s.database::text, current_database()::text, s.active, \
                     COALESCE(s.active_pid, 0), COALESCE(a.application_name, ''), s.wal_status, \
-                    s.confirmed_flush_lsn::text \
+                    s.confirmed_flush_lsn::text, (s.confirmed_flush_lsn - '0/0')::int8 \
              FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
              WHERE s.slot_name = $1",
             &[&slot],
@@ -163,20 +198,25 @@ async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<Slot
             application: r.get(6),
             wal_status: r.get(7),
             confirmed_lsn: r.get(8),
+            confirmed: r.get(9),
         });
-    let state = crate::store::slot_state::confirmed(client, slot)
-        .await?
-        .map(|(confirmed_lsn, confirmed_at)| StateRow { confirmed_lsn, confirmed_at });
-    Ok((row, state))
+    let record = crate::store::slot_state::record(client, slot).await?;
+    Ok((row, record))
 }
 
 /// How a slot walhook streamed from was lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum LostHow {
     /// It no longer exists.
     Missing,
     /// PostgreSQL invalidated it.
     Invalidated,
+    /// A slot of that name exists, confirmed past anything walhook confirmed (at this
+    /// position): someone else created it, or advanced it.
+    Replaced {
+        /// Its confirmed position.
+        at: String,
+    },
 }
 
 /// A lost slot and walhook's last record of it.
@@ -188,9 +228,9 @@ struct Lost {
 }
 
 impl Lost {
-    fn new(slot: &str, how: LostHow, row: Option<&SlotRow>, state: Option<StateRow>) -> Lost {
-        let (confirmed_lsn, confirmed_at) = match state {
-            Some(s) => (Some(s.confirmed_lsn), Some(s.confirmed_at)),
+    fn new(slot: &str, how: LostHow, row: Option<&SlotRow>, record: Option<SlotRecord>) -> Lost {
+        let (confirmed_lsn, confirmed_at) = match record {
+            Some(r) => (Some(r.confirmed_lsn), Some(r.confirmed_at)),
             None => (row.and_then(|r| r.confirmed_lsn.clone()), None),
         };
         Lost { slot: slot.to_owned(), how, confirmed_lsn, confirmed_at }
@@ -198,16 +238,27 @@ impl Lost {
 
     /// The `/readyz` reason and the ERROR line.
     fn reason(&self) -> String {
-        let what = match self.how {
-            LostHow::Missing => "it no longer exists (dropped, or not carried over by a PostgreSQL failover)",
-            LostHow::Invalidated => {
-                "PostgreSQL invalidated it (wal_status = lost: it held more WAL than max_slot_wal_keep_size)"
+        let what = match &self.how {
+            LostHow::Missing => {
+                "it no longer exists (dropped, or not carried over by a PostgreSQL failover)".to_owned()
             }
+            LostHow::Invalidated => {
+                "PostgreSQL invalidated it (wal_status = lost: it held more WAL than max_slot_wal_keep_size)".to_owned()
+            }
+            LostHow::Replaced { at } => format!(
+                "the slot of that name is not the one walhook streamed from: it is confirmed up to {at}, past \
+                 anything walhook confirmed (it was dropped and created again by someone else, such as failover \
+                 tooling or a cleanup script, or advanced by hand)"
+            ),
+        };
+        let command = match self.how {
+            LostHow::Replaced { .. } => "record the gap and adopt the slot",
+            _ => "record the gap and create a new slot",
         };
         format!(
             "replication slot {} lost: {what}; walhook streamed from it up to {} (confirmed at {}), changes after \
-             that are not delivered. walhook does not create a new slot by itself: run `walhook slot-reset --config \
-             FILE` to record the gap and create a new slot (runbook: WalhookReplicationSlotLost)",
+             that are not delivered. walhook does not stream from a slot it did not create by itself: run \
+             `walhook slot-reset --config FILE` to {command} (runbook: WalhookReplicationSlotLost)",
             self.slot,
             self.confirmed_lsn.as_deref().unwrap_or("an unknown position"),
             self.confirmed_at.as_deref().unwrap_or("an unknown time"),
@@ -247,31 +298,142 @@ async fn record_start(client: &impl GenericClient, slot: &str, lsn: &str) -> Res
     crate::store::slot_state::record_start(client, slot, lsn).await
 }
 
-/// Looks at the slot once: creates it on the first start, adopts one without a record.
+/// What `walhook migrate` did about the slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// Created at this position (with `failover = true` on PostgreSQL 17+).
+    Created {
+        /// Its consistent point: every change committed after it is in the slot.
+        lsn: String,
+        /// Created as a failover slot.
+        failover: bool,
+    },
+    /// It existed without a record (made by hand before walhook): adopted at this position.
+    Adopted {
+        /// Its confirmed position.
+        lsn: String,
+    },
+    /// walhook streams from it already (`walhook run` checks whether it is still the same).
+    Recorded,
+}
+
+/// `walhook migrate`'s part: creates the slot (or adopts one made by hand) unless walhook has
+/// a record of it, so that nothing committed after migrate returns can be missed.
+pub async fn prepare(db: &Db, cfg: &Config) -> Result<Prepared, SlotError> {
+    let slot = cfg.replication.slot.as_str();
+    let mut client = db.connect().await?;
+    let (row, record) = inspect(&client, slot).await?;
+    if record.is_some() {
+        return Ok(Prepared::Recorded);
+    }
+    if let Some(row) = row {
+        row.validate(slot)?;
+        let lsn = row.confirmed_lsn.unwrap_or_else(|| "0/0".into());
+        record_and_seed(&mut client, slot, &lsn).await?;
+        tracing::info!(slot, confirmed_lsn = %lsn, "adopted the existing replication slot");
+        return Ok(Prepared::Adopted { lsn });
+    }
+    let wal_level: String = client.query_one("SELECT current_setting('wal_level')", &[]).await?.get(0);
+    if wal_level != "logical" {
+        let why = format!(
+            "wal_level is '{wal_level}', so it cannot be created: set wal_level = logical in postgresql.conf (or the \
+             provider's parameter group), restart PostgreSQL, and run walhook migrate again"
+        );
+        return Err(SlotError::Unusable { slot: slot.to_owned(), why });
+    }
+    let failover = failover_supported(&client).await?;
+    let as_role = creating_role(&client, slot, cfg.database.runtime_role.as_ref().map(|r| r.as_str())).await?;
+    if let Some(role) = &as_role {
+        // An identifier of a-z, 0-9 and _ (config::Identifier): safe to write as it is.
+        client.batch_execute(&format!("SET ROLE {role}")).await?;
+    }
+    let created = create(&client, slot, failover).await;
+    if as_role.is_some() {
+        client.batch_execute("RESET ROLE").await?;
+    }
+    let lsn = created?;
+    if let Err(e) = record_and_seed(&mut client, slot, &lsn).await {
+        // Unrecorded, the slot would look like someone else's: take it back.
+        let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+        return Err(e);
+    }
+    Ok(Prepared::Created { lsn, failover })
+}
+
+/// Records the slot as walhook's from `lsn`, and starts its routing versions from the endpoints
+/// of this moment (not those of the first `walhook run`, which may come much later: endpoints
+/// made in between are in the stream).
+async fn record_and_seed(client: &mut tokio_postgres::Client, slot: &str, lsn: &str) -> Result<(), SlotError> {
+    let tx = client.transaction().await?;
+    record_start(&tx, slot, lsn).await?;
+    crate::source::route_versions::reset_in(&tx, slot).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The role to create the slot as: `None` for the role migrating (it may replicate), else
+/// the runtime role, when the migrating role is a member of it.
+async fn creating_role(
+    client: &impl GenericClient,
+    slot: &str,
+    runtime_role: Option<&str>,
+) -> Result<Option<String>, SlotError> {
+    let r = client
+        .query_one(
+            "SELECT current_user::text, rolsuper OR rolreplication, \
+                    $1::text IS NOT NULL AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) \
+                        AND pg_has_role($1::text, 'MEMBER') \
+                        AND (SELECT rolreplication FROM pg_roles WHERE rolname = $1) \
+             FROM pg_roles WHERE rolname = current_user",
+            &[&runtime_role],
+        )
+        .await?;
+    let (role, may, via_runtime): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
+    if may {
+        return Ok(None);
+    }
+    if via_runtime {
+        return Ok(runtime_role.map(str::to_owned));
+    }
+    let hint = match runtime_role {
+        Some(rt) => format!(
+            ": let migrate create it as {rt} (GRANT {rt} TO {role}, as a superuser), or run migrate as a role with \
+             REPLICATION"
+        ),
+        None => ": run migrate as a role with REPLICATION (or a superuser), or set database.runtime_role to the \
+                  role walhook runs as and GRANT that role to this one"
+            .to_owned(),
+    };
+    Err(SlotError::CannotCreate { slot: slot.to_owned(), role, hint })
+}
+
+/// Looks at the slot once.
 async fn examine(db: &Db, slot: &str) -> Result<Found, SlotError> {
     let client = db.get().await?;
-    let (row, state) = inspect(&**client, slot).await?;
+    let (row, record) = inspect(&**client, slot).await?;
+    let Some(record) = record else {
+        return Err(SlotError::NotPrepared { slot: slot.to_owned() });
+    };
     let Some(row) = row else {
-        if state.is_some() {
-            return Ok(Found::Lost(Lost::new(slot, LostHow::Missing, None, state)));
-        }
-        let failover = failover_supported(&**client).await?;
-        let lsn = create(&**client, slot, failover).await?;
-        record_start(&**client, slot, &lsn).await?;
-        return Ok(Found::Usable);
+        return Ok(Found::Lost(Lost::new(slot, LostHow::Missing, None, Some(record))));
     };
     row.validate(slot)?;
     if row.invalidated() {
-        return Ok(Found::Lost(Lost::new(slot, LostHow::Invalidated, Some(&row), state)));
-    }
-    if state.is_none() {
-        // A slot from before walhook kept a record: from now on it is walhook's.
-        let lsn = row.confirmed_lsn.clone().unwrap_or_else(|| "0/0".into());
-        record_start(&**client, slot, &lsn).await?;
-        tracing::info!(slot, confirmed_lsn = %lsn, "adopted the existing replication slot");
+        return Ok(Found::Lost(Lost::new(slot, LostHow::Invalidated, Some(&row), Some(record))));
     }
     if row.active {
+        // Someone streams it now: that is the news (whether it is walhook's is told once free).
         return Ok(Found::Busy { pid: row.pid, application: row.application });
+    }
+    if row.past(record.ceiling) {
+        let at = row.confirmed_lsn.clone().unwrap_or_default();
+        return Ok(Found::Lost(Lost::new(slot, LostHow::Replaced { at }, Some(&row), Some(record))));
+    }
+    if record.ceiling.is_none() {
+        // Recorded before ceilings existed: its position now is the best there is.
+        if let Some(lsn) = &row.confirmed_lsn {
+            crate::store::slot_state::set_missing_ceiling(&**client, slot, lsn).await?;
+        }
     }
     Ok(Found::Usable)
 }
@@ -331,7 +493,7 @@ fn declare_lost(health: &SlotHealth, metrics: &Metrics, lost: &Lost) {
 fn slot_found(health: &SlotHealth, metrics: &Metrics, slot: &str) {
     metrics.slot_lost.set(0);
     if health.set_lost(None) {
-        tracing::info!(slot, "replication slot replaced by slot-reset; streaming resumes");
+        tracing::info!(slot, "the replication slot walhook recorded is there again (slot-reset); streaming resumes");
     }
 }
 

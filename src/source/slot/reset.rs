@@ -4,7 +4,9 @@
 //! invalidated one is dropped; the new slot, the gap row (from the last confirmed position and
 //! time to the new slot's start) and the reset `walhook.slot_state` row commit together, so a
 //! waiting walhook that sees the new slot also finds the gap recorded; if that transaction
-//! fails, the new slot is dropped again.
+//! fails, the new slot is dropped again. A *replaced* slot (one of that name walhook did not
+//! create: confirmed past its ceiling) is not dropped, since whoever made it may manage it: it
+//! is adopted, the gap running to its confirmed position, recorded in the same transaction.
 
 use tokio_postgres::GenericClient;
 
@@ -34,6 +36,8 @@ pub struct ResetReport {
     pub slot: String,
     /// Whether an invalidated slot was dropped first.
     pub dropped_invalidated: bool,
+    /// Whether a slot walhook did not create was adopted instead of creating one.
+    pub adopted: bool,
     /// The new slot's start position.
     pub start_lsn: String,
     /// Whether the slot was created with `failover = true` (PostgreSQL 17+).
@@ -46,12 +50,25 @@ pub struct ResetReport {
 pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
     let slot = cfg.replication.slot.as_str();
     let mut client = db.connect().await?;
-    let (row, state) = inspect(&client, slot).await?;
+    let (row, record) = inspect(&client, slot).await?;
     let how = match &row {
         None => LostHow::Missing,
         Some(r) => {
             r.validate(slot)?;
-            if !r.invalidated() {
+            if r.invalidated() {
+                client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
+                tracing::warn!(slot, "dropped the invalidated replication slot");
+                LostHow::Invalidated
+            } else if record.is_some() && r.past(record.as_ref().and_then(|s| s.ceiling)) {
+                if r.active {
+                    return Err(SlotError::Busy {
+                        slot: slot.to_owned(),
+                        pid: r.pid,
+                        application: r.application.clone(),
+                    });
+                }
+                LostHow::Replaced { at: r.confirmed_lsn.clone().unwrap_or_default() }
+            } else {
                 let detail = format!(
                     "wal_status {}, confirmed up to {}, {}",
                     r.wal_status.as_deref().unwrap_or("unknown"),
@@ -60,20 +77,24 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
                 );
                 return Err(SlotError::Healthy { slot: slot.to_owned(), detail });
             }
-            client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
-            tracing::warn!(slot, "dropped the invalidated replication slot");
-            LostHow::Invalidated
         }
     };
-    let lost = super::Lost::new(slot, how, row.as_ref(), state);
+    let adopting = matches!(how, LostHow::Replaced { .. });
+    let lost = super::Lost::new(slot, how, row.as_ref(), record);
     let failover = failover_supported(&client).await?;
 
     let mut created = None;
     let outcome = async {
         let tx = client.transaction().await?;
         // The slot first: creating a logical slot is refused after a write in the transaction.
-        let start_lsn = create(&tx, slot, failover).await?;
-        created = Some(start_lsn.clone());
+        let start_lsn = match &lost.how {
+            LostHow::Replaced { at } => at.clone(),
+            _ => {
+                let lsn = create(&tx, slot, failover).await?;
+                created = Some(lsn.clone());
+                lsn
+            }
+        };
         let gap = match &lost.confirmed_lsn {
             Some(from_lsn) => Some(record_gap(&tx, &lost, from_lsn, &start_lsn).await?),
             None => None,
@@ -94,6 +115,9 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
             return Err(e);
         }
     };
+    if adopting {
+        tracing::warn!(slot, start_lsn = %start_lsn, "adopted replication slot {slot}, which walhook did not create, at its confirmed position {start_lsn}");
+    }
     if let Some(g) = &gap {
         tracing::warn!(
             slot,
@@ -111,7 +135,8 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
     }
     Ok(ResetReport {
         slot: slot.to_owned(),
-        dropped_invalidated: how == LostHow::Invalidated,
+        dropped_invalidated: lost.how == LostHow::Invalidated,
+        adopted: adopting,
         start_lsn,
         failover,
         gap,
@@ -124,10 +149,15 @@ async fn record_gap(
     from_lsn: &str,
     to_lsn: &str,
 ) -> Result<Gap, SlotError> {
-    let reason = match lost.how {
+    let reason = match &lost.how {
         LostHow::Missing => format!("replication slot {} was missing; replaced by walhook slot-reset", lost.slot),
         LostHow::Invalidated => format!(
             "replication slot {} was invalidated by PostgreSQL (wal_status = lost); replaced by walhook slot-reset",
+            lost.slot
+        ),
+        LostHow::Replaced { at } => format!(
+            "replication slot {} was replaced by one walhook did not create (confirmed up to {at}); adopted by \
+             walhook slot-reset",
             lost.slot
         ),
     };

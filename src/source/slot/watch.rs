@@ -1,9 +1,13 @@
 //! While walhook runs: record the slot's confirmed position, re-check the prerequisites.
 //!
 //! What must hold:
-//! - The replica that holds the slot (not a standby) records the slot's confirmed position
-//!   and the time it saw it in `walhook.slot_state` every few seconds, off the hot path, so
-//!   that a lost slot's gap starts at a known position (never later than the real one).
+//! - The replica that holds the slot (not a standby) records the slot's confirmed position in
+//!   `walhook.slot_state` every few seconds, off the hot path, so that a lost slot's gap starts
+//!   at a known position (never later than the real one), with a time no change after that
+//!   position precedes (so the gap is never shorter than the loss in time either): the time of
+//!   an earlier look at which the WAL had not yet passed the position, moved back to the start
+//!   of the oldest transaction then running when walhook may see it ([`Marks`]). A position
+//!   with no such look keeps the recorded time, which is earlier still.
 //! - Every `replication.recheck_interval` it re-checks the catalog prerequisites (CRM tables,
 //!   replica identity keeping `account_id`, publication membership) and the slot's
 //!   `wal_status`. A check that stops holding logs one ERROR naming the fix, makes `/readyz`
@@ -32,9 +36,41 @@ use crate::store::slot_state::utc_text;
 
 /// How often the confirmed position is recorded (sooner with a shorter recheck interval).
 const RECORD_EVERY: Duration = Duration::from_secs(5);
+/// Looks remembered for [`Marks`] (an hour at the default pace).
+const MARKS_KEPT: usize = 720;
 /// The server's current WAL position, also on a standby.
 const CURRENT_LSN: &str =
     "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
+/// At one look: the slot's confirmed position (text and bytes), its `wal_status`, the WAL
+/// insert position, and a time no transaction committing after that position started before:
+/// `now()`, or the start of the oldest transaction running in this database when it is earlier
+/// (visible to walhook's role only with `pg_read_all_stats`; invisible ones read as NULL).
+const LOOK: &str = concat!(
+    "SELECT s.confirmed_flush_lsn::text, (s.confirmed_flush_lsn - '0/0')::int8, s.wal_status, \
+            ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END) \
+              - '0/0')::int8, ",
+    utc_text!("least(now(), (SELECT min(xact_start) FROM pg_stat_activity WHERE datname = current_database()))"),
+    " FROM pg_replication_slots s WHERE s.slot_name = $1"
+);
+
+/// Earlier looks: where the WAL was (bytes since 0/0), and a time no commit past it precedes.
+#[derive(Debug, Default)]
+struct Marks(std::collections::VecDeque<(i64, String)>);
+
+impl Marks {
+    fn push(&mut self, wal: i64, at: String) {
+        if self.0.len() == MARKS_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((wal, at));
+    }
+
+    /// The time to record with confirmed position `confirmed`: that of the latest look at which
+    /// the WAL had not passed it (every change past `confirmed` came after that look), if any.
+    fn time_for(&self, confirmed: i64) -> Option<&str> {
+        self.0.iter().rev().find(|(wal, _)| *wal <= confirmed).map(|(_, at)| at.as_str())
+    }
+}
 
 /// Where and when a check last passed.
 #[derive(Debug, Clone)]
@@ -53,6 +89,8 @@ struct Checks {
     last_pass: HashMap<Check, Mark>,
     /// The slot was `unreserved` at the last look (a WARN was logged).
     unreserved: bool,
+    /// Earlier looks at the WAL, for the recorded position's time.
+    marks: Marks,
 }
 
 /// Runs until `shutdown`.
@@ -121,13 +159,15 @@ async fn look_at_slot(
     checks: &mut Checks,
 ) -> Result<(), DbError> {
     let slot = cfg.replication.slot.as_str();
-    // Written when the position moved, and once a minute otherwise (so the time stays
-    // recent on an idle database without writing every few seconds).
-    crate::store::slot_state::follow_confirmed(client, slot).await?;
-    let wal_status: Option<String> = client
-        .query_opt("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-        .await?
-        .and_then(|r| r.get(0));
+    let Some(look) = client.query_opt(LOOK, &[&slot]).await? else { return Ok(()) };
+    let (confirmed_text, confirmed, wal_status, wal, at): (Option<String>, Option<i64>, Option<String>, i64, String) =
+        (look.get(0), look.get(1), look.get(2), look.get(3), look.get(4));
+    if let (Some(text), Some(confirmed), false) = (&confirmed_text, confirmed, wal_status.as_deref() == Some("lost")) {
+        // Written only when the position moved: a time is never refreshed without it.
+        let time = checks.marks.time_for(confirmed);
+        crate::store::slot_state::follow_confirmed(client, slot, text, time).await?;
+    }
+    checks.marks.push(wal, at);
     match wal_status.as_deref() {
         Some("lost") => {
             // The walsender is terminated with it; the session then waits for slot-reset.
@@ -229,4 +269,27 @@ async fn close_gaps(client: &impl GenericClient, slot: &str, check: Check, now: 
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmed_position_gets_the_time_of_the_last_look_before_the_wal_passed_it() {
+        let mut m = Marks::default();
+        assert_eq!(m.time_for(100), None, "no look yet: the recorded time stays");
+        m.push(100, "t1".into());
+        m.push(250, "t2".into());
+        m.push(400, "t3".into());
+        assert_eq!(m.time_for(99), None);
+        assert_eq!(m.time_for(100), Some("t1"));
+        assert_eq!(m.time_for(300), Some("t2"), "t3 is too late: the WAL was past 300 by then");
+        assert_eq!(m.time_for(400), Some("t3"));
+        for i in 0..MARKS_KEPT as i64 {
+            m.push(1000 + i, format!("u{i}"));
+        }
+        assert_eq!(m.0.len(), MARKS_KEPT, "bounded");
+        assert_eq!(m.time_for(1000), Some("u0"));
+    }
 }

@@ -90,8 +90,15 @@ impl Env {
     pub async fn on(cluster: &TempCluster, name: &str) -> Env {
         let env = Self::unmigrated(cluster, name).await;
         let cfg = env.config("");
-        walhook::pg::migrate::migrate(&env.db, &cfg).await.expect("migrate");
+        walhook::app::migrate(&env.db, &cfg).await.expect("migrate");
         env
+    }
+
+    /// Runs `walhook migrate` for another slot (as an operator does before pointing walhook at
+    /// a copy of its slot): a slot that exists is adopted.
+    pub async fn migrate_slot(&self, slot: &str) {
+        let cfg = self.config(&format!("[replication]\nslot = \"{slot}\"\n"));
+        walhook::app::migrate(&self.db, &cfg).await.expect("migrate");
     }
 
     /// A database with the sample CRM schema that `walhook migrate` has not touched.
@@ -201,63 +208,27 @@ impl Env {
         self.client.query_one(q, &[]).await.unwrap_or_else(|e| panic!("{q}: {e}")).get(0)
     }
 
-    /// Runs walhook in this process with `extra` config; stop it with `InProcess::stop`.
+    /// Runs walhook in this process with `extra` config and waits, as a user does, until its
+    /// `/readyz` says it is ready and streams (not standing by); stop it with `InProcess::stop`.
     pub async fn start(&self, extra: &str) -> InProcess {
         let cfg = Arc::new(self.config(extra));
-        let slot = cfg.replication.slot.to_string();
+        let ops = cfg.metrics.listen;
         let token = CancellationToken::new();
         let handle = tokio::spawn(walhook::app::run(cfg, token.clone()));
         let mut ip = InProcess { token, handle: Some(handle) };
-        let streaming = self.wait_streaming_slot(&slot);
-        tokio::pin!(streaming);
+        let ready = wait_ready(ops, Readiness::Streaming);
+        tokio::pin!(ready);
         tokio::select! {
-            () = &mut streaming => {}
-            // walhook stopped before it streamed: say why instead of waiting out the deadline.
-            ended = ip.handle.as_mut().expect("just spawned") => panic!("walhook stopped before streaming: {ended:?}"),
+            () = &mut ready => {}
+            // walhook stopped before it was ready: say why instead of waiting out the deadline.
+            ended = ip.handle.as_mut().expect("just spawned") => panic!("walhook stopped before it was ready: {ended:?}"),
         }
         ip
     }
 
-    /// Waits until a walsender streams the slot. (A slot being created also shows as active,
-    /// held by the creating backend; rows written then may precede its consistent point.)
-    pub async fn wait_streaming(&self) {
-        self.wait_streaming_slot(&self.name).await
-    }
-
-    /// Waits until a walsender streams `slot`.
-    pub async fn wait_streaming_slot(&self, slot: &str) {
-        let q = format!(
-            "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-             WHERE s.slot_name = '{slot}'"
-        );
-        // Generous: on a loaded machine a start (preflight, leadership, slot creation behind
-        // other tests' transactions, one reconnect backoff) can take a while.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(STREAMING_WITHIN);
-        while self.scalar_i64(&q).await != 1 {
-            if tokio::time::Instant::now() > deadline {
-                // What a slot being created waits for: transactions running anywhere in the
-                // cluster (it is shared by every test) must end first.
-                let rows = self
-                    .client
-                    .query(
-                        "SELECT format('%s pid %s %s xid %s since %s: %s', datname, pid, state, backend_xid, \
-                         now() - xact_start, left(query, 200)) FROM pg_stat_activity \
-                         WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL OR wait_event_type = 'Lock' \
-                            OR query ILIKE '%replication_slot%' \
-                         UNION ALL SELECT format('slot %s active %s pid %s', slot_name, active, active_pid) \
-                         FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await
-                    .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
-                    .unwrap_or_default();
-                panic!(
-                    "slot {slot} not streamed within {STREAMING_WITHIN} s; transactions, waits and the slot now:\n{}",
-                    rows.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Waits until the walhook on this test's operations port is ready as `how` says.
+    pub async fn ready(&self, how: Readiness) {
+        wait_ready(format!("127.0.0.1:{}", self.metrics_port).parse().unwrap(), how).await
     }
 
     /// Writes the config to a file and starts the real binary with it.
@@ -427,6 +398,46 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What a ready walhook says it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready and streaming the slot.
+    Streaming,
+    /// Ready, standing by while another replica streams.
+    Standby,
+}
+
+/// `/readyz` of the walhook whose operations listener is `ops`: status and JSON body (`None`
+/// when nothing answers).
+pub async fn readyz(ops: std::net::SocketAddr) -> Option<(u16, serde_json::Value)> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let r = client.get(format!("http://{ops}/readyz")).send().await.ok()?;
+    let status = r.status().as_u16();
+    let body = r.bytes().await.ok()?;
+    Some((status, serde_json::from_slice(&body).unwrap_or_default()))
+}
+
+/// Waits (the same generous deadline as a start may take on a loaded machine) until `/readyz`
+/// on `ops` is 200 and says `how`; panics with its last answer otherwise.
+pub async fn wait_ready(ops: std::net::SocketAddr, how: Readiness) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(STREAMING_WITHIN);
+    let mut last = None;
+    loop {
+        if let Some((status, body)) = readyz(ops).await {
+            let standby = body["standby"].as_bool() == Some(true);
+            if status == 200 && standby == (how == Readiness::Standby) {
+                return;
+            }
+            last = Some((status, body));
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "walhook on {ops} not ready ({how:?}) within {STREAMING_WITHIN} s; /readyz last said {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
