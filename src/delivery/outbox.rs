@@ -17,9 +17,11 @@
 //!   finish (within `shutdown.grace`); claimed rows not yet attempted give their claim back
 //!   (lease cleared, attempt count as before), so another replica retries them at once.
 //! - Payloads held here are bounded in bytes: a claim carries only small bodies (at most
-//!   `memory_limit / CLAIM_BATCH` each, and at most 16 KiB); every attempt charges its body to
-//!   the memory budget before it waits for a connection, reads a larger body only then, and
-//!   holds the charge until the attempt is over.
+//!   `memory_limit / CLAIM_BATCH` each, and at most 16 KiB: a claim's together at most the
+//!   budget); an attempt takes a connection slot first, then its body's bytes within its
+//!   account's share of the budget and the budget (never waiting in line, so one account's
+//!   large bodies hold back nobody else's: invariant 16), reads a larger body only then, and
+//!   holds the bytes until the attempt is over.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -299,50 +301,52 @@ impl OutboxWorker {
             self.finished_tx.clone(),
         );
         tokio::spawn(async move {
-            // Budget first, then a connection: what holds a connection never waits for budget.
-            // Shutdown before the request starts: the claim is given back, unattempted.
-            let charge = match row.body_len {
-                Some(len) => tokio::select! {
-                    biased;
-                    // 1. Shutdown: an attempt not started by now is not started at all.
-                    _ = shutdown.cancelled() => {
-                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
-                        return;
+            let give_back = |finished: mpsc::Sender<Finished>, ep: Uuid, id: Uuid| async move {
+                let _ = finished.send((ep, Some(id))).await;
+            };
+            // Shutdown, or too late to start within the lease: the claim is given back,
+            // unattempted (no attempt outlives its lease, none starts after shutdown).
+            let too_late = || async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until(start_by) => {}
+                }
+            };
+            // 1. A connection slot of the endpoint, its account and the process (the account's
+            //    share of them, invariant 16).
+            let permit = tokio::select! {
+                biased;
+                () = too_late() => None,
+                p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
+            };
+            let in_time = || !shutdown.is_cancelled() && tokio::time::Instant::now() < start_by;
+            let Some(permit) = permit.filter(|_| in_time()) else {
+                return give_back(finished, row.endpoint.id, row.id).await;
+            };
+            // 2. The body's bytes, within the account's share of the budget and the budget,
+            //    never in line: a large body of one account holds back nobody else's.
+            let held = match row.body_len {
+                Some(len) => {
+                    let (account, len) = (row.endpoint.account_id, len.max(0) as usize);
+                    match budget.reserve_for_attempt(account, row.id, len, too_late()).await {
+                        Some(held) if in_time() => Some(held),
+                        _ => return give_back(finished, row.endpoint.id, row.id).await,
                     }
-                    // 2. Too late to start within the lease: give the claim back.
-                    _ = tokio::time::sleep_until(start_by) => {
-                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
-                        return;
-                    }
-                    // 3. Room in the memory budget for the body.
-                    c = budget.reserve(len.max(0) as usize) => Some(c),
-                },
+                }
                 None => None,
             };
-            let body = match (charge, row.body.take()) {
-                (Some(charge), Some(body)) => Ok(Some(MemoryBudget::attach(body, charge))),
-                (Some(charge), None) => {
-                    read_body(&db, row.id).await.map(|b| b.map(|b| MemoryBudget::attach(b, charge)))
+            let body = match (held, row.body.take()) {
+                (Some((pin, charge)), Some(body)) => Ok(Some((MemoryBudget::attach(body, charge), pin))),
+                (Some((pin, charge)), None) => {
+                    read_body(&db, row.id).await.map(|b| b.map(|b| (MemoryBudget::attach(b, charge), pin)))
                 }
                 (None, _) => Ok(None),
             };
             let attempt = match body {
-                Ok(Some(body)) => {
-                    let permit = tokio::select! {
-                        biased;
-                        // 1. Shutdown: an attempt not started by now is not started at all.
-                        _ = shutdown.cancelled() => None,
-                        // 2. Too late to start within the lease: give the claim back.
-                        _ = tokio::time::sleep_until(start_by) => None,
-                        // 3. A connection slot of the endpoint, its account and the process.
-                        p = limits.acquire(row.endpoint.id, row.endpoint.account_id) => Some(p),
-                    };
-                    let in_time = || !shutdown.is_cancelled() && tokio::time::Instant::now() < start_by;
-                    let Some(permit) = permit.filter(|_| in_time()) else {
-                        let _ = finished.send((row.endpoint.id, Some(row.id))).await;
-                        return;
-                    };
-                    send_one(&sender, &metrics, &row.endpoint, row.id, body, permit).await
+                Ok(Some((body, pin))) => {
+                    let attempt = send_one(&sender, &metrics, &row.endpoint, row.id, body, permit).await;
+                    drop(pin);
+                    attempt
                 }
                 Ok(None) => missing_payload(),
                 Err(e) => unreadable_payload(e),

@@ -63,6 +63,8 @@ const REPLAY_CHECK_BATCH: usize = 512;
 /// Messages the replication client reads ahead of decoding. They are not charged to the
 /// memory budget (a wide row is one message), so the read-ahead is kept short.
 const STREAM_BUFFER: usize = 64;
+/// Routing waiting this long for memory budget logs a WARN.
+const BUDGET_WAIT_WARN: Duration = Duration::from_secs(10);
 /// Session settings that make decoded text values independent of server defaults.
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3";
 
@@ -570,10 +572,34 @@ impl Replication {
         };
         self.flush_replay(shutdown).await?;
         let budget = self.budget.clone();
-        tokio::select! {
-            charged = budget.charge_body(body) => Ok(Some(charged)),
-            // Shutdown while the budget is spent: the change stays in the slot.
-            _ = shutdown.cancelled() => Ok(None),
+        let len = body.len();
+        let charge = budget.charge_body(body);
+        tokio::pin!(charge);
+        let waited = Instant::now();
+        let mut told = false;
+        loop {
+            tokio::select! {
+                charged = &mut charge => {
+                    if told {
+                        tracing::info!(waited = ?waited.elapsed(), "routing has memory budget again; the stream moves on");
+                    }
+                    return Ok(Some(charged));
+                }
+                // Shutdown while the budget is spent: the change stays in the slot.
+                _ = shutdown.cancelled() => return Ok(None),
+                // A long wait is news: the stream (every account's changes) waits with it.
+                _ = tokio::time::sleep(BUDGET_WAIT_WARN), if !told => {
+                    told = true;
+                    tracing::warn!(
+                        waited = ?waited.elapsed(),
+                        body_bytes = len,
+                        held = budget.held(),
+                        limit = budget.limit(),
+                        "routing waits for dispatch.memory_limit: payloads in memory (waiting, in flight, or on their way to \
+                         the outbox) hold it all; the stream waits meanwhile"
+                    );
+                }
+            }
         }
     }
 

@@ -84,3 +84,51 @@ async fn claims_waiting_for_an_accounts_share_never_outlive_their_lease() {
     assert_eq!(seen.len(), 36);
     wh.token.cancel();
 }
+
+/// Invariant 16 in bytes: account A's 40 endpoints never answer and it commits one transaction
+/// of twelve 5 MB activities (four times the memory budget); account B's contacts, written
+/// every second meanwhile, still arrive within seconds. A's large bodies may not hold the budget
+/// in attempts (at most its share) nor in line (nobody waits in line but routing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_accounts_large_rows_and_dead_endpoints_leave_another_account_on_time() {
+    let env = Env::new("fair_bytes").await;
+    for i in 0..40 {
+        let path = format!("a{i}");
+        env.endpoint(ACCOUNT_A, &path, &["activity.created"]).await;
+        env.receiver.set_default(&path, Reply::Hang);
+    }
+    env.receiver.keep_bodies(false);
+    let other = walhook::local::receiver::Receiver::start(&env.ca).await.unwrap();
+    let (_, secret) = env.endpoint_url(ACCOUNT_B, &other.url("b"), &["contact.created"]).await;
+    other.set_secret("b", &secret);
+    // The defaults a new user has: a 16 MiB budget, 15 s per request.
+    let wh = env.start("[dispatch]\nrequest_timeout = \"15s\"\nretry_schedule = [\"5s\", \"30s\"]\n").await;
+    env.sql(&format!(
+        "INSERT INTO activities (account_id, subject, body) \
+         SELECT '{A}', 'big ' || i, repeat(md5(i::text), 5000000 / 32) FROM generate_series(1, 12) i"
+    ))
+    .await;
+    let mut written = Vec::new();
+    for i in 0..30 {
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{B}', 'b{i}')")).await;
+        written.push((format!("b{i}"), std::time::SystemTime::now()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let got = other.wait_until(Duration::from_secs(60), |r| r.len() >= 30).await.unwrap_or_else(|r| {
+        panic!("account B starved behind A's large rows: {} of 30 arrived", r.len());
+    });
+    let mut lags: Vec<Duration> = written
+        .iter()
+        .map(|(name, at)| {
+            let r = got.iter().find(|r| r.json()["data"]["first_name"] == name.as_str()).expect("each arrives");
+            r.at.duration_since(*at).unwrap_or_default()
+        })
+        .collect();
+    lags.sort();
+    println!("account B's latency beside A's stall: p50 {:?}, max {:?}", lags[lags.len() / 2], lags[lags.len() - 1]);
+    assert!(
+        lags[lags.len() - 1] < Duration::from_secs(10),
+        "account B waited behind account A's large rows: latencies {lags:?}"
+    );
+    wh.token.cancel();
+}

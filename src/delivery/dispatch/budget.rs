@@ -6,8 +6,12 @@
 //!   charge is released when the last copy of the body is dropped: delivered and recorded,
 //!   stored in the outbox and the store batch dropped, or the attempt finished. The charge
 //!   travels inside the body's `Bytes`, so no copy outlives it unnoticed.
-//! - Charging waits while the budget is spent: backpressure reaches the replication stream
-//!   (the WAL waits in the slot), not memory. Waiters are served in order.
+//! - Routing's charge waits while the budget is spent: backpressure reaches the replication
+//!   stream (the WAL waits in the slot), not memory. It is the only waiter in line.
+//! - An attempt (from the outbox) takes its body's bytes within its account's share
+//!   ([`shares`](super::shares)) and the budget only when both have room *now*, trying again
+//!   when something is released, until its deadline: it never waits in line, so it never holds
+//!   back routing or a smaller request of another account (invariant 16, in bytes).
 //! - A payload larger than the whole budget is charged the whole budget: it waits until
 //!   everything else is released and then is held alone. It never waits forever.
 //! - Someone waiting for budget is *pressure*: dispatch then spills waiting deliveries to the
@@ -20,7 +24,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use super::shares::{SharePin, ShareBook};
+
+/// The share of the budget one account's attempts may hold (1/n).
+const ACCOUNT_SHARE: u64 = 4;
 
 /// Payload bytes walhook may hold in memory, shared by routing, dispatch and the outbox.
 #[derive(Debug)]
@@ -29,9 +39,13 @@ pub struct MemoryBudget {
     kib: Arc<Semaphore>,
     limit_kib: usize,
     limit: u64,
-    /// Callers waiting in [`MemoryBudget::reserve`].
+    /// Callers waiting in [`MemoryBudget::reserve`] or [`MemoryBudget::reserve_for_attempt`].
     waiting: AtomicUsize,
     gauge: IntGauge,
+    /// Notified whenever a charge or a share pin is released.
+    freed: Arc<Notify>,
+    /// Each account's attempts' bytes.
+    shares: Arc<ShareBook>,
 }
 
 /// A share of the budget; released on drop.
@@ -40,11 +54,15 @@ pub struct Charge {
     _permit: OwnedSemaphorePermit,
     bytes: u64,
     gauge: IntGauge,
+    freed: Arc<Notify>,
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
         self.gauge.sub(self.bytes as i64);
+        // (The permit is released after this body runs; a woken waiter that finds no room yet
+        // is woken again by the next release, or tries again at its deadline.)
+        self.freed.notify_waiters();
     }
 }
 
@@ -64,12 +82,16 @@ impl MemoryBudget {
     /// A budget of `limit` bytes (at least 1 KiB) reported on `gauge`.
     pub fn new(limit: u64, gauge: IntGauge) -> Self {
         let limit_kib = (limit / 1024).max(1) as usize;
+        let freed = Arc::new(Notify::new());
+        let limit = limit_kib as u64 * 1024;
         MemoryBudget {
             kib: Arc::new(Semaphore::new(limit_kib)),
             limit_kib,
-            limit: limit_kib as u64 * 1024,
+            limit,
             waiting: AtomicUsize::new(0),
             gauge,
+            shares: Arc::new(ShareBook::new(limit / ACCOUNT_SHARE, freed.clone())),
+            freed,
         }
     }
 
@@ -95,8 +117,56 @@ impl MemoryBudget {
     fn charge(&self, permit: OwnedSemaphorePermit, bytes: usize) -> Charge {
         let bytes = (bytes as u64).min(self.limit);
         self.gauge.add(bytes as i64);
-        Charge { _permit: permit, bytes, gauge: self.gauge.clone() }
+        Charge { _permit: permit, bytes, gauge: self.gauge.clone(), freed: self.freed.clone() }
     }
+
+    /// Pins body `body` (`bytes` long) within `account`'s share for an attempt now, or `None`
+    /// when the share has no room (the body's bytes are charged elsewhere: routing's charge on
+    /// the fast path).
+    pub fn try_pin(&self, account: Uuid, body: Uuid, bytes: usize) -> Option<SharePin> {
+        self.shares.try_pin(account, body, bytes)
+    }
+
+    /// For an outbox attempt of `account`: body `body`'s `bytes`, pinned within the account's
+    /// share and charged to the budget, once both have room; never in line (see the module's
+    /// documentation). `None` when `give_up` resolves first.
+    pub async fn reserve_for_attempt(
+        &self,
+        account: Uuid,
+        body: Uuid,
+        bytes: usize,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Option<(SharePin, Charge)> {
+        tokio::pin!(give_up);
+        let mut counted = None;
+        // Once pinned, the pin is kept while the budget has no room: it holds back only this
+        // account's other attempts, and giving it back would wake this very waiter again.
+        let mut pin = None;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if pin.is_none() {
+                pin = self.shares.try_pin(account, body, bytes);
+            }
+            if pin.is_some() {
+                if let Some(charge) = self.try_reserve(bytes) {
+                    return pin.map(|pin| (pin, charge));
+                }
+            }
+            // Waiting for bytes is pressure: dispatch spills what waits in memory.
+            if counted.is_none() {
+                self.waiting.fetch_add(1, Ordering::AcqRel);
+                counted = Some(Waiting(&self.waiting));
+            }
+            tokio::select! {
+                biased;
+                () = &mut give_up => return None,
+                () = freed => {}
+            }
+        }
+    }
+
 
     /// A charge of `bytes` now, or `None` when the budget does not have it.
     pub fn try_reserve(&self, bytes: usize) -> Option<Charge> {
@@ -104,7 +174,8 @@ impl MemoryBudget {
         Some(self.charge(permit, bytes))
     }
 
-    /// A charge of `bytes`, waiting (in order) until the budget has it.
+    /// A charge of `bytes`, waiting in line until the budget has it (routing's charge: the
+    /// only one that waits in line).
     pub async fn reserve(&self, bytes: usize) -> Charge {
         if let Some(c) = self.try_reserve(bytes) {
             return c;
@@ -225,6 +296,39 @@ mod tests {
             drop(held);
         }
         assert_eq!(b.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_waiting_for_a_large_body_holds_back_no_smaller_one_of_another_account() {
+        let b = budget(64);
+        let held = b.try_charge(body(40)).unwrap();
+        let (a, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let large = {
+            let b = b.clone();
+            tokio::spawn(async move { b.reserve_for_attempt(a, Uuid::new_v4(), 40 * 1024, std::future::pending()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!large.is_finished(), "no room for it yet");
+        assert!(b.under_pressure(), "an attempt waiting for bytes is pressure");
+        let small = tokio::time::timeout(
+            Duration::from_secs(1),
+            b.reserve_for_attempt(other, Uuid::new_v4(), 8 * 1024, std::future::pending()),
+        )
+        .await
+        .expect("a smaller one of another account is not held back")
+        .expect("not given up");
+        drop(small);
+        drop(held);
+        let (pin, charge) = tokio::time::timeout(Duration::from_secs(5), large).await.unwrap().unwrap().unwrap();
+        assert_eq!(b.held(), 40 * 1024);
+        drop((pin, charge));
+        let gave_up = b.reserve_for_attempt(a, Uuid::new_v4(), 1, std::future::ready(())).await;
+        assert!(gave_up.is_some(), "room now: taken at once, before giving up");
+        drop(gave_up);
+        let _full = b.try_charge(body(64)).unwrap();
+        let gave_up = b.reserve_for_attempt(a, Uuid::new_v4(), 1024, std::future::ready(())).await;
+        assert!(gave_up.is_none(), "no room: gives up when told");
+        assert!(!b.under_pressure());
     }
 
     #[tokio::test]

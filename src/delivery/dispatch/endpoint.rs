@@ -214,6 +214,11 @@ impl EndpointState {
         vec![Action::Pump]
     }
 
+    /// The delivery [`EndpointState::start_next`] would start.
+    pub fn next_ready(&self) -> Option<&Delivery> {
+        self.ready.front().map(|w| &w.delivery)
+    }
+
     /// Moves the oldest ready delivery in flight (the caller holds a permit for its attempt).
     pub fn start_next(&mut self) -> Option<&Delivery> {
         let w = self.ready.pop_front()?;

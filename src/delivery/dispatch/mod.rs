@@ -42,6 +42,7 @@ pub mod limits;
 pub(crate) mod outcome;
 pub mod policy;
 mod pressure;
+pub mod shares;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +65,7 @@ use http::Sender;
 use limits::{Limits, Permit};
 use outcome::Outcome;
 use policy::RetryPolicy;
+use shares::SharePin;
 
 /// How often waiting times are checked and blocked rows probed.
 const TICK: Duration = Duration::from_millis(200);
@@ -354,11 +356,15 @@ impl Dispatcher {
             return; // the tick pumps again once leadership renews it
         }
         let Some(state) = self.endpoints.get_mut(&id) else { return };
-        while state.has_ready() {
+        while let Some(next) = state.next_ready() {
+            // The account's share of the budget first (bytes its attempts hold), then a
+            // connection slot: a refused pin gives back no permit, so nothing loops on it.
+            let (account, event, bytes) = (next.endpoint.account_id, next.event.id, next.event.body.len());
+            let Some(pin) = self.settings.budget.try_pin(account, event, bytes) else { break };
             let Some(permit) = self.limits.try_acquire(state.gate()) else { break };
             let d = state.start_next().expect("checked ready");
             self.waiting -= 1;
-            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, d, permit);
+            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, d, (permit, pin));
             self.aborts.insert(d.id, abort);
         }
     }
@@ -574,7 +580,7 @@ fn spawn_attempt(
     metrics: &Arc<Metrics>,
     done: &mpsc::Sender<Done>,
     d: &Delivery,
-    permit: Permit,
+    (permit, pin): (Permit, SharePin),
 ) -> tokio::task::AbortHandle {
     let (sender, metrics, done) = (sender.clone(), metrics.clone(), done.clone());
     let endpoint = d.endpoint.clone();
@@ -582,6 +588,7 @@ fn spawn_attempt(
     let delivery_id = d.id;
     let task = tokio::spawn(async move {
         let attempt = outcome::send_one(&sender, &metrics, &endpoint, delivery_id, body, permit).await;
+        drop(pin);
         let _ = done.send(Done { endpoint_id: endpoint.id, delivery_id, attempt }).await;
     });
     task.abort_handle()

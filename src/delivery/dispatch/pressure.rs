@@ -1,11 +1,11 @@
 //! Dispatch under memory pressure: what waits in memory gives way so the budget frees.
 //!
 //! What must hold: while anyone waits for memory budget (routing, so the replication stream,
-//! or an outbox attempt), the endpoint with the most payload bytes waiting is spilled to the
-//! outbox, one per tick, so those payloads are released once the store has them; dispatch
-//! never sits on waiting payloads while routing waits for budget (no deadlock). An endpoint's
-//! waiting payloads may take at most a quarter of the budget. Capacity left in idle
-//! collections after a burst is given back.
+//! or an outbox attempt), every endpoint with payloads waiting is spilled to the outbox, each
+//! tick, so those payloads are released once the store has them; dispatch never sits on
+//! waiting payloads while routing waits for budget (no deadlock). An endpoint's waiting
+//! payloads may take at most a quarter of the budget. Capacity left in idle collections after
+//! a burst is given back.
 
 use super::Dispatcher;
 
@@ -20,17 +20,23 @@ impl Dispatcher {
         (self.settings.budget.limit() / ENDPOINT_SHARE) as usize
     }
 
-    /// Spills the endpoint with the most waiting bytes while someone waits for budget.
+    /// Spills every endpoint with payloads waiting while someone waits for budget. (One at a
+    /// time is not enough: the endpoints of one account often wait for the same bodies, which
+    /// are released only once none of them holds them.)
     pub(super) async fn relieve_pressure(&mut self) {
         if !self.settings.budget.under_pressure() {
             return;
         }
-        let largest = (self.endpoints.iter())
+        let waiting: Vec<(uuid::Uuid, usize)> = (self.endpoints.iter())
             .filter(|(_, s)| !s.spilled() && s.waiting_bytes() > 0)
-            .max_by_key(|(_, s)| s.waiting_bytes())
-            .map(|(id, s)| (*id, s.waiting_bytes()));
-        if let Some((id, bytes)) = largest {
-            tracing::info!(endpoint = %id, waiting_bytes = bytes, held = self.settings.budget.held(), "dispatch.memory_limit reached; spilling the endpoint with the most waiting payload bytes to the outbox");
+            .map(|(id, s)| (*id, s.waiting_bytes()))
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let bytes: usize = waiting.iter().map(|(_, b)| b).sum();
+        tracing::info!(endpoints = waiting.len(), waiting_bytes = bytes, held = self.settings.budget.held(), "dispatch.memory_limit reached; spilling the endpoints with payloads waiting to the outbox");
+        for (id, _) in waiting {
             self.spill_endpoint(id).await;
         }
     }
