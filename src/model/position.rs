@@ -1,7 +1,8 @@
 //! Stream positions: where a change sits in the replication stream.
 //!
 //! What must hold: a change is identified by the LSN of its transaction's commit record and
-//! its place among the CRM rows of that transaction (1 for the first); positions order
+//! its place among the CRM row events of that transaction (1 for the first; a row that moves
+//! between accounts is two events, so it takes two places); positions order
 //! as the stream does (commit LSN first, then place), and the event and delivery ids are
 //! derived from them ([`crate::model::delivery::event_id`]).
 

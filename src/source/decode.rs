@@ -5,8 +5,10 @@
 //! shape (nothing beyond `id` and `account_id` is assumed); an unchanged-TOAST column takes
 //! its value from the old row image when there is one and is left out otherwise (never sent
 //! as null); deletes use the old row (all columns with REPLICA IDENTITY FULL, only the key
-//! columns otherwise); unknown column types are looked up in `pg_type` before any row of the
-//! relation is decoded.
+//! columns otherwise); an update that changes `account_id` is a row leaving its old account
+//! (`<entity>.deleted` with the old row, routed to the old account) and joining the new one
+//! (`<entity>.created` with the new row), so neither account ever sees the other's data;
+//! unknown column types are looked up in `pg_type` before any row of the relation is decoded.
 
 use std::collections::HashMap;
 
@@ -75,6 +77,14 @@ pub struct EndpointRow {
 pub enum Decoded {
     /// A CRM row changed.
     Row(RowChange),
+    /// A CRM row's `account_id` changed: it left one account (`left`, a delete with the old
+    /// row) and joined another (`joined`, a create with the new row), in that order.
+    Moved {
+        /// `<entity>.deleted` for the old account.
+        left: RowChange,
+        /// `<entity>.created` for the new account.
+        joined: RowChange,
+    },
     /// An endpoint was inserted or updated.
     EndpointUpsert(EndpointRow),
     /// An endpoint was deleted.
@@ -220,38 +230,74 @@ impl Decoder {
             Role::Other => Ok(Decoded::Nothing),
             Role::Endpoints => Ok(endpoint_change(info, op, new.as_ref(), old.as_ref())),
             Role::Crm(table) => {
-                let event_type = EventType::new(table, op);
                 // Deletes describe the old row; only key columns are meaningful in a 'K' image.
                 let (image, fallback, keys_only) = match (new.as_ref(), op) {
                     (Some(n), _) => (n, old.as_ref().filter(|_| old_kind == b'O'), false),
                     (None, _) => (old.as_ref().expect("delete carries its old tuple"), None, old_kind == b'K'),
                 };
-                let mut body = Vec::with_capacity(256 + image.0.iter().map(datum_len).sum::<usize>());
-                body.extend_from_slice(b"{\"event\":\"");
-                body.extend_from_slice(event_type.name().as_bytes());
-                body.extend_from_slice(b"\",\"timestamp\":\"");
-                body.extend_from_slice(timestamp.as_bytes());
-                body.extend_from_slice(b"\",\"data\":");
-                write_row(&mut body, info, image, fallback, keys_only);
-                body.push(b'}');
-                let text_of = |col: Option<usize>| {
-                    col.and_then(|c| match (image.0.get(c), fallback.and_then(|f| f.0.get(c))) {
-                        (Some(Datum::Text(t)), _) | (Some(Datum::Unchanged), Some(Datum::Text(t))) => Some(t.clone()),
-                        _ => None,
-                    })
+                // An update whose old image names another account: the row moved.
+                let moved_from = match (op, old.as_ref()) {
+                    (Op::Updated, Some(old)) => account_of(info, old, None)
+                        .filter(|&from| Some(from) != account_of(info, image, fallback))
+                        .map(|_| old),
+                    _ => None,
                 };
-                let account_id = text_of(info.account_col)
-                    .and_then(|t| std::str::from_utf8(&t).ok().and_then(|s| Uuid::parse_str(s).ok()));
-                let id = text_of(info.id_col).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
-                Ok(Decoded::Row(RowChange {
-                    event_type,
-                    account_id,
-                    entity_key: format!("{}:{id}", info.rel.name),
-                    body: Bytes::from(body),
-                }))
+                if let Some(old) = moved_from {
+                    let left_as = EventType::new(table, Op::Deleted);
+                    let left = row_change(info, left_as, (old, None, old_kind == b'K'), timestamp);
+                    let joined_as = EventType::new(table, Op::Created);
+                    let joined = row_change(info, joined_as, (image, fallback, keys_only), timestamp);
+                    return Ok(Decoded::Moved { left, joined });
+                }
+                Ok(Decoded::Row(row_change(info, EventType::new(table, op), (image, fallback, keys_only), timestamp)))
             }
         }
     }
+}
+
+/// The change `image` (with `fallback` for unchanged-TOAST columns; only the key columns when
+/// `keys_only`) describes, as `event_type`.
+fn row_change(
+    info: &RelInfo,
+    event_type: EventType,
+    (image, fallback, keys_only): (&Tuple, Option<&Tuple>, bool),
+    timestamp: &str,
+) -> RowChange {
+    let mut body = Vec::with_capacity(256 + image.0.iter().map(datum_len).sum::<usize>());
+    write_body_start(&mut body, event_type, timestamp);
+    write_row(&mut body, info, image, fallback, keys_only);
+    body.push(b'}');
+    let id =
+        text_of(info.id_col, image, fallback).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+    RowChange {
+        event_type,
+        account_id: account_of(info, image, fallback),
+        entity_key: format!("{}:{id}", info.rel.name),
+        body: Bytes::from(body),
+    }
+}
+
+/// `{"event":"<event_type>","timestamp":"<timestamp>","data":`
+fn write_body_start(body: &mut Vec<u8>, event_type: EventType, timestamp: &str) {
+    body.extend_from_slice(b"{\"event\":\"");
+    body.extend_from_slice(event_type.name().as_bytes());
+    body.extend_from_slice(b"\",\"timestamp\":\"");
+    body.extend_from_slice(timestamp.as_bytes());
+    body.extend_from_slice(b"\",\"data\":");
+}
+
+/// The text of column `col` in `image`, or in `fallback` when unchanged-TOAST there.
+fn text_of(col: Option<usize>, image: &Tuple, fallback: Option<&Tuple>) -> Option<Bytes> {
+    col.and_then(|c| match (image.0.get(c), fallback.and_then(|f| f.0.get(c))) {
+        (Some(Datum::Text(t)), _) | (Some(Datum::Unchanged), Some(Datum::Text(t))) => Some(t.clone()),
+        _ => None,
+    })
+}
+
+/// The row's account, when the image carries it.
+fn account_of(info: &RelInfo, image: &Tuple, fallback: Option<&Tuple>) -> Option<Uuid> {
+    text_of(info.account_col, image, fallback)
+        .and_then(|t| std::str::from_utf8(&t).ok().and_then(|s| Uuid::parse_str(s).ok()))
 }
 
 fn datum_len(d: &Datum) -> usize {
@@ -261,18 +307,26 @@ fn datum_len(d: &Datum) -> usize {
     }
 }
 
-/// Writes `{"col":value,…}` for `image`, filling unchanged-TOAST columns from `fallback`.
+/// Writes `{"col":value,…}` for `image`, filling unchanged-TOAST columns from `fallback`;
+/// then, when columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` after it.
 fn write_row(out: &mut Vec<u8>, info: &RelInfo, image: &Tuple, fallback: Option<&Tuple>, keys_only: bool) {
     out.push(b'{');
     let mut first = true;
+    let mut omitted: Vec<&str> = Vec::new();
     for (i, (col, kind)) in info.rel.columns.iter().zip(&info.kinds).enumerate() {
         if keys_only && col.flags & 1 == 0 {
+            omitted.push(&col.name);
             continue;
         }
         let datum = match image.0.get(i) {
             Some(Datum::Unchanged) => match fallback.and_then(|f| f.0.get(i)) {
                 Some(d @ (Datum::Text(_) | Datum::Null)) => d,
-                _ => continue, // value not in the stream: leave the column out
+                // Not in the stream (unchanged, stored out of line, and the replica identity
+                // carries no old value): left out, and said so.
+                _ => {
+                    omitted.push(&col.name);
+                    continue;
+                }
             },
             Some(d) => d,
             None => continue,
@@ -290,6 +344,22 @@ fn write_row(out: &mut Vec<u8>, info: &RelInfo, image: &Tuple, fallback: Option<
         }
     }
     out.push(b'}');
+    if omitted.is_empty() {
+        return;
+    }
+    // Why: a delete (or a row leaving its account) under an index identity carries only the
+    // key; an update carries no unchanged large (TOASTed) value unless the identity is FULL.
+    let reason: &[u8] = if keys_only { b"replica_identity_key_only" } else { b"unchanged_toast" };
+    out.extend_from_slice(b",\"omitted\":{\"reason\":\"");
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\",\"columns\":[");
+    for (n, name) in omitted.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        values::write_string(out, name.as_bytes());
+    }
+    out.extend_from_slice(b"]}");
 }
 
 fn hex(b: &[u8]) -> String {
@@ -372,6 +442,81 @@ mod tests {
         };
         assert_eq!(c.event_type.to_string(), "project.deleted");
         assert!(std::str::from_utf8(&c.body).unwrap().starts_with(r#"{"event":"project.deleted","#));
+    }
+
+    #[test]
+    fn a_row_moving_between_accounts_leaves_the_old_one_and_joins_the_new_one() {
+        let mut d = Decoder::new("crm");
+        d.add_relation(projects("crm", "projects"));
+        let (a, b) = ("aaaa0000-0000-4000-8000-000000000001", "bbbb0000-0000-4000-8000-000000000002");
+        let old = Tuple(vec![text("p1"), text(a), text("12")]);
+        let new = Tuple(vec![text("p1"), text(b), text("13")]);
+        let ts = "2026-12-01T14:00:00Z";
+        let moved =
+            d.decode(Message::Update { rel: 42, old: Some((b'O', old.clone())), new: new.clone() }, ts).unwrap();
+        let Decoded::Moved { left, joined } = moved else { panic!("{moved:?}") };
+        assert_eq!((left.event_type.to_string(), left.account_id), ("project.deleted".into(), Uuid::parse_str(a).ok()));
+        assert_eq!(
+            std::str::from_utf8(&left.body).unwrap(),
+            format!(
+                r#"{{"event":"project.deleted","timestamp":"{ts}","data":{{"id":"p1","account_id":"{a}","budget":12}}}}"#
+            )
+        );
+        assert_eq!(
+            (joined.event_type.to_string(), joined.account_id),
+            ("project.created".into(), Uuid::parse_str(b).ok())
+        );
+        assert_eq!(
+            std::str::from_utf8(&joined.body).unwrap(),
+            format!(
+                r#"{{"event":"project.created","timestamp":"{ts}","data":{{"id":"p1","account_id":"{b}","budget":13}}}}"#
+            )
+        );
+        assert_eq!(left.entity_key, joined.entity_key);
+        // The same account in the old image (or none): an ordinary update.
+        let same = Tuple(vec![text("p1"), text(a), text("14")]);
+        let update = d.decode(Message::Update { rel: 42, old: Some((b'O', old.clone())), new: same }, ts).unwrap();
+        assert!(matches!(update, Decoded::Row(ref c) if c.event_type.to_string() == "project.updated"), "{update:?}");
+        let update = d.decode(Message::Update { rel: 42, old: None, new }, ts).unwrap();
+        assert!(matches!(update, Decoded::Row(_)));
+    }
+
+    #[test]
+    fn columns_not_in_the_stream_are_named_never_silently_left_out() {
+        let mut d = Decoder::new("crm");
+        d.add_relation(projects("crm", "projects"));
+        let a = "aaaa0000-0000-4000-8000-000000000001";
+        let ts = "t";
+        // An update under an index identity: an unchanged TOASTed value has no old image.
+        let new = Tuple(vec![text("p1"), text(a), Datum::Unchanged]);
+        let Decoded::Row(c) = d.decode(Message::Update { rel: 42, old: None, new: new.clone() }, ts).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            std::str::from_utf8(&c.body).unwrap(),
+            format!(
+                r#"{{"event":"project.updated","timestamp":"t","data":{{"id":"p1","account_id":"{a}"}},"omitted":{{"reason":"unchanged_toast","columns":["budget"]}}}}"#
+            )
+        );
+        // With the old row (FULL), the value comes from it: nothing omitted.
+        let old = Tuple(vec![text("p1"), text(a), text("7")]);
+        let Decoded::Row(c) = d.decode(Message::Update { rel: 42, old: Some((b'O', old)), new }, ts).unwrap() else {
+            panic!()
+        };
+        assert!(!std::str::from_utf8(&c.body).unwrap().contains("omitted"));
+        assert!(std::str::from_utf8(&c.body).unwrap().contains(r#""budget":7"#));
+        // A delete under an index identity: only the key, and the rest named.
+        let key = Tuple(vec![text("p1"), Datum::Null, Datum::Null]);
+        let Decoded::Row(c) = d.decode(Message::Delete { rel: 42, kind: b'K', old: key }, ts).unwrap() else {
+            panic!()
+        };
+        assert!(
+            std::str::from_utf8(&c.body)
+                .unwrap()
+                .ends_with(r#""data":{"id":"p1"},"omitted":{"reason":"replica_identity_key_only","columns":["account_id","budget"]}}"#),
+            "{}",
+            std::str::from_utf8(&c.body).unwrap()
+        );
     }
 
     #[test]

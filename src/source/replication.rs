@@ -476,6 +476,15 @@ impl Replication {
                             }
                             self.route(change, shutdown).await?;
                         }
+                        // Two events, each with its own place: the row leaves, then joins.
+                        Decoded::Moved { left, joined } => {
+                            for change in [left, joined] {
+                                if let Some(tx) = self.tx.as_mut() {
+                                    tx.position.seq += 1;
+                                }
+                                self.route(change, shutdown).await?;
+                            }
+                        }
                         // Routing changes at once; stored and told to dispatch at the commit.
                         Decoded::EndpointUpsert(row) => self.router_mut().apply(row),
                         Decoded::EndpointDelete(id) => self.router_mut().remove(id),

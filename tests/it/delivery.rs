@@ -36,6 +36,55 @@ async fn tenants_never_mix() {
     wh.stop().await.unwrap();
 }
 
+/// A row whose `account_id` changes leaves its old account and joins the new one: the old
+/// account's endpoints get `contact.deleted` with the old row, the new account's get
+/// `contact.created` with the new row, and neither ever sees the other's data. Under REPLICA
+/// IDENTITY FULL (walhook's default) and under an index identity that carries `account_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_moves_between_accounts_leaves_one_and_joins_the_other() {
+    let env = Env::new("tenants_row_moves").await;
+    let all = ["contact.created", "contact.updated", "contact.deleted"];
+    env.endpoint(ACCOUNT_A, "a", &all).await;
+    env.endpoint(ACCOUNT_B, "b", &all).await;
+    let wh = env.start("").await;
+    for (identity, id) in [
+        ("FULL", "97000000-0000-4000-8000-000000000001"),
+        ("USING INDEX contacts_id_account", "97000000-0000-4000-8000-000000000002"),
+    ] {
+        env.sql(&format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS contacts_id_account ON contacts (id, account_id);
+             ALTER TABLE contacts REPLICA IDENTITY {identity};
+             INSERT INTO contacts (id, account_id, first_name, email) VALUES ('{id}', '{A}', 'in-a', 'secret@a.example');
+             UPDATE contacts SET account_id = '{B}', first_name = 'in-b', email = 'new@b.example' WHERE id = '{id}';"
+        ))
+        .await;
+        let of = |rs: &[walhook::local::receiver::Received], path: &str| -> Vec<serde_json::Value> {
+            let ours = rs.iter().filter(|r| r.path == format!("/{path}")).map(|r| r.json());
+            ours.filter(|j| j["data"]["id"] == id).collect()
+        };
+        env.receiver
+            .wait_until(Duration::from_secs(20), |rs| of(rs, "a").len() >= 2 && !of(rs, "b").is_empty())
+            .await
+            .unwrap_or_else(|rs| panic!("{identity}: a got {:?}, b got {:?}", of(&rs, "a"), of(&rs, "b")));
+        env.quiescent().await;
+        let rs = env.receiver.received();
+        let (a, b) = (of(&rs, "a"), of(&rs, "b"));
+        let events =
+            |v: &[serde_json::Value]| v.iter().map(|j| j["event"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+        assert_eq!(events(&a), ["contact.created", "contact.deleted"], "{identity}: {a:?}");
+        assert_eq!(events(&b), ["contact.created"], "{identity}: {b:?}");
+        assert_eq!(a[1]["data"]["account_id"], A, "{identity}: A is told with A's own row");
+        assert_eq!(b[0]["data"]["account_id"], B);
+        assert_eq!(b[0]["data"]["first_name"], "in-b", "{identity}: B gets the whole new row");
+        assert!(!b[0].to_string().contains("secret@a.example"), "{identity}: B never sees A's data");
+        assert!(!a[1].to_string().contains("new@b.example"), "{identity}: A never sees B's data");
+        if identity == "FULL" {
+            assert_eq!(a[1]["data"]["first_name"], "in-a", "A's old row, whole");
+        }
+    }
+    wh.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_is_retried_with_the_same_webhook_id() {
     let env = Env::new("retried_same_id").await;

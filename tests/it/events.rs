@@ -135,3 +135,42 @@ event_test!(
     format!("DELETE FROM projects WHERE id = '{ID}'"),
     |d| assert_eq!(d["name"], "Launch")
 );
+
+/// Under the documented alternative identity (an index on `(id, account_id)`), PostgreSQL does
+/// not repeat an unchanged large value in an update: the body says which columns it leaves out
+/// and why, never silently; under REPLICA IDENTITY FULL the body is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_under_an_index_identity_names_the_unchanged_large_value_it_leaves_out() {
+    let env = Env::new("events_index_identity_toast").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created", "contact.updated"]).await;
+    let wh = env.start("").await;
+    for (identity, id) in [
+        ("USING INDEX contacts_id_account", "98000000-0000-4000-8000-000000000001"),
+        ("FULL", "98000000-0000-4000-8000-000000000002"),
+    ] {
+        env.sql(&format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS contacts_id_account ON contacts (id, account_id);
+             ALTER TABLE contacts REPLICA IDENTITY {identity};
+             INSERT INTO contacts (id, account_id, first_name, custom_fields)
+               VALUES ('{id}', '{A}', 'big', jsonb_build_object('notes',
+                 (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 2100))));
+             UPDATE contacts SET first_name = 'renamed' WHERE id = '{id}';"
+        ))
+        .await;
+        let updated = |rs: &[walhook::local::receiver::Received]| {
+            rs.iter().map(|r| r.json()).find(|j| j["data"]["id"] == id && j["event"] == "contact.updated")
+        };
+        let got = env.receiver.wait_until(Duration::from_secs(20), |rs| updated(rs).is_some()).await;
+        let body = updated(&got.expect("the update arrives")).unwrap();
+        assert_eq!(body["data"]["first_name"], "renamed");
+        if identity == "FULL" {
+            assert!(body["data"]["custom_fields"]["notes"].as_str().unwrap().len() > 64 * 1024, "whole under FULL");
+            assert!(body.get("omitted").is_none(), "{body}");
+        } else {
+            assert!(body["data"].get("custom_fields").is_none(), "not in the stream, not invented");
+            assert_eq!(body["omitted"]["reason"], "unchanged_toast", "{body}");
+            assert_eq!(body["omitted"]["columns"], serde_json::json!(["custom_fields"]), "{body}");
+        }
+    }
+    wh.stop().await.unwrap();
+}

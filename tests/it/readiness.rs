@@ -57,6 +57,9 @@ async fn watch_readyz(env: &Env, until: impl std::future::Future<Output = ()>) -
 async fn rows_written_after_an_endpoint_created_once_ready_all_arrive_on_a_first_start() {
     let env = Env::unmigrated(common::cluster(), "ready_first_start").await;
     migrate(&env).await;
+    // An endpoint made right after migrate (before walhook runs): every row from then on is
+    // in the slot migrate created.
+    env.endpoint(common::ACCOUNT_A, "early", &["contact.created"]).await;
     // Rows keep coming from the moment migrate returned, about 250 a second, each in its own
     // transaction, remembering when each was sent.
     let sent: Arc<Mutex<Vec<(i64, Instant)>>> = Default::default();
@@ -83,7 +86,8 @@ async fn rows_written_after_an_endpoint_created_once_ready_all_arrive_on_a_first
         })
     };
     let wh = env.spawn_binary(&operator());
-    env.ready(Readiness::Streaming).await;
+    // As a user (or a Kubernetes readiness probe) waits: for a 200, whatever the body says.
+    wait_for(Duration::from_secs(60), || async { readyz(ops(&env)).await.is_some_and(|(s, _)| s == 200) }).await;
     let created = {
         let r = reqwest::Client::new()
             .post(format!("http://127.0.0.1:{}/api/webhooks-create", env.api_port))
@@ -101,9 +105,15 @@ async fn rows_written_after_an_endpoint_created_once_ready_all_arrive_on_a_first
     tokio::time::sleep(Duration::from_secs(3)).await; // rows keep coming for a while
     stop.cancel();
     writer.await.unwrap();
-    let expected: HashSet<i64> = sent.lock().unwrap().iter().filter(|(_, at)| *at > created).map(|(n, _)| *n).collect();
+    let sent = sent.lock().unwrap().clone();
+    let mut expected: HashSet<(String, i64)> =
+        sent.iter().filter(|(_, at)| *at > created).map(|(n, _)| ("hook".to_owned(), *n)).collect();
     assert!(expected.len() > 100, "the writer kept writing after the endpoint was created: {}", expected.len());
-    let got = wait_for_keys(&env.receiver, &expected, |r| r.json()["data"]["lead_score"].as_i64().unwrap(), &wh).await;
+    expected.extend(sent.iter().map(|(n, _)| ("early".to_owned(), *n)));
+    let key = |r: &walhook::local::receiver::Received| {
+        (r.path.trim_start_matches('/').to_owned(), r.json()["data"]["lead_score"].as_i64().unwrap())
+    };
+    let got = wait_for_keys(&env.receiver, &expected, key, &wh).await;
     assert!(got.iter().all(|r| r.verified), "signed");
 }
 

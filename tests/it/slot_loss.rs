@@ -440,7 +440,10 @@ async fn a_slot_created_again_by_someone_else_is_lost_until_slot_reset_adopts_it
 /// (`updated_at BETWEEN from_time AND to_time`) finds every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_slots_gap_starts_no_later_than_any_change_it_lost() {
-    let cluster = tokio::task::spawn_blocking(|| own_cluster(&["max_slot_wal_keep_size = 1MB"])).await.unwrap();
+    let cluster =
+        tokio::task::spawn_blocking(|| own_cluster(&["max_slot_wal_keep_size = 1MB", "max_prepared_transactions = 4"]))
+            .await
+            .unwrap();
     let env = Env::on(&cluster, "slot_gap_time").await;
     env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
     let mut wh = env.spawn_binary(FAST_RECHECK);
@@ -464,10 +467,12 @@ async fn a_lost_slots_gap_starts_no_later_than_any_change_it_lost() {
         })
     };
     env.receiver.wait_until(Duration::from_secs(20), |rs| rs.len() >= 50).await.expect("streaming");
-    // Someone forgets a lock on walhook's table: nothing more is recorded, so nothing confirmed.
+    // Someone forgets a lock on walhook's table, in a prepared transaction (no session shows
+    // its start, so the gap's time must come from walhook's own looks): nothing more is
+    // recorded, so nothing confirmed.
     let (locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    locker.batch_execute("BEGIN; LOCK TABLE walhook.deliveries").await.unwrap();
+    locker.batch_execute("BEGIN; LOCK TABLE walhook.deliveries; PREPARE TRANSACTION 'forgotten'").await.unwrap();
     // And the receiver fails from now on: what is read from now waits to be stored for a retry.
     env.receiver.set_default("hook", Reply::Status(500));
     tokio::time::sleep(Duration::from_secs(3)).await; // rows keep coming meanwhile
@@ -484,7 +489,7 @@ async fn a_lost_slots_gap_starts_no_later_than_any_change_it_lost() {
     .await;
     stop.cancel();
     writer.await.unwrap();
-    locker.batch_execute("ROLLBACK").await.unwrap();
+    locker.batch_execute("ROLLBACK PREPARED 'forgotten'").await.unwrap();
     wait_not_ready(&env, &["replication slot slot_gap_time", "invalidated"], Duration::from_secs(30)).await;
     let (ok, out) = slot_reset(&env).await;
     assert!(ok, "{out}");

@@ -249,20 +249,32 @@ async fn walsender_blips_beside_a_standby_keep_every_rows_order() {
             }
         })
     };
+    // The backend holding the leadership lock: a blip must leave it as it is.
+    let holder = "SELECT COALESCE(max(pid), 0)::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let lock_holder = env.scalar_i64(holder).await;
+    assert_ne!(lock_holder, 0, "the leader holds the lock");
+    let mut blips = 0;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(2000)).await;
-        env.sql(&format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
-            env.name
-        ))
-        .await;
+        blips += env
+            .scalar_i64(&format!(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+                 WHERE slot_name = '{}' AND active",
+                env.name
+            ))
+            .await;
+        assert_eq!(env.scalar_i64(holder).await, lock_holder, "a walsender blip gave up the leadership lock");
     }
+    assert!(blips >= 1, "no blip hit a streaming walsender");
     updater.await.unwrap();
     let all = |rs: &[Received]| {
         rows.iter().all(|id| rs.iter().any(|r| r.json()["data"]["id"].as_str() == Some(id) && version(r) == versions))
     };
     env.receiver.wait_until(Duration::from_secs(180), all).await.expect("every row's last version arrives");
     env.quiescent().await;
+    assert_eq!(env.scalar_i64(holder).await, lock_holder, "a walsender blip gave up the leadership lock");
+    assert!(!standby.log_text().contains("took over replication"), "a blip handed the slot to the standby");
     // First arrivals only (a re-send under the same webhook-id after a failure is allowed).
     let mut seen = std::collections::HashSet::new();
     let mut newest: std::collections::HashMap<String, i64> = Default::default();

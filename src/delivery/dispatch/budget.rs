@@ -27,7 +27,7 @@ use prometheus::IntGauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use super::shares::{SharePin, ShareBook};
+use super::shares::{ShareBook, SharePin};
 
 /// The share of the budget one account's attempts may hold (1/n).
 const ACCOUNT_SHARE: u64 = 4;
@@ -167,7 +167,6 @@ impl MemoryBudget {
         }
     }
 
-
     /// A charge of `bytes` now, or `None` when the budget does not have it.
     pub fn try_reserve(&self, bytes: usize) -> Option<Charge> {
         let permit = self.kib.clone().try_acquire_many_owned(self.permits(bytes)).ok()?;
@@ -305,7 +304,9 @@ mod tests {
         let (a, other) = (Uuid::new_v4(), Uuid::new_v4());
         let large = {
             let b = b.clone();
-            tokio::spawn(async move { b.reserve_for_attempt(a, Uuid::new_v4(), 40 * 1024, std::future::pending()).await })
+            tokio::spawn(
+                async move { b.reserve_for_attempt(a, Uuid::new_v4(), 40 * 1024, std::future::pending()).await },
+            )
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!large.is_finished(), "no room for it yet");

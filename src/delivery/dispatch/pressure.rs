@@ -35,7 +35,12 @@ impl Dispatcher {
             return;
         }
         let bytes: usize = waiting.iter().map(|(_, b)| b).sum();
-        tracing::info!(endpoints = waiting.len(), waiting_bytes = bytes, held = self.settings.budget.held(), "dispatch.memory_limit reached; spilling the endpoints with payloads waiting to the outbox");
+        tracing::info!(
+            endpoints = waiting.len(),
+            waiting_bytes = bytes,
+            held = self.settings.budget.held(),
+            "dispatch.memory_limit reached; spilling the endpoints with payloads waiting to the outbox"
+        );
         for (id, _) in waiting {
             self.spill_endpoint(id).await;
         }

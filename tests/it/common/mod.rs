@@ -467,7 +467,7 @@ pub async fn wait_for_keys<K: Eq + Hash + Debug>(
     proc: &Proc,
 ) -> Vec<Received> {
     let seen = |rs: &[Received]| rs.iter().map(&key).collect::<HashSet<_>>();
-    receiver.wait_until(Duration::from_secs(120), |rs| seen(rs).len() >= expected.len()).await.unwrap_or_else(|rs| {
+    receiver.wait_until(Duration::from_secs(120), |rs| expected.is_subset(&seen(rs))).await.unwrap_or_else(|rs| {
         let seen = seen(&rs);
         let missing: Vec<_> = expected.difference(&seen).take(5).collect();
         panic!("{} of {} changes arrived; missing e.g. {missing:?}\n{}", seen.len(), expected.len(), proc.log_text())
