@@ -386,6 +386,9 @@ impl Config {
         if self.retention.batch_size < 1 {
             return bad("retention.batch_size", "must be at least 1");
         }
+        if let Err(why) = check_log_level(&self.log.level) {
+            return bad("log.level", &why);
+        }
         self.validate_auth()?;
         for (i, t) in self.auth.static_tokens.iter().enumerate() {
             let ok = t.token_sha256.len() == 64 && t.token_sha256.bytes().all(|b| b.is_ascii_hexdigit());
@@ -433,6 +436,28 @@ impl Config {
     }
 }
 
+/// Refuses a `log.level` that would silence walhook by accident: every comma-separated
+/// directive must name a level (`info`, or `target=level`), as `RUST_LOG` writes them.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    if filter.trim().is_empty() {
+        return Err(format!("is empty; give a level ({LEVELS}), e.g. \"info\""));
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if level.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} in {filter:?} names no level: write a level ({LEVELS}) or target=level, as in \
+                 \"info,walhook=debug\""
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a log filter ({e}); e.g. \"info,walhook=debug\""))
+}
+
 /// Turns figment's error into one line that leads with the dotted key and says where the
 /// value came from (the defaults are always valid, so a bad value is the file's or the
 /// environment's).
@@ -443,10 +468,15 @@ fn describe_figment_error(e: figment::Error, file: Option<&Path>) -> String {
     }
     let key = path.join(".");
     let var = format!("WALHOOK_{}", path.join("__").to_uppercase());
-    let from = if std::env::var_os(&var).is_some() {
-        format!(" (environment variable {var})")
-    } else {
-        file.map(|p| format!(" (in {})", p.display())).unwrap_or_default()
+    // The variable that set the value: the key's own, or a shorter prefix's for an element of
+    // an array or table (`WALHOOK_DISPATCH__ALLOWED_CIDRS='["…"]'` for dispatch.allowed_cidrs.0).
+    let set_by = (1..=path.len())
+        .rev()
+        .map(|n| format!("WALHOOK_{}", path[..n].join("__").to_uppercase()))
+        .find(|v| std::env::var_os(v).is_some());
+    let from = match set_by {
+        Some(v) => format!(" (environment variable {v})"),
+        None => file.map(|p| format!(" (in {})", p.display())).unwrap_or_default(),
     };
     match &e.kind {
         figment::error::Kind::UnknownField(..) => format!("{key}: unknown key{from}"),

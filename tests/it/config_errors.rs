@@ -72,6 +72,27 @@ fn bad_environment_values_are_named_with_their_variable() {
 }
 
 #[test]
+fn a_bad_array_element_from_the_environment_is_blamed_on_its_variable() {
+    let (ok, _, err) = check_config(OK, &[("WALHOOK_DISPATCH__ALLOWED_CIDRS", "[\"notacidr\"]")]);
+    assert!(!ok);
+    assert!(err.contains("dispatch.allowed_cidrs") && err.contains("WALHOOK_DISPATCH__ALLOWED_CIDRS"), "{err}");
+    assert!(!err.contains("(in "), "not blamed on the file: {err}");
+}
+
+#[test]
+fn a_log_level_that_names_no_level_is_refused() {
+    for bad in ["not a level!!", "inf", "walhook=loud", "", "info,walhook=verbose"] {
+        let (ok, _, err) = check_config(&format!("{OK}[log]\nlevel = \"{bad}\"\n"), &[]);
+        assert!(!ok, "log.level = {bad:?} must be refused");
+        assert!(err.contains("log.level"), "{err}");
+    }
+    for good in ["info", "warn,walhook=debug", "INFO", "off", "info,walhook::store=trace"] {
+        let (ok, _, err) = check_config(&format!("{OK}[log]\nlevel = \"{good}\"\n"), &[]);
+        assert!(ok, "log.level = {good:?} is fine: {err}");
+    }
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let (ok, out, err) = check_config(
         OK,

@@ -213,6 +213,10 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
     let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
     assert_eq!(status, 503, "not ready while the store cannot commit: {body}");
     assert!(body.contains("store writer cannot make progress"), "{body}");
+    // The real cause: the lock and who holds it, not a guess (and never "unreachable").
+    let holder: i32 = lock.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert!(body.contains("waiting for a lock") && body.contains(&format!("held by pid {holder}")), "{body}");
+    assert!(!body.contains("unreachable"), "{body}");
     assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
     lock.batch_execute("ROLLBACK").await.unwrap();
     wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
@@ -220,6 +224,37 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
     wh.stop().await.unwrap();
+}
+
+/// A database that refuses walhook's writes (permissions, read-only, disk full) stalls the
+/// store; the ERROR line and `/readyz` carry the database's own words, not a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_writes_is_reported_in_its_own_words() {
+    let env = Env::new("poison_refuses_writes").await;
+    env.endpoint(ACCOUNT_A, "w", &["contact.created"]).await;
+    let mut wh = env.spawn_binary("[database]\nwrite_stall_after = \"1s\"\n");
+    env.ready(Readiness::Streaming).await;
+    // As a revoked privilege answers (SQLSTATE 42501), for every write of a delivery.
+    env.sql(
+        "CREATE FUNCTION walhook.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'permission denied for table deliveries' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON walhook.deliveries FOR EACH ROW EXECUTE FUNCTION walhook.refuse();",
+    )
+    .await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'refused')")).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("permission denied for table deliveries"), "{body}");
+    let said = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("cannot make progress") && l.contains("permission denied"))
+    };
+    wait_for(Duration::from_secs(10), || async { said(&wh.log_text()) }).await;
+    env.sql("DROP TRIGGER refuse ON walhook.deliveries").await;
+    wait_for(Duration::from_secs(30), || async { readyz(&env).await.0 == 200 }).await;
+    env.quiescent().await;
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.unwrap().success(), "{}", wh.log_text());
 }
 
 /// A store writer waiting on a lock while it answers an outbox probe (rows blocked behind a
