@@ -142,6 +142,9 @@ fn view(e: StoredEndpoint) -> EndpointView {
     }
 }
 
+/// 9999-12-31T23:59:59.999999Z in microseconds since the Unix epoch.
+const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
+
 /// Where a `webhooks-list` page ends: the last endpoint shown, in list order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListCursor {
@@ -162,6 +165,11 @@ impl ListCursor {
         let raw = String::from_utf8(raw).map_err(|_| bad())?;
         let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
         let micros: i64 = micros.parse().map_err(|_| bad())?;
+        // Endpoints are created after 1970 and before 10000: anything outside is forged (and
+        // could be outside the database's range for a timestamp).
+        if !(0..=MAX_CURSOR_MICROS).contains(&micros) {
+            return Err(bad());
+        }
         Ok(ListCursor {
             created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
             id: Uuid::parse_str(id).map_err(|_| bad())?,
@@ -215,13 +223,14 @@ impl Endpoints {
                 return Err(EndpointError::QuotaReached(max));
             }
         }
+        let id = Uuid::new_v4();
         let new = store::endpoints::Insert {
-            id: Uuid::new_v4(),
+            id,
             account_id: caller.account_id,
             created_by: caller.user_id,
             url: &url,
             description: &description,
-            secret: &self.secrets.seal(&secret),
+            secret: &self.secrets.seal(&secret, id),
             secret_prefix: secret.prefix(),
             events: &events,
         };

@@ -258,7 +258,7 @@ impl OutboxWorker {
             let endpoint = endpoints
                 .entry(ep_id)
                 .or_insert_with(|| {
-                    let signer = self.secrets.open(&r.endpoint.secret).and_then(|s| Signer::new(&s));
+                    let signer = self.secrets.open(&r.endpoint.secret, ep_id).and_then(|s| Signer::new(&s));
                     let url = crate::model::delivery::parse_url(ep_id, &r.endpoint.url)?;
                     match signer {
                         Ok(signer) => Some(Arc::new(Endpoint {

@@ -104,6 +104,11 @@ impl TempCluster {
         self.port
     }
 
+    /// The directory of the cluster's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.root
+    }
+
     /// The directory holding the server binaries (for `pg_recvlogical` and friends).
     pub fn bindir(&self) -> &Path {
         &self.bindir

@@ -2,7 +2,9 @@
 //! for what must outlive a pooled checkout (the HA advisory lock).
 //!
 //! What must hold: TLS is used as the URL's `sslmode` asks (`require` verifies the server's
-//! certificate against `database.ca_cert` or the Mozilla roots); connecting never blocks
+//! certificate against `database.ca_cert` or the Mozilla roots), over TCP; a Unix-socket URL
+//! (`host=/var/run/postgresql`, for walhook on the database host) connects without TLS, as
+//! PostgreSQL offers none there (`sslmode=require` over a socket fails saying so); connecting never blocks
 //! forever; errors never carry the password; a pooled connection lives at most
 //! `CONNECTION_LIFETIME` once idle, so the buffers it grew for a burst of large payloads
 //! (tokio-postgres never shrinks them) are given back after the burst.
@@ -102,7 +104,7 @@ fn refused_for_now(code: &tokio_postgres::error::SqlState) -> bool {
 pub struct Db {
     pool: Pool,
     pg: Arc<tokio_postgres::Config>,
-    tls: MakeRustlsConnect,
+    tls: DbTls,
     ca_cert: Option<std::path::PathBuf>,
 }
 
@@ -127,7 +129,7 @@ impl Db {
         let options = format!("{} -c jit=off", pg.get_options().unwrap_or_default());
         pg.options(options.trim());
         pg.keepalives(true).keepalives_idle(Duration::from_secs(30));
-        let tls = MakeRustlsConnect::new(client_tls(cfg.ca_cert.as_deref())?);
+        let tls = DbTls(MakeRustlsConnect::new(client_tls(cfg.ca_cert.as_deref())?));
         let manager =
             Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -199,7 +201,10 @@ impl Db {
         let user = self.pg.get_user().unwrap_or("postgres").to_owned();
         let password = self.pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
         let dbname = self.pg.get_dbname().unwrap_or(&user).to_owned();
+        let unix = matches!(self.pg.get_hosts().first(), Some(tokio_postgres::config::Host::Unix(_)));
         let tls = match self.pg.get_ssl_mode() {
+            // PostgreSQL offers no TLS on a Unix socket.
+            SslMode::Disable | SslMode::Prefer if unix => TlsConfig::disabled(),
             SslMode::Disable => TlsConfig::disabled(),
             SslMode::Require => TlsConfig::verify_full(self.ca_cert.clone()),
             _ => {
@@ -209,6 +214,27 @@ impl Db {
             }
         };
         Ok(ReplicationConfig::new(host, user, password, dbname, slot, publication).with_port(port).with_tls(tls))
+    }
+}
+
+/// rustls for TCP connections; for a Unix socket (no host name), a connector that is never
+/// used for a handshake: PostgreSQL answers a socket's TLS request with "no", so `prefer`
+/// goes on without TLS and `require` fails saying the server does not support it.
+/// (`MakeRustlsConnect` alone refuses the empty name at once, whatever `sslmode` says.)
+#[derive(Clone)]
+struct DbTls(MakeRustlsConnect);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for DbTls
+where
+    MakeRustlsConnect: tokio_postgres::tls::MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<Self::TlsConnect, Self::Error> {
+        // (A Unix socket's connection has no host name.)
+        self.0.make_tls_connect(if host.is_empty() { "localhost" } else { host })
     }
 }
 

@@ -2,19 +2,24 @@
 //!
 //! What must hold: a secret comes from the OS CSPRNG (`whsec_` + base64 of 32 bytes); the
 //! prefix shown after creation is too short to be used; when an encryption key is configured
-//! the stored form is AES-256-GCM ciphertext with a fresh nonce, and secrets stored plain
-//! before the key was set are sealed at start and on update (`store::secrets::reseal_plain`); no error or
-//! log line here carries the secret or the key.
+//! the stored form is AES-256-GCM ciphertext with a fresh nonce, bound to its endpoint (the
+//! endpoint's id is the associated data), so a ciphertext copied onto another endpoint's row
+//! does not open; secrets stored plain before the key was set, or sealed before they were
+//! bound (`enc:v1:`), are read and sealed again at start and on update
+//! (`store::secrets::reseal_plain`); no error or log line here carries the secret or the key.
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
 /// Prefix of every signing secret (Standard Webhooks).
 pub const SECRET_PREFIX: &str = "whsec_";
-/// Marks an encrypted stored secret.
-pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
+/// Marks an encrypted stored secret bound to its endpoint (the current form).
+pub const ENCRYPTED_PREFIX: &str = "enc:v2:";
+/// Marks an encrypted stored secret from before secrets were bound to their endpoint: read,
+/// and sealed again in the current form.
+pub const UNBOUND_PREFIX: &str = "enc:v1:";
 /// Characters of the secret kept as `secret_prefix`: `whsec_` plus 4 of the 43 base64
 /// characters (24 bits of 256), enough to tell secrets apart, useless for forging.
 const SHOWN_CHARS: usize = SECRET_PREFIX.len() + 4;
@@ -25,8 +30,11 @@ pub enum SecretError {
     /// The stored secret is encrypted but no key is configured.
     #[error("the stored signing secret is encrypted but secrets.encryption_key is not set")]
     KeyMissing,
-    /// Decryption failed: wrong key or damaged ciphertext.
-    #[error("the stored signing secret cannot be decrypted with secrets.encryption_key")]
+    /// Decryption failed: wrong key, damaged ciphertext, or another endpoint's.
+    #[error(
+        "the stored signing secret cannot be decrypted with secrets.encryption_key for this endpoint (a wrong key, \
+         a damaged value, or another endpoint's secret copied onto it)"
+    )]
     Decrypt,
     /// The secret is not `whsec_` + base64.
     #[error("the signing secret is not whsec_ followed by base64")]
@@ -120,35 +128,46 @@ impl SecretBox {
         self.cipher.is_some()
     }
 
-    /// The form stored in `walhook.endpoints.secret`.
-    pub fn seal(&self, secret: &SigningSecret) -> String {
+    /// The form stored in `walhook.endpoints.secret` of endpoint `endpoint`.
+    pub fn seal(&self, secret: &SigningSecret, endpoint: uuid::Uuid) -> String {
         let Some(cipher) = &self.cipher else {
             return secret.0.clone();
         };
         let mut nonce = [0u8; 12];
         os_random(&mut nonce);
+        let payload = Payload { msg: secret.0.as_bytes(), aad: endpoint.as_bytes() };
         let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), secret.0.as_bytes())
+            .encrypt(Nonce::from_slice(&nonce), payload)
             .expect("AES-GCM encryption of a short secret cannot fail");
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ct);
         format!("{ENCRYPTED_PREFIX}{}", B64.encode(blob))
     }
 
-    /// The plain secret from its stored form.
-    pub fn open(&self, stored: &str) -> Result<SigningSecret, SecretError> {
-        let Some(b64) = stored.strip_prefix(ENCRYPTED_PREFIX) else {
-            return SigningSecret::parse(stored);
-        };
+    /// The plain secret of endpoint `endpoint` from its stored form.
+    pub fn open(&self, stored: &str, endpoint: uuid::Uuid) -> Result<SigningSecret, SecretError> {
+        let (b64, aad): (&str, &[u8]) =
+            match (stored.strip_prefix(ENCRYPTED_PREFIX), stored.strip_prefix(UNBOUND_PREFIX)) {
+                (Some(b64), _) => (b64, endpoint.as_bytes()),
+                (None, Some(b64)) => (b64, &[]),
+                (None, None) => return SigningSecret::parse(stored),
+            };
         let cipher = self.cipher.as_ref().ok_or(SecretError::KeyMissing)?;
         let blob = B64.decode(b64).map_err(|_| SecretError::Decrypt)?;
         if blob.len() < 12 {
             return Err(SecretError::Decrypt);
         }
         let (nonce, ct) = blob.split_at(12);
-        let plain = cipher.decrypt(Nonce::from_slice(nonce), ct).map_err(|_| SecretError::Decrypt)?;
+        let plain =
+            cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad }).map_err(|_| SecretError::Decrypt)?;
         let text = String::from_utf8(plain).map_err(|_| SecretError::Decrypt)?;
         SigningSecret::parse(&text)
+    }
+
+    /// Whether `stored` is in the current form for this box: sealed and bound when it has a
+    /// key (anything else is sealed again at start), as it is otherwise.
+    pub fn is_current(&self, stored: &str) -> bool {
+        !self.encrypts() || stored.starts_with(ENCRYPTED_PREFIX)
     }
 }
 
@@ -170,11 +189,36 @@ mod tests {
         let key = B64.encode([7u8; 32]);
         let bx = SecretBox::new(Some(&key)).unwrap();
         let s = SigningSecret::generate();
-        let stored = bx.seal(&s);
+        let ep = uuid::Uuid::new_v4();
+        let stored = bx.seal(&s, ep);
         assert!(!stored.contains(&s.expose()[6..]));
-        assert_eq!(bx.open(&stored).unwrap().expose(), s.expose());
+        assert!(stored.starts_with(ENCRYPTED_PREFIX) && bx.is_current(&stored));
+        assert_eq!(bx.open(&stored, ep).unwrap().expose(), s.expose());
         let other = SecretBox::new(Some(&B64.encode([8u8; 32]))).unwrap();
-        assert!(matches!(other.open(&stored), Err(SecretError::Decrypt)));
-        assert!(matches!(SecretBox::new(None).unwrap().open(&stored), Err(SecretError::KeyMissing)));
+        assert!(matches!(other.open(&stored, ep), Err(SecretError::Decrypt)));
+        assert!(matches!(SecretBox::new(None).unwrap().open(&stored, ep), Err(SecretError::KeyMissing)));
+    }
+
+    #[test]
+    fn a_sealed_secret_opens_only_for_its_own_endpoint() {
+        let bx = SecretBox::new(Some(&B64.encode([7u8; 32]))).unwrap();
+        let (mine, theirs) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let stored = bx.seal(&SigningSecret::generate(), mine);
+        assert!(bx.open(&stored, mine).is_ok());
+        assert!(matches!(bx.open(&stored, theirs), Err(SecretError::Decrypt)), "copied onto another endpoint");
+    }
+
+    #[test]
+    fn secrets_sealed_before_binding_still_open_and_are_not_current() {
+        let key = [7u8; 32];
+        let bx = SecretBox::new(Some(&B64.encode(key))).unwrap();
+        let s = SigningSecret::generate();
+        // The unbound form: the same cipher, no associated data.
+        let nonce = [1u8; 12];
+        let ct = Aes256Gcm::new(&key.into()).encrypt(Nonce::from_slice(&nonce), s.0.as_bytes()).unwrap();
+        let stored = format!("{UNBOUND_PREFIX}{}", B64.encode([nonce.to_vec(), ct].concat()));
+        assert_eq!(bx.open(&stored, uuid::Uuid::new_v4()).unwrap().expose(), s.expose());
+        assert!(!bx.is_current(&stored), "sealed again at start");
+        assert!(!bx.is_current(s.expose()) && SecretBox::new(None).unwrap().is_current(s.expose()));
     }
 }

@@ -100,7 +100,7 @@ impl Router {
             self.unroute(id);
             return Ok(());
         };
-        let secret = self.secrets.open(stored).map_err(|cause| RouteError::Secret { id, cause })?;
+        let secret = self.secrets.open(stored, id).map_err(|cause| RouteError::Secret { id, cause })?;
         let signer = Signer::new(&secret).map_err(|cause| RouteError::Secret { id, cause })?;
         match parse_url(id, url) {
             Some(url) => self.route_with(id, url, signer),
@@ -189,7 +189,7 @@ impl Router {
             (None, None) => None,
         };
         let signer = match (&row.secret, sending) {
-            (Some(stored), _) => match self.secrets.open(stored).and_then(|s| Signer::new(&s)) {
+            (Some(stored), _) => match self.secrets.open(stored, id).and_then(|s| Signer::new(&s)) {
                 Ok(signer) => Some(signer),
                 Err(e) => {
                     tracing::error!(endpoint = %id, error = %e, "cannot open endpoint secret; endpoint skipped");

@@ -1,12 +1,13 @@
-//! Signing secrets stored plain before an encryption key was configured, sealed in place.
+//! Signing secrets stored plain before an encryption key was configured, or sealed before they
+//! were bound to their endpoint, sealed (again) in place.
 //!
-//! What must hold: a row is replaced only if it still holds the plain value read, so
-//! concurrent replicas and updates never lose a write; no error here carries a secret.
+//! What must hold: a row is replaced only if it still holds the value read, so concurrent
+//! replicas and updates never lose a write; no error here carries a secret.
 
 use uuid::Uuid;
 
 use crate::pg::db::{Db, DbError};
-use crate::security::secrets::{SecretBox, SigningSecret, ENCRYPTED_PREFIX};
+use crate::security::secrets::{SecretBox, ENCRYPTED_PREFIX};
 
 /// Why stored secrets could not be re-encrypted.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +15,9 @@ pub enum ResealError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// A stored plain secret is not a signing secret (it is named by endpoint, never shown).
-    #[error("endpoint {0}: the stored signing secret is not whsec_ followed by base64")]
-    Malformed(Uuid),
+    /// A stored secret cannot be read (it is named by endpoint, never shown).
+    #[error("endpoint {0}: {1}")]
+    Unreadable(Uuid, crate::security::secrets::SecretError),
 }
 
 impl From<tokio_postgres::Error> for ResealError {
@@ -28,10 +29,11 @@ impl From<tokio_postgres::Error> for ResealError {
 /// Plain secrets re-encrypted per statement batch.
 const RESEAL_BATCH: i64 = 500;
 
-/// Seals every signing secret still stored plain (all of them, or only endpoint `only` =
-/// (id, account)); returns how many were sealed. Nothing to do without a key. Each row is
-/// replaced only if it still holds the plain value read, so concurrent replicas and updates
-/// never lose a write; `updated_at` does not move (nothing the customer sees changed).
+/// Seals every signing secret not in the current form (stored plain, or sealed unbound) (all
+/// of them, or only endpoint `only` = (id, account)); returns how many were sealed. Nothing to
+/// do without a key. Each row is replaced only if it still holds the value read, so concurrent
+/// replicas and updates never lose a write; `updated_at` does not move (nothing the customer
+/// sees changed).
 pub async fn reseal_plain(db: &Db, secrets: &SecretBox, only: Option<(Uuid, Uuid)>) -> Result<u64, ResealError> {
     if !secrets.encrypts() {
         return Ok(0);
@@ -50,11 +52,11 @@ pub async fn reseal_plain(db: &Db, secrets: &SecretBox, only: Option<(Uuid, Uuid
         let mut changed = 0;
         for row in &rows {
             let (ep, stored): (Uuid, String) = (row.get(0), row.get(1));
-            let secret = SigningSecret::parse(&stored).map_err(|_| ResealError::Malformed(ep))?;
+            let secret = secrets.open(&stored, ep).map_err(|e| ResealError::Unreadable(ep, e))?;
             changed += client
                 .execute(
                     "UPDATE walhook.endpoints SET secret = $3 WHERE id = $1 AND secret = $2",
-                    &[&ep, &stored, &secrets.seal(&secret)],
+                    &[&ep, &stored, &secrets.seal(&secret, ep)],
                 )
                 .await?;
         }

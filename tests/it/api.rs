@@ -345,6 +345,13 @@ async fn tokens_are_checked() {
         .unwrap(),
         // Algorithm confusion: RS256 in the header, signed with the HMAC key.
         hmac_signed(r#"{"alg":"RS256","typ":"JWT"}"#, &ok_claims(json!({})).to_string(), JWT_KEY),
+        // Critical extensions walhook does not understand (RFC 7515 §4.1.11), correctly signed.
+        hmac_signed(
+            r#"{"alg":"HS256","typ":"JWT","crit":["zzz"],"zzz":1}"#,
+            &ok_claims(json!({})).to_string(),
+            JWT_KEY,
+        ),
+        hmac_signed(r#"{"alg":"HS256","crit":[]}"#, &ok_claims(json!({})).to_string(), JWT_KEY),
         "op-token-wrong".to_string(),
         String::new(),
     ];
@@ -475,7 +482,7 @@ async fn secrets_are_encrypted_at_rest_and_never_logged() {
     let secret = created["signing_secret"].as_str().unwrap().to_owned();
     env.receiver.set_secret("enc", &secret);
     let stored: String = env.client.query_one("SELECT secret FROM walhook.endpoints", &[]).await.unwrap().get(0);
-    assert!(stored.starts_with("enc:v1:") && !stored.contains(&secret["whsec_".len()..]), "stored encrypted");
+    assert!(stored.starts_with("enc:v2:") && !stored.contains(&secret["whsec_".len()..]), "stored encrypted");
     // The encrypted secret still signs: a delivery verifies.
     env.sql("INSERT INTO contacts (account_id, first_name) VALUES ('aaaa0000-0000-4000-8000-000000000001', 'enc')")
         .await;
@@ -762,7 +769,7 @@ async fn turning_on_encryption_re_encrypts_existing_secrets_and_says_how_many() 
     let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
     let mut proc = env.spawn_binary(&format!("{}[secrets]\nencryption_key = \"{key}\"\n", auth_config()));
     env.ready(Readiness::Streaming).await;
-    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v1:%'").await;
+    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v2:%'").await;
     assert_eq!(plain, 0, "every stored secret is encrypted once the key is on");
     // They still sign what the receiver verifies.
     env.sql("INSERT INTO contacts (account_id, first_name) VALUES ('aaaa0000-0000-4000-8000-000000000001', 'x')").await;
@@ -771,19 +778,49 @@ async fn turning_on_encryption_re_encrypts_existing_secrets_and_says_how_many() 
     // An endpoint stored plain later (another replica without the key) is sealed by an update.
     let stored: String =
         env.client.query_one("SELECT secret FROM walhook.endpoints WHERE id = $1", &[&one.id]).await.unwrap().get(0);
-    let plain_secret = SecretBox::new(Some(key)).unwrap().open(&stored).unwrap().expose().to_owned();
+    let plain_secret = SecretBox::new(Some(key)).unwrap().open(&stored, one.id).unwrap().expose().to_owned();
     env.client
         .execute("UPDATE walhook.endpoints SET secret = $2 WHERE id = $1", &[&one.id, &plain_secret])
         .await
         .unwrap();
     Api::new(&env).ok("webhooks-update", &jwt(ACCOUNT_A), json!({ "id": one.id, "description": "touched" })).await;
-    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v1:%'").await;
+    let plain = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret NOT LIKE 'enc:v2:%'").await;
     assert_eq!(plain, 0, "an update re-encrypts a plain secret");
     proc.sigterm();
     proc.wait_exit(Duration::from_secs(30)).await.expect("exits");
     let log = proc.log_text();
     assert!(log.contains("re-encrypted 2 signing secrets"), "says how many:\n{log}");
     assert!(!log.contains(&plain_secret["whsec_".len()..]));
+}
+
+/// A sealed secret is bound to its endpoint: someone who can write `walhook.endpoints` (but
+/// does not have the key) cannot move one endpoint's ciphertext onto another to make walhook
+/// sign that one's requests with a secret they know. walhook refuses, naming the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_secret_moved_onto_another_endpoint_is_refused_naming_it() {
+    let env = Env::new("api_secret_swap").await;
+    let one = env.endpoint(ACCOUNT_A, "s1", &["contact.created"]).await;
+    let two = env.endpoint(ACCOUNT_B, "s2", &["contact.created"]).await;
+    let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let cfg = format!("{}[secrets]\nencryption_key = \"{key}\"\n", auth_config());
+    let mut proc = env.spawn_binary(&cfg);
+    env.ready(Readiness::Streaming).await;
+    proc.sigterm();
+    assert!(proc.wait_exit(Duration::from_secs(30)).await.unwrap().success());
+    let sealed = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE secret LIKE 'enc:v2:%'").await;
+    assert_eq!(sealed, 2);
+    env.client
+        .execute(
+            "UPDATE walhook.endpoints SET secret = (SELECT secret FROM walhook.endpoints WHERE id = $2) WHERE id = $1",
+            &[&one.id, &two.id],
+        )
+        .await
+        .unwrap();
+    let mut proc = env.spawn_binary(&cfg);
+    let status = proc.wait_exit(Duration::from_secs(60)).await.expect("refuses to start");
+    let log = proc.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&one.id.to_string()) && log.contains("another endpoint's secret"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -856,7 +893,17 @@ async fn the_list_pages_with_limit_and_cursor() {
     assert_eq!(seen, ids, "the pages are the whole list in order");
     assert_eq!(pages, 3);
     // A cursor is opaque: a forged one is refused, another account's sees only its own.
-    for bad in [json!("not-a-cursor"), json!(5)] {
+    use base64::Engine;
+    let forged = |text: &str| json!(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text));
+    let uuid = uuid::Uuid::new_v4();
+    for bad in [
+        json!("not-a-cursor"),
+        json!(5),
+        // Well formed, but a time no endpoint has (and outside PostgreSQL's range).
+        forged(&format!("-4713000000000000000:{uuid}")),
+        forged(&format!("9223372036854775807:{uuid}")),
+        forged(&format!("-1:{uuid}")),
+    ] {
         let msg = api.err("webhooks-list", &a, json!({ "cursor": bad }), 400, "webhooks.invalid_request").await;
         assert!(msg.contains("cursor"), "{msg}");
     }

@@ -219,3 +219,38 @@ async fn a_runtime_role_without_grants_is_told_which_grant_to_run() {
     .await;
     assert!(exited.is_none(), "walhook run exited after the GRANT:\n{}", run.log_text());
 }
+
+/// walhook on the database host connects over the Unix socket, in both spellings of the URL,
+/// with sslmode's default (prefer) and disable: migrate, stream, deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_database_url_connects() {
+    let env = Env::unmigrated(cluster(), "setup_unix_socket").await;
+    let dir = cluster().socket_dir().display().to_string();
+    let port = cluster().port();
+    for (n, url) in [
+        format!("host={dir} port={port} dbname=setup_unix_socket user=postgres"),
+        format!("postgresql:///setup_unix_socket?host={dir}&port={port}&user=postgres&sslmode=disable"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let extra = format!("[database]\nurl = \"{url}\"\n");
+        let db = walhook::pg::db::Db::new(&env.config(&extra).database).expect("the URL is accepted");
+        walhook::app::migrate(&db, &env.config(&extra)).await.unwrap_or_else(|e| panic!("migrate over {url}: {e}"));
+        if n == 0 {
+            env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+        }
+        let wh = env.start(&extra).await;
+        env.sql(&format!(
+            "INSERT INTO contacts (account_id, first_name) VALUES ('{ACCOUNT_A}', 'over-the-socket-{n}')"
+        ))
+        .await;
+        env.receiver
+            .wait_until(Duration::from_secs(20), |rs| {
+                rs.iter().any(|r| r.json()["data"]["first_name"] == format!("over-the-socket-{n}"))
+            })
+            .await
+            .unwrap_or_else(|_| panic!("delivered over {url}"));
+        wh.stop().await.unwrap();
+    }
+}

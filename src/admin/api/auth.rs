@@ -4,8 +4,9 @@
 //! What must hold: only HS256 is accepted (no `none`, no algorithm confusion); `exp` is
 //! required and `exp`/`nbf` are enforced; with `auth.jwt_audience` / `auth.jwt_issuer` set,
 //! `aud` / `iss` are required and must match; the account comes from `auth.account_claim` and
-//! the user from `sub`, both UUIDs; static tokens are compared by SHA-256 in constant time;
-//! no token ever reaches a log line or an error message.
+//! the user from `sub`, both UUIDs; a token whose header lists critical extensions (`crit`)
+//! is refused, since walhook understands none (RFC 7515 §4.1.11); static tokens are compared
+//! by SHA-256 in constant time; no token ever reaches a log line or an error message.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -115,6 +116,9 @@ impl Authenticator {
         let Some((key, validation)) = &self.jwt else {
             return Err(ApiError::Unauthorized("invalid token"));
         };
+        if lists_critical_extensions(token) {
+            return Err(ApiError::Unauthorized("token header lists critical extensions (crit) walhook does not know"));
+        }
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("token expired"),
@@ -135,6 +139,17 @@ impl Authenticator {
         let account_id = uuid_claim(&self.account_claim).ok_or(ApiError::Unauthorized("token has no account claim"))?;
         Ok(Caller { account_id, user_id })
     }
+}
+
+/// Whether the token's header has a `crit` member: extensions the issuer says must be
+/// understood, and walhook understands none.
+fn lists_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    let Some(header) = token.split('.').next() else { return false };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')) else {
+        return false; // not a JWT at all: decoding refuses it
+    };
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).is_ok_and(|h| h.contains_key("crit"))
 }
 
 /// A token bucket per account in this process: `rate` requests per second, `burst` at once.
