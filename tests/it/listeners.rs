@@ -393,6 +393,8 @@ enum Hold {
     KeepAlive(&'static str, Duration),
     /// An authorized POST announcing a 60,000-byte body, then one byte every `0`.
     SlowBody(Duration),
+    /// `1` pipelined `GET 0` with a tiny receive window, never reading an answer.
+    NeverReads(&'static str, usize),
 }
 
 /// `n` attacker connections to `addr` of kind `hold`, each reconnecting when walhook closes it.
@@ -402,9 +404,14 @@ fn attack(stop: &CancellationToken, addr: SocketAddr, n: usize, hold: Hold) {
         let stop = stop.clone();
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                let Ok(Ok(mut conn)) =
-                    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await
-                else {
+                let connect = async {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    if let Hold::NeverReads(..) = hold {
+                        socket.set_recv_buffer_size(1024)?;
+                    }
+                    socket.connect(addr).await
+                };
+                let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
@@ -424,6 +431,20 @@ fn attack(stop: &CancellationToken, addr: SocketAddr, n: usize, hold: Hold) {
                             }
                             tokio::time::sleep(every).await;
                         },
+                        Hold::NeverReads(path, n) => {
+                            let req = format!("GET {path} HTTP/1.1\r\nhost: walhook\r\n\r\n").repeat(n);
+                            conn.write_all(req.as_bytes()).await?;
+                            // Hold the place, reading nothing; a closed connection shows as a
+                            // failing write (blank lines between requests are allowed).
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                match conn.try_write(b"\r\n") {
+                                    Ok(_) => {}
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                    Err(e) => return Err(e),
+                                }
+                            }
+                        }
                         Hold::SlowBody(every) => {
                             let head = format!(
                                 "POST /api/webhooks-list HTTP/1.1\r\nhost: walhook\r\nauthorization: Bearer {TOKEN}\r\n\
@@ -496,6 +517,55 @@ async fn at_the_cap_probes_and_real_requests_get_in_past_clients_that_sent_somet
     assert!(
         outcomes.iter().all(|o| o.ends_with("HTTP 200")),
         "with every place held by clients that sent something, probes and requests must still get in: {outcomes:?}"
+    );
+    wh.stop().await.unwrap();
+}
+
+/// Clients that pipeline many requests and never read the answers (a tiny receive window):
+/// once an answer cannot be delivered the connection loses its place, so real calls, `/readyz`
+/// and `/healthz` (the chart's liveness probe) keep answering on both listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_answers_lose_their_places() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_never_read").await;
+    let caps = "[api]\nmax_connections = 16\nheader_timeout = \"2s\"\nidle_timeout = \"60s\"\n\
+                [metrics]\nmax_connections = 8\nheader_timeout = \"2s\"\nidle_timeout = \"60s\"\n";
+    let wh = env.start(&format!("{caps}{}", token_config())).await;
+    let api: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    attack(&stop, api, 40, Hold::NeverReads("/api/openapi.json", 80));
+    attack(&stop, metrics, 20, Hold::NeverReads("/metrics", 200));
+    attack(&stop, metrics, 10, Hold::NeverReads("/readyz", 2000));
+    // Let them fill every place and every send buffer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_max_idle_per_host(0).build().unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        for url in [format!("http://{metrics}/readyz"), format!("http://{metrics}/healthz")] {
+            outcomes.push(match http.get(&url).send().await {
+                Ok(r) => format!("{url} HTTP {}", r.status().as_u16()),
+                Err(e) => format!("{url} failed: {e}"),
+            });
+        }
+        let list = http
+            .post(format!("http://{api}/api/webhooks-list"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await;
+        outcomes.push(match list {
+            Ok(r) => format!("list HTTP {}", r.status().as_u16()),
+            Err(e) => format!("list failed: {e}"),
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.cancel();
+    assert!(
+        outcomes.iter().all(|o| o.ends_with("HTTP 200")),
+        "clients that never read must not keep probes and real calls out: {outcomes:?}"
     );
     wh.stop().await.unwrap();
 }

@@ -2,7 +2,8 @@
 //!
 //! What must hold: every successful read or write of at least one byte moves the
 //! connection's last-activity time forward; nothing else does. Every read is also reported
-//! to the connection's request phase (bytes read, or nothing waiting).
+//! to the connection's request phase (bytes read, or nothing waiting), and every write (went
+//! through, or blocked on a full socket: the client does not take its answer).
 
 use std::io;
 use std::pin::Pin;
@@ -58,6 +59,17 @@ impl TrackedIo {
     pub(super) fn new(inner: TcpStream, conn: Arc<Conn>) -> Self {
         TrackedIo { inner, conn }
     }
+
+    fn wrote(&self, result: &Poll<io::Result<usize>>) {
+        match result {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.conn.activity.touch();
+                self.conn.phase.write_flowed();
+            }
+            Poll::Pending => self.conn.phase.write_blocked(),
+            _ => {}
+        }
+    }
 }
 
 impl AsyncRead for TrackedIo {
@@ -81,9 +93,7 @@ impl AsyncWrite for TrackedIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.conn.activity.touch();
-        }
+        this.wrote(&result);
         result
     }
 
@@ -94,9 +104,7 @@ impl AsyncWrite for TrackedIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.conn.activity.touch();
-        }
+        this.wrote(&result);
         result
     }
 

@@ -6,12 +6,15 @@
 //! connecting or from the end of its previous response (so idle keep-alive connections end
 //! too), and `header_timeout` to send a whole request (headers and body) counted from its
 //! first byte; a connection on which no byte is read or written for `idle_timeout` is closed
-//! (a client that stops reading); at most [`MAX_HEADER_BUF`] bytes of a request's headers are
+//! (a client that stops reading), and one whose answer the client has not taken for
+//! `header_timeout` (a write blocked on a full socket: a client that never reads, or reads a
+//! trickle); at most [`MAX_HEADER_BUF`] bytes of a request's headers are
 //! buffered per connection (beyond: 431 and close); at most `max_connections` connections
 //! are open at once (plus the one just accepted): a new connection beyond the cap closes the
 //! oldest connection that is not handling a request it has read completely (one that sent
 //! nothing for [`SILENT_GRACE`] at least, is still sending its request's headers or body, or
-//! idles between keep-alive requests, with no unread byte waiting in its socket), so
+//! idles between keep-alive requests, with no unread byte waiting in its socket) or whose
+//! answer its client has not taken for `room::WRITE_BLOCK_GRACE`, so
 //! clients holding places can never keep out a probe or a real request; only when every
 //! connection is handling a read request does the listener accept nothing more,
 //! and new connections wait in the kernel's backlog until one ends; an accept error (out of
@@ -197,6 +200,12 @@ async fn connection(
             // 5. Nothing moved for idle_timeout.
             _ = conn.activity.idle_for(limits.idle_timeout) => {
                 tracing::debug!("closing a connection idle for longer than idle_timeout");
+                return;
+            }
+            // 6. The client has not taken its answer for header_timeout (it reads nothing, or
+            //    too little): it may not hold its place, nor the answer in memory, any longer.
+            _ = conn.phase.write_stalled(limits.header_timeout) => {
+                tracing::debug!("closing a connection whose client took none of its answer for header_timeout");
                 return;
             }
         }

@@ -8,8 +8,12 @@
 //! make room. A request
 //! is *reading* from its first byte (or, for a request whose bytes arrived while the
 //! previous one was handled, from the end of that response) until it is read completely, and
-//! [`Phase::overdue`] completes once a request has been reading for the limit given. All
-//! transitions happen on the connection's own task; atomics only let the listener look.
+//! [`Phase::overdue`] completes once a request has been reading for the limit given. A
+//! connection whose answer the client does not take (a write blocked on a full socket) is
+//! *write-blocked* from that write until a byte moves again: [`Phase::write_blocked_for`]
+//! lets the listener close it to make room, whatever the request phase, and
+//! [`Phase::write_stalled`] ends it once blocked for the limit given. All transitions happen
+//! on the connection's own task; atomics only let the listener look.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
@@ -44,6 +48,11 @@ pub(super) struct Phase {
     heard: AtomicBool,
     /// Woken when a request begins, for [`Phase::overdue`].
     began: Notify,
+    /// When a write found the socket full, in milliseconds after `opened`, plus one (0: the
+    /// last write went through).
+    blocked_ms: AtomicU64,
+    /// Woken when a write blocks, for [`Phase::write_stalled`].
+    blocked: Notify,
 }
 
 impl Phase {
@@ -58,6 +67,40 @@ impl Phase {
             in_service: AtomicBool::new(false),
             awaiting_body: AtomicBool::new(false),
             began: Notify::new(),
+            blocked_ms: AtomicU64::new(0),
+            blocked: Notify::new(),
+        }
+    }
+
+    /// A write found the socket full: the client does not take the answer (yet).
+    pub(super) fn write_blocked(&self) {
+        let ms = self.opened.elapsed().as_millis().min(u64::MAX as u128 - 1) as u64 + 1;
+        if self.blocked_ms.compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.blocked.notify_one();
+        }
+    }
+
+    /// A write went through.
+    pub(super) fn write_flowed(&self) {
+        self.blocked_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the connection's writes have been blocked, if they are.
+    pub(super) fn write_blocked_for(&self) -> Option<Duration> {
+        match self.blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.opened.elapsed().saturating_sub(Duration::from_millis(ms - 1))),
+        }
+    }
+
+    /// Completes once a write has been blocked for `limit` without a byte going through.
+    pub(super) async fn write_stalled(&self, limit: Duration) {
+        loop {
+            match self.write_blocked_for() {
+                None => self.blocked.notified().await,
+                Some(blocked) if blocked >= limit => return,
+                Some(blocked) => tokio::time::sleep(limit - blocked).await,
+            }
         }
     }
 
@@ -187,6 +230,25 @@ mod tests {
         p.request_read();
         p.response_done();
         assert_eq!(p.state.load(Ordering::Relaxed), IDLE);
+    }
+
+    #[tokio::test]
+    async fn a_write_blocked_for_the_limit_stalls_and_one_that_flows_does_not() {
+        let p = Phase::new();
+        let limit = Duration::from_millis(200);
+        assert_eq!(p.write_blocked_for(), None);
+        let flowing = tokio::time::timeout(Duration::from_millis(400), p.write_stalled(limit)).await;
+        assert!(flowing.is_err(), "nothing blocked");
+        p.write_blocked();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        p.write_blocked(); // still the same block: counted from the first
+        assert!(p.write_blocked_for().unwrap() >= Duration::from_millis(50));
+        p.write_flowed();
+        assert_eq!(p.write_blocked_for(), None, "a byte went through");
+        p.write_blocked();
+        let t = Instant::now();
+        let stalled = tokio::time::timeout(Duration::from_secs(5), p.write_stalled(limit)).await;
+        assert!(stalled.is_ok() && t.elapsed() >= limit);
     }
 
     #[tokio::test]

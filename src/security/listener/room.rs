@@ -6,9 +6,11 @@
 //! headers or body, or idles between keep-alive requests), its task has looked at its
 //! socket, no byte waits unread in its socket (a request that arrived but is not read yet),
 //! and, if it never sent a byte, it has been open for the grace given (its first request may
-//! be on its way); the oldest such one goes first, so a connection whose request has been read is
-//! never closed for a newcomer, and a newcomer outlives every older client that is merely
-//! holding a place. The list holds weak references only and is pruned, so it stays bounded
+//! be on its way); or, whatever its phase, while the client has not taken its answer for
+//! [`WRITE_BLOCK_GRACE`] (a write blocked on a full socket: a client that never reads holds
+//! a place as surely as one that never sends). The oldest such one goes first, so a
+//! connection whose request has been read and whose answer flows is never closed for a
+//! newcomer, and a newcomer outlives every older client that is merely holding a place. The list holds weak references only and is pruned, so it stays bounded
 //! by a small multiple of the listener's cap.
 
 use std::collections::VecDeque;
@@ -20,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::io::Activity;
 use super::phase::Phase;
+
+/// A connection whose answer has not been taken for this long may be closed to make room.
+pub(super) const WRITE_BLOCK_GRACE: Duration = Duration::from_millis(250);
 
 /// One open connection, as the listener sees it.
 #[derive(Debug)]
@@ -38,6 +43,9 @@ impl Conn {
     }
 
     fn evictable(&self, grace: Duration) -> bool {
+        if self.phase.write_blocked_for().is_some_and(|blocked| blocked >= WRITE_BLOCK_GRACE) {
+            return true;
+        }
         self.phase.evictable() && (self.phase.heard() || self.phase.age() >= grace) && !self.unread_bytes()
     }
 
@@ -146,6 +154,22 @@ mod tests {
         ours.read_exact(&mut [0u8; 5]).unwrap();
         assert!(room.evict_oldest(Duration::from_secs(3600)));
         assert!(waiting.evict.is_cancelled() && !silent.evict.is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_whose_answer_is_not_taken_may_go_whatever_it_handles() {
+        let room = Room::new(4);
+        let stuck = Conn::new(-1);
+        room.push(&stuck);
+        stuck.phase.nothing_to_read();
+        stuck.phase.bytes_read();
+        stuck.phase.request_read(); // answering a request it read: protected...
+        assert!(!room.evict_oldest(Duration::ZERO));
+        stuck.phase.write_blocked(); // ...unless the client does not take the answer
+        assert!(!room.evict_oldest(Duration::ZERO), "not before the grace");
+        std::thread::sleep(WRITE_BLOCK_GRACE);
+        assert!(room.evict_oldest(Duration::ZERO));
+        assert!(stuck.evict.is_cancelled());
     }
 
     #[test]
