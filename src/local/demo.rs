@@ -153,15 +153,21 @@ fn print_webhook(r: &Received) {
 
 /// Waits, as an operator's probe does, until `/readyz` on `metrics_port` says walhook is ready.
 async fn wait_ready(metrics_port: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let url = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let probe = || async {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await?;
+        conn.write_all(b"GET /readyz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await?;
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await?;
+        Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
+    };
     loop {
-        if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if matches!(tokio::time::timeout(Duration::from_secs(2), probe()).await, Ok(Ok(true))) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("walhook was not ready within 30 s ({url})");
+            bail!("walhook was not ready within 30 s (http://127.0.0.1:{metrics_port}/readyz)");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -5,8 +5,10 @@
 //! to start unless the limit covers every connection it may hold at once, so that clients of
 //! the listeners can never take the descriptors outbound deliveries and the database need:
 //! `api.max_connections` + `metrics.max_connections` + `dispatch.max_concurrency` +
-//! `database.pool_size` + [`RESERVED`] (replication and leader connections, DNS lookups,
-//! idle pooled outbound connections, files, the runtime's own). The error names every key.
+//! `database.pool_size` + [`RESERVED`] (64 idle pooled outbound connections: outbound ones are
+//! at most `dispatch.max_concurrency` + 64 in all, see `delivery::dispatch::connect`; the
+//! replication, leader and readiness connections, DNS lookups, files, the runtime's own). The
+//! error names every key.
 
 use crate::config::Config;
 

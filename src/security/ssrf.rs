@@ -4,12 +4,12 @@
 //! `ranges`), whatever IPv6 form embeds an IPv4 address, unless the address lies inside
 //! `dispatch.allowed_cidrs` (an IPv4 range there also opens the IPv6 forms that reach that
 //! address: mapped, compatible, SIIT, NAT64). The check is made on the addresses actually
-//! connected to: literal IPs before sending, names inside the resolver (so DNS answers
-//! cannot smuggle an internal address past a check made earlier). The HTTP client uses no
-//! proxy, so no connection bypasses the resolver.
+//! connected to: literal IPs before sending, names where they are resolved, just before
+//! connecting (`delivery::dispatch::connect`), so DNS answers cannot smuggle an internal
+//! address past a check made earlier. The HTTP client uses no proxy, so no connection
+//! bypasses that check.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -46,19 +46,6 @@ impl AddressPolicy {
     }
 }
 
-/// reqwest resolver that drops forbidden addresses from every DNS answer.
-#[derive(Debug, Clone)]
-pub struct GuardedResolver {
-    policy: Arc<AddressPolicy>,
-}
-
-impl GuardedResolver {
-    /// A resolver enforcing `policy`.
-    pub fn new(policy: Arc<AddressPolicy>) -> Self {
-        GuardedResolver { policy }
-    }
-}
-
 /// A name resolved only to forbidden addresses.
 #[derive(Debug, thiserror::Error)]
 #[error("refused: {host} resolves only to addresses webhooks may not target ({reason})")]
@@ -67,31 +54,6 @@ pub struct Refused {
     pub host: String,
     /// Why the last address was refused.
     pub reason: String,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut reason = "no address".to_owned();
-            let allowed: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(r) => {
-                        reason = r;
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused { host, reason }) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 #[cfg(test)]

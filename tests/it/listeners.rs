@@ -369,6 +369,68 @@ async fn an_attempt_failing_for_lack_of_descriptors_does_not_spend_an_attempt() 
     wh.stop().await.unwrap();
 }
 
+/// One tenant's many endpoints on many ports and two spellings of one host (each its own
+/// connection pool), answering after a second: walhook's outbound connections, in flight and
+/// pooled together, stay within the descriptor budget its start-up check accepted, so no
+/// delivery fails for lack of descriptors and the API keeps answering beside idle clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_hosts_of_one_tenant_keep_outbound_connections_within_the_descriptor_budget() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new("listeners_outbound_budget").await;
+    let mut receivers = Vec::new();
+    // HTTP/1.1 receivers, as most real ones are: a connection per request in flight.
+    for _ in 0..10 {
+        let r = Receiver::start_http1(&env.ca).await.unwrap();
+        r.set_default("slow", walhook::local::receiver::Reply::Delay(Duration::from_secs(1), 200));
+        r.keep_bodies(false);
+        for spelling in ["127.0.0.1", "localhost"] {
+            let url = r.url("slow").replace("127.0.0.1", spelling);
+            env.endpoint_url(ACCOUNT_A, &url, &["contact.created"]).await;
+        }
+        receivers.push(r);
+    }
+    let mut wh = env.spawn_command_with("run", &format!("{CAPS}{}", token_config()), nofile(NOFILE));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let readyz = format!("http://127.0.0.1:{}/readyz", env.metrics_port);
+    wait_for(Duration::from_secs(30), || async { http.get(&readyz).send().await.is_ok_and(|r| r.status() == 200) })
+        .await;
+    let api: SocketAddr = format!("127.0.0.1:{}", env.api_port).parse().unwrap();
+    let idle = IdleClients::start(&[(api, 20)]);
+    env.sql(
+        "INSERT INTO contacts (account_id, first_name) \
+         SELECT 'aaaa0000-0000-4000-8000-000000000001', 'c' || i FROM generate_series(1, 25) i",
+    )
+    .await;
+    let pid = wh.child.id();
+    let mut most_fds = 0;
+    let mut calls = Vec::new();
+    let done = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while env.scalar_i64(done).await < 500 {
+        assert!(tokio::time::Instant::now() < deadline, "not all 500 delivered within 120 s\n{}", wh.log_text());
+        most_fds = most_fds.max(open_fds(pid));
+        let list = http
+            .post(format!("http://{api}/api/webhooks-list"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await;
+        calls.push(list.map(|r| r.status().as_u16()).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(idle);
+    let local = env.metric("walhook_dispatch_attempts_total{outcome=\"local\"}").await;
+    let log = wh.log_text();
+    println!("most descriptors {most_fds} (budget {BUDGET}); API answers {calls:?}; local failures {local}");
+    assert!(calls.iter().all(|&c| c == 200), "the API kept answering: {calls:?}");
+    assert_eq!(local, 0.0, "no attempt failed for lack of descriptors:\n{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(most_fds <= BUDGET, "{most_fds} descriptors open, over the budget of {BUDGET}");
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.is_some_and(|s| s.success()), "{}", wh.log_text());
+}
+
 #[test]
 fn listener_limits_that_cannot_work_are_refused_naming_the_key() {
     let base = "[database]\nurl = \"postgres://u@h/db\"\n";

@@ -7,21 +7,25 @@
 //! `webhook-timestamp` and the signature are fresh per attempt; every text taken from the
 //! receiver or the network (snippet, error) is made safe to store ([`safe_text`]). Proxy
 //! environment variables (`HTTPS_PROXY`, `ALL_PROXY`, …) are ignored: a proxy would connect on
-//! walhook's behalf to an address the resolver never checked. An attempt that fails for a
-//! local resource reason (no file descriptor, no memory) is `FailureKind::Local`: the receiver
-//! was never reached.
+//! walhook's behalf to an address never checked. An attempt that fails for a local resource
+//! reason (no file descriptor, no memory, no outbound connection free: see [`super::connect`])
+//! is `FailureKind::Local`: the receiver was never reached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT as USER_AGENT_HEADER};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::{Host, Url};
 
+use super::connect::{Connector, Gate, GateFull, IDLE_KEPT};
 use crate::config::DispatchConfig;
 use crate::model::attempt::{safe_text, Attempt, FailureKind, ERROR_BYTES, SNIPPET_BYTES};
 use crate::model::delivery::Endpoint;
-use crate::security::ssrf::{AddressPolicy, GuardedResolver};
+use crate::security::ssrf::AddressPolicy;
 
 /// Response bytes read at most.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -29,6 +33,8 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 pub const LOCAL_RETRY: Duration = Duration::from_secs(1);
 /// `user-agent` of every request.
 pub const USER_AGENT: &str = concat!("walhook/", env!("CARGO_PKG_VERSION"));
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// Building the HTTP client failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,26 +42,27 @@ pub enum HttpError {
     /// A `dispatch.ca_certs` file is unusable.
     #[error("dispatch.ca_certs: {0}")]
     CaCert(String),
-    /// reqwest refused the configuration.
-    #[error("HTTP client: {0}")]
-    Client(reqwest::Error),
 }
 
-impl From<reqwest::Error> for HttpError {
-    fn from(e: reqwest::Error) -> Self {
-        HttpError::Client(e)
-    }
+/// Why an attempt got no answer: it ran out of time, or the client failed.
+#[derive(Debug)]
+enum Failed {
+    Timeout,
+    Client(hyper_util::client::legacy::Error),
+    Body(hyper::Error),
 }
 
 /// Sends webhook requests.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: reqwest::Client,
+    client: Client<Connector, Full<Bytes>>,
     policy: Arc<AddressPolicy>,
+    request_timeout: Duration,
 }
 
 impl Sender {
-    /// A sender configured by `[dispatch]`.
+    /// A sender configured by `[dispatch]`: at most `dispatch.max_concurrency` +
+    /// [`IDLE_KEPT`] connections open at once, pooled per host.
     pub fn new(cfg: &DispatchConfig) -> Result<Sender, HttpError> {
         crate::security::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
@@ -69,22 +76,18 @@ impl Sender {
         let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let policy = Arc::new(AddressPolicy::new(cfg.allowed_cidrs.clone()));
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(cfg.connect_timeout.get())
-            .timeout(cfg.request_timeout.get())
+        let gate = Arc::new(Gate::new(cfg.max_concurrency + IDLE_KEPT));
+        let connector = Connector::new(policy.clone(), Arc::new(tls), cfg.connect_timeout.get(), gate);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             // The pool is per host, not per endpoint: many endpoints on one HTTP/1.1 host (a
             // shared ingestion service) each need their connections kept, or every request
-            // beyond the idle cap pays a new TLS handshake.
+            // beyond the idle cap pays a new TLS handshake. The gate bounds them all together.
             .pool_max_idle_per_host(cfg.max_concurrency)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .user_agent(USER_AGENT)
-            .build()?;
-        Ok(Sender { client, policy })
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        Ok(Sender { client, policy, request_timeout: cfg.request_timeout.get() })
     }
 
     /// Makes one attempt of delivery `msg_id` to `endpoint`.
@@ -100,58 +103,68 @@ impl Sender {
             duration: Duration::ZERO,
             response_snippet: String::new(),
         };
-        let url = match check_target(&self.policy, &endpoint.url) {
-            Ok(()) => endpoint.url.clone(),
-            Err(why) => {
-                attempt.failure = Some(FailureKind::Refused);
-                attempt.error = Some(why);
-                return attempt;
-            }
-        };
+        if let Err(why) = check_target(&self.policy, &endpoint.url) {
+            attempt.failure = Some(FailureKind::Refused);
+            attempt.error = Some(why);
+            return attempt;
+        }
         let ts = started_at.timestamp();
         let signature = endpoint.signer.sign(msg_id, ts, &body);
-        let request = self
-            .client
-            .post(url)
+        let request = hyper::Request::post(endpoint.url.as_str())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT_HEADER, HeaderValue::from_static(USER_AGENT))
             .header("webhook-id", msg_id)
             .header("webhook-timestamp", ts)
             .header("webhook-signature", signature)
-            .body(body);
-        match request.send().await {
-            Ok(mut resp) => {
-                let status = resp.status();
-                attempt.status = Some(status.as_u16());
-                attempt.retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-                let mut read = 0usize;
-                let mut snippet = Vec::new();
-                loop {
-                    match resp.chunk().await {
-                        Ok(Some(chunk)) => {
-                            if snippet.len() < SNIPPET_BYTES {
-                                let take = (SNIPPET_BYTES - snippet.len()).min(chunk.len());
-                                snippet.extend_from_slice(&chunk[..take]);
-                            }
-                            read += chunk.len();
-                            if read >= MAX_RESPONSE_BYTES {
-                                break;
-                            }
+            .body(Full::new(body));
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                attempt.failure = Some(FailureKind::Network);
+                attempt.error = Some(format!("request failed: the URL cannot be sent to: {e}"));
+                return attempt;
+            }
+        };
+        // The whole attempt, connecting to reading the answer, within the request timeout.
+        let answer = tokio::time::timeout(self.request_timeout, async {
+            let resp = self.client.request(request).await.map_err(Failed::Client)?;
+            let (parts, mut body) = resp.into_parts();
+            let mut read = 0usize;
+            let mut snippet = Vec::new();
+            let mut broken = None;
+            while read < MAX_RESPONSE_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        let Ok(chunk) = frame.into_data() else { continue };
+                        if snippet.len() < SNIPPET_BYTES {
+                            let take = (SNIPPET_BYTES - snippet.len()).min(chunk.len());
+                            snippet.extend_from_slice(&chunk[..take]);
                         }
-                        Ok(None) => break,
-                        Err(e) => {
-                            // The status already decided the outcome; a broken body only
-                            // matters for a 2xx we could not read completely.
-                            if !status.is_success() {
-                                break;
-                            }
-                            attempt.failure = Some(classify(&e));
-                            attempt.error = Some(describe(&e));
-                            break;
-                        }
+                        read += chunk.len();
                     }
+                    Some(Err(e)) => {
+                        broken = Some(Failed::Body(e));
+                        break;
+                    }
+                    None => break,
                 }
+            }
+            Ok::<_, Failed>((parts, snippet, broken))
+        })
+        .await
+        .unwrap_or(Err(Failed::Timeout));
+        match answer {
+            Ok((parts, snippet, broken)) => {
+                let status = parts.status;
+                attempt.status = Some(status.as_u16());
+                attempt.retry_after = parts.headers.get(RETRY_AFTER).and_then(parse_retry_after);
                 attempt.response_snippet = safe_text(&String::from_utf8_lossy(&snippet), SNIPPET_BYTES).into_owned();
-                if !status.is_success() && attempt.failure.is_none() {
+                // The status decides the outcome; a broken body only matters for a 2xx.
+                if let (true, Some(e)) = (status.is_success(), broken) {
+                    attempt.failure = Some(classify(&e));
+                    attempt.error = Some(describe(&e));
+                }
+                if !status.is_success() {
                     attempt.failure = Some(FailureKind::Status);
                     attempt.error = Some(format!("HTTP {}", status.as_u16()));
                 }
@@ -189,11 +202,12 @@ fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
     (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().ok()
 }
 
-fn classify(e: &reqwest::Error) -> FailureKind {
-    if e.is_timeout() {
-        return FailureKind::Timeout;
+fn classify(e: &Failed) -> FailureKind {
+    match e {
+        Failed::Timeout => FailureKind::Timeout,
+        Failed::Client(e) => classify_chain(e),
+        Failed::Body(e) => classify_chain(e),
     }
-    classify_chain(e)
 }
 
 /// Refused or local from anywhere in the error chain, else a network failure.
@@ -203,7 +217,7 @@ fn classify_chain(e: &(dyn std::error::Error + 'static)) -> FailureKind {
         if s.is::<crate::security::ssrf::Refused>() {
             return FailureKind::Refused;
         }
-        if s.downcast_ref::<std::io::Error>().is_some_and(is_local_resource) {
+        if s.is::<GateFull>() || s.downcast_ref::<std::io::Error>().is_some_and(is_local_resource) {
             return FailureKind::Local;
         }
         source = s.source();
@@ -218,22 +232,22 @@ fn is_local_resource(e: &std::io::Error) -> bool {
 }
 
 /// The error chain in one line, without the URL (which could carry a token in its path).
-fn describe(e: &reqwest::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+fn describe(e: &Failed) -> String {
+    let (head, top): (&str, Option<&(dyn std::error::Error + 'static)>) = match e {
+        Failed::Timeout => return "timed out: no answer within dispatch.request_timeout".to_owned(),
+        Failed::Client(e) if e.is_connect() => ("connect failed", std::error::Error::source(e)),
+        Failed::Client(e) => ("request failed", std::error::Error::source(e)),
+        Failed::Body(e) => ("reading the response failed", Some(e as &(dyn std::error::Error + 'static))),
+    };
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = top;
     while let Some(s) = source {
-        parts.push(s.to_string());
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
         source = s.source();
     }
-    let head = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connect failed"
-    } else if e.is_body() || e.is_decode() {
-        "reading the response failed"
-    } else {
-        "request failed"
-    };
     if parts.is_empty() {
         head.to_owned()
     } else {

@@ -35,6 +35,7 @@
 //! and counters of what happens go through [`happening`].
 
 pub mod budget;
+pub(crate) mod connect;
 mod endpoint;
 pub(crate) mod happening;
 pub mod http;

@@ -17,8 +17,9 @@
 //! answer its client has not taken for `room::WRITE_BLOCK_GRACE`, so
 //! clients holding places can never keep out a probe or a real request; only when every
 //! connection is handling a read request does the listener accept nothing more,
-//! and new connections wait in the kernel's backlog until one ends; an accept error (out of
-//! descriptors) waits before the next try instead of spinning and is logged at most once per
+//! and new connections wait in the kernel's backlog until one ends; an accept that fails for
+//! lack of descriptors closes a connection the cap would close, then, like any accept error,
+//! waits before the next try instead of spinning and is logged at most once per
 //! [`ACCEPT_WARN_EVERY`] with the count of those not logged; on shutdown every connection
 //! finishes the request it is serving (for at most `DRAIN`) and closes.
 //!
@@ -97,6 +98,10 @@ pub async fn serve(
             Err(e) => {
                 if let Some(not_logged) = accept_warn.occurred(tokio::time::Instant::now()) {
                     tracing::warn!(listener = name, error = %e, not_logged, "accepting a connection failed");
+                }
+                // Out of descriptors: free one, as at the cap, so a waiting client gets in.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    room.evict_oldest(SILENT_GRACE);
                 }
                 tokio::select! {
                     biased;
