@@ -5,13 +5,14 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY benches benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked --bin walhook \
+    && cargo build --release --locked --no-default-features --bin walhook \
     && rm -rf src target/release/.fingerprint/walhook-*
 COPY src src
 COPY sql sql
 COPY config config
 COPY docs docs
-RUN cargo build --release --locked --bin walhook && strip target/release/walhook
+# The production binary: without the demo's throwaway CA and cluster (feature `demo`).
+RUN cargo build --release --locked --no-default-features --bin walhook && strip target/release/walhook
 
 # Runtime stage: glibc and CA certificates, nothing else; runs as a non-root user.
 FROM gcr.io/distroless/cc-debian12

@@ -140,7 +140,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             print_reset(&report);
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Command::Demo { stay } => crate::local::demo::run(stay).await,
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => anyhow::bail!(
+            "this walhook was built without the demo (a production build: --no-default-features); \
+             `cargo run --release -- demo` from the source tree runs it"
+        ),
     }
 }
 

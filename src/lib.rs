@@ -32,6 +32,7 @@ pub mod admin;
 
 pub mod app;
 
+#[cfg(feature = "demo")]
 pub mod local;
 
 pub mod cli;

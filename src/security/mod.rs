@@ -6,6 +6,7 @@
 //! flow; it is the bottom layer and imports nothing else from the crate.
 
 pub(crate) mod invisible;
+pub mod jwt;
 pub mod listener;
 pub(crate) mod ranges;
 pub mod secrets;

@@ -8,10 +8,9 @@
 //! bound (`enc:v1:`), are read and sealed again at start and on update
 //! (`store::secrets::reseal_plain`); no error or log line here carries the secret or the key.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 /// Prefix of every signing secret (Standard Webhooks).
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -104,7 +103,7 @@ pub fn parse_encryption_key(b64: &str) -> Result<[u8; 32], SecretError> {
 /// Seals and opens stored secrets; without a key it stores them as they are.
 #[derive(Clone)]
 pub struct SecretBox {
-    cipher: Option<Aes256Gcm>,
+    cipher: Option<std::sync::Arc<LessSafeKey>>,
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -117,7 +116,10 @@ impl SecretBox {
     /// A box for the configured key (`None`: store plain).
     pub fn new(key: Option<&str>) -> Result<Self, SecretError> {
         let cipher = match key {
-            Some(k) => Some(Aes256Gcm::new(&parse_encryption_key(k)?.into())),
+            Some(k) => {
+                let key = UnboundKey::new(&AES_256_GCM, &parse_encryption_key(k)?).map_err(|_| SecretError::BadKey)?;
+                Some(std::sync::Arc::new(LessSafeKey::new(key)))
+            }
             None => None,
         };
         Ok(SecretBox { cipher })
@@ -135,12 +137,12 @@ impl SecretBox {
         };
         let mut nonce = [0u8; 12];
         os_random(&mut nonce);
-        let payload = Payload { msg: secret.0.as_bytes(), aad: endpoint.as_bytes() };
-        let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), payload)
+        let mut sealed = secret.0.as_bytes().to_vec();
+        cipher
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(endpoint.as_bytes()), &mut sealed)
             .expect("AES-GCM encryption of a short secret cannot fail");
         let mut blob = nonce.to_vec();
-        blob.extend_from_slice(&ct);
+        blob.extend_from_slice(&sealed);
         format!("{ENCRYPTED_PREFIX}{}", B64.encode(blob))
     }
 
@@ -157,11 +159,12 @@ impl SecretBox {
         if blob.len() < 12 {
             return Err(SecretError::Decrypt);
         }
-        let (nonce, ct) = blob.split_at(12);
-        let plain =
-            cipher.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad }).map_err(|_| SecretError::Decrypt)?;
-        let text = String::from_utf8(plain).map_err(|_| SecretError::Decrypt)?;
-        SigningSecret::parse(&text)
+        let (nonce, sealed) = blob.split_at(12);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SecretError::Decrypt)?;
+        let mut sealed = sealed.to_vec();
+        let plain = cipher.open_in_place(nonce, Aad::from(aad), &mut sealed).map_err(|_| SecretError::Decrypt)?;
+        let text = std::str::from_utf8(plain).map_err(|_| SecretError::Decrypt)?;
+        SigningSecret::parse(text)
     }
 
     /// Whether `stored` is in the current form for this box: sealed and bound when it has a
@@ -215,7 +218,10 @@ mod tests {
         let s = SigningSecret::generate();
         // The unbound form: the same cipher, no associated data.
         let nonce = [1u8; 12];
-        let ct = Aes256Gcm::new(&key.into()).encrypt(Nonce::from_slice(&nonce), s.0.as_bytes()).unwrap();
+        let mut ct = s.0.as_bytes().to_vec();
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap())
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut ct)
+            .unwrap();
         let stored = format!("{UNBOUND_PREFIX}{}", B64.encode([nonce.to_vec(), ct].concat()));
         assert_eq!(bx.open(&stored, uuid::Uuid::new_v4()).unwrap().expose(), s.expose());
         assert!(!bx.is_current(&stored), "sealed again at start");

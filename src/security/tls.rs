@@ -1,15 +1,17 @@
 //! Shared TLS plumbing: the process-wide crypto provider and PEM loading.
 //!
-//! What must hold: exactly one rustls crypto provider is installed before any TLS object is
-//! built (two are compiled in through dependencies, so rustls cannot pick one itself).
+//! What must hold: exactly one rustls crypto provider, ring's (walhook's one crypto backend:
+//! signatures, sealed secrets and tokens use it too), is installed before any TLS object is
+//! built. (pgwire-replication's TLS dependencies compile aws-lc-rs in as well, so rustls cannot
+//! pick one itself.)
 
 use std::path::Path;
 
 use rustls::pki_types::CertificateDer;
 
-/// Installs the aws-lc-rs provider as the process default; later calls are no-ops.
+/// Installs ring's provider as the process default; later calls are no-ops.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Reads every certificate in a PEM file.

@@ -168,3 +168,33 @@ async fn readyz_is_200_only_while_streaming_never_in_the_tenure_wait_a_blip_or_o
     assert!(seen.iter().all(|(s, _)| *s == 503), "ready over a lost slot: {seen:?}\n{}", wh.log_text());
     wh.kill9();
 }
+
+/// `/readyz` answers from state the stages keep, not from the database: a flood of probes
+/// (no credentials needed) costs the database nothing and cannot take the pool's connections
+/// from the deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_probes_costs_the_database_nothing() {
+    let env = Env::new("ready_flood").await;
+    let wh = env.start("").await;
+    let commits = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
+    let before = env.scalar_i64(commits).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/readyz", env.metrics_port);
+    let probes = (0..16).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..125 {
+                ok += usize::from(http.get(&url).send().await.is_ok_and(|r| r.status() == 200));
+            }
+            ok
+        })
+    });
+    let answered: usize = futures::future::join_all(probes).await.into_iter().map(Result::unwrap).sum();
+    // (pg_stat_database is updated when a backend reports; give the last reports a moment.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = env.scalar_i64(commits).await;
+    assert_eq!(answered, 2000, "every probe answered 200");
+    assert!(after - before < 200, "2000 probes made the database commit {} transactions", after - before);
+    wh.stop().await.unwrap();
+}

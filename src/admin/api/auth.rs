@@ -13,13 +13,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::http::HeaderMap;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::ApiError;
 use crate::admin::endpoints::Caller;
 use crate::config::AuthConfig;
+use crate::security::jwt::{Hs256, JwtError};
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 30;
@@ -31,7 +31,7 @@ struct StaticToken {
 
 /// Verifies bearer tokens.
 pub struct Authenticator {
-    jwt: Option<(DecodingKey, Validation)>,
+    jwt: Option<Hs256>,
     account_claim: String,
     static_tokens: Vec<StaticToken>,
 }
@@ -45,26 +45,9 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// From `[auth]` (already validated).
     pub fn new(cfg: &AuthConfig) -> Self {
-        let jwt = cfg.jwt_hs256_secret.as_ref().map(|s| {
-            let mut v = Validation::new(Algorithm::HS256);
-            v.leeway = LEEWAY_SECS;
-            v.validate_exp = true;
-            v.validate_nbf = true;
-            let mut required = vec!["exp", "sub"];
-            v.validate_aud = false;
-            let set = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
-            if let Some(aud) = set(&cfg.jwt_audience) {
-                v.validate_aud = true;
-                v.set_audience(&[aud]);
-                required.push("aud");
-            }
-            if let Some(iss) = set(&cfg.jwt_issuer) {
-                v.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            v.set_required_spec_claims(&required);
-            (DecodingKey::from_secret(s.expose().as_bytes()), v)
-        });
+        let set = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        let jwt = (cfg.jwt_hs256_secret.as_ref())
+            .map(|s| Hs256::new(s.expose().as_bytes(), LEEWAY_SECS, set(&cfg.jwt_audience), set(&cfg.jwt_issuer)));
         let static_tokens = cfg
             .static_tokens
             .iter()
@@ -113,43 +96,26 @@ impl Authenticator {
     }
 
     fn jwt_caller(&self, token: &str) -> Result<Caller, ApiError> {
-        let Some((key, validation)) = &self.jwt else {
+        let Some(jwt) = &self.jwt else {
             return Err(ApiError::Unauthorized("invalid token"));
         };
-        if lists_critical_extensions(token) {
-            return Err(ApiError::Unauthorized("token header lists critical extensions (crit) walhook does not know"));
-        }
-        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, validation).map_err(
-            |e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("token expired"),
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => ApiError::Unauthorized("token not valid yet"),
-                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(_) => {
-                    ApiError::Unauthorized("token lacks a required claim (exp, sub, and aud/iss when configured)")
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
-                    ApiError::Unauthorized("token audience not accepted")
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidIssuer => ApiError::Unauthorized("token issuer not accepted"),
-                _ => ApiError::Unauthorized("invalid token"),
-            },
-        )?;
-        let uuid_claim =
-            |name: &str| data.claims.get(name).and_then(|v| v.as_str()).and_then(|s| Uuid::parse_str(s).ok());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let claims = jwt.verify(token, now).map_err(|e| {
+            ApiError::Unauthorized(match e {
+                JwtError::Expired => "token expired",
+                JwtError::Immature => "token not valid yet",
+                JwtError::MissingClaim => "token lacks a required claim (exp, sub, and aud/iss when configured)",
+                JwtError::Audience => "token audience not accepted",
+                JwtError::Issuer => "token issuer not accepted",
+                JwtError::Critical => "token header lists critical extensions (crit) walhook does not know",
+                JwtError::Malformed | JwtError::Algorithm | JwtError::Signature => "invalid token",
+            })
+        })?;
+        let uuid_claim = |name: &str| claims.get(name).and_then(|v| v.as_str()).and_then(|s| Uuid::parse_str(s).ok());
         let user_id = uuid_claim("sub").ok_or(ApiError::Unauthorized("token sub is not a user id"))?;
         let account_id = uuid_claim(&self.account_claim).ok_or(ApiError::Unauthorized("token has no account claim"))?;
         Ok(Caller { account_id, user_id })
     }
-}
-
-/// Whether the token's header has a `crit` member: extensions the issuer says must be
-/// understood, and walhook understands none.
-fn lists_critical_extensions(token: &str) -> bool {
-    use base64::Engine;
-    let Some(header) = token.split('.').next() else { return false };
-    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')) else {
-        return false; // not a JWT at all: decoding refuses it
-    };
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).is_ok_and(|h| h.contains_key("crit"))
 }
 
 /// A token bucket per account in this process: `rate` requests per second, `burst` at once.
