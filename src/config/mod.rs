@@ -162,8 +162,8 @@ impl MetricsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
-    /// Logical replication slot (pgoutput); created at first start. A slot walhook streamed
-    /// from that goes missing is not re-created: `walhook slot-reset` does that.
+    /// Logical replication slot (pgoutput); created by `walhook migrate`. A slot walhook
+    /// streamed from that goes missing is not re-created: `walhook slot-reset` does that.
     pub slot: Identifier,
     /// Publication over the CRM tables and `walhook.endpoints`; created by `walhook migrate`.
     pub publication: Identifier,
@@ -175,6 +175,10 @@ pub struct ReplicationConfig {
     /// replica identity, the slot's `wal_status`) while it runs, and how often a lost slot is
     /// looked at again (at most every 5s).
     pub recheck_interval: HumanDuration,
+    /// A stream that brings nothing for half of this is sent a message it must bring back;
+    /// one that brings nothing for all of it is stuck (a frozen walsender, a half-open
+    /// connection) and the session is rebuilt.
+    pub stream_timeout: HumanDuration,
 }
 
 /// `[auth]`
@@ -314,6 +318,12 @@ impl Config {
             figment = figment.merge(Toml::string(&text));
         }
         figment = figment.merge(Env::prefixed("WALHOOK_").split("__"));
+        // RUST_LOG wins over log.level: it must not silence walhook by accident either.
+        if let Some(filter) = std::env::var_os("RUST_LOG") {
+            if let Err(why) = check_log_level(&filter.to_string_lossy()) {
+                return Err(ConfigError::Invalid(format!("RUST_LOG (it wins over log.level): {why}")));
+            }
+        }
         Self::from_figment(figment, file)
     }
 
@@ -366,6 +376,7 @@ impl Config {
             ("dispatch.poll_interval", &self.dispatch.poll_interval),
             ("replication.status_interval", &self.replication.status_interval),
             ("replication.recheck_interval", &self.replication.recheck_interval),
+            ("replication.stream_timeout", &self.replication.stream_timeout),
             ("retention.interval", &self.retention.interval),
             ("database.write_stall_after", &self.database.write_stall_after),
             ("api.header_timeout", &self.api.header_timeout),

@@ -8,8 +8,11 @@
 //!   deliveries of one row arrive in commit order across the fast path, the outbox and
 //!   restarts (docs/architecture.md, invariant 4).
 //! - An endpoint gets at most `dispatch.endpoint_concurrency` claims at a time; a dead one
-//!   cannot take the claims of a healthy one.
-//! - Inactive or deleted endpoints are not sent to.
+//!   cannot take the claims of a healthy one. A claim the database refuses (a constraint or
+//!   trigger on `walhook.deliveries` refusing one row) is made again endpoint by endpoint, so
+//!   only the endpoints whose rows it refuses wait, each named in one ERROR.
+//! - Inactive or deleted endpoints are not sent to: not claimed for, and an attempt that waited
+//!   a second or more for its connection or its bytes looks at its endpoint again first.
 //! - No attempt outlives its claim's lease: a claimed row whose attempt cannot start (no
 //!   connection slot of its endpoint or account, no memory budget) one attempt's length before
 //!   the lease ends is given back unattempted, so a later claim never sends it a second time.
@@ -47,6 +50,13 @@ use crate::security::secrets::SecretBox;
 use crate::security::sign::Signer;
 use crate::store::{self, Completion, Release, Status, StoreOp, DISABLED_GONE};
 
+/// An attempt that waited this long for its connection or its bytes checks that its endpoint
+/// is still there and active before it sends.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
+/// An endpoint whose due rows the database refuses to claim is left out this long.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+/// Endpoints claimed for one by one at most, after a refused claim.
+const DUE_ENDPOINTS: i64 = 256;
 /// Rows claimed per query at most.
 const CLAIM_BATCH: i64 = 512;
 /// Bodies up to this size come with the claim; larger ones are read per attempt.
@@ -101,6 +111,8 @@ pub struct OutboxWorker {
     finished_rx: mpsc::Receiver<Finished>,
     /// Claimed rows never attempted (shutdown came first, or no slot was free in time).
     released: Vec<Uuid>,
+    /// Endpoints whose due rows the database refuses to claim, until when they are left out.
+    refused: HashMap<Uuid, std::time::Instant>,
 }
 
 /// A claim that ended: its endpoint, and the row if it was given back unattempted.
@@ -133,6 +145,7 @@ impl OutboxWorker {
             finished_tx,
             finished_rx,
             released: Vec::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -146,8 +159,10 @@ impl OutboxWorker {
             let started = std::time::Instant::now();
             let start_by = self.start_by(tokio::time::Instant::now());
             let claimed = if self.limits.global_available() > 0 {
-                match self.claim(lease_token).await {
+                match self.claim(lease_token, None).await {
                     Ok(rows) => rows,
+                    // The database refuses one endpoint's rows: claim around it.
+                    Err(e) if store::is_refusal(&e) => self.claim_around_refusal(lease_token).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "claiming due deliveries failed");
                         Vec::new()
@@ -238,17 +253,56 @@ impl OutboxWorker {
         }
     }
 
-    async fn claim(&self, lease_token: Uuid) -> Result<Vec<Claimed>, DbError> {
+    /// One claim after the database refused the whole one: endpoint by endpoint, so only the
+    /// endpoints whose rows it refuses wait (each named in one ERROR, tried again after
+    /// [`REFUSED_RETRY`]), never every other endpoint and account.
+    async fn claim_around_refusal(&mut self, lease_token: Uuid) -> Vec<Claimed> {
+        let skip = self.not_now();
+        let due = async { store::outbox::due_endpoints(&**self.db.get().await?, &skip, DUE_ENDPOINTS).await };
+        let due = match due.await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming due deliveries failed");
+                return Vec::new();
+            }
+        };
+        let mut claimed = Vec::new();
+        for endpoint in due {
+            match self.claim(lease_token, Some(endpoint)).await {
+                Ok(rows) => claimed.extend(rows),
+                Err(e) if store::is_refusal(&e) => {
+                    let until = std::time::Instant::now() + REFUSED_RETRY;
+                    if self.refused.insert(endpoint, until).is_none() {
+                        tracing::error!(endpoint = %endpoint, error = %e, retry_in = ?REFUSED_RETRY, "the database refuses to claim this endpoint's due deliveries (a constraint or trigger on walhook.deliveries?); they wait, the other endpoints go on");
+                    }
+                }
+                Err(e) => tracing::warn!(endpoint = %endpoint, error = %e, "claiming due deliveries failed"),
+            }
+        }
+        claimed
+    }
+
+    /// Endpoints not to claim for now: enough claims outstanding, or refused lately.
+    fn not_now(&mut self) -> Vec<Uuid> {
+        let now = std::time::Instant::now();
+        self.refused.retain(|_, until| *until > now);
+        let cap = self.limits.endpoint_limit();
+        let busy = self.busy.iter().filter(|(_, &n)| n >= cap).map(|(id, _)| *id);
+        busy.chain(self.refused.keys().copied()).collect()
+    }
+
+    async fn claim(&mut self, lease_token: Uuid, only: Option<Uuid>) -> Result<Vec<Claimed>, DbError> {
+        let busy = self.not_now();
         let mut client = self.db.get().await?;
         let cap = self.limits.endpoint_limit();
-        let busy: Vec<Uuid> = self.busy.iter().filter(|(_, &n)| n >= cap).map(|(id, _)| *id).collect();
         let limit = CLAIM_BATCH.min(self.limits.global_available() as i64 * CLAIM_DEPTH as i64);
         let per_endpoint = (cap * CLAIM_DEPTH) as i64;
         let lease_secs = self.settings.lease_for.as_secs_f64();
         let tx = client.transaction().await?;
         let budget = &self.settings.budget;
         let inline_max = (budget.limit() / CLAIM_BATCH as u64).min(INLINE_BODY_MAX) as i32;
-        let claim = store::outbox::Claim { limit, per_endpoint, busy: &busy, lease_secs, lease_token, inline_max };
+        let claim =
+            store::outbox::Claim { limit, per_endpoint, busy: &busy, lease_secs, lease_token, inline_max, only };
         let rows = store::outbox::claim(&tx, &claim).await?;
         tx.commit().await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -300,6 +354,7 @@ impl OutboxWorker {
             self.settings.retry.clone(),
             self.finished_tx.clone(),
         );
+        let claimed_at = std::time::Instant::now();
         tokio::spawn(async move {
             let give_back = |finished: mpsc::Sender<Finished>, ep: Uuid, id: Uuid| async move {
                 let _ = finished.send((ep, Some(id))).await;
@@ -335,6 +390,14 @@ impl OutboxWorker {
                 }
                 None => None,
             };
+            // Waited long enough for the endpoint to have been deleted or disabled meanwhile:
+            // look again (a deleted endpoint gets nothing more; its row is swept).
+            if claimed_at.elapsed() >= RECHECK_AFTER {
+                let still = async { store::endpoints::is_active(&**db.get().await?, row.endpoint.id).await };
+                if !matches!(still.await, Ok(true)) {
+                    return give_back(finished, row.endpoint.id, row.id).await;
+                }
+            }
             let body = match (held, row.body.take()) {
                 (Some((pin, charge)), Some(body)) => Ok(Some((MemoryBudget::attach(body, charge), pin))),
                 (Some((pin, charge)), None) => {

@@ -265,7 +265,10 @@ fn row_change(
 ) -> RowChange {
     let mut body = Vec::with_capacity(256 + image.0.iter().map(datum_len).sum::<usize>());
     write_body_start(&mut body, event_type, timestamp);
-    write_row(&mut body, info, image, fallback, keys_only);
+    // (A created event with an unchanged value is a row that moved in from another account:
+    // its receiver never had that value.)
+    let moved_in = event_type.op == Op::Created;
+    write_row(&mut body, info, (image, fallback, keys_only), moved_in);
     body.push(b'}');
     let id =
         text_of(info.id_col, image, fallback).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
@@ -308,8 +311,14 @@ fn datum_len(d: &Datum) -> usize {
 }
 
 /// Writes `{"col":value,…}` for `image`, filling unchanged-TOAST columns from `fallback`;
-/// then, when columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` after it.
-fn write_row(out: &mut Vec<u8>, info: &RelInfo, image: &Tuple, fallback: Option<&Tuple>, keys_only: bool) {
+/// then, when columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` after it
+/// (`moved_in`: the row joins this account, which never had the values left out).
+fn write_row(
+    out: &mut Vec<u8>,
+    info: &RelInfo,
+    (image, fallback, keys_only): (&Tuple, Option<&Tuple>, bool),
+    moved_in: bool,
+) {
     out.push(b'{');
     let mut first = true;
     let mut omitted: Vec<&str> = Vec::new();
@@ -349,7 +358,12 @@ fn write_row(out: &mut Vec<u8>, info: &RelInfo, image: &Tuple, fallback: Option<
     }
     // Why: a delete (or a row leaving its account) under an index identity carries only the
     // key; an update carries no unchanged large (TOASTed) value unless the identity is FULL.
-    let reason: &[u8] = if keys_only { b"replica_identity_key_only" } else { b"unchanged_toast" };
+    let reason: &[u8] = match (keys_only, moved_in) {
+        (true, _) => b"replica_identity_key_only",
+        (false, false) => b"unchanged_toast",
+        // The value did not change in the move, and this account was never sent it.
+        (false, true) => b"moved_unchanged_toast",
+    };
     out.extend_from_slice(b",\"omitted\":{\"reason\":\"");
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\",\"columns\":[");

@@ -57,6 +57,20 @@ impl Leadership {
         }
     }
 
+    /// Whether the lock's connection still answers (a reconnect after a blip checks before it
+    /// streams again: a lock lost meanwhile must not stream for a moment).
+    pub async fn still_held(&self) -> bool {
+        let sent = Instant::now();
+        let answered = tokio::time::timeout(TENURE, self.client.simple_query("SELECT 1")).await;
+        let held = matches!(answered, Ok(Ok(_))) && !self.client.is_closed();
+        if held {
+            self.tenure.renew_from(sent);
+        } else {
+            self.tenure.revoke();
+        }
+        held
+    }
+
     /// Whether another process held the lock when this one first asked for it.
     pub fn took_over(&self) -> bool {
         self.took_over

@@ -11,7 +11,9 @@
 //!   deliveries buffered for their check are sent on before routing waits for budget, so the
 //!   buffer never holds the budget it waits for.
 //! - A lost connection or a restarted server is survived: the session is rebuilt with
-//!   backoff and resumes from the slot once what was in flight has settled.
+//!   backoff and resumes from the slot once what was in flight has settled. So is a stuck one:
+//!   a stream silent for half of `replication.stream_timeout` is sent a message it must bring
+//!   back, and one silent for all of it is rebuilt (a frozen walsender, a half-open connection).
 //! - The dispatcher gone (its channel closed) is not a lost connection: it is fatal at once,
 //!   never retried, and nothing more is confirmed (what it held never settles).
 //! - Every session routes with the endpoint set valid at the slot's confirmed position, and
@@ -83,6 +85,12 @@ pub enum ReplicationError {
     /// The server ended the stream.
     #[error("the server closed the replication stream")]
     Closed,
+    /// Nothing arrived on the stream, not even a message walhook wrote to bring it back.
+    #[error(
+        "the replication stream brought nothing for {0:?}, not even a message walhook wrote: the walsender or the \
+         connection is stuck"
+    )]
+    Silent(Duration),
     /// Dispatch stopped taking deliveries (its task ended): nothing read can be delivered
     /// any more, so this is never retried (the supervisor names the dispatcher).
     #[error("the dispatcher's channel is closed: dispatch stopped taking deliveries")]
@@ -114,7 +122,7 @@ impl ReplicationError {
             ReplicationError::Stream(e) => !e.is_auth() && !e.is_message_too_large(),
             ReplicationError::Decode(DecodeError::TypeLookup(_)) => true,
             ReplicationError::Decode(_) => false,
-            ReplicationError::Closed | ReplicationError::LeadershipLost => true,
+            ReplicationError::Closed | ReplicationError::LeadershipLost | ReplicationError::Silent(_) => true,
             ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
             ReplicationError::Ceiling(CeilingError::Db(e)) => e.is_transient(),
@@ -172,6 +180,8 @@ pub struct Replication {
     budget: Arc<MemoryBudget>,
     /// How far the session may confirm (loaded at each session start).
     ceiling: Option<Ceiling>,
+    /// Sessions that reached streaming, for the reconnect backoff.
+    sessions_streamed: u64,
 }
 
 impl Replication {
@@ -200,6 +210,7 @@ impl Replication {
             fence: None,
             tenure: Default::default(),
             ceiling: None,
+            sessions_streamed: 0,
         }
     }
 
@@ -231,8 +242,8 @@ impl Replication {
         let mut held: Option<Leadership> = None;
         loop {
             let lead = match held.take() {
-                Some(lead) => lead,
-                None => match leader::acquire(&self.db, &slot, &self.tenure, &self.status, &shutdown).await {
+                Some(lead) if lead.still_held().await => lead,
+                Some(_) | None => match leader::acquire(&self.db, &slot, &self.tenure, &self.status, &shutdown).await {
                     Ok(Some(lead)) => lead,
                     Ok(None) => return Ok(()),
                     Err(e) if e.is_transient() => {
@@ -251,6 +262,7 @@ impl Replication {
             };
             took_over |= lead.took_over();
             let began = Instant::now();
+            let streamed_before = self.sessions_streamed;
             let mut stream = None;
             let result = tokio::select! {
                 r = self.session(&shutdown, &mut started_once, &mut stream) => r,
@@ -282,7 +294,10 @@ impl Replication {
                 }
                 Err(e) => {
                     self.status.set_last_error(format!("reconnecting after: {e}"));
-                    if began.elapsed() > Duration::from_secs(60) {
+                    // A session that streamed, or a lock lost to another replica, is no reason
+                    // to wait longer and longer: blips are normal, and a replica that lost the
+                    // lock should stand by at once.
+                    if began.elapsed() > Duration::from_secs(60) || self.sessions_streamed > streamed_before || lost {
                         backoff = Duration::from_secs(1);
                     }
                     if let ReplicationError::Slot(SlotError::Busy { pid, application, .. }) = &e {
@@ -374,12 +389,15 @@ impl Replication {
         let stream = stream.insert(ReplicationClient::connect(repl_cfg).await?);
         stream.wait_started().await?;
         *started_once = true;
+        self.sessions_streamed += 1;
         self.status.streaming.store(true, Ordering::Relaxed);
         self.metrics.streaming.set(1);
         tracing::info!(slot = %slot, "replication streaming");
         let mut decoder = Decoder::new(self.cfg.database.crm_schema.as_str());
         let notify = self.tracker.notify();
         let heartbeat_every = self.cfg.replication.heartbeat_interval.get();
+        let (mut heard, mut probed) = (tokio::time::Instant::now(), false);
+        let silence = self.cfg.replication.stream_timeout.get();
         let mut heartbeat = tokio::time::interval(heartbeat_every.max(Duration::from_secs(1)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -399,9 +417,21 @@ impl Replication {
                 }
                 // 4. Heartbeat: a WAL message so an idle publication still moves the slot.
                 _ = heartbeat.tick(), if !heartbeat_every.is_zero() => self.heartbeat().await,
-                // 5. The stream itself.
+                // 5. The stream has been silent: write a message it must bring back (an idle
+                //    walsender sends nothing while walhook keeps replying); silent twice as
+                //    long, the walsender or the connection is stuck: reconnect.
+                _ = tokio::time::sleep_until(heard + silence / 2), if !probed => {
+                    probed = true;
+                    tracing::debug!("the replication stream is silent; writing a message it must bring back");
+                    self.heartbeat().await;
+                }
+                _ = tokio::time::sleep_until(heard + silence), if probed => {
+                    return Err(ReplicationError::Silent(silence));
+                }
+                // 6. The stream itself.
                 event = stream.recv() => match event? {
                     Some(event) => {
+                        (heard, probed) = (tokio::time::Instant::now(), false);
                         tracing::trace!(event = %pgoutput::Summary(&event), "replication event");
                         self.handle(event, &mut decoder, stream, shutdown).await?
                     }

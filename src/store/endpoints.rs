@@ -98,6 +98,13 @@ pub async fn by_ids(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<Sto
     Ok(rows.iter().map(|r| decode(r, 0)).collect())
 }
 
+/// Whether endpoint `id` still exists and is active (an outbox attempt that waited long for its
+/// connection or its bytes looks again before it sends).
+pub async fn is_active(client: &impl GenericClient, id: Uuid) -> Result<bool, DbError> {
+    let row = client.query_opt("SELECT is_active FROM walhook.endpoints WHERE id = $1", &[&id]).await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
 /// How many endpoints `account` has.
 pub async fn count_in_account(client: &impl GenericClient, account: Uuid) -> Result<i64, DbError> {
     Ok(client.query_one("SELECT count(*) FROM walhook.endpoints WHERE account_id = $1", &[&account]).await?.get(0))

@@ -40,6 +40,7 @@ pub(crate) mod endpoints;
 pub mod maintenance;
 pub(crate) mod outbox;
 mod resilient;
+pub(crate) use resilient::is_refusal;
 pub(crate) mod secrets;
 pub(crate) mod slot_state;
 pub(crate) mod versions;

@@ -29,6 +29,8 @@ pub struct Claim<'a> {
     pub lease_token: Uuid,
     /// Bodies up to this many bytes come with the claim.
     pub inline_max: i32,
+    /// Claim for this endpoint only (claiming around one whose rows the database refuses).
+    pub only: Option<Uuid>,
 }
 
 /// A claimed row, its endpoint and (when small) its payload.
@@ -71,7 +73,7 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
                  ORDER BY d.next_attempt_at \
                  LIMIT $2 \
                  FOR UPDATE OF d SKIP LOCKED) x \
-               WHERE e.is_active AND NOT (e.id = ANY($3)) \
+               WHERE e.is_active AND NOT (e.id = ANY($3)) AND ($7::uuid IS NULL OR e.id = $7) \
                LIMIT $1) \
              UPDATE walhook.deliveries d \
              SET lease_until = now() + make_interval(secs => $4), leased_by = $5, \
@@ -86,8 +88,9 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
         ))
         .await?;
     let c = claim;
-    let rows =
-        tx.query(&st, &[&c.limit, &c.per_endpoint, &c.busy, &c.lease_secs, &c.lease_token, &c.inline_max]).await?;
+    let rows = tx
+        .query(&st, &[&c.limit, &c.per_endpoint, &c.busy, &c.lease_secs, &c.lease_token, &c.inline_max, &c.only])
+        .await?;
     let after = 2 + endpoints::COLUMN_COUNT;
     Ok(rows
         .iter()
@@ -100,6 +103,20 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
             body_len: r.get(after + 2),
         })
         .collect())
+}
+
+/// Active endpoints (outside `skip`) with deliveries due now, at most `limit`.
+pub async fn due_endpoints(client: &impl GenericClient, skip: &[Uuid], limit: i64) -> Result<Vec<Uuid>, DbError> {
+    let rows = client
+        .query(
+            "SELECT e.id FROM walhook.endpoints e WHERE e.is_active AND NOT (e.id = ANY($1)) AND EXISTS ( \
+               SELECT 1 FROM walhook.deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending' \
+                 AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())) \
+             LIMIT $2",
+            &[&skip, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Gives back the claims on `ids` still leased to `lease_token` and pending: lease cleared,

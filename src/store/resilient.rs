@@ -121,7 +121,7 @@ pub(super) async fn write(ctx: &Ctx<'_>, ops: &mut [StoreOp], parked: &mut Parke
 }
 
 /// Whether the database refused the data itself (retrying the same ops cannot succeed).
-fn is_refusal(e: &DbError) -> bool {
+pub(crate) fn is_refusal(e: &DbError) -> bool {
     matches!(sqlstate(e).get(..2), Some("22" | "23" | "54"))
 }
 
@@ -183,19 +183,21 @@ pub(super) async fn watched<T>(ctx: &Ctx<'_>, write: impl std::future::Future<Ou
 /// What walhook's own sessions wait on, read on a connection of its own (the pool's may all be
 /// waiting): the lock waits and who holds them, or what the server says about its sessions.
 async fn waits_of(db: &Db) -> String {
-    const WAITS: &str = "SELECT format('waiting for a lock (%s) held by pid %s (user %s, application %s, %s since %s, \
-                                       query: %s)', w.wait_event, b.pid, coalesce(b.usename::text, '?'), \
-                                       coalesce(b.application_name, '?'), coalesce(b.state, '?'), \
-                                       coalesce(to_char(b.state_change AT TIME ZONE 'UTC', \
-                                                'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), \
-                                       coalesce(left(b.query, 120), '?')) \
-                         FROM pg_stat_activity w \
-                         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) \
-                         JOIN pg_stat_activity b ON b.pid = bp.pid \
-                         WHERE w.datname = current_database() AND w.usename = current_user \
-                           AND w.pid <> pg_backend_pid() AND w.wait_event_type = 'Lock' \
-                         GROUP BY w.wait_event, b.pid, b.usename, b.application_name, b.state, b.state_change, b.query \
-                         LIMIT 3";
+    const WAITS: &str = "SELECT DISTINCT CASE WHEN bp.pid = 0 THEN \
+             format('waiting for a lock (%s) held by a prepared transaction (%s): COMMIT PREPARED or ROLLBACK \
+                     PREPARED it', w.wait_event, coalesce((SELECT string_agg(format('gid %L prepared at %s by %s', \
+                     p.gid, to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), p.owner), ', ') \
+                     FROM pg_prepared_xacts p WHERE p.database = current_database()), 'see pg_prepared_xacts')) \
+           ELSE format('waiting for a lock (%s) held by pid %s (user %s, application %s, %s since %s, query: %s)', \
+                     w.wait_event, bp.pid, coalesce(b.usename::text, '?'), coalesce(b.application_name, '?'), \
+                     coalesce(b.state, '?'), coalesce(to_char(b.state_change AT TIME ZONE 'UTC', \
+                     'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), coalesce(left(b.query, 120), '?')) END \
+         FROM pg_stat_activity w \
+         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) \
+         LEFT JOIN pg_stat_activity b ON b.pid = bp.pid \
+         WHERE w.datname = current_database() AND w.usename = current_user \
+           AND w.pid <> pg_backend_pid() AND w.wait_event_type = 'Lock' \
+         LIMIT 3";
     let looked = tokio::time::timeout(Duration::from_secs(3), async {
         let client = db.connect().await?;
         let rows = client.query(WAITS, &[]).await?;

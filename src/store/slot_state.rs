@@ -83,17 +83,19 @@ pub struct Raised {
     pub after: u64,
 }
 
-/// Raises `slot`'s confirm ceiling to the WAL insert position now, only while the slot's
-/// confirmed position is still at or below the old ceiling (so the slot is still the one walhook
-/// streamed from). `None` when it is not (replaced, advanced by someone else, or gone).
-pub async fn raise_ceiling(client: &impl GenericClient, slot: &str) -> Result<Option<Raised>, DbError> {
+/// Raises `slot`'s confirm ceiling to `to` (bytes since 0/0: a position walhook has handled
+/// everything up to), only while the slot's confirmed position is still at or below the old
+/// ceiling (so the slot is still the one walhook streamed from). `None` when it is not
+/// (replaced, advanced by someone else, or gone).
+pub async fn raise_ceiling(client: &impl GenericClient, slot: &str, to: u64) -> Result<Option<Raised>, DbError> {
+    let to = format!("{:X}/{:X}", to >> 32, to & 0xFFFF_FFFF);
     let raised = client
         .query_opt(
-            "UPDATE walhook.slot_state SET confirm_ceiling = pg_current_wal_insert_lsn() \
+            "UPDATE walhook.slot_state SET confirm_ceiling = GREATEST(confirm_ceiling, $2::text::pg_lsn) \
              WHERE slot = $1 AND confirm_ceiling IS NOT NULL \
                AND (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1) <= confirm_ceiling \
              RETURNING (confirm_ceiling - '0/0')::int8",
-            &[&slot],
+            &[&slot, &to],
         )
         .await?;
     let Some(row) = raised else { return Ok(None) };

@@ -93,6 +93,15 @@ fn a_log_level_that_names_no_level_is_refused() {
 }
 
 #[test]
+fn a_rust_log_that_names_no_level_is_refused_naming_it() {
+    let (ok, _, err) = check_config(OK, &[("RUST_LOG", "inf")]);
+    assert!(!ok, "RUST_LOG=inf would silence every line");
+    assert!(err.contains("RUST_LOG"), "{err}");
+    let (ok, _, err) = check_config(OK, &[("RUST_LOG", "info,walhook=debug")]);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let (ok, out, err) = check_config(
         OK,

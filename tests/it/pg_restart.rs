@@ -97,3 +97,37 @@ async fn a_server_refusing_connections_for_now_is_a_transient_error() {
     assert!(err.is_transient(), "refused for now, so retried: {err}");
     env.sql("DROP ROLE walhook_refused_for_now").await;
 }
+
+/// A walsender that stops answering (frozen, or a half-open connection) is noticed: the stream
+/// brings nothing, not even the message walhook writes to probe it, so the session is rebuilt
+/// and `/readyz` says why; once the walsender is gone, streaming resumes and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_walsender_is_noticed_and_nothing_is_lost() {
+    let env = Env::new("pg_frozen_walsender").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    let wh = env.start("[replication]\nstream_timeout = \"4s\"\n").await;
+    let pid = env
+        .scalar_i64("SELECT active_pid::int8 FROM pg_replication_slots WHERE slot_name = 'pg_frozen_walsender'")
+        .await;
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'during')")).await;
+    let ops: std::net::SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reason = loop {
+        if let Some((503, body)) = crate::common::readyz(ops).await {
+            let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+            if reason.contains("stuck") || reason.contains("in use by another process") {
+                break reason;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a frozen walsender went unnoticed for 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status().unwrap().success());
+    env.ready(crate::common::Readiness::Streaming).await;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.json()["data"]["first_name"] == "during"))
+        .await
+        .unwrap_or_else(|_| panic!("the change written while the walsender was frozen arrives ({reason})"));
+    wh.stop().await.unwrap();
+}

@@ -376,3 +376,66 @@ async fn a_record_refused_in_every_form_pins_the_slot_loudly_and_is_stored_once_
     let recorded = format!("SELECT count(*) FROM walhook.deliveries WHERE entity_key = 'contacts:{second}'");
     assert_eq!(env.scalar_i64(&recorded).await, 1);
 }
+
+/// The lock a stalled store waits for may be held by a prepared transaction someone forgot
+/// (it has no session to name): the cause names it by its gid and says how to end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_by_a_forgotten_prepared_transaction_is_named() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&["max_prepared_transactions = 4"])).await.unwrap();
+    let env = Env::on(&cluster, "poison_prepared_lock").await;
+    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
+    env.sql("BEGIN; LOCK TABLE walhook.deliveries IN ACCESS EXCLUSIVE MODE; PREPARE TRANSACTION 'forgotten-lock'")
+        .await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'stalled')")).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("prepared transaction") && body.contains("forgotten-lock"), "{body}");
+    env.sql("ROLLBACK PREPARED 'forgotten-lock'").await;
+    wait_for(Duration::from_secs(20), || async { readyz(&env).await.0 == 200 }).await;
+    wh.stop().await.unwrap();
+    drop(env);
+    drop(cluster);
+}
+
+/// A due delivery the database refuses to claim (an operator's constraint on
+/// `walhook.deliveries` refusing its row) holds back only its own endpoint: other accounts'
+/// retries keep being claimed and delivered, and one ERROR names the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_delivery_the_database_refuses_to_claim_holds_back_only_its_endpoint() {
+    let env = Env::new("poison_refused_claim").await;
+    let stuck = env.endpoint(ACCOUNT_B, "b", &["contact.created"]).await;
+    env.receiver.set_default("b", Reply::Status(500));
+    env.endpoint(ACCOUNT_A, "a", &["contact.created"]).await;
+    let mut wh = env.spawn_binary("[dispatch]\nretry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\"]\n");
+    env.ready(Readiness::Streaming).await;
+    let b_row = "97100000-0000-4000-8000-000000000001";
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{b_row}', '{B}', 'stuck')")).await;
+    let pending =
+        format!("SELECT count(*) FROM walhook.deliveries WHERE endpoint_id = '{}' AND status = 'pending'", stuck.id);
+    wait_for(Duration::from_secs(20), || async { env.scalar_i64(&pending).await == 1 }).await;
+    env.sql(&format!(
+        "ALTER TABLE walhook.deliveries ADD CONSTRAINT refuse_claim CHECK (entity_key <> 'contacts:{b_row}' OR \
+         leased_by IS NULL) NOT VALID"
+    ))
+    .await;
+    // Account A's first attempts fail too, so their retries come from the outbox.
+    env.receiver.script("a", vec![Reply::Status(500); 5]);
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'a' || i FROM generate_series(1, 5) i"
+    ))
+    .await;
+    let delivered =
+        |rs: &[walhook::local::receiver::Received]| rs.iter().filter(|r| r.path == "/a" && r.answered == 200).count();
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| delivered(rs) == 5)
+        .await
+        .unwrap_or_else(|rs| panic!("{} of 5 of account A's retries delivered\n{}", delivered(&rs), wh.log_text()));
+    let named = |log: &str| {
+        log.lines().any(|l| l.contains("ERROR") && l.contains("refuses to claim") && l.contains(&stuck.id.to_string()))
+    };
+    wait_for(Duration::from_secs(10), || async { named(&wh.log_text()) }).await;
+    env.sql("ALTER TABLE walhook.deliveries DROP CONSTRAINT refuse_claim").await;
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.unwrap().success());
+}

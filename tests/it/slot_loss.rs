@@ -529,3 +529,41 @@ async fn a_lost_slots_gap_starts_no_later_than_any_change_it_lost() {
     drop(env);
     drop(cluster);
 }
+
+/// Someone else advancing walhook's slot (`pg_replication_slot_advance`, a consumer on it)
+/// past what walhook has handled is a loss, reported like any other, even when walhook was
+/// killed in the middle of a backlog: its confirm ceiling never runs ahead of what it handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_advanced_by_someone_else_past_what_walhook_handled_is_lost() {
+    let env = Env::new("slot_advanced").await;
+    env.endpoint(ACCOUNT_A, "hook", &["contact.created"]).await;
+    env.receiver.set_default("hook", Reply::Delay(Duration::from_millis(300), 200));
+    // A backlog that takes a while to deliver.
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'b' || i FROM generate_series(1, 200) i"
+    ))
+    .await;
+    for i in 0..200 {
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'one-{i}')")).await;
+    }
+    let ceiling = "SELECT COALESCE((confirm_ceiling - '0/0')::int8, 0) FROM walhook.slot_state";
+    let first = env.scalar_i64(ceiling).await;
+    let mut wh = env.spawn_binary(FAST_RECHECK);
+    // Killed right after its first confirm: most of the backlog is not handled yet.
+    wait_for(Duration::from_secs(60), || async { env.scalar_i64(ceiling).await > first }).await;
+    wh.kill9();
+    let (confirmed, end) =
+        (env.confirmed_lsn().await, env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await);
+    env.sql(&format!(
+        "SELECT pg_replication_slot_advance('slot_advanced', \
+         (SELECT confirmed_flush_lsn + ((pg_current_wal_lsn() - confirmed_flush_lsn) / 2)::numeric \
+          FROM pg_replication_slots WHERE slot_name = 'slot_advanced'))"
+    ))
+    .await;
+    let wh = env.spawn_binary(FAST_RECHECK);
+    let reason = wait_not_ready(&env, &["slot_advanced", "not the one walhook streamed from"], Duration::from_secs(30))
+        .await
+        .to_string();
+    assert!(reason.contains("advanced"), "{reason} (slot was at {confirmed:#x}, WAL at {end:#x})");
+    drop(wh);
+}

@@ -140,6 +140,7 @@ publication = {{ .Values.config.replication.publication | toString | toJson }}
 status_interval = {{ .Values.config.replication.status_interval | toString | toJson }}
 heartbeat_interval = {{ .Values.config.replication.heartbeat_interval | toString | toJson }}
 recheck_interval = {{ .Values.config.replication.recheck_interval | toString | toJson }}
+stream_timeout = {{ .Values.config.replication.stream_timeout | toString | toJson }}
 
 [auth]
 account_claim = {{ .Values.config.auth.account_claim | toString | toJson }}

@@ -4,10 +4,12 @@
 //! - No position past the ceiling recorded in `walhook.slot_state` is ever sent to the
 //!   server, so the slot walhook streams from is always confirmed at or below it.
 //! - The ceiling is raised only by a statement that also checks that the slot's confirmed
-//!   position is still at or below the old ceiling, and it is raised to the WAL insert position
-//!   of that moment. A slot created anew (by anyone) starts past every earlier WAL position:
-//!   past the ceiling, so it is never mistaken for walhook's own (docs/architecture.md,
-//!   invariant 13). A failed check ends the session; the next one finds the slot lost.
+//!   position is still at or below the old ceiling, and only as far as walhook wants to confirm:
+//!   a position it has handled everything up to, read from its own slot's stream. A slot
+//!   created anew (by anyone) starts past every such position: past the ceiling, so it is never
+//!   mistaken for walhook's own (docs/architecture.md, invariant 13); and a slot advanced by
+//!   someone else past what walhook handled is past it too (an advance within it skips nothing
+//!   walhook had not delivered). A failed check ends the session; the next finds the slot lost.
 //! - Raising costs a write, so it happens at most every [`RAISE_EVERY`], and never only to
 //!   confirm the WAL of walhook's own last raise (an idle database would otherwise see one
 //!   write after another).
@@ -102,11 +104,12 @@ impl Ceiling {
         self.last_raise.map_or_else(Instant::now, |t| t + RAISE_EVERY)
     }
 
-    /// Raises the ceiling to the WAL position now, if the slot is still walhook's.
+    /// Raises the ceiling to what is wanted, if the slot is still walhook's.
     pub async fn raise(&mut self, db: &Db) -> Result<(), CeilingError> {
         self.last_raise = Some(Instant::now());
+        let to = self.wanted_commit.max(self.wanted_idle);
         let client = db.get().await?;
-        match slot_state::raise_ceiling(&**client, &self.slot).await? {
+        match slot_state::raise_ceiling(&**client, &self.slot, to).await? {
             Some(raised) => {
                 tracing::trace!(ceiling = raised.ceiling, own_write_end = raised.after, "raised the confirm ceiling");
                 self.ceiling = self.ceiling.max(raised.ceiling);
