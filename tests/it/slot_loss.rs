@@ -554,11 +554,11 @@ async fn a_slot_advanced_by_someone_else_past_what_walhook_handled_is_lost() {
     wh.kill9();
     let (confirmed, end) =
         (env.confirmed_lsn().await, env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await);
-    env.sql(&format!(
+    env.sql(
         "SELECT pg_replication_slot_advance('slot_advanced', \
          (SELECT confirmed_flush_lsn + ((pg_current_wal_lsn() - confirmed_flush_lsn) / 2)::numeric \
-          FROM pg_replication_slots WHERE slot_name = 'slot_advanced'))"
-    ))
+          FROM pg_replication_slots WHERE slot_name = 'slot_advanced'))",
+    )
     .await;
     let wh = env.spawn_binary(FAST_RECHECK);
     let reason = wait_not_ready(&env, &["slot_advanced", "not the one walhook streamed from"], Duration::from_secs(30))
