@@ -2,7 +2,7 @@
 -- walhook never applies this to a real database: the CRM owns its tables. walhook only
 -- relies on each table having `id` and `account_id`; every other column is carried as is.
 
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
+-- (gen_random_uuid() is built into PostgreSQL 13 and later: no extension needed.)
 
 CREATE TYPE activity_kind AS ENUM ('call', 'email', 'meeting', 'note', 'task');
 

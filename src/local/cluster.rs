@@ -18,7 +18,7 @@ pub enum ClusterError {
     #[error(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found: install them \
          (Debian/Ubuntu: `apt-get install postgresql`, which provides \
-         /usr/lib/postgresql/<version>/bin) or point WALHOOK_PG_BINDIR at their directory"
+         /usr/lib/postgresql/<version>/bin) or point PGBIN at their directory"
     )]
     BinariesMissing,
     /// Running as root, but there is no unprivileged user to run PostgreSQL as.
@@ -243,11 +243,11 @@ fn free_port() -> Result<u16, ClusterError> {
     l.local_addr().map(|a| a.port()).map_err(|e| step("find a free port", e))
 }
 
-/// `WALHOOK_PG_BINDIR`, `pg_config --bindir` (if it has initdb), or the newest
+/// `PGBIN`, `pg_config --bindir` (if it has initdb), or the newest
 /// `/usr/lib/postgresql/<v>/bin`.
 fn find_bindir() -> Option<PathBuf> {
     let has_initdb = |p: &Path| p.join("initdb").is_file() && p.join("pg_ctl").is_file();
-    if let Some(dir) = std::env::var_os("WALHOOK_PG_BINDIR").map(PathBuf::from) {
+    if let Some(dir) = std::env::var_os("PGBIN").map(PathBuf::from) {
         return has_initdb(&dir).then_some(dir);
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
