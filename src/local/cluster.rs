@@ -1,5 +1,6 @@
 //! A throwaway PostgreSQL cluster (`wal_level = logical`) for the demo, the tests and the
-//! benchmark, built from the machine's PostgreSQL server binaries.
+//! benchmark, built from the machine's PostgreSQL server binaries (`PGBIN` selects them), and
+//! physical standbys of it for the failover tests.
 //!
 //! What must hold: it never touches a real cluster (own data directory, own port, loopback
 //! only); when run as root it drops to the `postgres` OS user, because initdb refuses root;
@@ -97,6 +98,56 @@ impl TempCluster {
         std::fs::write(&conf_path, existing).map_err(|e| step("write postgresql.conf", e))?;
         cluster.pg_start()?;
         Ok(cluster)
+    }
+
+    /// Creates a physical standby of this (running) cluster and starts it: a base backup
+    /// streaming from this one through physical slot `slot` (created here), with `extra_conf`
+    /// lines read last (`sync_replication_slots`, `primary_conninfo` with a dbname, ...).
+    pub fn start_standby(&self, slot: &str, extra_conf: &[String]) -> Result<TempCluster, ClusterError> {
+        let root = std::env::temp_dir().join(format!("walhook-pg-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&root).map_err(|e| step("create data directory", e))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid)).map_err(|e| step("chown data directory", e))?;
+        }
+        let standby = TempCluster { root, bindir: self.bindir.clone(), port: free_port()?, run_as: self.run_as };
+        standby.spawn_watchdog()?;
+        let primary_port = self.port.to_string();
+        standby.run(
+            "pg_basebackup",
+            Command::new(standby.bin("pg_basebackup"))
+                .args(["-D", standby.data_dir().to_str().unwrap_or_default()])
+                .args(["-h", "127.0.0.1", "-p", &primary_port, "-U", "postgres"])
+                .args(["-X", "stream", "-c", "fast", "-R", "-C", "-S", slot, "--no-sync"]),
+        )?;
+        // postgresql.auto.conf is read last: its lines win over the primary's copied settings.
+        let mut conf = format!(
+            "\n# walhook throwaway standby\nport = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.root.display()
+        );
+        for line in extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let auto = standby.data_dir().join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&auto).map_err(|e| step("read postgresql.auto.conf", e))?;
+        existing.push_str(&conf);
+        std::fs::write(&auto, existing).map_err(|e| step("write postgresql.auto.conf", e))?;
+        standby.pg_start()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (waits until it accepts writes).
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        self.run(
+            "pg_ctl promote",
+            Command::new(self.bin("pg_ctl")).args([
+                "-D",
+                self.data_dir().to_str().unwrap_or_default(),
+                "-w",
+                "promote",
+            ]),
+        )
     }
 
     /// The port the cluster listens on (127.0.0.1).

@@ -139,10 +139,27 @@ async fn readyz(State(s): State<Health>) -> impl IntoResponse {
     } else {
         s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
     };
-    match reason {
-        None => (StatusCode::OK, Json(serde_json::json!({"ready": true, "standby": standby && !streaming}))),
-        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": r}))),
+    let (code, mut body) = match reason {
+        None => (StatusCode::OK, serde_json::json!({"ready": true, "standby": standby && !streaming})),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"ready": false, "reason": r})),
+    };
+    if let Some(view) = s.status.failover() {
+        body["failover"] = failover_json(&view, s.cfg.replication.slot.as_str());
     }
+    (code, Json(body))
+}
+
+/// `/readyz`'s `failover` member: what the primary shows, and what to set.
+fn failover_json(view: &crate::pg::failover::FailoverView, slot: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ready": view.ready(),
+        "supported": view.supported(),
+        "slot_failover": view.slot_failover,
+        "standby_slots": view.standby_slots,
+        "max_slot_wal_keep_size": view.max_slot_wal_keep_size,
+        "idle_replication_slot_timeout": view.idle_replication_slot_timeout,
+        "advice": view.advice(slot).into_iter().chain(view.notes(slot)).collect::<Vec<_>>(),
+    })
 }
 
 /// Checks every [`PING_EVERY`] that the database answers, on a connection of its own (opened
@@ -183,7 +200,7 @@ fn not_streaming(status: &ReplicationStatus) -> String {
     }
 }
 
-/// Refreshes slot lag and outbox gauges.
+/// Refreshes slot lag, failover and outbox gauges.
 async fn monitor(s: Health, shutdown: CancellationToken) {
     let slot = s.cfg.replication.slot.to_string();
     loop {
@@ -198,6 +215,11 @@ async fn monitor(s: Health, shutdown: CancellationToken) {
             {
                 s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
             }
+            let view = crate::pg::failover::inspect(&**client, &slot).await?;
+            s.metrics.slot_failover.set(i64::from(view.slot_failover == Some(true)));
+            s.metrics.failover_standbys.set(view.standby_slots.len() as i64);
+            s.metrics.failover_ready.set(i64::from(view.ready()));
+            s.status.set_failover(view);
             let g = (s.gauges)(&client).await?;
             s.metrics.pending.set(g.pending);
             s.metrics.oldest_pending_age.set(g.oldest_pending_age);

@@ -68,6 +68,15 @@ pub const STORE_SET_ASIDE_TOTAL: &str = "walhook_store_set_aside_total";
 /// 1 while the slot walhook streamed from is missing or invalidated (waiting for
 /// `walhook slot-reset`).
 pub const SLOT_LOST: &str = "walhook_replication_slot_lost";
+/// 1 when the slot is a failover slot (PostgreSQL 17+: a standby with
+/// `sync_replication_slots = on` carries it).
+pub const SLOT_FAILOVER: &str = "walhook_replication_slot_failover";
+/// Standby slots the primary names in `synchronized_standby_slots`.
+pub const FAILOVER_STANDBYS: &str = "walhook_replication_failover_standbys";
+/// 1 when a failover now would find the slot on a standby, as far as the primary can tell: a
+/// failover slot, and every standby named in `synchronized_standby_slots` connected with the
+/// WAL up to the slot's confirmed position.
+pub const FAILOVER_READY: &str = "walhook_replication_failover_ready";
 /// 1 while a prerequisite re-checked during streaming fails, by check (table,
 /// replica_identity, publication).
 pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing";
@@ -134,6 +143,12 @@ pub struct Metrics {
     pub slot_lost: IntGauge,
     /// See [`PREREQUISITE_FAILING`].
     pub prerequisite_failing: IntGaugeVec,
+    /// See [`SLOT_FAILOVER`].
+    pub slot_failover: IntGauge,
+    /// See [`FAILOVER_STANDBYS`].
+    pub failover_standbys: IntGauge,
+    /// See [`FAILOVER_READY`].
+    pub failover_ready: IntGauge,
     /// See [`PAYLOAD_MEMORY_BYTES`].
     pub payload_memory: IntGauge,
     /// See [`PAYLOAD_MEMORY_LIMIT_BYTES`].
@@ -267,6 +282,19 @@ impl Metrics {
             slot_lost: gauge(
                 SLOT_LOST,
                 "1 while the replication slot is missing or invalidated (run walhook slot-reset).",
+            ),
+            slot_failover: gauge(
+                SLOT_FAILOVER,
+                "1 when the replication slot is a failover slot (PostgreSQL 17+), carried by synchronising standbys.",
+            ),
+            failover_standbys: gauge(
+                FAILOVER_STANDBYS,
+                "Standby slots the primary names in synchronized_standby_slots.",
+            ),
+            failover_ready: gauge(
+                FAILOVER_READY,
+                "1 when the slot is a failover slot and every standby in synchronized_standby_slots is connected \
+                 with the WAL up to the slot's confirmed position.",
             ),
             prerequisite_failing: {
                 let g = reg(

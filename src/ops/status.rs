@@ -29,12 +29,25 @@ pub struct ReplicationStatus {
     pub health: crate::ops::status::SlotHealth,
     /// Why the last session ended or could not start (shown by `/readyz` while not streaming).
     last_error: std::sync::Mutex<Option<String>>,
+    /// What the primary shows about failover safety (shown by `/readyz`, never a reason to be
+    /// not ready).
+    failover: Mutex<Option<crate::pg::failover::FailoverView>>,
 }
 
 impl ReplicationStatus {
     /// Records why replication is not streaming.
     pub(crate) fn set_last_error(&self, why: String) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Keeps the latest failover view.
+    pub(crate) fn set_failover(&self, view: crate::pg::failover::FailoverView) {
+        *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+    }
+
+    /// The latest failover view, if one was read.
+    pub fn failover(&self) -> Option<crate::pg::failover::FailoverView> {
+        self.failover.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The last reason replication stopped streaming, if any.

@@ -76,9 +76,27 @@ pub async fn check(db: &Db, cfg: &Config) -> Result<(), PreflightError> {
     problems.extend(catalog.into_iter().map(|p| p.message));
 
     if problems.is_empty() {
+        failover_advice(&**client, cfg).await;
         Ok(())
     } else {
         Err(PreflightError::NotReady(problems))
+    }
+}
+
+/// Logs what a safe database failover still needs (a WARN each): a database without a standby
+/// is valid, so none of it stops walhook.
+async fn failover_advice(client: &impl GenericClient, cfg: &Config) {
+    let slot = cfg.replication.slot.as_str();
+    match crate::pg::failover::inspect(client, slot).await {
+        Ok(view) => {
+            for line in view.notes(slot) {
+                tracing::info!(check = "failover", "{line}");
+            }
+            for line in view.advice(slot) {
+                tracing::warn!(check = "failover", "{line}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the failover settings"),
     }
 }
 

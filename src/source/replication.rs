@@ -182,6 +182,8 @@ pub struct Replication {
     ceiling: Option<Ceiling>,
     /// Sessions that reached streaming, for the reconnect backoff.
     sessions_streamed: u64,
+    /// A slot without failover could not be altered, and that was said once.
+    failover_warned: bool,
 }
 
 impl Replication {
@@ -211,6 +213,7 @@ impl Replication {
             tenure: Default::default(),
             ceiling: None,
             sessions_streamed: 0,
+            failover_warned: false,
         }
     }
 
@@ -365,6 +368,9 @@ impl Replication {
         if !crate::source::slot::wait_usable(&self.db, &self.cfg, &self.status.health, &self.metrics, shutdown).await? {
             return Ok(());
         }
+        // Not streamed now: a slot without failover (PostgreSQL 17+) can be altered.
+        let publication = self.cfg.replication.publication.as_str();
+        crate::source::slot::failover::ensure(&self.db, &slot, publication, &mut self.failover_warned).await;
         // Endpoints as they were at the slot's confirmed position; later changes replay in
         // LSN order with the rows.
         self.router = Some(route_versions::load(&self.db, &slot, self.secrets.clone()).await?);

@@ -25,6 +25,7 @@ mod demo;
 mod docs_truth;
 mod engine;
 mod events;
+mod failover;
 mod fairness;
 mod helm_chart;
 mod leases;

@@ -22,7 +22,8 @@
 //!   it. A slot created anew starts past every earlier WAL position, so a replaced slot is
 //!   always past the ceiling, at start-up and at the next raise alike.
 //! - On PostgreSQL 17 and later (on a primary) the slot is created with `failover = true`,
-//!   so that a standby with `sync_replication_slots = on` carries it over a failover.
+//!   so that a standby with `sync_replication_slots = on` carries it over a failover; a slot
+//!   without it is altered before a session streams ([`failover`]).
 //! - The confirmed position is recorded every few seconds off the hot path ([`watch()`]), with
 //!   a time no commit after it precedes, and the prerequisites are re-checked while walhook
 //!   runs.
@@ -40,6 +41,7 @@ use crate::source::replication::ReplicationError;
 use crate::store::slot_state::SlotRecord;
 
 pub mod ceiling;
+pub mod failover;
 mod reset;
 mod watch;
 
@@ -145,6 +147,8 @@ struct SlotRow {
     confirmed_lsn: Option<String>,
     /// `confirmed_lsn` in bytes since 0/0.
     confirmed: Option<i64>,
+    /// `invalidation_reason` (PostgreSQL 17+).
+    invalidation: Option<String>,
 }
 
 impl SlotRow {
@@ -182,7 +186,8 @@ async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<Slot
         .query_opt(
             "SELECT s.plugin::text, s.slot_type, s.database::text, current_database()::text, s.active, \
                     COALESCE(s.active_pid, 0), COALESCE(a.application_name, ''), s.wal_status, \
-                    s.confirmed_flush_lsn::text, (s.confirmed_flush_lsn - '0/0')::int8 \
+                    s.confirmed_flush_lsn::text, (s.confirmed_flush_lsn - '0/0')::int8, \
+                    to_jsonb(s) ->> 'invalidation_reason' \
              FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
              WHERE s.slot_name = $1",
             &[&slot],
@@ -199,6 +204,7 @@ async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<Slot
             wal_status: r.get(7),
             confirmed_lsn: r.get(8),
             confirmed: r.get(9),
+            invalidation: r.get(10),
         });
     let record = crate::store::slot_state::record(client, slot).await?;
     Ok((row, record))
@@ -209,8 +215,11 @@ async fn inspect(client: &impl GenericClient, slot: &str) -> Result<(Option<Slot
 enum LostHow {
     /// It no longer exists.
     Missing,
-    /// PostgreSQL invalidated it.
-    Invalidated,
+    /// PostgreSQL invalidated it (`invalidation_reason`, PostgreSQL 17+).
+    Invalidated {
+        /// Why, as PostgreSQL names it.
+        cause: Option<String>,
+    },
     /// A slot of that name exists, confirmed past anything walhook confirmed (at this
     /// position): someone else created it, or advanced it.
     Replaced {
@@ -242,8 +251,8 @@ impl Lost {
             LostHow::Missing => {
                 "it no longer exists (dropped, or not carried over by a PostgreSQL failover)".to_owned()
             }
-            LostHow::Invalidated => {
-                "PostgreSQL invalidated it (wal_status = lost: it held more WAL than max_slot_wal_keep_size)".to_owned()
+            LostHow::Invalidated { cause } => {
+                format!("PostgreSQL invalidated it ({})", invalidated_why(cause.as_deref()))
             }
             LostHow::Replaced { at } => format!(
                 "the slot of that name is not the one walhook streamed from: it is confirmed up to {at}, past \
@@ -263,6 +272,21 @@ impl Lost {
             self.confirmed_lsn.as_deref().unwrap_or("an unknown position"),
             self.confirmed_at.as_deref().unwrap_or("an unknown time"),
         )
+    }
+}
+
+/// Why PostgreSQL invalidated a slot, in words (from `invalidation_reason`).
+fn invalidated_why(cause: Option<&str>) -> String {
+    match cause {
+        None | Some("wal_removed") => "wal_status = lost: it held more WAL than max_slot_wal_keep_size".to_owned(),
+        Some("idle_timeout") => {
+            "idle_timeout: walhook was stopped longer than idle_replication_slot_timeout (PostgreSQL 18)".to_owned()
+        }
+        Some("wal_level_insufficient") => "wal_level_insufficient: wal_level was lowered below logical".to_owned(),
+        Some("rows_removed") => {
+            "rows_removed: catalog rows it needed were vacuumed away (hot_standby_feedback off on a standby)".to_owned()
+        }
+        Some(other) => other.to_owned(),
     }
 }
 
@@ -419,7 +443,8 @@ async fn examine(db: &Db, slot: &str) -> Result<Found, SlotError> {
     };
     row.validate(slot)?;
     if row.invalidated() {
-        return Ok(Found::Lost(Lost::new(slot, LostHow::Invalidated, Some(&row), Some(record))));
+        let how = LostHow::Invalidated { cause: row.invalidation.clone() };
+        return Ok(Found::Lost(Lost::new(slot, how, Some(&row), Some(record))));
     }
     if row.active {
         // Someone streams it now: that is the news (whether it is walhook's is told once free).
@@ -505,7 +530,7 @@ mod tests {
     fn the_lost_reason_names_slot_position_time_and_the_command() {
         let lost = Lost {
             slot: "walhook".into(),
-            how: LostHow::Invalidated,
+            how: LostHow::Invalidated { cause: None },
             confirmed_lsn: Some("0/1A2B3C8".into()),
             confirmed_at: Some("2026-06-15T14:30:00.123456Z".into()),
         };
@@ -513,11 +538,14 @@ mod tests {
         for needle in [
             "replication slot walhook lost",
             "invalidated",
+            "max_slot_wal_keep_size",
             "0/1A2B3C8",
             "2026-06-15T14:30:00.123456Z",
             "walhook slot-reset",
         ] {
             assert!(r.contains(needle), "{needle} missing from {r}");
         }
+        let idle = Lost { how: LostHow::Invalidated { cause: Some("idle_timeout".into()) }, ..lost };
+        assert!(idle.reason().contains("idle_replication_slot_timeout"), "{}", idle.reason());
     }
 }

@@ -58,7 +58,7 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
             if r.invalidated() {
                 client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
                 tracing::warn!(slot, "dropped the invalidated replication slot");
-                LostHow::Invalidated
+                LostHow::Invalidated { cause: r.invalidation.clone() }
             } else if record.is_some() && r.past(record.as_ref().and_then(|s| s.ceiling)) {
                 if r.active {
                     return Err(SlotError::Busy {
@@ -135,7 +135,7 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
     }
     Ok(ResetReport {
         slot: slot.to_owned(),
-        dropped_invalidated: lost.how == LostHow::Invalidated,
+        dropped_invalidated: matches!(lost.how, LostHow::Invalidated { .. }),
         adopted: adopting,
         start_lsn,
         failover,
@@ -151,9 +151,10 @@ async fn record_gap(
 ) -> Result<Gap, SlotError> {
     let reason = match &lost.how {
         LostHow::Missing => format!("replication slot {} was missing; replaced by walhook slot-reset", lost.slot),
-        LostHow::Invalidated => format!(
-            "replication slot {} was invalidated by PostgreSQL (wal_status = lost); replaced by walhook slot-reset",
-            lost.slot
+        LostHow::Invalidated { cause } => format!(
+            "replication slot {} was invalidated by PostgreSQL (wal_status = lost{}); replaced by walhook slot-reset",
+            lost.slot,
+            cause.as_deref().map(|c| format!(", invalidation_reason = {c}")).unwrap_or_default()
         ),
         LostHow::Replaced { at } => format!(
             "replication slot {} was replaced by one walhook did not create (confirmed up to {at}); adopted by \

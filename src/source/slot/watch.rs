@@ -172,7 +172,8 @@ async fn look_at_slot(
         Some("lost") => {
             // The walsender is terminated with it; the session then waits for slot-reset.
             let (row, state) = super::inspect(client, slot).await?;
-            declare_lost(&status.health, metrics, &Lost::new(slot, LostHow::Invalidated, row.as_ref(), state));
+            let how = LostHow::Invalidated { cause: row.as_ref().and_then(|r| r.invalidation.clone()) };
+            declare_lost(&status.health, metrics, &Lost::new(slot, how, row.as_ref(), state));
         }
         Some("unreserved") if !checks.unreserved => {
             checks.unreserved = true;
