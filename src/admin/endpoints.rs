@@ -177,6 +177,49 @@ impl ListCursor {
     }
 }
 
+/// What `webhooks-deliveries` asks for besides the endpoint and the page size.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only deliveries of this status.
+    pub status: Option<String>,
+    /// Only deliveries of this event type.
+    pub event_type: Option<String>,
+    /// Only deliveries after this cursor's place.
+    pub after: Option<DeliveryCursor>,
+}
+
+/// Where a `webhooks-deliveries` page ends: the last delivery shown, by its change's place in
+/// the commit order (which deliveries recorded later never precede).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    commit_lsn: i64,
+    seq: i32,
+}
+
+impl DeliveryCursor {
+    /// The opaque text handed to the client.
+    pub fn encode(&self) -> String {
+        B64URL.encode(format!("d:{}:{}", self.commit_lsn, self.seq))
+    }
+
+    /// Reads a cursor this module produced.
+    pub fn decode(text: &str) -> Result<Self, EndpointError> {
+        let bad = || invalid("cursor is not one webhooks-deliveries returned");
+        let raw = B64URL.decode(text).map_err(|_| bad())?;
+        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let mut parts = raw.split(':');
+        let (Some("d"), Some(lsn), Some(seq), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        let commit_lsn: i64 = lsn.parse().map_err(|_| bad())?;
+        let seq: i32 = seq.parse().map_err(|_| bad())?;
+        if commit_lsn < 0 || seq < 0 {
+            return Err(bad());
+        }
+        Ok(DeliveryCursor { commit_lsn, seq })
+    }
+}
+
 /// Endpoint management for one walhook process.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
@@ -300,16 +343,42 @@ impl Endpoints {
         Ok(())
     }
 
-    /// The newest `limit` deliveries of one of the caller's endpoints.
+    /// Up to `limit` deliveries of one of the caller's endpoints, newest commit first,
+    /// matching `query`; with the cursor of the next page when more remain.
     pub async fn deliveries(
         &self,
         caller: Caller,
         endpoint_id: Uuid,
+        query: HistoryQuery,
         limit: i64,
-    ) -> Result<Vec<DeliveryView>, EndpointError> {
+    ) -> Result<(Vec<DeliveryView>, Option<DeliveryCursor>), EndpointError> {
+        if let Some(status) = query.status.as_deref() {
+            if !["pending", "delivered", "failed"].contains(&status) {
+                let shown: String = status.chars().take(32).collect();
+                return Err(invalid(format!("status must be pending, delivered or failed, not {shown:?}")));
+            }
+        }
+        if let Some(event_type) = query.event_type.as_deref() {
+            if EventType::parse(event_type).is_none() {
+                let shown: String = event_type.chars().take(64).collect();
+                return Err(invalid(format!("event_type: unknown event {shown:?}")));
+            }
+        }
         self.get(caller, endpoint_id).await?;
         let client = self.db.get().await?;
-        Ok(store::deliveries::newest_of_endpoint(&**client, endpoint_id, limit).await?)
+        let filter = store::deliveries::HistoryFilter {
+            status: query.status.as_deref(),
+            event_type: query.event_type.as_deref(),
+            before: query.after.map(|c| (c.commit_lsn, c.seq)),
+        };
+        let mut rows = store::deliveries::history_of_endpoint(&**client, endpoint_id, filter, limit + 1).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit.max(0) as usize);
+        let next = rows
+            .last()
+            .filter(|_| more)
+            .map(|(_, (commit_lsn, seq))| DeliveryCursor { commit_lsn: *commit_lsn, seq: *seq });
+        Ok((rows.into_iter().map(|(view, _)| view).collect(), next))
     }
 
     /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters, and
@@ -395,4 +464,21 @@ fn check_events(events: &[String]) -> Result<Vec<String>, EndpointError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_cursors_round_trip_and_forged_ones_are_refused() {
+        let c = DeliveryCursor { commit_lsn: 123_456_789, seq: 7 };
+        assert_eq!(DeliveryCursor::decode(&c.encode()).unwrap(), c);
+        for forged in ["d:-1:0", "d:1:-1", "d:1", "d:1:2:3", "x:1:2", "d:99999999999999999999:1", "d:1:2147483648", ""]
+        {
+            assert!(DeliveryCursor::decode(&B64URL.encode(forged)).is_err(), "{forged}");
+        }
+        assert!(DeliveryCursor::decode("not base64!").is_err());
+        assert!(ListCursor::decode(&c.encode()).is_err(), "a deliveries cursor is not a list cursor");
+    }
 }

@@ -1,5 +1,6 @@
-//! Reads of `walhook.deliveries` outside the writer: an endpoint's delivery history, the
-//! outbox gauges (with the endpoint counts), and what replication's replay may skip.
+//! Reads of `walhook.deliveries` outside the writer: an endpoint's delivery history (paged
+//! and filtered), the outbox gauges (with the endpoint counts), and what replication's replay
+//! may skip.
 //!
 //! What must hold: these only read; every write of a delivery row goes through the store
 //! writer ([`crate::store::StoreWriter`]) or the outbox's claim ([`crate::store::outbox`]).
@@ -33,30 +34,50 @@ pub struct DeliveryView {
     pub created_at: DateTime<Utc>,
 }
 
-/// The newest `limit` deliveries of `endpoint`, newest commit first (the caller checks the
-/// endpoint belongs to its account).
-pub async fn newest_of_endpoint(
+/// Which deliveries of an endpoint a history page shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HistoryFilter<'a> {
+    /// Only this status (`pending`, `delivered`, `failed`).
+    pub status: Option<&'a str>,
+    /// Only this event type.
+    pub event_type: Option<&'a str>,
+    /// Only deliveries before this one in history order (`(commit_lsn, seq)`, exclusive).
+    pub before: Option<(i64, i32)>,
+}
+
+/// Up to `limit` deliveries of `endpoint` matching `filter`, newest commit first, each with
+/// its place in that order (the caller checks the endpoint belongs to its account). The order
+/// is the commit order, so deliveries recorded later never shift a page already read.
+pub async fn history_of_endpoint(
     client: &impl GenericClient,
     endpoint: Uuid,
+    filter: HistoryFilter<'_>,
     limit: i64,
-) -> Result<Vec<DeliveryView>, DbError> {
+) -> Result<Vec<(DeliveryView, (i64, i32))>, DbError> {
+    let (lsn, seq) = filter.before.unwrap_or((i64::MAX, i32::MAX));
     let rows = client
         .query(
-            "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at \
-             FROM walhook.deliveries WHERE endpoint_id = $1 ORDER BY commit_lsn DESC, seq DESC LIMIT $2",
-            &[&endpoint, &limit],
+            "SELECT id, event_type, status, http_status_code, attempt_count, completed_at, created_at, commit_lsn, seq \
+             FROM walhook.deliveries \
+             WHERE endpoint_id = $1 AND (commit_lsn, seq) < ($2, $3) \
+               AND ($4::text IS NULL OR status = $4) AND ($5::text IS NULL OR event_type = $5) \
+             ORDER BY commit_lsn DESC, seq DESC LIMIT $6",
+            &[&endpoint, &lsn, &seq, &filter.status, &filter.event_type, &limit],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| DeliveryView {
-            id: r.get(0),
-            event_type: r.get(1),
-            status: r.get(2),
-            http_status_code: r.get(3),
-            attempt_count: r.get(4),
-            completed_at: r.get(5),
-            created_at: r.get(6),
+        .map(|r| {
+            let view = DeliveryView {
+                id: r.get(0),
+                event_type: r.get(1),
+                status: r.get(2),
+                http_status_code: r.get(3),
+                attempt_count: r.get(4),
+                completed_at: r.get(5),
+                created_at: r.get(6),
+            };
+            (view, (r.get(7), r.get(8)))
         })
         .collect())
 }

@@ -16,7 +16,7 @@ use walhook::security::secrets::SecretBox;
 const JWT_KEY: &str = "driftwood-test-signing-key-of-32-bytes-or-more";
 const OPERATOR_TOKEN: &str = "op-token-7c1f0e9b2d";
 
-fn auth_config() -> String {
+pub(crate) fn auth_config() -> String {
     let sha = hex(&Sha256::digest(OPERATOR_TOKEN.as_bytes()));
     format!(
         "[auth]\njwt_hs256_secret = \"{JWT_KEY}\"\n\
@@ -33,7 +33,7 @@ fn now() -> i64 {
 }
 
 /// A Driftwood access token for `account`.
-fn jwt(account: uuid::Uuid) -> String {
+pub(crate) fn jwt(account: uuid::Uuid) -> String {
     token(json!({ "sub": USER.to_string(), "account_id": account.to_string(), "exp": now() + 600 }), JWT_KEY)
 }
 
@@ -41,13 +41,13 @@ fn token(claims: Value, key: &str) -> String {
     encode(&Header::default(), &claims, &EncodingKey::from_secret(key.as_bytes())).unwrap()
 }
 
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
 }
 
 impl Api {
-    fn new(env: &Env) -> Api {
+    pub(crate) fn new(env: &Env) -> Api {
         Api { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{}/api", env.api_port) }
     }
 
@@ -69,13 +69,13 @@ impl Api {
         (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}")), headers)
     }
 
-    async fn call(&self, op: &str, token: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn call(&self, op: &str, token: &str, body: Value) -> (u16, Value) {
         let (s, v, _) = self.raw(op, Some(token), body.to_string()).await;
         (s, v)
     }
 
     /// Expects success; returns `result`.
-    async fn ok(&self, op: &str, token: &str, body: Value) -> Value {
+    pub(crate) async fn ok(&self, op: &str, token: &str, body: Value) -> Value {
         let (s, v) = self.call(op, token, body.clone()).await;
         assert_eq!(s, 200, "{op} {body}: {v}");
         assert_eq!(v["ok"], true);
@@ -83,7 +83,7 @@ impl Api {
     }
 
     /// Expects the error envelope with `code` and `status`; returns the message.
-    async fn err(&self, op: &str, token: &str, body: Value, status: u16, code: &str) -> String {
+    pub(crate) async fn err(&self, op: &str, token: &str, body: Value, status: u16, code: &str) -> String {
         let (s, v) = self.call(op, token, body.clone()).await;
         assert_eq!((s, v["error"]["code"].as_str().unwrap_or_default()), (status, code), "{op} {body}: {v}");
         assert_eq!(v["ok"], false);

@@ -28,6 +28,7 @@ mod events;
 mod failover;
 mod fairness;
 mod helm_chart;
+mod history;
 mod leases;
 mod listeners;
 mod memory;

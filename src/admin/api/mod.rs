@@ -23,7 +23,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::endpoints::{Caller, EndpointPatch, Endpoints, ListCursor, NewEndpoint};
+use crate::admin::endpoints::{
+    Caller, DeliveryCursor, EndpointPatch, Endpoints, HistoryQuery, ListCursor, NewEndpoint,
+};
 use crate::ops::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
@@ -168,7 +170,10 @@ async fn deliveries(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let r: DeliveriesRequest = parse(&body)?;
     let endpoint_id = uuid_field("endpoint_id", r.endpoint_id.as_deref())?;
     let limit = limit_field(r.limit, DELIVERIES_LIMIT)?;
-    Ok(ok(json!({ "deliveries": s.endpoints.deliveries(caller, endpoint_id, limit).await? })))
+    let after = r.cursor.as_deref().map(DeliveryCursor::decode).transpose()?;
+    let query = HistoryQuery { status: r.status, event_type: r.event_type, after };
+    let (deliveries, next) = s.endpoints.deliveries(caller, endpoint_id, query, limit).await?;
+    Ok(ok(json!({ "deliveries": deliveries, "next_cursor": next.map(|c| c.encode()) })))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

@@ -64,6 +64,12 @@ pub struct DeliveriesRequest {
     pub endpoint_id: Option<String>,
     /// 1–100, default 50.
     pub limit: Option<i64>,
+    /// Only deliveries of this status (`pending`, `delivered`, `failed`).
+    pub status: Option<String>,
+    /// Only deliveries of this event type.
+    pub event_type: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
@@ -73,7 +79,7 @@ pub const FIELDS: [(&str, &[&str]); 6] = [
     ("webhooks-get", &["id"]),
     ("webhooks-update", &["id", "url", "description", "events", "is_active"]),
     ("webhooks-delete", &["id"]),
-    ("webhooks-deliveries", &["endpoint_id", "limit"]),
+    ("webhooks-deliveries", &["endpoint_id", "limit", "status", "event_type", "cursor"]),
 ];
 
 /// Parses a JSON object body into `T`, naming the field of any error.

@@ -1,0 +1,113 @@
+//! A customer reading an endpoint's delivery history over the API: filtered by status and
+//! event type, a page at a time, with pages that deliveries recorded meanwhile never shift;
+//! bad filters and forged cursors are refused naming the field.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use walhook::local::receiver::Reply;
+
+use crate::api::{auth_config, jwt, Api};
+use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
+
+const A: &str = "aaaa0000-0000-4000-8000-000000000001";
+
+fn ids(page: &Value) -> Vec<String> {
+    page["deliveries"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_filter_by_status_and_event_type_and_page_stably() {
+    let env = Env::new("history_pages").await;
+    let wh = env.start(&auth_config()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created = api
+        .ok(
+            "webhooks-create",
+            &a,
+            json!({ "url": env.receiver.url("h"), "events": ["contact.created", "contact.updated"] }),
+        )
+        .await;
+    env.receiver.set_secret("h", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
+    let count = |status: &'static str| {
+        let env = &env;
+        async move { env.scalar_i64(&format!("SELECT count(*) FROM walhook.deliveries WHERE status = '{status}'")).await }
+    };
+
+    // Five created and three updated, delivered; then two created that fail every attempt.
+    for i in 0..5 {
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'c{i}')")).await;
+    }
+    env.sql("UPDATE contacts SET last_name = 'u' WHERE first_name IN ('c0', 'c1', 'c2')").await;
+    wait_for(Duration::from_secs(30), || async { count("delivered").await == 8 }).await;
+    env.receiver.set_default("h", Reply::Status(500));
+    for i in 0..2 {
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'bad{i}')")).await;
+    }
+    wait_for(Duration::from_secs(30), || async { count("failed").await == 2 }).await;
+
+    let all = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id, "limit": 100 })).await;
+    assert_eq!(ids(&all).len(), 10);
+    assert_eq!(all["next_cursor"], Value::Null, "one page holds them all: no next page");
+    let of = |body: Value| {
+        let (api, a, id) = (&api, &a, &id);
+        async move {
+            let mut body = body;
+            body["endpoint_id"] = json!(id);
+            api.ok("webhooks-deliveries", a, body).await
+        }
+    };
+    let failed = of(json!({ "status": "failed" })).await;
+    assert_eq!(ids(&failed).len(), 2);
+    assert!(failed["deliveries"].as_array().unwrap().iter().all(|d| d["status"] == "failed"));
+    let updated = of(json!({ "event_type": "contact.updated" })).await;
+    assert_eq!(ids(&updated).len(), 3);
+    assert!(updated["deliveries"].as_array().unwrap().iter().all(|d| d["event_type"] == "contact.updated"));
+    let both = of(json!({ "status": "delivered", "event_type": "contact.created" })).await;
+    assert_eq!(ids(&both).len(), 5);
+    assert!(ids(&of(json!({ "status": "pending" })).await).is_empty());
+
+    // Pages of three; between the first and the second, more deliveries are recorded: they
+    // are newer than every page, so no page repeats or skips one.
+    env.receiver.set_default("h", Reply::Status(200));
+    let mut pages = vec![of(json!({ "limit": 3 })).await];
+    for i in 0..2 {
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'late{i}')")).await;
+    }
+    wait_for(Duration::from_secs(30), || async { count("delivered").await == 10 }).await;
+    while let Some(cursor) = pages.last().unwrap()["next_cursor"].as_str().map(str::to_owned) {
+        pages.push(of(json!({ "limit": 3, "cursor": cursor })).await);
+        assert!(pages.len() <= 4, "more pages than deliveries");
+    }
+    let paged: Vec<String> = pages.iter().flat_map(ids).collect();
+    assert_eq!(paged, ids(&all), "the pages are the history as it was, in order, once each");
+    assert_eq!(pages.iter().map(|p| ids(p).len()).collect::<Vec<_>>(), [3, 3, 3, 1]);
+    // A cursor carries the filter's place, not the filter: paging the failed ones.
+    let f1 = of(json!({ "status": "failed", "limit": 1 })).await;
+    let f2 = of(json!({ "status": "failed", "limit": 1, "cursor": f1["next_cursor"] })).await;
+    assert_eq!([ids(&f1), ids(&f2)].concat(), ids(&failed));
+    assert_eq!(f2["next_cursor"], Value::Null);
+
+    // Bad input names the field; another account sees nothing.
+    let bad = |body: Value, needle: &'static str| {
+        let (api, a, id) = (&api, &a, &id);
+        async move {
+            let mut body = body;
+            body["endpoint_id"] = json!(id);
+            let msg = api.err("webhooks-deliveries", a, body, 400, "webhooks.invalid_request").await;
+            assert!(msg.contains(needle), "{msg}");
+        }
+    };
+    bad(json!({ "status": "lost" }), "status").await;
+    bad(json!({ "status": 3 }), "status").await;
+    bad(json!({ "event_type": "contact.exploded" }), "event_type").await;
+    bad(json!({ "cursor": "bm90IGEgY3Vyc29y" }), "cursor").await;
+    let list_cursor = "MTc2NDU5MDAwMDAwMDAwMDphYWFhMDAwMC0wMDAwLTQwMDAtODAwMC0wMDAwMDAwMDAwMDE";
+    bad(json!({ "cursor": list_cursor }), "cursor").await;
+    api.err("webhooks-deliveries", &jwt(ACCOUNT_B), json!({ "endpoint_id": id }), 404, "webhooks.not_found").await;
+    let seen: HashSet<String> = env.receiver.received().iter().map(|r| r.webhook_id.clone()).collect();
+    assert!(ids(&all).iter().all(|d| seen.contains(d)), "every listed delivery was attempted under its id");
+    wh.stop().await.unwrap();
+}
