@@ -57,6 +57,9 @@ pub enum EndpointError {
     /// No such endpoint in the caller's account.
     #[error("webhook endpoint not found")]
     NotFound,
+    /// No such delivery of an endpoint of the caller's account.
+    #[error("delivery not found")]
+    DeliveryNotFound,
     /// The account already has as many endpoints as its quota allows.
     #[error(
         "endpoint quota reached: this account already has {0} webhook endpoints, the most it may have; \
@@ -234,6 +237,11 @@ impl Endpoints {
     /// with `policy`; no endpoint quota until [`Endpoints::with_quota`].
     pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy) -> Self {
         Endpoints { db, secrets, policy, max_per_account: None }
+    }
+
+    /// The database (for the other admin modules).
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     /// At most `max` endpoints per account (`api.max_endpoints_per_account`).

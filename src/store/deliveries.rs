@@ -1,5 +1,5 @@
 //! Reads of `walhook.deliveries` outside the writer: an endpoint's delivery history (paged
-//! and filtered), the outbox gauges (with the endpoint counts), and what replication's replay
+//! and filtered), a delivery's attempts, the outbox gauges (with the endpoint counts), and what replication's replay
 //! may skip.
 //!
 //! What must hold: these only read; every write of a delivery row goes through the store
@@ -80,6 +80,65 @@ pub async fn history_of_endpoint(
             (view, (r.get(7), r.get(8)))
         })
         .collect())
+}
+
+/// One attempt as the attempt history shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_ms: i32,
+    /// The status received, if any.
+    pub http_status_code: Option<i32>,
+    /// How it failed (`status`, `timeout`, `network`, `refused`, `payload`); `None` on 2xx.
+    pub error_kind: Option<String>,
+    /// What failed, in words.
+    pub error: Option<String>,
+    /// The first 1 KiB of the answer.
+    pub response_snippet: Option<String>,
+}
+
+/// The newest `limit` attempts of delivery `id`, newest first, or `None` when no endpoint of
+/// `account` has that delivery.
+pub async fn attempts_in_account(
+    client: &impl GenericClient,
+    account: Uuid,
+    id: Uuid,
+    limit: i64,
+) -> Result<Option<Vec<AttemptRecord>>, DbError> {
+    let owned = client
+        .query_opt(
+            "SELECT 1 FROM walhook.deliveries d JOIN walhook.endpoints e ON e.id = d.endpoint_id \
+             WHERE d.id = $1 AND e.account_id = $2",
+            &[&id, &account],
+        )
+        .await?;
+    if owned.is_none() {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT attempt, started_at, duration_ms, http_status_code, error_kind, error, response_snippet \
+             FROM walhook.attempts WHERE delivery_id = $1 ORDER BY attempt DESC LIMIT $2",
+            &[&id, &limit],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| AttemptRecord {
+                attempt: r.get(0),
+                started_at: r.get(1),
+                duration_ms: r.get(2),
+                http_status_code: r.get(3),
+                error_kind: r.get(4),
+                error: r.get(5),
+                response_snippet: r.get(6),
+            })
+            .collect(),
+    ))
 }
 
 /// The outbox and endpoint gauges (`ops::health`'s monitor reads them with this).

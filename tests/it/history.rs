@@ -111,3 +111,68 @@ async fn deliveries_filter_by_status_and_event_type_and_page_stably() {
     assert!(ids(&all).iter().all(|d| seen.contains(d)), "every listed delivery was attempted under its id");
     wh.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_say_when_how_long_and_why_each_failed() {
+    let env = Env::new("history_attempts").await;
+    let wh = env.start(&auth_config()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created =
+        api.ok("webhooks-create", &a, json!({ "url": env.receiver.url("t"), "events": ["contact.created"] })).await;
+    env.receiver.set_secret("t", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
+    env.receiver.script(
+        "t",
+        vec![
+            Reply::Raw(503, vec![], bytes::Bytes::from_static(b"down for maintenance\x07 back soon")),
+            Reply::Reset,
+            Reply::Status(200),
+        ],
+    );
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'x')")).await;
+    let delivered = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(delivered).await == 1 }).await;
+    let history = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id })).await;
+    let delivery = history["deliveries"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(env.receiver.received()[0].webhook_id, delivery);
+
+    let got = api.ok("webhooks-attempts", &a, json!({ "delivery_id": delivery })).await;
+    let attempts = got["attempts"].as_array().unwrap();
+    assert_eq!(attempts.iter().map(|t| t["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), [3, 2, 1], "{got}");
+    for t in attempts {
+        let keys: HashSet<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["attempt", "started_at", "duration_ms", "http_status_code", "error", "response_snippet"].into()
+        );
+        assert!(t["duration_ms"].as_i64().unwrap() >= 0);
+    }
+    let (ok, reset, busy) = (&attempts[0], &attempts[1], &attempts[2]);
+    assert_eq!((ok["http_status_code"].as_i64(), &ok["error"]), (Some(200), &Value::Null), "{ok}");
+    assert_eq!(busy["http_status_code"], 503);
+    assert_eq!(busy["error"], "HTTP 503");
+    assert_eq!(busy["response_snippet"], "down for maintenance back soon", "the answer, its control character removed");
+    assert_eq!(reset["http_status_code"], Value::Null);
+    let why = reset["error"].as_str().unwrap();
+    assert!(["connection reset", "network"].iter().any(|k| why.starts_with(k)), "{why}");
+    assert!(busy["started_at"].as_str() < reset["started_at"].as_str());
+
+    let one = api.ok("webhooks-attempts", &a, json!({ "delivery_id": delivery, "limit": 1 })).await;
+    assert_eq!(one["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(one["attempts"][0]["attempt"], 3);
+    // Another account's delivery looks missing; bad input names the field.
+    let msg = api
+        .err("webhooks-attempts", &jwt(ACCOUNT_B), json!({ "delivery_id": delivery }), 404, "webhooks.not_found")
+        .await;
+    assert_eq!(msg, "delivery not found");
+    let nobody = "00000000-0000-4000-8000-000000000000";
+    api.err("webhooks-attempts", &a, json!({ "delivery_id": nobody }), 404, "webhooks.not_found").await;
+    api.err("webhooks-attempts", &a, json!({ "delivery_id": "x" }), 400, "webhooks.invalid_id").await;
+    let msg = api
+        .err("webhooks-attempts", &a, json!({ "delivery_id": delivery, "limit": 0 }), 400, "webhooks.invalid_request")
+        .await;
+    assert!(msg.contains("limit"), "{msg}");
+    let msg = api.err("webhooks-attempts", &a, json!({}), 400, "webhooks.invalid_request").await;
+    assert!(msg.contains("delivery_id"), "{msg}");
+    wh.stop().await.unwrap();
+}

@@ -34,6 +34,8 @@ pub enum ApiError {
     InvalidId(String),
     /// No such endpoint in the caller's account (404).
     NotFound,
+    /// No such delivery of the caller's account (404, `webhooks.not_found`).
+    DeliveryNotFound,
     /// `url` missing (400).
     UrlRequired,
     /// `url` unacceptable (400).
@@ -54,7 +56,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) | ApiError::TooLarge(_) => "webhooks.invalid_request",
             ApiError::InvalidId(_) => "webhooks.invalid_id",
-            ApiError::NotFound => "webhooks.not_found",
+            ApiError::NotFound | ApiError::DeliveryNotFound => "webhooks.not_found",
             ApiError::UrlRequired => "webhooks.url_required",
             ApiError::InvalidUrl(_) => "webhooks.invalid_url",
             ApiError::RateLimited(_) => "webhooks.rate_limited",
@@ -69,7 +71,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) | ApiError::InvalidId(_) | ApiError::UrlRequired | ApiError::InvalidUrl(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::DeliveryNotFound => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::InvalidRequest(m) | ApiError::InvalidId(m) => m.clone(),
             ApiError::InvalidUrl(m) => format!("url {m}"),
             ApiError::NotFound => "webhook endpoint not found".into(),
+            ApiError::DeliveryNotFound => "delivery not found".into(),
             ApiError::UrlRequired => "url is required".into(),
             ApiError::TooLarge(limit) => format!("request body is larger than {limit} bytes"),
             ApiError::RateLimited(_) => "too many requests for this account; retry later".into(),
@@ -98,6 +101,7 @@ impl From<EndpointError> for ApiError {
             EndpointError::UrlRequired => ApiError::UrlRequired,
             EndpointError::InvalidUrl(m) => ApiError::InvalidUrl(m),
             EndpointError::NotFound => ApiError::NotFound,
+            EndpointError::DeliveryNotFound => ApiError::DeliveryNotFound,
             e @ EndpointError::QuotaReached(_) => ApiError::InvalidRequest(e.to_string()),
             EndpointError::Db(e) => ApiError::Internal(e.to_string()),
             EndpointError::Reseal(e) => ApiError::Internal(e.to_string()),

@@ -29,17 +29,28 @@ use crate::admin::endpoints::{
 use crate::ops::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
-use requests::{parse, uuid_field, CreateRequest, DeliveriesRequest, IdRequest, ListRequest, UpdateRequest};
+use requests::{
+    parse, uuid_field, AttemptsRequest, CreateRequest, DeliveriesRequest, IdRequest, ListRequest, UpdateRequest,
+};
 
 /// The OpenAPI 3.1 document of this API (also committed as `docs/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// The operations, as routed (`POST /api/<name>`).
-pub const OPERATIONS: [&str; 6] =
-    ["webhooks-create", "webhooks-list", "webhooks-get", "webhooks-update", "webhooks-delete", "webhooks-deliveries"];
+pub const OPERATIONS: [&str; 7] = [
+    "webhooks-create",
+    "webhooks-list",
+    "webhooks-get",
+    "webhooks-update",
+    "webhooks-delete",
+    "webhooks-deliveries",
+    "webhooks-attempts",
+];
 
 /// Default and bounds of `webhooks-deliveries`' `limit`.
 const DELIVERIES_LIMIT: (i64, i64, i64) = (50, 1, 100);
+/// Default and bounds of `webhooks-attempts`' `limit`.
+const ATTEMPTS_LIMIT: (i64, i64, i64) = (50, 1, 100);
 /// Default and bounds of `webhooks-list`' `limit` (the default is the default endpoint quota,
 /// so an account within it gets every endpoint in one answer, as before paging).
 const LIST_LIMIT: (i64, i64, i64) = (100, 1, 100);
@@ -76,6 +87,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/webhooks-update", post(update))
         .route("/api/webhooks-delete", post(delete))
         .route("/api/webhooks-deliveries", post(deliveries))
+        .route("/api/webhooks-attempts", post(attempts))
         .route("/api/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -174,6 +186,14 @@ async fn deliveries(State(s): State<ApiState>, headers: HeaderMap, body: Body) -
     let query = HistoryQuery { status: r.status, event_type: r.event_type, after };
     let (deliveries, next) = s.endpoints.deliveries(caller, endpoint_id, query, limit).await?;
     Ok(ok(json!({ "deliveries": deliveries, "next_cursor": next.map(|c| c.encode()) })))
+}
+
+async fn attempts(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (caller, body) = prologue(&s, &headers, body).await?;
+    let r: AttemptsRequest = parse(&body)?;
+    let delivery_id = uuid_field("delivery_id", r.delivery_id.as_deref())?;
+    let limit = limit_field(r.limit, ATTEMPTS_LIMIT)?;
+    Ok(ok(json!({ "attempts": s.endpoints.attempts(caller, delivery_id, limit).await? })))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

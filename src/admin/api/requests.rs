@@ -72,14 +72,25 @@ pub struct DeliveriesRequest {
     pub cursor: Option<String>,
 }
 
+/// `webhooks-attempts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptsRequest {
+    /// Delivery id.
+    pub delivery_id: Option<String>,
+    /// 1–100, default 50.
+    pub limit: Option<i64>,
+}
+
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
-pub const FIELDS: [(&str, &[&str]); 6] = [
+pub const FIELDS: [(&str, &[&str]); 7] = [
     ("webhooks-create", &["url", "description", "events"]),
     ("webhooks-list", &["limit", "cursor"]),
     ("webhooks-get", &["id"]),
     ("webhooks-update", &["id", "url", "description", "events", "is_active"]),
     ("webhooks-delete", &["id"]),
     ("webhooks-deliveries", &["endpoint_id", "limit", "status", "event_type", "cursor"]),
+    ("webhooks-attempts", &["delivery_id", "limit"]),
 ];
 
 /// Parses a JSON object body into `T`, naming the field of any error.

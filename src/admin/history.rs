@@ -1,0 +1,112 @@
+//! What a customer reads about past deliveries besides their list: each delivery's attempts,
+//! with why each failed in words a customer can act on.
+//!
+//! What must hold (docs/architecture.md, invariants 3 and 7): a delivery is found only
+//! through an endpoint of the caller's account (another account's looks missing); only
+//! texts that were made safe when the attempt was recorded are shown (no control characters,
+//! at most 1 KiB of the answer).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::admin::endpoints::{Caller, EndpointError, Endpoints};
+use crate::store;
+use crate::store::deliveries::AttemptRecord;
+
+/// An attempt as `webhooks-attempts` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AttemptView {
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: i32,
+    /// The status received, if any.
+    pub http_status_code: Option<i32>,
+    /// `null` on 2xx; else the status (`HTTP 503`) or what kind of failure it was
+    /// (`timeout`, `connection refused`, `TLS`, `DNS`, `refused by address policy`, …) and
+    /// what was seen.
+    pub error: Option<String>,
+    /// The first 1 KiB of the answer, as text.
+    pub response_snippet: Option<String>,
+}
+
+impl Endpoints {
+    /// The newest `limit` attempts of one of the caller's deliveries, newest first.
+    pub async fn attempts(
+        &self,
+        caller: Caller,
+        delivery: Uuid,
+        limit: i64,
+    ) -> Result<Vec<AttemptView>, EndpointError> {
+        let client = self.db().get().await?;
+        let records = store::deliveries::attempts_in_account(&**client, caller.account_id, delivery, limit)
+            .await?
+            .ok_or(EndpointError::DeliveryNotFound)?;
+        Ok(records.into_iter().map(view).collect())
+    }
+}
+
+fn view(a: AttemptRecord) -> AttemptView {
+    let error = error_text(a.error_kind.as_deref(), a.http_status_code, a.error.as_deref());
+    AttemptView {
+        attempt: a.attempt,
+        started_at: a.started_at,
+        duration_ms: a.duration_ms,
+        http_status_code: a.http_status_code,
+        error,
+        response_snippet: a.response_snippet.filter(|s| !s.is_empty()),
+    }
+}
+
+/// The attempt's failure as the customer reads it: the status, or the kind of failure first,
+/// then what was recorded.
+fn error_text(kind: Option<&str>, status: Option<i32>, detail: Option<&str>) -> Option<String> {
+    let detail = detail.unwrap_or_default();
+    let with = |head: &str| if detail.is_empty() { head.to_owned() } else { format!("{head}: {detail}") };
+    match kind? {
+        "status" => Some(status.map(|s| format!("HTTP {s}")).unwrap_or_else(|| with("HTTP error"))),
+        "timeout" => Some(with("timeout")),
+        "refused" => Some(with("refused by address policy")),
+        "payload" => Some(with("payload unavailable")),
+        _ => {
+            let lower = detail.to_ascii_lowercase();
+            let head = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                "TLS"
+            } else if lower.contains("connection refused") {
+                "connection refused"
+            } else if lower.contains("dns") || lower.contains("lookup") || lower.contains("resolve") {
+                "DNS"
+            } else if lower.contains("reset") || lower.contains("closed") || lower.contains("broken pipe") {
+                "connection reset"
+            } else {
+                "network"
+            };
+            Some(with(head))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_starts_with_the_status_or_the_kind_of_failure() {
+        assert_eq!(error_text(None, Some(200), None), None);
+        assert_eq!(error_text(Some("status"), Some(503), Some("HTTP 503")).as_deref(), Some("HTTP 503"));
+        assert_eq!(
+            error_text(Some("timeout"), None, Some("timed out: no answer within dispatch.request_timeout")).as_deref(),
+            Some("timeout: timed out: no answer within dispatch.request_timeout")
+        );
+        let refused = "connect failed: tcp connect error: Connection refused (os error 111)";
+        assert!(error_text(Some("network"), None, Some(refused)).unwrap().starts_with("connection refused: "));
+        let tls = "connect failed: invalid peer certificate: UnknownIssuer";
+        assert!(error_text(Some("network"), None, Some(tls)).unwrap().starts_with("TLS: "));
+        let policy = "10.0.0.1 is in a private range";
+        assert!(error_text(Some("refused"), None, Some(policy)).unwrap().starts_with("refused by address policy: "));
+        assert_eq!(error_text(Some("network"), None, Some("odd")).as_deref(), Some("network: odd"));
+    }
+}
