@@ -63,7 +63,7 @@ fn view(a: AttemptRecord) -> AttemptView {
 
 /// The attempt's failure as the customer reads it: the status, or the kind of failure first,
 /// then what was recorded.
-fn error_text(kind: Option<&str>, status: Option<i32>, detail: Option<&str>) -> Option<String> {
+pub(crate) fn error_text(kind: Option<&str>, status: Option<i32>, detail: Option<&str>) -> Option<String> {
     let detail = detail.unwrap_or_default();
     let with = |head: &str| if detail.is_empty() { head.to_owned() } else { format!("{head}: {detail}") };
     match kind? {
@@ -71,6 +71,7 @@ fn error_text(kind: Option<&str>, status: Option<i32>, detail: Option<&str>) -> 
         "timeout" => Some(with("timeout")),
         "refused" => Some(with("refused by address policy")),
         "payload" => Some(with("payload unavailable")),
+        "local" => Some(with("walhook could not send it now (out of connections or descriptors)")),
         _ => {
             let lower = detail.to_ascii_lowercase();
             let head = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {

@@ -7,3 +7,4 @@
 pub mod api;
 pub mod endpoints;
 pub mod history;
+pub mod probe;

@@ -147,6 +147,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     };
     let ops_listener = bind(cfg.metrics.listen).await?;
     let api_listener = bind(cfg.api.listen).await?;
+    let d = &cfg.dispatch;
+    let sender = Sender::new(d)?;
+    let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency, d.account_concurrency));
     let api_state = crate::admin::api::ApiState::new(
         crate::admin::endpoints::Endpoints::new(
             db.clone(),
@@ -158,11 +161,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         crate::admin::api::auth::RateLimiter::new(cfg.api.rate_limit_per_second, cfg.api.rate_limit_burst),
         metrics.clone(),
         cfg.api.max_body_bytes,
-    );
+    )
+    .with_prober(crate::admin::probe::Prober::new(db.clone(), secrets.clone(), sender.clone(), limits.clone()));
 
-    let d = &cfg.dispatch;
-    let sender = Sender::new(d)?;
-    let limits = Arc::new(Limits::new(d.max_concurrency, d.endpoint_concurrency, d.account_concurrency));
     let budget = Arc::new(MemoryBudget::new(d.memory_limit.get(), metrics.payload_memory.clone()));
     metrics.payload_memory_limit.set(budget.limit() as i64);
     let retry = RetryPolicy::new(d);

@@ -31,6 +31,22 @@ pub enum FailureKind {
     Payload,
 }
 
+impl FailureKind {
+    /// The `walhook.attempts.error_kind` of this failure.
+    pub fn record_name(self) -> &'static str {
+        match self {
+            FailureKind::Status => "status",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Network => "network",
+            FailureKind::Refused => "refused",
+            FailureKind::Payload => "payload",
+            // Never recorded as an attempt (see `StoreOp::Release`); kept within the column's
+            // CHECK constraint should one ever get here.
+            FailureKind::Local => "network",
+        }
+    }
+}
+
 /// What one attempt produced.
 #[derive(Debug, Clone)]
 pub struct Attempt {

@@ -195,16 +195,7 @@ impl<'a> Columns<'a> {
         self.a_started.push(a.started_at);
         self.a_duration_ms.push(a.duration.as_millis().min(i32::MAX as u128) as i32);
         self.a_status.push(a.status.map(i32::from));
-        self.a_kind.push(a.failure.map(|k| match k {
-            FailureKind::Status => "status",
-            FailureKind::Timeout => "timeout",
-            FailureKind::Network => "network",
-            FailureKind::Refused => "refused",
-            FailureKind::Payload => "payload",
-            // Never recorded as an attempt (see `StoreOp::Release`); kept within the column's
-            // CHECK constraint should one ever get here.
-            FailureKind::Local => "network",
-        }));
+        self.a_kind.push(a.failure.map(FailureKind::record_name));
         self.a_error.push(a.error.as_deref());
         self.a_snippet.push((!a.response_snippet.is_empty()).then_some(a.response_snippet.as_str()));
         let list = if a.succeeded() { &mut self.ep_ok } else { &mut self.ep_failed };

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::endpoints::{
     Caller, DeliveryCursor, EndpointPatch, Endpoints, HistoryQuery, ListCursor, NewEndpoint,
 };
+use crate::admin::probe::{ProbeError, Prober};
 use crate::ops::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
@@ -37,7 +38,7 @@ use requests::{
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// The operations, as routed (`POST /api/<name>`).
-pub const OPERATIONS: [&str; 7] = [
+pub const OPERATIONS: [&str; 8] = [
     "webhooks-create",
     "webhooks-list",
     "webhooks-get",
@@ -45,6 +46,7 @@ pub const OPERATIONS: [&str; 7] = [
     "webhooks-delete",
     "webhooks-deliveries",
     "webhooks-attempts",
+    "webhooks-test",
 ];
 
 /// Default and bounds of `webhooks-deliveries`' `limit`.
@@ -63,6 +65,8 @@ pub struct ApiState {
     limiter: Arc<RateLimiter>,
     metrics: Arc<Metrics>,
     max_body: usize,
+    /// Sends `webhooks-test` requests (set by `app` once dispatch's client exists).
+    prober: Option<Prober>,
 }
 
 impl ApiState {
@@ -74,7 +78,13 @@ impl ApiState {
         metrics: Arc<Metrics>,
         max_body: usize,
     ) -> Self {
-        ApiState { endpoints, auth: Arc::new(auth), limiter: Arc::new(limiter), metrics, max_body }
+        ApiState { endpoints, auth: Arc::new(auth), limiter: Arc::new(limiter), metrics, max_body, prober: None }
+    }
+
+    /// `webhooks-test` sends through `prober` (without one it answers `webhooks.internal`).
+    pub fn with_prober(mut self, prober: Prober) -> Self {
+        self.prober = Some(prober);
+        self
     }
 }
 
@@ -88,6 +98,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/webhooks-delete", post(delete))
         .route("/api/webhooks-deliveries", post(deliveries))
         .route("/api/webhooks-attempts", post(attempts))
+        .route("/api/webhooks-test", post(test_endpoint))
         .route("/api/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -194,6 +205,19 @@ async fn attempts(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> 
     let delivery_id = uuid_field("delivery_id", r.delivery_id.as_deref())?;
     let limit = limit_field(r.limit, ATTEMPTS_LIMIT)?;
     Ok(ok(json!({ "attempts": s.endpoints.attempts(caller, delivery_id, limit).await? })))
+}
+
+async fn test_endpoint(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (caller, body) = prologue(&s, &headers, body).await?;
+    let r: IdRequest = parse(&body)?;
+    let id = uuid_field("id", r.id.as_deref())?;
+    let prober = s.prober.as_ref().ok_or_else(|| ApiError::Internal("webhooks-test has no prober".into()))?;
+    let outcome = prober.test(caller, id).await.map_err(|e| match e {
+        ProbeError::Endpoint(e) => ApiError::from(e),
+        ProbeError::Busy => ApiError::RateLimited(1),
+        e @ ProbeError::Secret(_) => ApiError::Internal(e.to_string()),
+    })?;
+    Ok(ok(json!(outcome)))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

@@ -32,7 +32,7 @@ pub struct ListRequest {
     pub cursor: Option<String>,
 }
 
-/// `webhooks-get` and `webhooks-delete`.
+/// `webhooks-get`, `webhooks-delete` and `webhooks-test`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdRequest {
@@ -83,7 +83,7 @@ pub struct AttemptsRequest {
 }
 
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
-pub const FIELDS: [(&str, &[&str]); 7] = [
+pub const FIELDS: [(&str, &[&str]); 8] = [
     ("webhooks-create", &["url", "description", "events"]),
     ("webhooks-list", &["limit", "cursor"]),
     ("webhooks-get", &["id"]),
@@ -91,6 +91,7 @@ pub const FIELDS: [(&str, &[&str]); 7] = [
     ("webhooks-delete", &["id"]),
     ("webhooks-deliveries", &["endpoint_id", "limit", "status", "event_type", "cursor"]),
     ("webhooks-attempts", &["delivery_id", "limit"]),
+    ("webhooks-test", &["id"]),
 ];
 
 /// Parses a JSON object body into `T`, naming the field of any error.
