@@ -111,10 +111,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             let slot = &cfg.replication.slot;
             match migrated.slot {
-                crate::source::slot::Prepared::Created { lsn, failover } => println!(
-                    "created replication slot {slot} at {lsn}{}: every change committed from now on is delivered",
-                    if failover { " (failover = true)" } else { "" }
-                ),
+                crate::source::slot::Prepared::Created { lsn, failover } => {
+                    println!(
+                        "created replication slot {slot} at {lsn}{}: every change committed from now on is delivered",
+                        if failover { " (failover = true)" } else { "" }
+                    );
+                    if failover {
+                        println!("{}", standby_check(slot.as_str()));
+                    }
+                }
                 crate::source::slot::Prepared::Adopted { lsn } => {
                     println!("adopted the existing replication slot {slot} at {lsn}")
                 }
@@ -170,6 +175,9 @@ fn print_reset(r: &crate::source::slot::ResetReport) {
                 ""
             }
         );
+        if r.failover {
+            println!("{}", standby_check(&r.slot));
+        }
     }
     match &r.gap {
         Some(g) => println!(
@@ -198,4 +206,13 @@ async fn watch_signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
+}
+
+/// What to check on a standby before relying on a failover after a slot was created.
+fn standby_check(slot: &str) -> String {
+    format!(
+        "a standby carries the new slot only once walhook run has streamed from it: until then a failover loses it \
+         (walhook then reports it lost). Before relying on a failover, check on the standby: SELECT synced, \
+         temporary FROM pg_replication_slots WHERE slot_name = '{slot}' (synced and not temporary)"
+    )
 }

@@ -6,7 +6,8 @@
 //! (or stands by because another replica holds the lock: never during its own start or
 //! reconnect) and the store writer makes progress, otherwise 503 with a JSON reason naming the
 //! cause (a lost slot or a failing prerequisite, see `slot`; replication's last error while it
-//! is not streaming; a stalled store with what it waits on). Neither `/readyz` nor a scrape
+//! is not streaming; a stalled store with what it waits on; on the streaming replica, a
+//! primary that has held back every change for 30 s for a standby nothing streams from). Neither `/readyz` nor a scrape
 //! waits on the database: readiness reads state the stages keep, and whether the database
 //! answers is checked every [`PING_EVERY`] on a connection of its own, never one of the pool
 //! the deliveries need. The monitor or the check ending before shutdown ends this stage with
@@ -76,6 +77,9 @@ const MONITOR_EVERY: Duration = Duration::from_secs(5);
 pub const PING_EVERY: Duration = Duration::from_secs(2);
 /// A check not answered within this counts as no answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// The streaming replica is not ready once the primary has held back changes for a standby
+/// nothing streams from for this long (a standby restarting is not an outage).
+const HELD_BACK_NOT_READY: Duration = Duration::from_secs(30);
 /// The database counts as unreachable when no check answered for this long.
 const PING_FRESH: Duration = Duration::from_secs(7);
 
@@ -136,8 +140,17 @@ async fn readyz(State(s): State<Health>) -> impl IntoResponse {
         Some(slot_problem)
     } else if !streaming && !standby {
         Some(not_streaming(&s.status))
+    } else if let Some(why) = s.store.problem() {
+        Some(format!("the store writer cannot make progress: {why}"))
     } else {
-        s.store.problem().map(|why| format!("the store writer cannot make progress: {why}"))
+        s.status.held_back(HELD_BACK_NOT_READY).filter(|_| streaming).map(|slots| {
+            format!(
+                "the primary holds back every change from walhook: synchronized_standby_slots names {slots}, which \
+                 no standby streams from (a standby down, or the setting left over from before a promotion); start \
+                 the standby, or remove it from synchronized_standby_slots and reload (runbook: \
+                 WalhookHeldBackByStandby)"
+            )
+        })
     };
     let (code, mut body) = match reason {
         None => (StatusCode::OK, serde_json::json!({"ready": true, "standby": standby && !streaming})),
@@ -158,7 +171,9 @@ fn failover_json(view: &crate::pg::failover::FailoverView, slot: &str) -> serde_
         "standby_slots": view.standby_slots,
         "max_slot_wal_keep_size": view.max_slot_wal_keep_size,
         "idle_replication_slot_timeout": view.idle_replication_slot_timeout,
-        "advice": view.advice(slot).into_iter().chain(view.notes(slot)).collect::<Vec<_>>(),
+        "held_back_by": view.held_back_by(),
+        "advice": view.advice(slot),
+        "notes": view.notes(slot),
     })
 }
 
@@ -219,6 +234,8 @@ async fn monitor(s: Health, shutdown: CancellationToken) {
             s.metrics.slot_failover.set(i64::from(view.slot_failover == Some(true)));
             s.metrics.failover_standbys.set(view.standby_slots.len() as i64);
             s.metrics.failover_ready.set(i64::from(view.ready()));
+            s.metrics.physical_standbys.set(view.physical_standbys);
+            s.metrics.held_back.set(i64::from(!view.held_back_by().is_empty()));
             s.status.set_failover(view);
             let g = (s.gauges)(&client).await?;
             s.metrics.pending.set(g.pending);

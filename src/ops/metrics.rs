@@ -77,6 +77,11 @@ pub const FAILOVER_STANDBYS: &str = "walhook_replication_failover_standbys";
 /// failover slot, and every standby named in `synchronized_standby_slots` connected with the
 /// WAL up to the slot's confirmed position.
 pub const FAILOVER_READY: &str = "walhook_replication_failover_ready";
+/// Physical slots a standby streams from now (named in `synchronized_standby_slots` or not).
+pub const PHYSICAL_STANDBYS: &str = "walhook_replication_physical_standbys";
+/// 1 while the primary holds back every change from walhook for a standby slot named in
+/// `synchronized_standby_slots` that no standby streams from.
+pub const HELD_BACK: &str = "walhook_replication_held_back_by_standby";
 /// 1 while a prerequisite re-checked during streaming fails, by check (table,
 /// replica_identity, publication).
 pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing";
@@ -149,6 +154,10 @@ pub struct Metrics {
     pub failover_standbys: IntGauge,
     /// See [`FAILOVER_READY`].
     pub failover_ready: IntGauge,
+    /// See [`PHYSICAL_STANDBYS`].
+    pub physical_standbys: IntGauge,
+    /// See [`HELD_BACK`].
+    pub held_back: IntGauge,
     /// See [`PAYLOAD_MEMORY_BYTES`].
     pub payload_memory: IntGauge,
     /// See [`PAYLOAD_MEMORY_LIMIT_BYTES`].
@@ -295,6 +304,12 @@ impl Metrics {
                 FAILOVER_READY,
                 "1 when the slot is a failover slot and every standby in synchronized_standby_slots is connected \
                  with the WAL up to the slot's confirmed position.",
+            ),
+            physical_standbys: gauge(PHYSICAL_STANDBYS, "Physical slots a standby streams from now."),
+            held_back: gauge(
+                HELD_BACK,
+                "1 while the primary holds back every change from walhook for a standby slot named in \
+                 synchronized_standby_slots that no standby streams from.",
             ),
             prerequisite_failing: {
                 let g = reg(

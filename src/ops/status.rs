@@ -32,6 +32,8 @@ pub struct ReplicationStatus {
     /// What the primary shows about failover safety (shown by `/readyz`, never a reason to be
     /// not ready).
     failover: Mutex<Option<crate::pg::failover::FailoverView>>,
+    /// Since when the primary has held back changes for a standby nothing streams from.
+    held_back_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl ReplicationStatus {
@@ -40,9 +42,47 @@ impl ReplicationStatus {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
-    /// Keeps the latest failover view.
+    /// Keeps the latest failover view; one WARN when the primary starts holding back changes
+    /// for a standby nothing streams from (from the replica that streams), one INFO when it
+    /// stops.
     pub(crate) fn set_failover(&self, view: crate::pg::failover::FailoverView) {
+        let held = view.held_back_by().join(", ");
+        {
+            let mut since = self.held_back_since.lock().unwrap_or_else(|p| p.into_inner());
+            let streaming = self.streaming.load(std::sync::atomic::Ordering::Relaxed);
+            match (since.is_some(), held.is_empty()) {
+                (false, false) => {
+                    *since = Some(std::time::Instant::now());
+                    if streaming {
+                        tracing::warn!(
+                            standby_slots = %held,
+                            "the primary holds back every change from walhook: synchronized_standby_slots names {held}, \
+                             which no standby streams from (see /readyz's failover member and the runbook \
+                             WalhookHeldBackByStandby)"
+                        );
+                    }
+                }
+                (true, true) => {
+                    *since = None;
+                    if streaming {
+                        tracing::info!("the primary no longer holds back changes for a standby");
+                    }
+                }
+                _ => {}
+            }
+        }
         *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+    }
+
+    /// The standby slots the primary has held back changes for since at least `at_least`
+    /// ago, if it has.
+    pub fn held_back(&self, at_least: std::time::Duration) -> Option<String> {
+        let since = (*self.held_back_since.lock().unwrap_or_else(|p| p.into_inner()))?;
+        if since.elapsed() < at_least {
+            return None;
+        }
+        let view = self.failover()?;
+        Some(view.held_back_by().join(", ")).filter(|h| !h.is_empty())
     }
 
     /// The latest failover view, if one was read.

@@ -77,13 +77,6 @@ impl FailoverView {
         if !self.supported() {
             return out;
         }
-        if self.slot_failover == Some(false) {
-            out.push(format!(
-                "replication slot {slot} has failover = false, so no standby carries it: walhook alters it on start \
-                 (as a role with REPLICATION); by hand: psql \"dbname=... replication=database\" -c \
-                 'ALTER_REPLICATION_SLOT {slot} (FAILOVER true)'"
-            ));
-        }
         if self.standby_slots.is_empty() && self.physical_standbys > 0 {
             out.push(
                 "a standby streams from this primary but synchronized_standby_slots is empty: the primary may send walhook changes a standby has not \
@@ -113,9 +106,26 @@ impl FailoverView {
         out
     }
 
+    /// The standby slots the primary waits for before it sends walhook anything, but that no
+    /// standby streams from (missing, or nothing connected): while one is there, walhook
+    /// receives no changes at all.
+    pub fn held_back_by(&self) -> Vec<&str> {
+        if !self.supported() {
+            return Vec::new();
+        }
+        self.standby_slots.iter().filter(|s| !s.exists || !s.active).map(|s| s.name.as_str()).collect()
+    }
+
     /// What an operator should know though nothing is wrong (an INFO each): the version cannot
-    /// carry the slot, or no standby is set up to.
+    /// carry the slot, no standby is set up to, or the slot is about to be made a failover slot.
     pub fn notes(&self, slot: &str) -> Vec<String> {
+        if self.supported() && self.slot_failover == Some(false) {
+            return vec![format!(
+                "replication slot {slot} has failover = false, so no standby carries it: walhook alters it before \
+                 it next streams from it (as a role with REPLICATION; it says so if it cannot). By hand, walhook \
+                 stopped: psql \"dbname=... replication=database\" -c 'ALTER_REPLICATION_SLOT {slot} (FAILOVER true)'"
+            )];
+        }
         if self.primary && !self.supported() {
             return vec![format!(
                 "PostgreSQL {} does not carry logical replication slots to a standby: after a failover, slot {slot} \
@@ -175,13 +185,17 @@ pub async fn inspect(client: &impl GenericClient, slot: &str) -> Result<Failover
     })
 }
 
-/// A list setting's names: comma-separated, each maybe double-quoted.
+/// A list setting's names as PostgreSQL reads them: comma-separated identifiers, folded to
+/// lower case unless double-quoted.
 fn parse_list(value: &str) -> Vec<String> {
     value
         .split(',')
         .map(|n| n.trim())
         .filter(|n| !n.is_empty())
-        .map(|n| n.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or(n).replace("\"\"", "\""))
+        .map(|n| match n.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => n.to_lowercase(),
+        })
         .collect()
 }
 
@@ -224,8 +238,9 @@ mod tests {
         unnamed.physical_standbys = 1;
         let empty = unnamed.advice("w").join("\n");
         assert!(empty.contains("synchronized_standby_slots") && empty.contains("sync_replication_slots = on"));
-        let off = view(170_000, Some(false), &[(true, true, true)]).advice("w").join("\n");
-        assert!(off.contains("ALTER_REPLICATION_SLOT w (FAILOVER true)"), "{off}");
+        let off = view(170_000, Some(false), &[(true, true, true)]);
+        assert!(off.advice("w").is_empty(), "walhook alters it itself: not a warning");
+        assert!(off.notes("w")[0].contains("ALTER_REPLICATION_SLOT w (FAILOVER true)"));
         let missing = view(170_000, Some(true), &[(false, false, false)]).advice("w").join("\n");
         assert!(missing.contains("s0, which is not a physical slot"), "{missing}");
         let mut idle = view(180_006, Some(true), &[(true, true, true)]);
@@ -239,8 +254,16 @@ mod tests {
     }
 
     #[test]
+    fn walhook_is_held_back_by_a_named_standby_slot_that_nothing_streams_from() {
+        assert!(view(180_006, Some(true), &[(true, true, false)]).held_back_by().is_empty(), "behind is not held");
+        assert_eq!(view(180_006, Some(true), &[(true, true, true), (false, false, false)]).held_back_by(), ["s1"]);
+        assert_eq!(view(180_006, Some(true), &[(true, false, false)]).held_back_by(), ["s0"]);
+        assert!(view(160_000, None, &[(false, false, false)]).held_back_by().is_empty(), "16 has no such setting");
+    }
+
+    #[test]
     fn list_settings_are_split_and_unquoted() {
         assert_eq!(parse_list(""), Vec::<String>::new());
-        assert_eq!(parse_list("a, \"B c\" ,d"), vec!["a", "B c", "d"]);
+        assert_eq!(parse_list("a, \"B c\" ,D"), vec!["a", "B c", "d"], "unquoted names fold to lower case");
     }
 }

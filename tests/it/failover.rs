@@ -13,6 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -380,11 +382,10 @@ async fn a_slot_without_failover_is_altered_on_start_where_postgres_can_carry_it
     let ops = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
     wait_for(Duration::from_secs(30), || async { readyz(ops).await.is_some_and(|(_, b)| b["failover"].is_object()) })
         .await;
-    let (_, body) = readyz(ops).await.unwrap();
-    let advice = body["failover"]["advice"].to_string();
     if server_version(&env).await < 170_000 {
+        let (_, body) = readyz(ops).await.unwrap();
         assert_eq!(body["failover"]["supported"], false, "{body}");
-        assert!(advice.contains("does not carry logical replication slots"), "{body}");
+        assert!(body["failover"]["notes"].to_string().contains("does not carry logical replication slots"), "{body}");
         assert_eq!(env.metric("walhook_replication_slot_failover").await, 0.0);
     } else {
         let failover: bool = env
@@ -397,8 +398,11 @@ async fn a_slot_without_failover_is_altered_on_start_where_postgres_can_carry_it
         assert!(wh.log_text().contains("replication slot altered to failover = true"), "{}", wh.log_text());
         wait_for(Duration::from_secs(30), || async { env.metric("walhook_replication_slot_failover").await == 1.0 })
             .await;
-        assert_eq!(body["failover"]["supported"], true, "{body}");
-        assert!(advice.contains("no standby is set up"), "{body}");
+        let (_, body) = readyz(ops).await.unwrap();
+        assert_eq!((&body["failover"]["supported"], &body["failover"]["slot_failover"]), (&json!(true), &json!(true)));
+        assert!(body["failover"]["notes"].to_string().contains("no standby is set up"), "{body}");
+        let warned = wh.log_text().lines().any(|l| l.contains(" WARN ") && l.contains("failover"));
+        assert!(!warned, "altering is no reason to warn\n{}", wh.log_text());
     }
     // Streaming still delivers.
     env.endpoint(ACCOUNT_A, "a", &["contact.created"]).await;
@@ -450,6 +454,60 @@ async fn a_slot_invalidated_for_idleness_is_reported_with_the_setting_to_change(
     }
     let log = wh.log_text();
     assert!(log.contains("idle_replication_slot_timeout is 1s"), "the start-up warning names the setting\n{log}");
+    wh.sigterm();
+    wh.wait_exit(Duration::from_secs(30)).await;
+    drop(cluster);
+}
+
+/// The setting a promotion leaves behind (or a standby that is down): the primary waits for a
+/// standby slot nothing streams from and sends walhook nothing. That is loud: a WARN, the
+/// gauge, and after 30 s the streaming replica is not ready, naming the slot; it recovers as
+/// soon as the setting is fixed, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_holding_back_changes_for_a_missing_standby_is_loud_and_nothing_is_lost() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "failover_held").await;
+    if server_version(&env).await < 170_000 {
+        eprintln!("skipped: synchronized_standby_slots is new in PostgreSQL 17");
+        return;
+    }
+    env.endpoint(ACCOUNT_A, "a", &["contact.created"]).await;
+    let mut wh = env.spawn_binary("");
+    env.ready(Readiness::Streaming).await;
+    // Unquoted, as an operator types it: PostgreSQL folds it to lower case.
+    env.sql("ALTER SYSTEM SET synchronized_standby_slots = 'Gone_Standby'").await;
+    env.sql("SELECT pg_reload_conf()").await;
+    env.sql(&format!(
+        "INSERT INTO contacts (id, account_id, first_name) VALUES ('{}', '{ACCOUNT_A}', 'held')",
+        row_id(1)
+    ))
+    .await;
+    let ops = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        last = readyz(ops).await.or(last);
+        if let Some((503, body)) = &last {
+            let reason = body["reason"].as_str().unwrap_or_default();
+            if reason.contains("holds back every change") {
+                assert!(reason.contains("gone_standby"), "{reason}");
+                assert_eq!(body["failover"]["held_back_by"], json!(["gone_standby"]), "{body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never reported: /readyz said {last:?}\n{}", wh.log_text());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(env.metric("walhook_replication_held_back_by_standby").await, 1.0);
+    assert_eq!(env.receiver.count(), 0, "held back: nothing reached walhook");
+    assert!(wh.log_text().contains("the primary holds back every change from walhook"), "{}", wh.log_text());
+
+    env.sql("ALTER SYSTEM SET synchronized_standby_slots = ''").await;
+    env.sql("SELECT pg_reload_conf()").await;
+    env.receiver.wait_until(Duration::from_secs(60), |r| r.len() == 1).await.expect("delivered once released");
+    env.ready(Readiness::Streaming).await;
+    wait_for(Duration::from_secs(30), || async { env.metric("walhook_replication_held_back_by_standby").await == 0.0 })
+        .await;
     wh.sigterm();
     wh.wait_exit(Duration::from_secs(30)).await;
     drop(cluster);
