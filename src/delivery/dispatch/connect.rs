@@ -8,7 +8,8 @@
 //! - At most [`Gate`]'s capacity of connections are open at once, in flight and idle in the
 //!   pool together (`dispatch.max_concurrency` + [`IDLE_KEPT`], counted in the descriptor
 //!   budget). A new connection past it closes the pooled connection idle the longest (its last
-//!   byte was an answer read, at least [`REAP_AFTER`] ago) and waits, within the connect
+//!   byte was an answer read, at least [`REAP_AFTER`] ago, and no answer is still being read on
+//!   it: [`InFlight`]) and waits, within the connect
 //!   timeout, for its place: one that finds none fails as a local failure ([`GateFull`]),
 //!   retried without spending an attempt, never as the receiver's.
 //! - TLS verifies the receiver's certificate against the Mozilla roots and
@@ -19,7 +20,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,7 +60,34 @@ struct Track {
     last_ms: AtomicU64,
     /// [`WROTE`] or [`READ`]: whether it waits for an answer or has its answer.
     last: AtomicU8,
+    /// Requests whose answer is still being read on it (headers in, body coming).
+    answering: Arc<AtomicUsize>,
     fd: RawFd,
+}
+
+/// Marks a connection as reading an answer, from the response's headers to the end of its
+/// body: the HTTP client hands it over in the response's extensions (see [`Tls`]), and the
+/// sender holds [`InFlight::reading`]'s guard while it reads the body. A connection reading
+/// an answer is never closed to make room.
+#[derive(Debug, Clone)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one answer being read until the guard is dropped.
+    pub fn reading(&self) -> Reading {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Reading(self.0.clone())
+    }
+}
+
+/// See [`InFlight::reading`].
+#[derive(Debug)]
+pub struct Reading(Arc<AtomicUsize>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 const WROTE: u8 = 1;
@@ -107,14 +135,15 @@ impl Gate {
 
     /// Shuts down the connection whose answer was read the longest ago (at least
     /// [`REAP_AFTER`]): its connection task ends at once, closing the socket and freeing its
-    /// place. A connection waiting for an answer is never chosen.
+    /// place. A connection waiting for an answer, or still reading one (its headers in, its
+    /// body coming: [`InFlight`]), is never chosen.
     fn reap_idlest(&self) -> bool {
         let now = self.now_ms();
         let mut live = self.live.lock().expect("gate lock");
         live.retain(|w| w.strong_count() > 0);
         let idlest = (live.iter())
             .filter_map(Weak::upgrade)
-            .filter(|t| t.last.load(Ordering::Relaxed) == READ)
+            .filter(|t| t.last.load(Ordering::Relaxed) == READ && t.answering.load(Ordering::SeqCst) == 0)
             .filter(|t| now.saturating_sub(t.last_ms.load(Ordering::Relaxed)) >= REAP_AFTER.as_millis() as u64)
             .min_by_key(|t| t.last_ms.load(Ordering::Relaxed));
         let Some(t) = idlest else { return false };
@@ -127,7 +156,12 @@ impl Gate {
     }
 
     fn track(&self, fd: RawFd) -> Arc<Track> {
-        let t = Arc::new(Track { last_ms: AtomicU64::new(self.now_ms()), last: AtomicU8::new(WROTE), fd });
+        let t = Arc::new(Track {
+            last_ms: AtomicU64::new(self.now_ms()),
+            last: AtomicU8::new(WROTE),
+            answering: Arc::new(AtomicUsize::new(0)),
+            fd,
+        });
         self.live.lock().expect("gate lock").push(Arc::downgrade(&t));
         t
     }
@@ -186,11 +220,13 @@ pub struct Tls(tokio_rustls::client::TlsStream<Counted>);
 
 impl Connection for Tls {
     fn connected(&self) -> Connected {
-        let h2 = self.0.get_ref().1.alpn_protocol() == Some(b"h2");
-        if h2 {
-            Connected::new().negotiated_h2()
+        let (counted, session) = self.0.get_ref();
+        // Handed to each response on this connection (hyper-util puts it in its extensions).
+        let connected = Connected::new().extra(InFlight(counted.track.answering.clone()));
+        if session.alpn_protocol() == Some(b"h2") {
+            connected.negotiated_h2()
         } else {
-            Connected::new()
+            connected
         }
     }
 }
@@ -367,5 +403,62 @@ mod tests {
         assert_eq!(n, 0);
         drop(reaped);
         assert!(gate.enter(Instant::now() + Duration::from_secs(1)).await.is_ok());
+    }
+
+    /// A receiver that sends its status and headers at once and its body later: while the
+    /// body is coming, its connection is never the one closed to make room.
+    #[cfg(feature = "demo")]
+    #[tokio::test]
+    async fn a_connection_still_reading_its_answer_is_never_closed_to_make_room() {
+        use http_body_util::{BodyExt, Full};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let ca = crate::local::tls::LocalCa::generate().unwrap();
+        let mut server_tls = (*ca.server_config().unwrap()).clone();
+        server_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n").await.unwrap();
+            tls.flush().await.unwrap();
+            tokio::time::sleep(REAP_AFTER * 3).await;
+            tls.write_all(b"ok").await.unwrap();
+            tls.flush().await.unwrap();
+            let _ = tls.read(&mut buf).await; // keep it open until the client goes
+        });
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::security::tls::read_pem_certs(&ca.write_ca_pem(dir.path()).unwrap()).unwrap() {
+            roots.add(c).unwrap();
+        }
+        crate::security::tls::install_crypto_provider();
+        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let gate = Arc::new(Gate::new(1));
+        let policy = Arc::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
+        let connector = Connector::new(policy, Arc::new(tls), Duration::from_secs(2), gate.clone());
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build::<_, Full<bytes::Bytes>>(connector);
+        let request = hyper::Request::post(format!("https://127.0.0.1:{port}/")).body(Full::default()).unwrap();
+        let resp = client.request(request).await.unwrap();
+        let reading = resp.extensions().get::<InFlight>().expect("the client hands the connection's marker over");
+        let guard = reading.reading();
+        tokio::time::sleep(REAP_AFTER * 2).await;
+        assert!(!gate.reap_idlest(), "headers read long ago, but the body is still coming");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok", "the answer arrived whole");
+        drop(guard);
+        tokio::time::sleep(REAP_AFTER * 2).await;
+        assert!(gate.reap_idlest(), "answered and idle: now it may make room");
     }
 }

@@ -128,6 +128,8 @@ impl Sender {
         // The whole attempt, connecting to reading the answer, within the request timeout.
         let answer = tokio::time::timeout(self.request_timeout, async {
             let resp = self.client.request(request).await.map_err(Failed::Client)?;
+            // Its connection is not closed to make room while the body is still coming.
+            let _reading = resp.extensions().get::<super::connect::InFlight>().map(super::connect::InFlight::reading);
             let (parts, mut body) = resp.into_parts();
             let mut read = 0usize;
             let mut snippet = Vec::new();
