@@ -413,8 +413,22 @@ mod tests {
         use http_body_util::{BodyExt, Full};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        let ca = crate::local::tls::LocalCa::generate().unwrap();
-        let mut server_tls = (*ca.server_config().unwrap()).clone();
+        // A CA and a certificate for 127.0.0.1 (rcgen, as the demo's local CA makes them).
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        crate::security::tls::install_crypto_provider();
+        let server_key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut server_tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], server_key)
+            .unwrap();
         server_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -436,12 +450,8 @@ mod tests {
             let _ = tls.read(&mut buf).await; // keep it open until the client goes
         });
 
-        let dir = tempfile::tempdir().unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        for c in crate::security::tls::read_pem_certs(&ca.write_ca_pem(dir.path()).unwrap()).unwrap() {
-            roots.add(c).unwrap();
-        }
-        crate::security::tls::install_crypto_provider();
+        roots.add(ca.der().clone()).unwrap();
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let gate = Arc::new(Gate::new(1));
         let policy = Arc::new(AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
