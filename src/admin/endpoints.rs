@@ -6,8 +6,9 @@
 //! another account's endpoint is indistinguishable from a missing one (`NotFound`); the full
 //! secret leaves this module only once, from `create`; a request that fails validation
 //! writes nothing; no text field stores a control character, a format character (such as a
-//! right-to-left override or a zero-width space) or a line or paragraph separator; a stored URL is at most
-//! `MAX_URL_LEN` characters as stored (after normalisation); an account never holds more
+//! right-to-left override or a zero-width space) or a line or paragraph separator; a URL is at most
+//! `MAX_URL_LEN` characters as sent (the OpenAPI document's `maxLength`) and at most
+//! `MAX_STORED_URL_LEN` as stored (normalised: a space becomes `%20`); an account never holds more
 //! endpoints than its quota, however its creates interleave (they are serialised per account).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -25,8 +26,10 @@ use crate::store;
 pub use crate::store::deliveries::DeliveryView;
 use crate::store::endpoints::StoredEndpoint;
 
-/// Longest accepted URL.
+/// Longest accepted URL, in characters as sent.
 pub const MAX_URL_LEN: usize = 2048;
+/// Longest URL stored and sent, once normalised (percent-encoding lengthens some characters).
+pub const MAX_STORED_URL_LEN: usize = 8192;
 /// Longest accepted description, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 500;
 /// Class of the transaction-level advisory lock that serialises one account's creates (the
@@ -156,17 +159,24 @@ pub struct ListCursor {
 }
 
 impl ListCursor {
-    /// The opaque text handed to the client.
+    /// The text handed to the client: `<microseconds>_<id>`, the OpenAPI document's pattern.
     pub fn encode(&self) -> String {
-        B64URL.encode(format!("{}:{}", self.created_at.timestamp_micros(), self.id))
+        format!("{}_{}", self.created_at.timestamp_micros(), self.id)
     }
 
-    /// Reads a cursor this module produced.
+    /// Reads a cursor this module produced (also the base64 form earlier versions handed out).
     pub fn decode(text: &str) -> Result<Self, EndpointError> {
         let bad = || invalid("cursor is not one webhooks-list returned");
-        let raw = B64URL.decode(text).map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
-        let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+        let (micros, id) = match text.split_once('_') {
+            Some((micros, id)) if micros.bytes().all(|b| b.is_ascii_digit()) && id.len() == 36 => {
+                (micros.to_owned(), id.to_owned())
+            }
+            _ => {
+                let raw = String::from_utf8(B64URL.decode(text).map_err(|_| bad())?).map_err(|_| bad())?;
+                let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+                (micros.to_owned(), id.to_owned())
+            }
+        };
         let micros: i64 = micros.parse().map_err(|_| bad())?;
         // Endpoints are created after 1970 and before 10000: anything outside is forged (and
         // could be outside the database's range for a timestamp).
@@ -175,7 +185,7 @@ impl ListCursor {
         }
         Ok(ListCursor {
             created_at: DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
-            id: Uuid::parse_str(id).map_err(|_| bad())?,
+            id: Uuid::parse_str(&id).map_err(|_| bad())?,
         })
     }
 }
@@ -200,26 +210,21 @@ pub struct DeliveryCursor {
 }
 
 impl DeliveryCursor {
-    /// The opaque text handed to the client.
+    /// The text handed to the client: `<commit position>.<place in the transaction>`, the
+    /// OpenAPI document's pattern (any text of that pattern is a valid place to start from).
     pub fn encode(&self) -> String {
-        B64URL.encode(format!("d:{}:{}", self.commit_lsn, self.seq))
+        format!("{}.{}", self.commit_lsn, self.seq)
     }
 
-    /// Reads a cursor this module produced.
+    /// Reads a cursor of that pattern.
     pub fn decode(text: &str) -> Result<Self, EndpointError> {
         let bad = || invalid("cursor is not one webhooks-deliveries returned");
-        let raw = B64URL.decode(text).map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
-        let mut parts = raw.split(':');
-        let (Some("d"), Some(lsn), Some(seq), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
-        };
-        let commit_lsn: i64 = lsn.parse().map_err(|_| bad())?;
-        let seq: i32 = seq.parse().map_err(|_| bad())?;
-        if commit_lsn < 0 || seq < 0 {
+        let (lsn, seq) = text.split_once('.').ok_or_else(bad)?;
+        let digits = |t: &str, max: usize| !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(lsn, 18) || !digits(seq, 9) {
             return Err(bad());
         }
-        Ok(DeliveryCursor { commit_lsn, seq })
+        Ok(DeliveryCursor { commit_lsn: lsn.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
     }
 }
 
@@ -389,21 +394,23 @@ impl Endpoints {
         Ok((rows.into_iter().map(|(view, _)| view).collect(), next))
     }
 
-    /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters, and
-    /// no literal address in a forbidden range.
+    /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters as sent
+    /// (8,192 once normalised), and no literal address in a forbidden range.
     pub fn check_url(&self, url: Option<&str>) -> Result<String, EndpointError> {
         let raw = url.map(str::trim).filter(|u| !u.is_empty()).ok_or(EndpointError::UrlRequired)?;
-        let too_long = || EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters"));
-        if raw.len() > MAX_URL_LEN {
-            return Err(too_long());
+        if raw.chars().count() > MAX_URL_LEN {
+            return Err(EndpointError::InvalidUrl(format!("must be at most {MAX_URL_LEN} characters")));
         }
         if raw.chars().any(|c| c.is_control() || crate::security::invisible::is_invisible(c)) {
             return Err(EndpointError::InvalidUrl("must not contain control or invisible format characters".into()));
         }
         let parsed = Url::parse(raw).map_err(|_| EndpointError::InvalidUrl("must be a valid HTTPS URL".into()))?;
-        // What is stored and sent is the normalised form (a space becomes `%20`): measure that.
-        if parsed.as_str().len() > MAX_URL_LEN {
-            return Err(too_long());
+        // What is stored and sent is the normalised form (a space becomes `%20`): bound it too.
+        if parsed.as_str().len() > MAX_STORED_URL_LEN {
+            return Err(EndpointError::InvalidUrl(format!(
+                "must be at most {MAX_STORED_URL_LEN} characters once percent-encoded (it is {})",
+                parsed.as_str().len()
+            )));
         }
         if parsed.scheme() != "https" {
             return Err(EndpointError::InvalidUrl("must be a valid HTTPS URL (https://…)".into()));
@@ -481,12 +488,29 @@ mod tests {
     #[test]
     fn delivery_cursors_round_trip_and_forged_ones_are_refused() {
         let c = DeliveryCursor { commit_lsn: 123_456_789, seq: 7 };
+        assert_eq!(c.encode(), "123456789.7");
         assert_eq!(DeliveryCursor::decode(&c.encode()).unwrap(), c);
-        for forged in ["d:-1:0", "d:1:-1", "d:1", "d:1:2:3", "x:1:2", "d:99999999999999999999:1", "d:1:2147483648", ""]
-        {
-            assert!(DeliveryCursor::decode(&B64URL.encode(forged)).is_err(), "{forged}");
+        let widest = DeliveryCursor::decode("999999999999999999.999999999").unwrap();
+        assert_eq!(widest, DeliveryCursor { commit_lsn: 999_999_999_999_999_999, seq: 999_999_999 });
+        for forged in ["-1.0", "1.-1", "1", "1.2.3", "x.2", "9999999999999999999.1", "1.2147483648", "", ".", " 1.2"] {
+            assert!(DeliveryCursor::decode(forged).is_err(), "{forged}");
         }
-        assert!(DeliveryCursor::decode("not base64!").is_err());
         assert!(ListCursor::decode(&c.encode()).is_err(), "a deliveries cursor is not a list cursor");
+    }
+
+    #[test]
+    fn list_cursors_read_both_forms_and_refuse_forged_ones() {
+        let c = ListCursor {
+            created_at: DateTime::from_timestamp_micros(1_764_590_000_123_456).unwrap(),
+            id: Uuid::from_u128(0x880e_8400_e29b_41d4_a716_4466_5544_0000),
+        };
+        assert_eq!(c.encode(), "1764590000123456_880e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(ListCursor::decode(&c.encode()).unwrap(), c);
+        let earlier_form = B64URL.encode(format!("{}:{}", c.created_at.timestamp_micros(), c.id));
+        assert_eq!(ListCursor::decode(&earlier_form).unwrap(), c);
+        let too_late = "99999999999999999999_880e8400-e29b-41d4-a716-446655440000";
+        for forged in [too_late, "1_not-a-uuid-of-thirty-six-characters!", "", "_"] {
+            assert!(ListCursor::decode(forged).is_err(), "{forged}");
+        }
     }
 }

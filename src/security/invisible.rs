@@ -11,7 +11,7 @@
 //! `exe.jpg`) or break lines where a log or terminal does not expect it.
 
 /// Inclusive ranges of the code points in categories Cf, Zl and Zp (Unicode 15.1).
-const RANGES: &[(u32, u32)] = &[
+pub const RANGES: &[(u32, u32)] = &[
     (0x00AD, 0x00AD),
     (0x0600, 0x0605),
     (0x061C, 0x061C),

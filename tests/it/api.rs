@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use walhook::security::secrets::SecretBox;
 
 const JWT_KEY: &str = "driftwood-test-signing-key-of-32-bytes-or-more";
-const OPERATOR_TOKEN: &str = "op-token-7c1f0e9b2d";
+pub(crate) const OPERATOR_TOKEN: &str = "op-token-7c1f0e9b2d";
 
 pub(crate) fn auth_config() -> String {
     let sha = hex(&Sha256::digest(OPERATOR_TOKEN.as_bytes()));
@@ -653,23 +653,34 @@ async fn invisible_format_and_separator_characters_in_text_fields_are_refused_na
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_url_length_is_checked_after_normalisation() {
+async fn the_url_length_is_checked_as_sent_and_the_stored_form_is_bounded() {
     let env = Env::new("api_url_length").await;
     let wh = env.start(&auth_config()).await;
     let api = Api::new(&env);
     let a = jwt(ACCOUNT_A);
     let ev = json!(["contact.created"]);
-    // 700 spaces are 700 characters as sent and 2,100 once normalised to %20.
-    let spaced = format!("https://example.com/a{}b", " ".repeat(700));
-    assert!(spaced.len() < 2048);
-    let msg = api.err("webhooks-create", &a, json!({ "url": spaced, "events": ev }), 400, "webhooks.invalid_url").await;
+    // The document's maxLength counts characters as sent: 2,048 of them are accepted, even
+    // when normalising lengthens them (a host-only URL gains its "/").
+    let host = format!("https://{}.example.com", "a".repeat(2048 - "https://.example.com".len()));
+    assert_eq!(host.chars().count(), 2048);
+    let made = api.ok("webhooks-create", &a, json!({ "url": host, "events": ev })).await;
+    assert_eq!(made["endpoint"]["url"], format!("{host}/"));
+    let id = made["endpoint"]["id"].clone();
+    let over = format!("{host}a");
+    let msg = api.err("webhooks-update", &a, json!({ "id": id, "url": over }), 400, "webhooks.invalid_url").await;
     assert!(msg.contains("2048"), "{msg}");
-    let id = api.ok("webhooks-create", &a, json!({ "url": "https://example.com/a b", "events": ev })).await;
-    assert_eq!(id["endpoint"]["url"], "https://example.com/a%20b", "stored normalised");
-    let id = id["endpoint"]["id"].clone();
-    api.err("webhooks-update", &a, json!({ "id": id, "url": spaced }), 400, "webhooks.invalid_url").await;
+    // 700 spaces are 721 characters as sent and 2,121 once normalised to %20: accepted, stored
+    // normalised.
+    let spaced = format!("https://example.com/a{}b", " ".repeat(700));
+    let made = api.ok("webhooks-update", &a, json!({ "id": id, "url": spaced })).await;
+    assert_eq!(made["endpoint"]["url"], format!("https://example.com/a{}b", "%20".repeat(700)));
+    // What normalising makes of 2,048 characters is bounded too: 1,600 two-byte letters are
+    // 9,600 characters percent-encoded.
+    let wide = format!("https://example.com/{}", "é".repeat(1600));
+    let msg = api.err("webhooks-update", &a, json!({ "id": id, "url": wide }), 400, "webhooks.invalid_url").await;
+    assert!(msg.contains("8192"), "{msg}");
     let longest: i64 = env.scalar_i64("SELECT max(length(url))::int8 FROM walhook.endpoints").await;
-    assert!(longest <= 2048, "a stored URL is {longest} characters");
+    assert!(longest <= 8192, "a stored URL is {longest} characters");
     wh.stop().await.unwrap();
 }
 

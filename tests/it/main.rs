@@ -18,6 +18,7 @@ mod alerts;
 mod api;
 mod architecture_doc;
 mod config_errors;
+mod contract;
 mod crash;
 mod dashboard;
 mod delivery;

@@ -232,3 +232,30 @@ fn limit_field(limit: Option<i64>, (default, min, max): (i64, i64, i64)) -> Resu
 async fn openapi() -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document's pattern for stored text refuses exactly what walhook refuses: control
+    /// characters and `security::invisible`'s ranges.
+    #[test]
+    fn the_documented_text_pattern_is_the_one_enforced() {
+        let mut class = String::from("\u{0}-\u{1f}\u{7f}-\u{9f}");
+        for &(lo, hi) in crate::security::invisible::RANGES {
+            let (lo, hi) = (char::from_u32(lo).unwrap(), char::from_u32(hi).unwrap());
+            class.push(lo);
+            if hi != lo {
+                class.push('-');
+                class.push(hi);
+            }
+        }
+        let expected = format!("^[^{class}]*$");
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        for op in ["webhooks-create", "webhooks-update"] {
+            let props = &doc["paths"][format!("/api/{op}")]["post"]["requestBody"]["content"]["application/json"]
+                ["schema"]["properties"];
+            assert_eq!(props["description"]["pattern"], json!(expected), "{op}");
+        }
+    }
+}

@@ -27,6 +27,7 @@ pub struct CreateRequest {
 #[serde(deny_unknown_fields)]
 pub struct ListRequest {
     /// 1–100, default 100.
+    #[serde(default, deserialize_with = "integer")]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -63,6 +64,7 @@ pub struct DeliveriesRequest {
     /// Endpoint id.
     pub endpoint_id: Option<String>,
     /// 1–100, default 50.
+    #[serde(default, deserialize_with = "integer")]
     pub limit: Option<i64>,
     /// Only deliveries of this status (`pending`, `delivered`, `failed`).
     pub status: Option<String>,
@@ -79,6 +81,7 @@ pub struct AttemptsRequest {
     /// Delivery id.
     pub delivery_id: Option<String>,
     /// 1–100, default 50.
+    #[serde(default, deserialize_with = "integer")]
     pub limit: Option<i64>,
 }
 
@@ -113,6 +116,19 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// An optional integer field, as JSON Schema counts integers: `16` and `16.0` alike; `null`
+/// is absent.
+fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+        _ => Err(serde::de::Error::custom(format!("expected an integer, not {n}"))),
+    }
+}
+
 /// A required UUID field.
 pub fn uuid_field(name: &str, value: Option<&str>) -> Result<Uuid, ApiError> {
     let value = value.ok_or_else(|| ApiError::InvalidRequest(format!("{name} is required")))?;
@@ -134,6 +150,17 @@ mod tests {
         assert!(matches!(parse::<ListRequest>(b"[]"), Err(ApiError::InvalidRequest(_))));
         assert!(matches!(parse::<ListRequest>(b"{"), Err(ApiError::InvalidRequest(_))));
         assert!(parse::<ListRequest>(b"").is_ok());
+    }
+
+    #[test]
+    fn a_limit_is_an_integer_as_json_schema_counts_them() {
+        assert_eq!(parse::<ListRequest>(br#"{"limit": 16.0}"#).unwrap().limit, Some(16));
+        assert_eq!(parse::<ListRequest>(br#"{"limit": 16}"#).unwrap().limit, Some(16));
+        assert_eq!(parse::<ListRequest>(br#"{"limit": null}"#).unwrap().limit, None);
+        for bad in [r#"{"limit": 16.5}"#, r#"{"limit": "16"}"#, r#"{"limit": 1e300}"#] {
+            let e = parse::<ListRequest>(bad.as_bytes()).unwrap_err();
+            assert!(matches!(&e, ApiError::InvalidRequest(m) if m.starts_with("limit")), "{bad}: {e:?}");
+        }
     }
 
     #[test]

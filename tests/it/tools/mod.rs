@@ -37,6 +37,15 @@ fn python() -> PathBuf {
     }
 }
 
+/// The virtualenv's `schemathesis` (the OpenAPI contract fuzzer), checked to run.
+pub fn schemathesis() -> PathBuf {
+    let bin = venv().join("bin").join("schemathesis");
+    match Command::new(&bin).arg("--version").output() {
+        Ok(out) if out.status.success() => bin,
+        _ => panic!("no schemathesis at {}; install it: {INSTALL_VENV}", bin.display()),
+    }
+}
+
 /// A binary of Debian's prometheus package, found on PATH.
 pub fn prometheus_tool(name: &str) -> PathBuf {
     match Command::new(name).arg("--version").output() {
