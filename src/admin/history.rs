@@ -1,5 +1,6 @@
-//! What a customer reads about past deliveries besides their list: each delivery's attempts,
-//! with why each failed in words a customer can act on.
+//! What a customer reads about past deliveries besides their list (each delivery's attempts,
+//! with why each failed in words a customer can act on), and getting back what failed
+//! (`webhooks-recover`).
 //!
 //! What must hold (docs/architecture.md, invariants 3 and 7): a delivery is found only
 //! through an endpoint of the caller's account (another account's looks missing); only
@@ -46,6 +47,33 @@ impl Endpoints {
             .await?
             .ok_or(EndpointError::DeliveryNotFound)?;
         Ok(records.into_iter().map(view).collect())
+    }
+}
+
+impl Endpoints {
+    /// Requeues the failed deliveries of one of the caller's endpoints committed in
+    /// `[since, until)` (empty when `since` is not before `until`); returns how many. The
+    /// endpoint must be active: requeued deliveries of an inactive one would not be sent.
+    pub async fn recover(
+        &self,
+        caller: Caller,
+        id: Uuid,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<u64, EndpointError> {
+        let endpoint = self.get(caller, id).await?;
+        if !endpoint.is_active {
+            return Err(EndpointError::InvalidRequest(
+                "the endpoint is inactive, so recovered deliveries would not be sent: enable it first \
+                 (webhooks-update with is_active true)"
+                    .into(),
+            ));
+        }
+        if since >= until {
+            return Ok(0); // an empty window
+        }
+        let mut client = self.db().connect().await?;
+        Ok(store::recover::requeue_failed(&mut client, id, since, until).await?)
     }
 }
 

@@ -87,6 +87,8 @@ struct Claimed {
     id: Uuid,
     endpoint: Arc<Endpoint>,
     attempt_no: i32,
+    /// The attempt's place in the retry schedule (since the delivery was last requeued).
+    retry_no: i32,
     /// The body's size; `None` when the payload is gone.
     body_len: Option<i32>,
     /// The body, when it is small enough to come with the claim.
@@ -335,6 +337,7 @@ impl OutboxWorker {
             out.push(Claimed {
                 id: r.id,
                 attempt_no: r.attempt_no,
+                retry_no: r.retry_no,
                 endpoint,
                 body: r.body.map(Bytes::from),
                 committed_at: r.committed_at,
@@ -430,7 +433,7 @@ async fn record(
     metrics: &Metrics,
 ) {
     let now = Utc::now();
-    let outcome = outcome::decide(&attempt, row.attempt_no as usize, retry, now);
+    let outcome = outcome::decide(&attempt, row.retry_no.max(1) as usize, retry, now);
     if let Outcome::LocalRetry(next_attempt_at) = outcome {
         // The receiver was never reached: give the claim's attempt back, retry soon.
         let last_error = format!("local: {}", attempt.error.unwrap_or_default());

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "slot_state", include_str!("../../sql/0004_slot_state.sql")),
     (5, "attempt_kind_payload", include_str!("../../sql/0005_attempt_kind_payload.sql")),
     (6, "slot_ceiling", include_str!("../../sql/0006_slot_ceiling.sql")),
+    (7, "recover", include_str!("../../sql/0007_recover.sql")),
 ];
 
 /// The schema version this build expects.

@@ -682,6 +682,7 @@ impl Replication {
         shutdown: &CancellationToken,
     ) -> Result<(), ReplicationError> {
         let changes = self.router_mut().take_changed();
+        let requeued = self.router_mut().take_requeued();
         if changes.is_empty() {
             return Ok(());
         }
@@ -702,6 +703,10 @@ impl Replication {
             if let Some(ep) = self.router_mut().get(id) {
                 self.send(DispatchMsg::EndpointChanged(ep), shutdown).await?;
             }
+        }
+        // Before any later change: those of these endpoints queue behind the requeued ones.
+        for id in requeued {
+            self.send(DispatchMsg::Requeued(id), shutdown).await?;
         }
         Ok(())
     }

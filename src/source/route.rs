@@ -59,13 +59,24 @@ pub struct Router {
     routing: HashMap<Uuid, Routing>,
     /// Endpoints changed by the transaction being read (`false`: deleted).
     changed: HashMap<Uuid, bool>,
+    /// The last `requeued_at` seen of each endpoint, and those whose value moved in the
+    /// transaction being read (`webhooks-recover` requeued deliveries of theirs).
+    requeued: HashMap<Uuid, String>,
+    requeued_now: Vec<Uuid>,
     secrets: SecretBox,
 }
 
 impl Router {
     /// An empty endpoint set.
     pub fn new(secrets: SecretBox) -> Router {
-        Router { by_account: HashMap::new(), routing: HashMap::new(), changed: HashMap::new(), secrets }
+        Router {
+            by_account: HashMap::new(),
+            routing: HashMap::new(),
+            changed: HashMap::new(),
+            requeued: HashMap::new(),
+            requeued_now: Vec::new(),
+            secrets,
+        }
     }
 
     /// Loads every endpoint as it is now (start-up check that every secret opens; sessions
@@ -179,6 +190,13 @@ impl Router {
             disabled_reason: row.disabled_reason,
         };
         self.changed.insert(id, true);
+        if let Some(at) = row.requeued_at {
+            if self.requeued.get(&id) != Some(&at) {
+                // (Also the first time a session sees it: a needless spill at most.)
+                self.requeued.insert(id, at);
+                self.requeued_now.push(id);
+            }
+        }
         let sending = self.find(id).map(|e| (e.url.clone(), e.signer.clone()));
         self.routing.insert(id, routing);
         // URL and secret: from the row, else as they were; the commit refreshes both from the
@@ -212,9 +230,16 @@ impl Router {
         changed.into_iter().map(|(id, alive)| (id, alive.then(|| self.routing.get(&id).cloned()).flatten())).collect()
     }
 
+    /// The endpoints whose failed deliveries the transaction read so far requeued; clears
+    /// the list.
+    pub fn take_requeued(&mut self) -> Vec<Uuid> {
+        std::mem::take(&mut self.requeued_now)
+    }
+
     /// Forgets the changes of a transaction that will be read again.
     pub fn clear_changed(&mut self) {
         self.changed.clear();
+        self.requeued_now.clear();
     }
 
     /// The endpoints that receive `change`: same account, active, subscribed.
@@ -242,7 +267,23 @@ mod tests {
             events: Some(vec!["contact.created".into()]),
             is_active: Some(true),
             disabled_reason: None,
+            requeued_at: None,
         }
+    }
+
+    #[test]
+    fn a_requeue_is_told_once_per_new_time() {
+        let mut router = Router::new(SecretBox::new(None).unwrap());
+        let e = Uuid::from_u128(7);
+        router.apply(row(e));
+        assert!(router.take_requeued().is_empty());
+        let at = |t: &str| EndpointRow { requeued_at: Some(t.into()), ..row(e) };
+        router.apply(at("2026-12-06 21:00:00+00"));
+        assert_eq!(router.take_requeued(), [e]);
+        router.apply(at("2026-12-06 21:00:00+00"));
+        assert!(router.take_requeued().is_empty(), "the same time is no new requeue");
+        router.apply(at("2026-12-06 22:00:00+00"));
+        assert_eq!(router.take_requeued(), [e]);
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! What must hold: retention deletes in batches of `retention.batch_size` rows (short
 //! statements, `SKIP LOCKED`, so several replicas can run it and no sweep holds long locks);
 //! it removes delivered rows older than `retention.delivered`, failed ones older than
-//! `retention.failed`, the pending rows of deleted endpoints, and events no pending delivery
-//! needs that are older than `retention.delivered` — never anything still pending for an
-//! existing endpoint.
+//! `retention.failed`, the pending rows of deleted endpoints, and events no pending or failed
+//! delivery needs that are older than `retention.delivered` — never anything still pending for
+//! an existing endpoint, nor the payload of a failed delivery `webhooks-recover` may requeue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +131,8 @@ pub async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &Cancella
             }
         }
     }
-    // Payloads nothing pending needs any more.
+    // Payloads nothing pending needs any more, nor a failed delivery that may be recovered
+    // (failed ones are removed after retention.failed, and their payload with them).
     loop {
         let client = db.get().await?;
         let n = client
@@ -139,7 +140,7 @@ pub async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &Cancella
                 "DELETE FROM walhook.events WHERE id IN ( \
                    SELECT e.id FROM walhook.events e \
                    WHERE e.created_at < now() - make_interval(secs => $1) \
-                     AND NOT EXISTS (SELECT 1 FROM walhook.deliveries d WHERE d.event_id = e.id AND d.status = 'pending') \
+                     AND NOT EXISTS (SELECT 1 FROM walhook.deliveries d WHERE d.event_id = e.id AND d.status <> 'delivered') \
                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 &[&delivered, &batch],
             )

@@ -39,6 +39,7 @@ pub(crate) mod deliveries;
 pub(crate) mod endpoints;
 pub mod maintenance;
 pub(crate) mod outbox;
+pub(crate) mod recover;
 mod resilient;
 pub(crate) use resilient::is_refusal;
 pub(crate) mod secrets;

@@ -40,6 +40,9 @@ pub struct Claimed {
     pub id: Uuid,
     /// The attempt this claim is for (the claim counted it).
     pub attempt_no: i32,
+    /// Its place in the retry schedule: `attempt_no` since the delivery was last requeued
+    /// (`webhooks-recover`).
+    pub retry_no: i32,
     /// The endpoint, as stored.
     pub endpoint: StoredEndpoint,
     /// The payload, when at most `inline_max` bytes.
@@ -83,7 +86,8 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
              RETURNING d.id, d.attempt_count, {}, \
                (SELECT CASE WHEN octet_length(ev.body) <= $6 THEN ev.body END \
                 FROM walhook.events ev WHERE ev.id = d.event_id), d.created_at, \
-               (SELECT octet_length(ev.body) FROM walhook.events ev WHERE ev.id = d.event_id)",
+               (SELECT octet_length(ev.body) FROM walhook.events ev WHERE ev.id = d.event_id), \
+               d.attempt_count - d.retry_base",
             endpoints::columns_of("e")
         ))
         .await?;
@@ -101,6 +105,7 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
             body: r.get(after),
             committed_at: r.get(after + 1),
             body_len: r.get(after + 2),
+            retry_no: r.get(after + 3),
         })
         .collect())
 }

@@ -231,3 +231,107 @@ async fn a_test_request_is_signed_sent_now_once_and_answered_with_what_happened(
     api.err("webhooks-test", &a, json!({ "id": id, "url": "https://x" }), 400, "webhooks.invalid_request").await;
     wh.stop().await.unwrap();
 }
+
+/// A receiver down long enough for deliveries to fail: once it is back, `webhooks-recover`
+/// sends each again under its old `webhook-id`, in row order, and a change of the same row
+/// committed right after the recovery waits behind them (it would otherwise overtake them on
+/// the fast path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_resends_failed_deliveries_under_their_ids_in_row_order() {
+    let env = Env::new("history_recover").await;
+    let mut wh = env.start(&auth_config()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created = api
+        .ok(
+            "webhooks-create",
+            &a,
+            json!({ "url": env.receiver.url("r"), "events": ["contact.created", "contact.updated"] }),
+        )
+        .await;
+    env.receiver.set_secret("r", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
+    let failed = "SELECT count(*) FROM walhook.deliveries WHERE status = 'failed'";
+
+    // Down: three changes of two rows fail every attempt.
+    env.receiver.set_default("r", Reply::Status(503));
+    let (x, y) = ("90000000-0000-4000-8000-000000000001", "90000000-0000-4000-8000-000000000002");
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{x}', '{A}', 'x1')")).await;
+    env.sql(&format!("UPDATE contacts SET first_name = 'x2' WHERE id = '{x}'")).await;
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{y}', '{A}', 'y1')")).await;
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(failed).await == 3 }).await;
+    let ids_of_failed: HashSet<String> = {
+        let page = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id, "status": "failed" })).await;
+        ids(&page).into_iter().collect()
+    };
+
+    // Days later (a restart: nothing of it is in memory), the receiver is back, and the
+    // endpoint sends directly again (a change of another row goes out without the outbox).
+    wh.stop().await.unwrap();
+    wh = env.start(&auth_config()).await;
+    env.receiver.set_default("r", Reply::Status(200));
+    let direct = "walhook_deliveries_total{path=\"direct\"}";
+    let mut n = 0;
+    loop {
+        let before = env.metric(direct).await;
+        n += 1;
+        env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'z{n}')")).await;
+        wait_for(Duration::from_secs(30), || async {
+            env.receiver
+                .received()
+                .iter()
+                .any(|r| r.answered == 200 && r.json()["data"]["first_name"] == format!("z{n}"))
+        })
+        .await;
+        if env.metric(direct).await > before {
+            break;
+        }
+        assert!(n < 20, "the endpoint never went back to direct sending");
+    }
+    let down_until = env.receiver.count();
+    // Recover, and at once another change of row x.
+    let since = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let got = api.ok("webhooks-recover", &a, json!({ "id": id, "since": since })).await;
+    assert_eq!(got, json!({ "recovered": 3 }));
+    env.sql(&format!("UPDATE contacts SET first_name = 'x3' WHERE id = '{x}'")).await;
+    let after =
+        |rs: &[walhook::local::receiver::Received]| rs[down_until..].iter().filter(|r| r.answered == 200).count();
+    env.receiver.wait_until(Duration::from_secs(30), |rs| after(rs) >= 4).await.expect("all four arrive");
+    let sent: Vec<_> = env.receiver.received()[down_until..].iter().filter(|r| r.answered == 200).cloned().collect();
+    let names = |row: &str| -> Vec<String> {
+        sent.iter()
+            .filter(|r| r.json()["data"]["id"] == row)
+            .map(|r| r.json()["data"]["first_name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(x), ["x1", "x2", "x3"], "row x in commit order: the recovered ones before the later change");
+    assert_eq!(names(y), ["y1"]);
+    let resent: HashSet<String> =
+        sent.iter().filter(|r| r.json()["data"]["first_name"] != "x3").map(|r| r.webhook_id.clone()).collect();
+    assert_eq!(resent, ids_of_failed, "each recovered delivery keeps its webhook-id");
+    assert!(sent.iter().all(|r| r.verified));
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(failed).await == 0 }).await;
+    // Nothing failed is left to recover; the attempts tell the whole story.
+    assert_eq!(api.ok("webhooks-recover", &a, json!({ "id": id, "since": since })).await, json!({ "recovered": 0 }));
+    let one = ids_of_failed.iter().next().unwrap();
+    let attempts = api.ok("webhooks-attempts", &a, json!({ "delivery_id": one })).await;
+    assert_eq!(attempts["attempts"][0]["http_status_code"], 200, "{attempts}");
+    assert_eq!(attempts["attempts"][1]["http_status_code"], 503, "{attempts}");
+
+    // Errors change nothing: bad windows, another account, an inactive endpoint.
+    let bad = |body: Value, needle: &'static str| {
+        let (api, a) = (&api, &a);
+        async move {
+            let msg = api.err("webhooks-recover", a, body, 400, "webhooks.invalid_request").await;
+            assert!(msg.contains(needle), "{msg}");
+        }
+    };
+    bad(json!({ "id": id }), "since").await;
+    bad(json!({ "id": id, "since": "yesterday" }), "since").await;
+    let empty = json!({ "id": id, "since": since, "until": "2000-01-01T00:00:00Z" });
+    assert_eq!(api.ok("webhooks-recover", &a, empty).await, json!({ "recovered": 0 }), "an empty window");
+    bad(json!({ "id": id, "since": since, "until": "soon" }), "until").await;
+    api.err("webhooks-recover", &jwt(ACCOUNT_B), json!({ "id": id, "since": since }), 404, "webhooks.not_found").await;
+    api.ok("webhooks-update", &a, json!({ "id": id, "is_active": false })).await;
+    bad(json!({ "id": id, "since": since }), "inactive").await;
+    wh.stop().await.unwrap();
+}

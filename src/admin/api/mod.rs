@@ -31,14 +31,15 @@ use crate::ops::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
 use requests::{
-    parse, uuid_field, AttemptsRequest, CreateRequest, DeliveriesRequest, IdRequest, ListRequest, UpdateRequest,
+    parse, time_field, uuid_field, AttemptsRequest, CreateRequest, DeliveriesRequest, IdRequest, ListRequest,
+    RecoverRequest, UpdateRequest,
 };
 
 /// The OpenAPI 3.1 document of this API (also committed as `docs/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// The operations, as routed (`POST /api/<name>`).
-pub const OPERATIONS: [&str; 8] = [
+pub const OPERATIONS: [&str; 9] = [
     "webhooks-create",
     "webhooks-list",
     "webhooks-get",
@@ -47,6 +48,7 @@ pub const OPERATIONS: [&str; 8] = [
     "webhooks-deliveries",
     "webhooks-attempts",
     "webhooks-test",
+    "webhooks-recover",
 ];
 
 /// Default and bounds of `webhooks-deliveries`' `limit`.
@@ -99,6 +101,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/webhooks-deliveries", post(deliveries))
         .route("/api/webhooks-attempts", post(attempts))
         .route("/api/webhooks-test", post(test_endpoint))
+        .route("/api/webhooks-recover", post(recover))
         .route("/api/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -218,6 +221,18 @@ async fn test_endpoint(State(s): State<ApiState>, headers: HeaderMap, body: Body
         e @ ProbeError::Secret(_) => ApiError::Internal(e.to_string()),
     })?;
     Ok(ok(json!(outcome)))
+}
+
+async fn recover(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (caller, body) = prologue(&s, &headers, body).await?;
+    let r: RecoverRequest = parse(&body)?;
+    let id = uuid_field("id", r.id.as_deref())?;
+    let since =
+        time_field("since", r.since.as_deref())?.ok_or_else(|| ApiError::InvalidRequest("since is required".into()))?;
+    let until = time_field("until", r.until.as_deref())?.unwrap_or_else(chrono::Utc::now);
+    let recovered = s.endpoints.recover(caller, id, since, until).await?;
+    tracing::info!(endpoint = %id, account = %caller.account_id, recovered, "failed deliveries recovered");
+    Ok(ok(json!({ "recovered": recovered })))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

@@ -85,8 +85,20 @@ pub struct AttemptsRequest {
     pub limit: Option<i64>,
 }
 
+/// `webhooks-recover`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// Endpoint id.
+    pub id: Option<String>,
+    /// Start of the window (RFC 3339, inclusive).
+    pub since: Option<String>,
+    /// End of the window (RFC 3339, exclusive); now when absent.
+    pub until: Option<String>,
+}
+
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
-pub const FIELDS: [(&str, &[&str]); 8] = [
+pub const FIELDS: [(&str, &[&str]); 9] = [
     ("webhooks-create", &["url", "description", "events"]),
     ("webhooks-list", &["limit", "cursor"]),
     ("webhooks-get", &["id"]),
@@ -95,6 +107,7 @@ pub const FIELDS: [(&str, &[&str]); 8] = [
     ("webhooks-deliveries", &["endpoint_id", "limit", "status", "event_type", "cursor"]),
     ("webhooks-attempts", &["delivery_id", "limit"]),
     ("webhooks-test", &["id"]),
+    ("webhooks-recover", &["id", "since", "until"]),
 ];
 
 /// Parses a JSON object body into `T`, naming the field of any error.
@@ -127,6 +140,14 @@ fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Err
         Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
         _ => Err(serde::de::Error::custom(format!("expected an integer, not {n}"))),
     }
+}
+
+/// An RFC 3339 time field (`required`: refused when absent).
+pub fn time_field(name: &str, value: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| Some(t.with_timezone(&chrono::Utc)))
+        .map_err(|_| ApiError::InvalidRequest(format!("{name} must be an RFC 3339 time, e.g. 2025-06-15T14:30:00Z")))
 }
 
 /// A required UUID field.

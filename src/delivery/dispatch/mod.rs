@@ -83,6 +83,9 @@ pub enum DispatchMsg {
     EndpointChanged(Arc<Endpoint>),
     /// An endpoint was deleted: nothing more may be sent to it.
     EndpointRemoved(Uuid),
+    /// `webhooks-recover` put deliveries of this endpoint back in the outbox (read in the
+    /// stream at the commit that did it): its later changes queue behind them.
+    Requeued(Uuid),
     /// A replication session starts (before anything it routes): these endpoints have
     /// deliveries waiting in the outbox, so they start spilled and their rows queue behind.
     SessionStart {
@@ -290,6 +293,16 @@ impl Dispatcher {
                     }
                 }
                 self.pending_at_start = pending;
+            }
+            DispatchMsg::Requeued(id) => {
+                if self.endpoints.contains_key(&id) {
+                    if !self.endpoints[&id].spilled() {
+                        self.spill_endpoint(id).await;
+                    }
+                } else {
+                    // Its state, made at its next delivery, starts spilled.
+                    self.pending_at_start.insert(id);
+                }
             }
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
