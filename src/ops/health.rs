@@ -7,8 +7,8 @@
 //! reconnect) and the store writer makes progress, otherwise 503 with a JSON reason naming the
 //! cause (a lost slot or a failing prerequisite, see `slot`; replication's last error while it
 //! is not streaming; a stalled store with what it waits on; on the streaming replica, a
-//! primary that has held back every change for 30 s for a standby nothing streams from). Neither `/readyz` nor a scrape
-//! waits on the database: readiness reads state the stages keep, and whether the database
+//! primary that has held back every change for 30 s for a standby nothing streams from).
+//! Neither `/readyz` nor a scrape waits on the database: readiness reads state the stages keep, and whether the database
 //! answers is checked every [`PING_EVERY`] on a connection of its own, never one of the pool
 //! the deliveries need. The monitor or the check ending before shutdown ends this stage with
 //! it (gauges and readiness never freeze unnoticed).
@@ -230,13 +230,18 @@ async fn monitor(s: Health, shutdown: CancellationToken) {
             {
                 s.metrics.slot_lag_bytes.set(r.get::<_, Option<i64>>(0).unwrap_or(0));
             }
-            let view = crate::pg::failover::inspect(&**client, &slot).await?;
-            s.metrics.slot_failover.set(i64::from(view.slot_failover == Some(true)));
-            s.metrics.failover_standbys.set(view.standby_slots.len() as i64);
-            s.metrics.failover_ready.set(i64::from(view.ready()));
-            s.metrics.physical_standbys.set(view.physical_standbys);
-            s.metrics.held_back.set(i64::from(!view.held_back_by().is_empty()));
-            s.status.set_failover(view);
+            // (Its failure must not stop the outbox gauges below.)
+            match crate::pg::failover::inspect(&**client, &slot).await {
+                Ok(view) => {
+                    s.metrics.slot_failover.set(i64::from(view.slot_failover == Some(true)));
+                    s.metrics.failover_standbys.set(view.standby_slots.len() as i64);
+                    s.metrics.failover_ready.set(i64::from(view.ready()));
+                    s.metrics.physical_standbys.set(view.physical_standbys);
+                    s.metrics.held_back.set(i64::from(!view.held_back_by().is_empty()));
+                    s.status.set_failover(view);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the failover view failed"),
+            }
             let g = (s.gauges)(&client).await?;
             s.metrics.pending.set(g.pending);
             s.metrics.oldest_pending_age.set(g.oldest_pending_age);
