@@ -8,9 +8,9 @@
 //! cause (a lost slot or a failing prerequisite, see `slot`; replication's last error while it
 //! is not streaming; a stalled store with what it waits on; on the streaming replica, a
 //! primary that has held back every change for 30 s for a standby nothing streams from).
-//! Neither `/readyz` nor a scrape waits on the database: readiness reads state the stages keep, and whether the database
-//! answers is checked every [`PING_EVERY`] on a connection of its own, never one of the pool
-//! the deliveries need. The monitor or the check ending before shutdown ends this stage with
+//! Neither `/readyz` nor a scrape waits on the database: readiness reads state the stages
+//! keep, and whether the database answers is checked every [`PING_EVERY`] on a connection of
+//! its own, never one of the pool the deliveries need. The monitor or the check ending before shutdown ends this stage with
 //! it (gauges and readiness never freeze unnoticed).
 
 use std::future::Future;
