@@ -89,12 +89,14 @@ impl Attempt {
     }
 }
 
-/// `text` without NUL and other control characters (newline and tab are kept), cut to at most
-/// `max_bytes` at a character boundary: what a receiver sends (any bytes, read as lossy
-/// UTF-8) can always be stored in a PostgreSQL text column and printed in a log. Borrows when
-/// nothing changes.
+/// `text` without NUL and other control characters (newline and tab are kept) and without
+/// invisible format or separator characters (a right-to-left override, a zero-width space:
+/// `security::invisible`), cut to at most `max_bytes` at a character boundary: what a receiver
+/// sends (any bytes, read as lossy UTF-8) can always be stored in a PostgreSQL text column,
+/// printed in a log and shown by the API as what it is. Borrows when nothing changes.
 pub fn safe_text(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let unsafe_char =
+        |c: char| (c.is_control() && c != '\n' && c != '\t') || crate::security::invisible::is_invisible(c);
     if text.len() <= max_bytes && !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -119,5 +121,7 @@ mod tests {
         assert_eq!(safe_text("é".repeat(10).as_str(), 5), "éé");
         assert!(matches!(safe_text("plain text", 100), std::borrow::Cow::Borrowed(_)));
         assert_eq!(safe_text("", 0), "");
+        assert_eq!(safe_text("hello\u{202E}olleh\u{200B}!\u{2028}", 100), "helloolleh!", "invisible ones go too");
+        assert_eq!(safe_text("👨\u{200D}👩", 100), "👨\u{200D}👩", "a joiner stays (emoji sequences)");
     }
 }

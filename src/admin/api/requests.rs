@@ -153,7 +153,13 @@ pub fn time_field(name: &str, value: Option<&str>) -> Result<Option<chrono::Date
 /// A required UUID field.
 pub fn uuid_field(name: &str, value: Option<&str>) -> Result<Uuid, ApiError> {
     let value = value.ok_or_else(|| ApiError::InvalidRequest(format!("{name} is required")))?;
-    Uuid::parse_str(value).map_err(|_| ApiError::InvalidId(format!("{name} must be a UUID")))
+    // The hyphenated form only (the document's `format: uuid`): not braced, `urn:uuid:` or
+    // bare hex.
+    let hyphenated = value.len() == 36 && [8, 13, 18, 23].iter().all(|&i| value.as_bytes()[i] == b'-');
+    match Uuid::parse_str(value) {
+        Ok(id) if hyphenated => Ok(id),
+        _ => Err(ApiError::InvalidId(format!("{name} must be a UUID"))),
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +195,13 @@ mod tests {
         assert!(matches!(uuid_field("id", Some("nope")), Err(ApiError::InvalidId(_))));
         assert!(matches!(uuid_field("id", None), Err(ApiError::InvalidRequest(_))));
         assert!(uuid_field("id", Some("aaaa0000-0000-4000-8000-000000000001")).is_ok());
+        assert!(uuid_field("id", Some("AAAA0000-0000-4000-8000-000000000001")).is_ok());
+        for other_form in [
+            "{aaaa0000-0000-4000-8000-000000000001}",
+            "urn:uuid:aaaa0000-0000-4000-8000-000000000001",
+            "aaaa0000000040008000000000000001",
+        ] {
+            assert!(matches!(uuid_field("id", Some(other_form)), Err(ApiError::InvalidId(_))), "{other_form}");
+        }
     }
 }

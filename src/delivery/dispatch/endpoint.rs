@@ -264,6 +264,17 @@ impl EndpointState {
         actions
     }
 
+    /// `webhooks-recover` put deliveries of this endpoint back in the outbox: it spills (if it
+    /// has not), and a probe already out cannot unspill it (its answer may predate them).
+    pub fn requeued(&mut self) -> Vec<Action> {
+        self.untracked_spills += 1;
+        if self.spilled {
+            Vec::new()
+        } else {
+            self.spill()
+        }
+    }
+
     /// A probe answered: settled rows unblock; a spilled endpoint with nothing pending
     /// outside its blocked rows (and nothing sent there untracked since) sends directly again.
     pub fn probe_answered(&mut self, answer: &ProbeAnswer) {

@@ -296,9 +296,8 @@ impl Dispatcher {
             }
             DispatchMsg::Requeued(id) => {
                 if self.endpoints.contains_key(&id) {
-                    if !self.endpoints[&id].spilled() {
-                        self.spill_endpoint(id).await;
-                    }
+                    let actions = self.with_endpoint(id, EndpointState::requeued).unwrap_or_default();
+                    self.execute(id, actions).await;
                 } else {
                     // Its state, made at its next delivery, starts spilled.
                     self.pending_at_start.insert(id);

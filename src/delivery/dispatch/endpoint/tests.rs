@@ -256,6 +256,21 @@ fn a_probe_finding_nothing_pending_unspills_but_blocked_rows_stay_blocked() {
 }
 
 #[test]
+fn a_requeue_while_a_probe_is_out_keeps_the_endpoint_spilled() {
+    let mut f = Fixture::spilled(true);
+    let (a1, _) = f.arrive("contacts:a", ROOMY);
+    f.state.probe().expect("probed");
+    // webhooks-recover requeues deliveries after the probe's query ran: its "nothing pending"
+    // answer predates them and must not unspill the endpoint.
+    assert!(f.state.requeued().is_empty(), "already spilled: nothing to move");
+    f.state.probe_answered(&answer(&f.ep, vec![a1], Some(false)));
+    assert!(f.state.spilled(), "a probe answer older than the requeue cannot unspill");
+    f.state.probe().expect("probed again");
+    f.state.probe_answered(&answer(&f.ep, Vec::new(), Some(false)));
+    assert!(!f.state.spilled(), "a probe sent after it can");
+}
+
+#[test]
 fn deliveries_spilled_untracked_since_the_probe_keep_the_endpoint_spilled() {
     let mut f = Fixture::spilled(true);
     for i in 0..MAX_BLOCKED_ROWS {
