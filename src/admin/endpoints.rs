@@ -63,6 +63,13 @@ pub enum EndpointError {
     /// No such delivery of an endpoint of the caller's account.
     #[error("delivery not found")]
     DeliveryNotFound,
+    /// The delivery's payload is no longer stored, so it cannot be sent again.
+    #[error(
+        "the payload of this delivery is no longer stored, so it cannot be sent again; to keep every \
+         event's payload, set retention.payloads (for example \"72h\"): deliveries made within that \
+         window can then be redelivered and replayed"
+    )]
+    PayloadUnavailable,
     /// The account already has as many endpoints as its quota allows.
     #[error(
         "endpoint quota reached: this account already has {0} webhook endpoints, the most it may have; \
@@ -464,7 +471,8 @@ fn check_text(field: &str, value: &str) -> Result<(), EndpointError> {
     }
 }
 
-fn check_events(events: &[String]) -> Result<Vec<String>, EndpointError> {
+/// Subscribed (or filtered) event types: at least one, each known; duplicates dropped.
+pub(crate) fn check_events(events: &[String]) -> Result<Vec<String>, EndpointError> {
     if events.is_empty() {
         return Err(invalid("events must list at least one event"));
     }

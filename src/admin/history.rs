@@ -1,6 +1,11 @@
 //! What a customer reads about past deliveries besides their list (each delivery's attempts,
-//! with why each failed in words a customer can act on), and getting back what failed
-//! (`webhooks-recover`).
+//! with why each failed in words a customer can act on), and sending them again: what failed
+//! (`webhooks-recover`), one delivery (`webhooks-redeliver`), a window (`webhooks-replay`).
+//!
+//! What must hold of sending again (`store::recover`): a delivery keeps its id and
+//! `webhook-id`; it joins its row's queue behind what of that row is pending, in commit order
+//! among those requeued together; only deliveries the caller's account owns, of an active
+//! endpoint, whose payload is still stored; a refused call changes nothing.
 //!
 //! What must hold (docs/architecture.md, invariants 3 and 7): a delivery is found only
 //! through an endpoint of the caller's account (another account's looks missing); only
@@ -13,7 +18,8 @@ use uuid::Uuid;
 
 use crate::admin::endpoints::{Caller, EndpointError, Endpoints};
 use crate::store;
-use crate::store::deliveries::AttemptRecord;
+use crate::store::deliveries::{AttemptRecord, DeliveryView};
+use crate::store::recover::{Redelivery, Replayed};
 
 /// An attempt as `webhooks-attempts` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -61,19 +67,58 @@ impl Endpoints {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<u64, EndpointError> {
-        let endpoint = self.get(caller, id).await?;
-        if !endpoint.is_active {
-            return Err(EndpointError::InvalidRequest(
-                "the endpoint is inactive, so recovered deliveries would not be sent: enable it first \
-                 (webhooks-update with is_active true)"
-                    .into(),
-            ));
-        }
+        self.active_for("recovered", caller, id).await?;
         if since >= until {
             return Ok(0); // an empty window
         }
-        let mut client = self.db().connect().await?;
+        let mut client = self.db().get().await?;
         Ok(store::recover::requeue_failed(&mut client, id, since, until).await?)
+    }
+
+    /// Sends one of the caller's deliveries again, whatever its status; returns it as it is
+    /// now.
+    pub async fn redeliver(&self, caller: Caller, delivery: Uuid) -> Result<DeliveryView, EndpointError> {
+        let mut client = self.db().get().await?;
+        let found = store::deliveries::delivery_in_account(&**client, caller.account_id, delivery).await?;
+        let (endpoint, _) = found.ok_or(EndpointError::DeliveryNotFound)?;
+        self.active_for("redelivered", caller, endpoint).await?;
+        match store::recover::redeliver(&mut client, endpoint, delivery).await? {
+            Redelivery::Queued => {}
+            Redelivery::PayloadUnavailable => return Err(EndpointError::PayloadUnavailable),
+            Redelivery::NotFound => return Err(EndpointError::DeliveryNotFound), // deleted meanwhile
+        }
+        let now = store::deliveries::delivery_in_account(&**client, caller.account_id, delivery).await?;
+        now.map(|(_, view)| view).ok_or(EndpointError::DeliveryNotFound)
+    }
+
+    /// Sends every finished delivery of one of the caller's endpoints committed in
+    /// `[since, until)` again (only those of `event_types` when given).
+    pub async fn replay(
+        &self,
+        caller: Caller,
+        id: Uuid,
+        window: (DateTime<Utc>, DateTime<Utc>),
+        event_types: Option<&[String]>,
+    ) -> Result<Replayed, EndpointError> {
+        let event_types = event_types.map(crate::admin::endpoints::check_events).transpose()?;
+        self.active_for("replayed", caller, id).await?;
+        if window.0 >= window.1 {
+            return Ok(Replayed::default()); // an empty window
+        }
+        let mut client = self.db().get().await?;
+        Ok(store::recover::requeue_finished(&mut client, id, window, event_types.as_deref()).await?)
+    }
+
+    /// Endpoint `id` of the caller's account, refused when inactive: deliveries sent again
+    /// (`what`) would wait unsent.
+    async fn active_for(&self, what: &str, caller: Caller, id: Uuid) -> Result<(), EndpointError> {
+        if self.get(caller, id).await?.is_active {
+            return Ok(());
+        }
+        Err(EndpointError::InvalidRequest(format!(
+            "the endpoint is inactive, so {what} deliveries would not be sent: enable it first \
+             (webhooks-update with is_active true)"
+        )))
     }
 }
 

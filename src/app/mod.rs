@@ -172,7 +172,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let lease_for = attempt_max * (crate::delivery::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
     let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
-    let writer = writer.monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get());
+    let writer = writer
+        .monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get())
+        .archiving(!cfg.retention.payloads.get().is_zero());
     let outbox_wake = Arc::new(Notify::new());
     let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_CHANNEL);
     let dispatcher = Dispatcher::new(

@@ -272,6 +272,10 @@ pub struct RetentionConfig {
     pub delivered: HumanDuration,
     /// Age after which failed deliveries (and their events) are deleted.
     pub failed: HumanDuration,
+    /// The payload archive: every event's payload is kept this long (once, shared by its
+    /// deliveries), so any delivery of the window can be redelivered or replayed. `"0s"`
+    /// (the default) turns it off: only payloads a pending or failed delivery needs are kept.
+    pub payloads: HumanDuration,
     /// How often the retention sweep runs.
     pub interval: HumanDuration,
     /// Rows deleted per statement, so a sweep never holds long locks.

@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "attempt_kind_payload", include_str!("../../sql/0005_attempt_kind_payload.sql")),
     (6, "slot_ceiling", include_str!("../../sql/0006_slot_ceiling.sql")),
     (7, "recover", include_str!("../../sql/0007_recover.sql")),
+    (8, "requeue_order", include_str!("../../sql/0008_requeue_order.sql")),
 ];
 
 /// The schema version this build expects.

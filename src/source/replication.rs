@@ -705,8 +705,8 @@ impl Replication {
             }
         }
         // Before any later change: those of these endpoints queue behind the requeued ones.
-        for id in requeued {
-            self.send(DispatchMsg::Requeued(id), shutdown).await?;
+        for endpoint_id in requeued {
+            self.send(DispatchMsg::Requeued { endpoint_id, at: end_lsn }, shutdown).await?;
         }
         Ok(())
     }

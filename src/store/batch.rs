@@ -20,16 +20,20 @@ const FIXED_OP_BYTES: usize = 256;
 
 /// The next batch, or `None` once every sender is gone and nothing is left; `carry` holds an
 /// op taken from the channel that did not fit the previous batch.
-pub(super) async fn next(rx: &mut mpsc::Receiver<StoreOp>, carry: &mut Option<StoreOp>) -> Option<Vec<StoreOp>> {
+pub(super) async fn next(
+    rx: &mut mpsc::Receiver<StoreOp>,
+    carry: &mut Option<StoreOp>,
+    archive: bool,
+) -> Option<Vec<StoreOp>> {
     let first = match carry.take() {
         Some(op) => op,
         None => rx.recv().await?,
     };
-    let mut bytes = op_bytes(&first);
+    let mut bytes = op_bytes(&first, archive);
     let mut batch = vec![made_safe(first)];
     while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Probe(_))) {
         let Ok(op) = rx.try_recv() else { break };
-        let size = op_bytes(&op);
+        let size = op_bytes(&op, archive);
         if bytes + size > MAX_BATCH_BYTES {
             *carry = Some(op);
             break;
@@ -40,8 +44,9 @@ pub(super) async fn next(rx: &mut mpsc::Receiver<StoreOp>, carry: &mut Option<St
     Some(batch)
 }
 
-/// What `op` adds to a batch's parameters: its payload (stored for pending rows) and texts.
-pub(super) fn op_bytes(op: &StoreOp) -> usize {
+/// What `op` adds to a batch's parameters: its payload (stored for pending rows, and for
+/// every row with the payload archive on) and texts.
+pub(super) fn op_bytes(op: &StoreOp, archive: bool) -> usize {
     let texts = |err: &Option<String>, a: Option<&Attempt>| {
         err.as_ref().map_or(0, String::len)
             + a.map_or(0, |a| a.error.as_ref().map_or(0, String::len) + a.response_snippet.len())
@@ -49,13 +54,13 @@ pub(super) fn op_bytes(op: &StoreOp) -> usize {
     FIXED_OP_BYTES
         + match op {
             StoreOp::Insert(r) => {
-                let payload = if r.status == Status::Pending { r.event.body.len() } else { 0 };
+                let payload = if archive || r.status == Status::Pending { r.event.body.len() } else { 0 };
                 payload + r.event.entity_key.len() + texts(&r.last_error, r.attempt.as_ref())
             }
             StoreOp::Complete(c) => texts(&c.last_error, Some(&c.attempt)),
             StoreOp::Release(r) => r.last_error.len(),
             StoreOp::Probe(p) => p.known_rows.iter().map(String::len).sum::<usize>() + 16 * p.ids.len(),
-            StoreOp::Disable { .. } | StoreOp::FailPending { .. } => 0,
+            StoreOp::Disable { .. } | StoreOp::FailPending { .. } | StoreOp::ReleaseHeld { .. } => 0,
         }
 }
 
@@ -139,8 +144,8 @@ mod tests {
         drop(tx);
         let mut carry = None;
         let mut got = Vec::new();
-        while let Some(batch) = next(&mut rx, &mut carry).await {
-            let bytes: usize = batch.iter().map(op_bytes).sum();
+        while let Some(batch) = next(&mut rx, &mut carry, false).await {
+            let bytes: usize = batch.iter().map(|op| op_bytes(op, false)).sum();
             assert!(batch.len() == 1 || bytes <= MAX_BATCH_BYTES, "{bytes} bytes in {} ops", batch.len());
             let order = batch.iter().map(|op| match op {
                 StoreOp::Insert(r) => r.last_error.clone().unwrap(),
@@ -155,7 +160,7 @@ mod tests {
     async fn texts_are_made_safe_on_the_way_in() {
         let (tx, mut rx) = mpsc::channel(4);
         tx.send(pending(1, "bad\0text")).await.unwrap();
-        let batch = next(&mut rx, &mut None).await.unwrap();
+        let batch = next(&mut rx, &mut None, false).await.unwrap();
         let StoreOp::Insert(r) = &batch[0] else { unreachable!() };
         assert_eq!(r.last_error.as_deref(), Some("badtext"));
     }

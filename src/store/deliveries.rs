@@ -82,6 +82,32 @@ pub async fn history_of_endpoint(
         .collect())
 }
 
+/// Delivery `id` and its endpoint, or `None` when no endpoint of `account` has it.
+pub async fn delivery_in_account(
+    client: &impl GenericClient,
+    account: Uuid,
+    id: Uuid,
+) -> Result<Option<(Uuid, DeliveryView)>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT d.endpoint_id, d.id, d.event_type, d.status, d.http_status_code, d.attempt_count,                     d.completed_at, d.created_at              FROM walhook.deliveries d JOIN walhook.endpoints e ON e.id = d.endpoint_id              WHERE d.id = $1 AND e.account_id = $2",
+            &[&id, &account],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let view = DeliveryView {
+            id: r.get(1),
+            event_type: r.get(2),
+            status: r.get(3),
+            http_status_code: r.get(4),
+            attempt_count: r.get(5),
+            completed_at: r.get(6),
+            created_at: r.get(7),
+        };
+        (r.get(0), view)
+    }))
+}
+
 /// One attempt as the attempt history shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptRecord {

@@ -5,8 +5,9 @@
 //! statements, `SKIP LOCKED`, so several replicas can run it and no sweep holds long locks);
 //! it removes delivered rows older than `retention.delivered`, failed ones older than
 //! `retention.failed`, the pending rows of deleted endpoints, and events no pending or failed
-//! delivery needs that are older than `retention.delivered` — never anything still pending for
-//! an existing endpoint, nor the payload of a failed delivery `webhooks-recover` may requeue.
+//! delivery needs that are older than `retention.payloads` when the payload archive is on, else
+//! `retention.delivered` — never anything still pending for an existing endpoint, nor the
+//! payload of a failed delivery `webhooks-recover` may requeue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,12 @@ pub async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &Cancella
     let batch = cfg.retention.batch_size;
     let delivered = cfg.retention.delivered.get().as_secs_f64();
     let failed = cfg.retention.failed.get().as_secs_f64();
+    // Payloads no unsent delivery needs: kept for `retention.payloads` when the archive is on
+    // (every event's payload is stored then), else for `retention.delivered`.
+    let payloads = match cfg.retention.payloads.get() {
+        archive if !archive.is_zero() => archive.as_secs_f64(),
+        _ => delivered,
+    };
     let finished = |status: &'static str, age: f64| async move {
         let client = db.get().await?;
         let row = client
@@ -142,7 +149,7 @@ pub async fn sweep(db: &Db, cfg: &Config, metrics: &Metrics, shutdown: &Cancella
                    WHERE e.created_at < now() - make_interval(secs => $1) \
                      AND NOT EXISTS (SELECT 1 FROM walhook.deliveries d WHERE d.event_id = e.id AND d.status <> 'delivered') \
                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                &[&delivered, &batch],
+                &[&payloads, &batch],
             )
             .await?;
         metrics.retention_deleted.with_label_values(&["events"]).inc_by(n);

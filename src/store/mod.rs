@@ -250,6 +250,15 @@ pub enum StoreOp {
         /// The endpoint.
         endpoint_id: Uuid,
     },
+    /// Release an endpoint's held (requeued) deliveries to the outbox, after every op sent
+    /// before this one; with `at` (the requeue's commit LSN, as the stream read it) they queue
+    /// there in their rows (`store::recover`).
+    ReleaseHeld {
+        /// The endpoint.
+        endpoint_id: Uuid,
+        /// Their place in their rows' queues.
+        at: Option<u64>,
+    },
 }
 
 /// Applies [`StoreOp`]s in batches.
@@ -259,6 +268,7 @@ pub struct StoreWriter {
     health: Arc<StoreHealth>,
     metrics: Arc<Metrics>,
     stall_after: Duration,
+    archive: bool,
 }
 
 impl StoreWriter {
@@ -267,7 +277,7 @@ impl StoreWriter {
         let (tx, rx) = mpsc::channel(capacity);
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
-        (StoreWriter { db, rx, health, metrics, stall_after: DEFAULT_STALL_AFTER }, tx)
+        (StoreWriter { db, rx, health, metrics, stall_after: DEFAULT_STALL_AFTER, archive: false }, tx)
     }
 
     /// Reports stalls (no commit for `stall_after` while ops wait) to `health`, and counts
@@ -284,6 +294,12 @@ impl StoreWriter {
         StoreWriter { health, metrics, stall_after, ..self }
     }
 
+    /// Stores every event's payload once, not only those of pending deliveries (the payload
+    /// archive, `retention.payloads`).
+    pub fn archiving(self, archive: bool) -> Self {
+        StoreWriter { archive, ..self }
+    }
+
     /// Runs until every sender is gone and everything sent is written.
     pub async fn run(mut self) {
         let mut carry = None;
@@ -292,13 +308,14 @@ impl StoreWriter {
             health: &self.health,
             metrics: &self.metrics,
             stall_after: self.stall_after,
+            archive: self.archive,
         };
         let mut parked = resilient::Parked::default();
         loop {
             let next = tokio::select! {
                 biased;
                 // 1. The next batch.
-                next = batch::next(&mut self.rx, &mut carry) => next,
+                next = batch::next(&mut self.rx, &mut carry, self.archive) => next,
                 // 2. Records the database refused in every form, tried again with backoff.
                 _ = tokio::time::sleep_until(parked.due()), if !parked.is_empty() => {
                     parked.retry(&ctx).await;
@@ -334,7 +351,11 @@ fn settle(batch: &mut Vec<StoreOp>) -> Vec<Probe> {
                     t.settle();
                 }
             }
-            StoreOp::Complete(_) | StoreOp::Release(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
+            StoreOp::Complete(_)
+            | StoreOp::Release(_)
+            | StoreOp::Disable { .. }
+            | StoreOp::FailPending { .. }
+            | StoreOp::ReleaseHeld { .. } => {}
             StoreOp::Probe(p) => probes.push(p),
         }
     }

@@ -2,8 +2,11 @@
 //! unattempted claims back, and reading a payload. `crate::delivery::outbox` says what must
 //! hold of claims (leases, row order, per-endpoint caps, active endpoints only).
 //!
-//! What must hold here: a claim takes only the oldest pending delivery of each row
-//! (endpoint + `entity_key`), of active endpoints outside `busy`, at most `per_endpoint` per
+//! What must hold here: a claim takes only the first pending delivery of each row
+//! (endpoint + `entity_key`) in queue order (`coalesce(queue_lsn, commit_lsn)`, then commit
+//! order: a requeued delivery queues where the requeue put it), never one while another of its
+//! row is under a live lease (in flight), never one still held (requeued, not yet released by
+//! the streaming replica); of active endpoints outside `busy`, at most `per_endpoint` per
 //! endpoint, with `FOR UPDATE SKIP LOCKED`, and runs in the caller's transaction (the
 //! caller commits it); a give-back touches only rows still leased by the caller's token.
 
@@ -67,11 +70,14 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
                CROSS JOIN LATERAL ( \
                  SELECT d.id FROM walhook.deliveries d \
                  WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now() \
-                   AND (d.lease_until IS NULL OR d.lease_until < now()) \
+                   AND NOT d.held AND (d.lease_until IS NULL OR d.lease_until < now()) \
                    AND NOT EXISTS ( \
                      SELECT 1 FROM walhook.deliveries p \
                      WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
-                       AND p.status = 'pending' AND (p.commit_lsn, p.seq) < (d.commit_lsn, d.seq) \
+                       AND p.status = 'pending' \
+                       AND ((coalesce(p.queue_lsn, p.commit_lsn), p.commit_lsn, p.seq) \
+                             < (coalesce(d.queue_lsn, d.commit_lsn), d.commit_lsn, d.seq) \
+                            OR p.lease_until >= now()) \
                      OFFSET 0) \
                  ORDER BY d.next_attempt_at \
                  LIMIT $2 \
@@ -116,7 +122,7 @@ pub async fn due_endpoints(client: &impl GenericClient, skip: &[Uuid], limit: i6
         .query(
             "SELECT e.id FROM walhook.endpoints e WHERE e.is_active AND NOT (e.id = ANY($1)) AND EXISTS ( \
                SELECT 1 FROM walhook.deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending' \
-                 AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())) \
+                 AND NOT d.held AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())) \
              LIMIT $2",
             &[&skip, &limit],
         )

@@ -1,23 +1,37 @@
-//! `webhooks-recover`'s write: an endpoint's failed deliveries of a window become pending
-//! again.
+//! The writes of the recovery operations: `webhooks-recover` (an endpoint's failed deliveries
+//! of a window), `webhooks-redeliver` (one delivery, whatever its status) and
+//! `webhooks-replay` (an endpoint's finished deliveries of a window) make deliveries pending
+//! again; the streaming replica then releases them (`StoreOp::ReleaseHeld`, through the
+//! store writer).
 //!
-//! What must hold: one transaction does all of it, or nothing: the deliveries keep their ids
-//! (their `webhook-id`), are due now with a fresh retry schedule (`retry_base`: their attempt
-//! records keep counting), and the endpoint row's `requeued_at` moves. That row is published,
-//! so the streaming replica reads the change at this commit and queues the endpoint's later
-//! changes behind the requeued deliveries, whichever replica served the call; within a row,
-//! the outbox sends the oldest pending first (docs/architecture.md, invariant 4). Only failed
-//! deliveries whose payload is still stored are requeued (one without could never be sent).
+//! What must hold: one transaction does each call, or nothing of it. A requeued delivery keeps
+//! its id (its `webhook-id`), is due now with a fresh retry schedule (`retry_base`: its attempt
+//! records keep counting), and is *held*: the outbox does not send it yet. Its endpoint row's
+//! `requeued_at` moves in the same transaction; that row is published, so the streaming
+//! replica reads the change at this commit, whichever replica served the call, and then
+//! releases the endpoint's held deliveries with their place in each row's queue set to that
+//! commit: behind everything of the row committed before it (stored or sent first, in flight
+//! included), ahead of everything committed after (docs/architecture.md, invariant 4). Among
+//! the deliveries one call requeues, a row keeps commit order. Only deliveries whose payload
+//! is still stored are requeued (one without could never be sent); a pending delivery is made
+//! due now, keeping its place, never requeued twice.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::pg::db::DbError;
 
+/// What the requeue of finished deliveries sets: pending, due now, a fresh schedule, held.
+const REQUEUE: &str = "status = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL, \
+     lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count, held = true, \
+     queue_lsn = (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint";
+/// The payload is still stored.
+const HAS_PAYLOAD: &str = "EXISTS (SELECT 1 FROM walhook.events e WHERE e.id = d.event_id)";
+
 /// Requeues the failed deliveries of `endpoint` committed in `[since, until)`; returns how
 /// many.
 pub async fn requeue_failed(
-    client: &mut tokio_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     endpoint: Uuid,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
@@ -25,16 +39,111 @@ pub async fn requeue_failed(
     let tx = client.transaction().await?;
     let n = tx
         .execute(
-            "UPDATE walhook.deliveries d SET status = 'pending', next_attempt_at = now(), completed_at = NULL, \
-                    last_error = NULL, lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count \
-             WHERE d.endpoint_id = $1 AND d.status = 'failed' AND d.created_at >= $2 AND d.created_at < $3 \
-               AND EXISTS (SELECT 1 FROM walhook.events e WHERE e.id = d.event_id)",
+            &format!(
+                "UPDATE walhook.deliveries d SET {REQUEUE} \
+                 WHERE d.endpoint_id = $1 AND d.status = 'failed' AND d.created_at >= $2 AND d.created_at < $3 \
+                   AND {HAS_PAYLOAD}"
+            ),
             &[&endpoint, &since, &until],
         )
         .await?;
     if n > 0 {
-        tx.execute("UPDATE walhook.endpoints SET requeued_at = clock_timestamp() WHERE id = $1", &[&endpoint]).await?;
+        mark_requeued(&tx, endpoint).await?;
     }
     tx.commit().await?;
     Ok(n)
+}
+
+/// What [`requeue_finished`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Deliveries requeued.
+    pub requeued: u64,
+    /// Finished deliveries of the window whose payload is no longer stored.
+    pub unavailable: u64,
+}
+
+/// Requeues every finished (delivered or failed) delivery of `endpoint` committed in
+/// `[since, until)`, of one of `event_types` when given.
+pub async fn requeue_finished(
+    client: &mut deadpool_postgres::Client,
+    endpoint: Uuid,
+    (since, until): (DateTime<Utc>, DateTime<Utc>),
+    event_types: Option<&[String]>,
+) -> Result<Replayed, DbError> {
+    let tx = client.transaction().await?;
+    let window = "d.endpoint_id = $1 AND d.status <> 'pending' AND d.created_at >= $2 AND d.created_at < $3 \
+                  AND ($4::text[] IS NULL OR d.event_type = ANY($4))";
+    let requeued = tx
+        .execute(
+            &format!("UPDATE walhook.deliveries d SET {REQUEUE} WHERE {window} AND {HAS_PAYLOAD}"),
+            &[&endpoint, &since, &until, &event_types],
+        )
+        .await?;
+    let unavailable: i64 = tx
+        .query_one(
+            &format!("SELECT count(*) FROM walhook.deliveries d WHERE {window}"),
+            &[&endpoint, &since, &until, &event_types],
+        )
+        .await?
+        .get(0);
+    if requeued > 0 {
+        mark_requeued(&tx, endpoint).await?;
+    }
+    tx.commit().await?;
+    Ok(Replayed { requeued, unavailable: unavailable as u64 })
+}
+
+/// What [`redeliver`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Requeued (it was delivered or failed), or made due now (it was pending).
+    Queued,
+    /// Its payload is no longer stored.
+    PayloadUnavailable,
+    /// No such delivery of that endpoint.
+    NotFound,
+}
+
+/// Sends delivery `id` of `endpoint` again: a finished one is requeued; a pending one is made
+/// due now with a fresh schedule, keeping its place (one in flight is left to its attempt).
+pub async fn redeliver(
+    client: &mut deadpool_postgres::Client,
+    endpoint: Uuid,
+    id: Uuid,
+) -> Result<Redelivery, DbError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT d.status, {HAS_PAYLOAD} FROM walhook.deliveries d WHERE d.id = $1 AND d.endpoint_id = $2 \
+                 FOR UPDATE"
+            ),
+            &[&id, &endpoint],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(Redelivery::NotFound) };
+    let (status, has_payload): (String, bool) = (row.get(0), row.get(1));
+    if !has_payload {
+        return Ok(Redelivery::PayloadUnavailable);
+    }
+    if status == "pending" {
+        tx.execute(
+            "UPDATE walhook.deliveries d SET next_attempt_at = now(), retry_base = d.attempt_count \
+             WHERE d.id = $1 AND (d.lease_until IS NULL OR d.lease_until < now())",
+            &[&id],
+        )
+        .await?;
+    } else {
+        tx.execute(&format!("UPDATE walhook.deliveries d SET {REQUEUE} WHERE d.id = $1"), &[&id]).await?;
+        mark_requeued(&tx, endpoint).await?;
+    }
+    tx.commit().await?;
+    Ok(Redelivery::Queued)
+}
+
+/// Moves the endpoint row's `requeued_at`, which the streaming replica reads in the stream.
+async fn mark_requeued(tx: &deadpool_postgres::Transaction<'_>, endpoint: Uuid) -> Result<(), DbError> {
+    tx.execute("UPDATE walhook.endpoints SET requeued_at = clock_timestamp() WHERE id = $1", &[&endpoint]).await?;
+    Ok(())
 }

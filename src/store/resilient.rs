@@ -33,6 +33,8 @@ pub(super) struct Ctx<'a> {
     pub health: &'a StoreHealth,
     pub metrics: &'a Metrics,
     pub stall_after: Duration,
+    /// Every event's payload is stored (`retention.payloads`).
+    pub archive: bool,
 }
 
 /// Parked tries: first again after this, doubling up to the most.
@@ -136,7 +138,7 @@ fn sqlstate(e: &DbError) -> &str {
 async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Result<(), DbError> {
     let mut backoff = BACKOFF.0;
     loop {
-        match watched(ctx, write::write_batch(ctx.db, ops), started).await {
+        match watched(ctx, write::write_batch(ctx.db, ops, ctx.archive), started).await {
             Ok(disabled) => {
                 ctx.health.progress();
                 report_disabled(ctx.metrics, disabled);
@@ -300,7 +302,9 @@ fn op_id(op: &StoreOp) -> uuid::Uuid {
         StoreOp::Complete(c) => c.id,
         StoreOp::Release(r) => r.id,
         StoreOp::Probe(p) => p.endpoint_id,
-        StoreOp::Disable { endpoint_id, .. } | StoreOp::FailPending { endpoint_id } => *endpoint_id,
+        StoreOp::Disable { endpoint_id, .. }
+        | StoreOp::FailPending { endpoint_id }
+        | StoreOp::ReleaseHeld { endpoint_id, .. } => *endpoint_id,
     }
 }
 

@@ -50,6 +50,11 @@ const RELEASE: &str = "UPDATE walhook.deliveries d SET attempt_count = greatest(
        next_attempt_at = u.next_at, lease_until = NULL, leased_by = NULL, last_error = u.err \
      FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[]) AS u(id, lease, next_at, err) \
      WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
+/// Requeued deliveries released to the outbox, queued in their rows at the requeue's commit
+/// (`store::recover`); after the batch's inserts, so what was stored before queues first.
+const RELEASE_HELD: &str = "UPDATE walhook.deliveries d SET held = false, queue_lsn = coalesce(u.at, d.queue_lsn) \
+     FROM unnest($1::uuid[], $2::int8[]) AS u(endpoint, at) \
+     WHERE d.endpoint_id = u.endpoint AND d.held AND d.status = 'pending'";
 /// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
 const ENDPOINTS_OK: &str =
     "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($39) AND failing_since IS NOT NULL";
@@ -122,17 +127,21 @@ struct Columns<'a> {
     disable_ids: Vec<Uuid>,
     disable_reasons: Vec<&'static str>,
     fail_pending: Vec<Uuid>,
+    // Held deliveries released (transaction path only).
+    held_ids: Vec<Uuid>,
+    held_at: Vec<Option<i64>>,
 }
 
 impl<'a> Columns<'a> {
-    fn of(batch: &'a [StoreOp]) -> Self {
+    /// With `archive`, every event's payload is stored, else only those of pending rows.
+    fn of(batch: &'a [StoreOp], archive: bool) -> Self {
         let mut c = Columns::default();
         let mut events = HashSet::new();
         for op in batch {
             match op {
                 StoreOp::Insert(r) => {
                     let ev = &r.event;
-                    if r.status == Status::Pending && events.insert(ev.id) {
+                    if (archive || r.status == Status::Pending) && events.insert(ev.id) {
                         c.e_id.push(ev.id);
                         c.e_acct.push(ev.account_id);
                         c.e_type.push(ev.event_type.name());
@@ -184,6 +193,10 @@ impl<'a> Columns<'a> {
                     c.fail_pending.push(*endpoint_id);
                 }
                 StoreOp::FailPending { endpoint_id } => c.fail_pending.push(*endpoint_id),
+                StoreOp::ReleaseHeld { endpoint_id, at } => {
+                    c.held_ids.push(*endpoint_id);
+                    c.held_at.push(at.map(|lsn| lsn as i64));
+                }
             }
         }
         c
@@ -205,13 +218,17 @@ impl<'a> Columns<'a> {
     }
 
     fn is_empty(&self) -> bool {
-        self.d_id.is_empty() && self.c_id.is_empty() && self.fail_pending.is_empty() && self.r_id.is_empty()
+        self.d_id.is_empty()
+            && self.c_id.is_empty()
+            && self.fail_pending.is_empty()
+            && self.r_id.is_empty()
+            && self.held_ids.is_empty()
     }
 
     /// Whether one statement can write this batch: no endpoint-wide change, and no row that
     /// is both inserted and completed here (the update would not see the insert).
     fn fits_one_statement(&self) -> bool {
-        if !self.fail_pending.is_empty() || !self.r_id.is_empty() {
+        if !self.fail_pending.is_empty() || !self.r_id.is_empty() || !self.held_ids.is_empty() {
             return false;
         }
         if self.c_id.is_empty() || self.d_id.is_empty() {
@@ -278,8 +295,8 @@ fn one_statement() -> String {
 
 /// Writes `batch` atomically; returns the endpoints it disabled (an endpoint already
 /// disabled is not among them), with their reasons.
-pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<Vec<(Uuid, String)>, DbError> {
-    let cols = Columns::of(batch);
+pub(super) async fn write_batch(db: &Db, batch: &[StoreOp], archive: bool) -> Result<Vec<(Uuid, String)>, DbError> {
+    let cols = Columns::of(batch, archive);
     if cols.is_empty() {
         return Ok(Vec::new());
     }
@@ -292,7 +309,8 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<Vec<(Uuid,
         return Ok(Vec::new());
     }
     // Statement by statement, each seeing the ones before: events, deliveries, completions,
-    // attempts, failure streaks, releases, then disables and what they fail.
+    // attempts, failure streaks, releases, then disables and what they fail, then requeued
+    // deliveries released.
     let tx = client.transaction().await?;
     let steps: [(&str, &[&(dyn ToSql + Sync)], bool); 6] = [
         (INSERT_EVENTS, &params[0..7], !cols.e_id.is_empty()),
@@ -321,6 +339,10 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp]) -> Result<Vec<(Uuid,
     if !cols.fail_pending.is_empty() {
         let st = tx.prepare_cached(FAIL_PENDING).await?;
         tx.execute(&st, &[&cols.fail_pending]).await?;
+    }
+    if !cols.held_ids.is_empty() {
+        let st = tx.prepare_cached(RELEASE_HELD).await?;
+        tx.execute(&st, &[&cols.held_ids, &cols.held_at]).await?;
     }
     tx.commit().await?;
     Ok(disabled)

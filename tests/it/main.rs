@@ -40,6 +40,7 @@ mod preflight;
 mod production_setup;
 mod readiness;
 mod replay_routing;
+mod resend;
 mod retention;
 mod signatures;
 mod slot_loss;

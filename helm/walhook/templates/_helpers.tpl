@@ -176,6 +176,7 @@ memory_limit = {{ .Values.config.dispatch.memory_limit | toString | toJson }}
 [retention]
 delivered = {{ .Values.config.retention.delivered | toString | toJson }}
 failed = {{ .Values.config.retention.failed | toString | toJson }}
+payloads = {{ .Values.config.retention.payloads | toString | toJson }}
 interval = {{ .Values.config.retention.interval | toString | toJson }}
 batch_size = {{ .Values.config.retention.batch_size | int64 }}
 

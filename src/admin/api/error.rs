@@ -12,9 +12,10 @@ use serde_json::json;
 
 use crate::admin::endpoints::EndpointError;
 
-/// Every error code the API answers with: the public page's six, `auth.unauthorized`, and
-/// `webhooks.rate_limited` (only when `api.rate_limit_per_second` is set).
-pub const ERROR_CODES: [&str; 8] = [
+/// Every error code the API answers with: the public page's six, `auth.unauthorized`,
+/// `webhooks.rate_limited` (only when `api.rate_limit_per_second` is set, and for
+/// `webhooks-test`), and `webhooks.payload_unavailable` (redelivery without a payload).
+pub const ERROR_CODES: [&str; 9] = [
     "webhooks.invalid_request",
     "webhooks.invalid_id",
     "webhooks.not_found",
@@ -22,6 +23,7 @@ pub const ERROR_CODES: [&str; 8] = [
     "webhooks.invalid_url",
     "webhooks.internal",
     "webhooks.rate_limited",
+    "webhooks.payload_unavailable",
     "auth.unauthorized",
 ];
 
@@ -42,6 +44,8 @@ pub enum ApiError {
     InvalidUrl(String),
     /// Body over `api.max_body_bytes` (413, code `webhooks.invalid_request`).
     TooLarge(usize),
+    /// The delivery's payload is no longer stored (409), with how to keep payloads.
+    PayloadUnavailable(String),
     /// Over the account's request rate (429), with seconds to wait.
     RateLimited(u64),
     /// Missing or invalid credentials (401).
@@ -60,6 +64,7 @@ impl ApiError {
             ApiError::UrlRequired => "webhooks.url_required",
             ApiError::InvalidUrl(_) => "webhooks.invalid_url",
             ApiError::RateLimited(_) => "webhooks.rate_limited",
+            ApiError::PayloadUnavailable(_) => "webhooks.payload_unavailable",
             ApiError::Unauthorized(_) => "auth.unauthorized",
             ApiError::Internal(_) => "webhooks.internal",
         }
@@ -73,6 +78,7 @@ impl ApiError {
             }
             ApiError::NotFound | ApiError::DeliveryNotFound => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadUnavailable(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -81,7 +87,7 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::InvalidRequest(m) | ApiError::InvalidId(m) => m.clone(),
+            ApiError::InvalidRequest(m) | ApiError::InvalidId(m) | ApiError::PayloadUnavailable(m) => m.clone(),
             ApiError::InvalidUrl(m) => format!("url {m}"),
             ApiError::NotFound => "webhook endpoint not found".into(),
             ApiError::DeliveryNotFound => "delivery not found".into(),
@@ -102,6 +108,7 @@ impl From<EndpointError> for ApiError {
             EndpointError::InvalidUrl(m) => ApiError::InvalidUrl(m),
             EndpointError::NotFound => ApiError::NotFound,
             EndpointError::DeliveryNotFound => ApiError::DeliveryNotFound,
+            e @ EndpointError::PayloadUnavailable => ApiError::PayloadUnavailable(e.to_string()),
             e @ EndpointError::QuotaReached(_) => ApiError::InvalidRequest(e.to_string()),
             EndpointError::Db(e) => ApiError::Internal(e.to_string()),
             EndpointError::Reseal(e) => ApiError::Internal(e.to_string()),

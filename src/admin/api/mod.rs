@@ -32,14 +32,14 @@ use auth::{Authenticator, RateLimiter};
 use error::ApiError;
 use requests::{
     parse, time_field, uuid_field, AttemptsRequest, CreateRequest, DeliveriesRequest, IdRequest, ListRequest,
-    RecoverRequest, UpdateRequest,
+    RecoverRequest, RedeliverRequest, ReplayRequest, UpdateRequest,
 };
 
 /// The OpenAPI 3.1 document of this API (also committed as `docs/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// The operations, as routed (`POST /api/<name>`).
-pub const OPERATIONS: [&str; 9] = [
+pub const OPERATIONS: [&str; 11] = [
     "webhooks-create",
     "webhooks-list",
     "webhooks-get",
@@ -49,6 +49,8 @@ pub const OPERATIONS: [&str; 9] = [
     "webhooks-attempts",
     "webhooks-test",
     "webhooks-recover",
+    "webhooks-redeliver",
+    "webhooks-replay",
 ];
 
 /// Default and bounds of `webhooks-deliveries`' `limit`.
@@ -102,6 +104,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/webhooks-attempts", post(attempts))
         .route("/api/webhooks-test", post(test_endpoint))
         .route("/api/webhooks-recover", post(recover))
+        .route("/api/webhooks-redeliver", post(redeliver))
+        .route("/api/webhooks-replay", post(replay))
         .route("/api/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -227,12 +231,38 @@ async fn recover(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> R
     let (caller, body) = prologue(&s, &headers, body).await?;
     let r: RecoverRequest = parse(&body)?;
     let id = uuid_field("id", r.id.as_deref())?;
-    let since =
-        time_field("since", r.since.as_deref())?.ok_or_else(|| ApiError::InvalidRequest("since is required".into()))?;
-    let until = time_field("until", r.until.as_deref())?.unwrap_or_else(chrono::Utc::now);
+    let (since, until) = window(r.since.as_deref(), r.until.as_deref())?;
     let recovered = s.endpoints.recover(caller, id, since, until).await?;
     tracing::info!(endpoint = %id, account = %caller.account_id, recovered, "failed deliveries recovered");
     Ok(ok(json!({ "recovered": recovered })))
+}
+
+async fn redeliver(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (caller, body) = prologue(&s, &headers, body).await?;
+    let r: RedeliverRequest = parse(&body)?;
+    let id = uuid_field("delivery_id", r.delivery_id.as_deref())?;
+    let delivery = s.endpoints.redeliver(caller, id).await?;
+    tracing::info!(delivery = %id, account = %caller.account_id, "delivery queued to be sent again");
+    Ok(ok(json!({ "delivery": delivery })))
+}
+
+async fn replay(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let (caller, body) = prologue(&s, &headers, body).await?;
+    let r: ReplayRequest = parse(&body)?;
+    let id = uuid_field("id", r.id.as_deref())?;
+    let window = window(r.since.as_deref(), r.until.as_deref())?;
+    let done = s.endpoints.replay(caller, id, window, r.events.as_deref()).await?;
+    tracing::info!(endpoint = %id, account = %caller.account_id, replayed = done.requeued, "deliveries replayed");
+    Ok(ok(json!({ "replayed": done.requeued, "payload_unavailable": done.unavailable })))
+}
+
+/// `since` (required) and `until` (now when absent), RFC 3339.
+fn window(
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>), ApiError> {
+    let since = time_field("since", since)?.ok_or_else(|| ApiError::InvalidRequest("since is required".into()))?;
+    Ok((since, time_field("until", until)?.unwrap_or_else(chrono::Utc::now)))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

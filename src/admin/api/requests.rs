@@ -97,8 +97,30 @@ pub struct RecoverRequest {
     pub until: Option<String>,
 }
 
+/// `webhooks-redeliver`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeliverRequest {
+    /// Delivery id.
+    pub delivery_id: Option<String>,
+}
+
+/// `webhooks-replay`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// Endpoint id.
+    pub id: Option<String>,
+    /// Start of the window (RFC 3339, inclusive).
+    pub since: Option<String>,
+    /// End of the window (RFC 3339, exclusive); now when absent.
+    pub until: Option<String>,
+    /// Only deliveries of these event types.
+    pub events: Option<Vec<String>>,
+}
+
 /// Fields each operation accepts (checked against the OpenAPI document in tests).
-pub const FIELDS: [(&str, &[&str]); 9] = [
+pub const FIELDS: [(&str, &[&str]); 11] = [
     ("webhooks-create", &["url", "description", "events"]),
     ("webhooks-list", &["limit", "cursor"]),
     ("webhooks-get", &["id"]),
@@ -108,6 +130,8 @@ pub const FIELDS: [(&str, &[&str]); 9] = [
     ("webhooks-attempts", &["delivery_id", "limit"]),
     ("webhooks-test", &["id"]),
     ("webhooks-recover", &["id", "since", "until"]),
+    ("webhooks-redeliver", &["delivery_id"]),
+    ("webhooks-replay", &["id", "since", "until", "events"]),
 ];
 
 /// Parses a JSON object body into `T`, naming the field of any error.

@@ -83,9 +83,16 @@ pub enum DispatchMsg {
     EndpointChanged(Arc<Endpoint>),
     /// An endpoint was deleted: nothing more may be sent to it.
     EndpointRemoved(Uuid),
-    /// `webhooks-recover` put deliveries of this endpoint back in the outbox (read in the
-    /// stream at the commit that did it): its later changes queue behind them.
-    Requeued(Uuid),
+    /// `webhooks-recover`, `-redeliver` or `-replay` put deliveries of this endpoint back in
+    /// the outbox, held (read in the stream at the commit that did it): what of the endpoint
+    /// is in flight or waiting is stored first, then they are released to queue at `at`, and
+    /// its later changes queue behind them.
+    Requeued {
+        /// The endpoint.
+        endpoint_id: Uuid,
+        /// The requeue's commit LSN.
+        at: u64,
+    },
     /// A replication session starts (before anything it routes): these endpoints have
     /// deliveries waiting in the outbox, so they start spilled and their rows queue behind.
     SessionStart {
@@ -281,7 +288,7 @@ impl Dispatcher {
     async fn on_msg(&mut self, msg: DispatchMsg) {
         match msg {
             DispatchMsg::SessionStart { pending_endpoints } => {
-                let mut pending: std::collections::HashSet<Uuid> = pending_endpoints.into_iter().collect();
+                let mut pending: std::collections::HashSet<Uuid> = pending_endpoints.iter().copied().collect();
                 // States that outlived the last session (blocked rows, a spill) learn it too:
                 // another process may have stored deliveries of their rows meanwhile, and a
                 // row's next change must queue behind them, not go out directly.
@@ -292,16 +299,25 @@ impl Dispatcher {
                         self.spill_endpoint(id).await;
                     }
                 }
+                // Deliveries requeued before this session and not released yet (the
+                // release of the last session may not have committed): every endpoint with
+                // pending deliveries is spilled now, so they queue behind what it stored.
                 self.pending_at_start = pending;
+                for endpoint_id in pending_endpoints {
+                    let _ = self.store.send(StoreOp::ReleaseHeld { endpoint_id, at: None }).await;
+                }
             }
-            DispatchMsg::Requeued(id) => {
+            DispatchMsg::Requeued { endpoint_id: id, at } => {
                 if self.endpoints.contains_key(&id) {
+                    // Spilled: what is in flight is stored under our lease, what waits is
+                    // stored, both before the release below.
                     let actions = self.with_endpoint(id, EndpointState::requeued).unwrap_or_default();
                     self.execute(id, actions).await;
                 } else {
                     // Its state, made at its next delivery, starts spilled.
                     self.pending_at_start.insert(id);
                 }
+                let _ = self.store.send(StoreOp::ReleaseHeld { endpoint_id: id, at: Some(at) }).await;
             }
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
