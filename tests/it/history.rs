@@ -338,3 +338,86 @@ async fn recover_resends_failed_deliveries_under_their_ids_in_row_order() {
     bad(json!({ "id": id, "since": since }), "inactive").await;
     wh.stop().await.unwrap();
 }
+
+/// Paging through 250 deliveries while new ones keep arriving: every one of the 250 is on
+/// exactly one page, in history order; the new ones are newer than the first page, so they
+/// shift nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_250_deliveries_while_new_ones_arrive_skips_none_and_repeats_none() {
+    let env = Env::new("history_250").await;
+    let wh = env.start(&auth_config()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let body = json!({ "url": env.receiver.url("p"), "events": ["contact.created"] });
+    let created = api.ok("webhooks-create", &a, body).await;
+    env.receiver.set_secret("p", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
+    // 250 in transactions of 10, 25 commits.
+    for t in 0..25 {
+        env.sql(&format!(
+            "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'old' || i FROM generate_series({}, {}) i",
+            t * 10,
+            t * 10 + 9
+        ))
+        .await;
+    }
+    wait_for(Duration::from_secs(60), || async { count_status(&api, &a, &id, "delivered").await == 100 }).await;
+    let delivered_all = || async {
+        let mut n = 0;
+        let mut cursor = Value::Null;
+        loop {
+            let body = json!({ "endpoint_id": id, "limit": 100, "cursor": cursor });
+            let page = api.ok("webhooks-deliveries", &a, body).await;
+            n += ids(&page).len();
+            cursor = page["next_cursor"].clone();
+            if cursor.is_null() {
+                return n;
+            }
+        }
+    };
+    wait_for(Duration::from_secs(60), || async { delivered_all().await == 250 }).await;
+
+    // New rows every few milliseconds while a reader pages with an odd page size.
+    let writer = {
+        let url = env.url.clone();
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            for i in 0..200 {
+                let q = format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'new{i}')");
+                client.batch_execute(&q).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor = Value::Null;
+    loop {
+        let body = json!({ "endpoint_id": id, "limit": 7, "cursor": cursor });
+        let page = api.ok("webhooks-deliveries", &a, body).await;
+        seen.extend(ids(&page));
+        cursor = page["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.await.unwrap();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a delivery on two pages");
+    let bodies: HashSet<String> = env
+        .receiver
+        .received()
+        .iter()
+        .filter(|r| r.json()["data"]["first_name"].as_str().is_some_and(|n| n.starts_with("old")))
+        .map(|r| r.webhook_id.clone())
+        .collect();
+    assert_eq!(bodies.len(), 250);
+    let old_seen = seen.iter().filter(|d| bodies.contains(*d)).count();
+    assert_eq!(old_seen, 250, "every one of the 250 on a page");
+    assert_eq!(
+        seen.len() - old_seen,
+        seen.iter().take(7).filter(|d| !bodies.contains(*d)).count(),
+        "new ones only on the first page"
+    );
+    wh.stop().await.unwrap();
+}
