@@ -7,8 +7,9 @@
 //! reference. Phases: backlog drain, live latency at two rates, fan-out, and a dead endpoint
 //! building a million-delivery backlog beside a healthy one. Every phase checks that the
 //! receiver got every expected event. `--memory` runs only the large-row memory cases
-//! (`memory.rs`) instead.
+//! (`memory.rs`) instead, `--archive` only the payload archive's cost (`archive.rs`).
 
+mod archive;
 mod load;
 mod measure;
 mod memory;
@@ -58,6 +59,9 @@ struct Args {
     /// Run only the memory cases: large rows behind a slow endpoint (RSS during and after).
     #[arg(long)]
     memory: bool,
+    /// Run only the payload archive's cost: the same backlog drained with it off, on, off.
+    #[arg(long)]
+    archive: bool,
     /// Memory cases: the endpoint answers each request after this many milliseconds.
     #[arg(long, default_value_t = 1000)]
     answer_ms: u64,
@@ -157,6 +161,8 @@ struct Bench {
     seen: Arc<Mutex<HashMap<u8, Seen>>>,
     /// Extra `[dispatch]` lines of walhook's configuration.
     dispatch_extra: String,
+    /// Extra sections after `[dispatch]` (e.g. `[retention]`).
+    retention_extra: String,
 }
 
 impl Bench {
@@ -179,17 +185,28 @@ impl Bench {
         receiver.keep_log(false);
         let seen = Arc::new(Mutex::new(HashMap::new()));
         collect(receiver.subscribe(), seen.clone());
-        Ok(Bench { cluster, url, client, receiver, dir, ca_path, seen, dispatch_extra: String::new() })
+        Ok(Bench {
+            cluster,
+            url,
+            client,
+            receiver,
+            dir,
+            ca_path,
+            seen,
+            dispatch_extra: String::new(),
+            retention_extra: String::new(),
+        })
     }
 
     fn config_toml(&self) -> String {
         format!(
             "[database]\nurl = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
              [replication]\nslot = \"bench\"\npublication = \"bench\"\n\
-             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n{}[log]\nlevel = \"warn\"\n",
+             [dispatch]\nallowed_cidrs = [\"127.0.0.0/8\"]\nca_certs = [\"{}\"]\n{}{}[log]\nlevel = \"warn\"\n",
             self.url,
             self.ca_path.display(),
             self.dispatch_extra,
+            self.retention_extra,
         )
     }
 
@@ -324,6 +341,11 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             cases.push(memory::Case { phase: PHASE_MEMORY_MEDIUM, rows: args.medium_rows, kb: args.medium_row_kb });
         }
         return memory::run(&b, &args, &cases).await;
+    }
+    if args.archive {
+        args.fanout_endpoints = 0;
+        b.endpoints(&args).await?;
+        return archive::run(&mut b, &args).await;
     }
     b.endpoints(&args).await?;
     // (`walhook migrate` created walhook's slot; the reference slots start here, before the
