@@ -5,8 +5,9 @@
 -- queue_lsn: its place in the row's queue; NULL means its own commit_lsn. The outbox sends
 -- a row's pending deliveries in (coalesce(queue_lsn, commit_lsn), commit_lsn, seq) order.
 ALTER TABLE walhook.deliveries ADD COLUMN queue_lsn bigint;
--- held: requeued but not yet released to the outbox. The streaming replica releases an
--- endpoint's held deliveries once it has read the requeue's commit (so the endpoint's
--- changes committed before it are stored or sent first, and later ones queue behind), or at
--- the start of a session, before it routes anything.
-ALTER TABLE walhook.deliveries ADD COLUMN held boolean NOT NULL DEFAULT false;
+-- held_at: requeued, not yet released to the outbox; the endpoint's requeued_at written by the
+-- same call (its tag). The streaming replica releases the deliveries of exactly that tag once
+-- it has read that endpoint change (what of the endpoint was committed before it is stored or
+-- sent first, later changes queue behind), and the slot is not confirmed past the requeue until
+-- the release has committed, so a restart reads it again.
+ALTER TABLE walhook.deliveries ADD COLUMN held_at timestamptz;

@@ -78,10 +78,15 @@ impl Endpoints {
     /// Sends one of the caller's deliveries again, whatever its status; returns it as it is
     /// now.
     pub async fn redeliver(&self, caller: Caller, delivery: Uuid) -> Result<DeliveryView, EndpointError> {
-        let mut client = self.db().get().await?;
-        let found = store::deliveries::delivery_in_account(&**client, caller.account_id, delivery).await?;
+        // One pooled connection at a time: a call holding one while it waits for another
+        // could, with enough of them at once, starve the pool it shares with delivery.
+        let found = {
+            let client = self.db().get().await?;
+            store::deliveries::delivery_in_account(&**client, caller.account_id, delivery).await?
+        };
         let (endpoint, _) = found.ok_or(EndpointError::DeliveryNotFound)?;
         self.active_for("redelivered", caller, endpoint).await?;
+        let mut client = self.db().get().await?;
         match store::recover::redeliver(&mut client, endpoint, delivery).await? {
             Redelivery::Queued => {}
             Redelivery::PayloadUnavailable => return Err(EndpointError::PayloadUnavailable),

@@ -40,15 +40,16 @@ use crate::delivery::dispatch::budget::MemoryBudget;
 use crate::delivery::dispatch::happening::Happening;
 use crate::delivery::dispatch::http::Sender;
 use crate::delivery::dispatch::limits::Limits;
-use crate::delivery::dispatch::outcome::{self, send_one, Outcome};
+use crate::delivery::dispatch::outcome::{self, send_one};
 use crate::delivery::dispatch::policy::RetryPolicy;
+use crate::delivery::dispatch::settle::{settle, Context, Stored, Write};
 use crate::model::attempt::{Attempt, FailureKind};
 use crate::model::delivery::{event_mask, Endpoint};
 use crate::ops::metrics::Metrics;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::security::sign::Signer;
-use crate::store::{self, Completion, Release, Status, StoreOp, DISABLED_GONE};
+use crate::store::{self, StoreOp, DISABLED_GONE};
 
 /// An attempt that waited this long for its connection or its bytes checks that its endpoint
 /// is still there and active before it sends.
@@ -434,36 +435,16 @@ async fn record(
 ) {
     let now = Utc::now();
     let outcome = outcome::decide(&attempt, row.retry_no.max(1) as usize, retry, now);
-    if let Outcome::LocalRetry(next_attempt_at) = outcome {
-        // The receiver was never reached: give the claim's attempt back, retry soon.
-        let last_error = format!("local: {}", attempt.error.unwrap_or_default());
-        Happening::LocalFailure { delivery: row.id, endpoint: row.endpoint.id, error: &last_error }.record(metrics);
-        let release = Release { id: row.id, lease, next_attempt_at, last_error };
-        let _ = store.send(StoreOp::Release(release)).await;
-        return;
+    let stored = Stored::Leased { lease, attempt_no: row.attempt_no };
+    let cx = Context { delivery: row.id, endpoint: row.endpoint.id, committed_at: row.committed_at, now, stored };
+    let settled = settle(outcome, attempt, &cx);
+    for h in &settled.happenings {
+        h.record(metrics);
     }
-    if outcome == Outcome::Delivered {
-        let lag_seconds = (now - row.committed_at).as_seconds_f64().max(0.0);
-        Happening::Delivered { lag_seconds }.record(metrics);
+    if let Write::Leased(op) = settled.write {
+        let _ = store.send(op).await;
     }
-    let (status, next) = outcome.status();
-    if status == Status::Failed {
-        Happening::DeliveryFailed.record(metrics);
-    }
-    let op = StoreOp::Complete(Completion {
-        id: row.id,
-        endpoint_id: row.endpoint.id,
-        lease,
-        status,
-        http_status: attempt.status,
-        next_attempt_at: next,
-        last_error: attempt.error.clone(),
-        completed_at: (status != Status::Pending).then_some(now),
-        attempt_no: row.attempt_no,
-        attempt,
-    });
-    let _ = store.send(op).await;
-    if outcome == Outcome::EndpointGone {
+    if settled.disable_endpoint {
         Happening::EndpointGone { endpoint: row.endpoint.id }.record(metrics);
         let _ = store.send(StoreOp::Disable { endpoint_id: row.endpoint.id, reason: DISABLED_GONE }).await;
     }

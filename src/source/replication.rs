@@ -705,8 +705,9 @@ impl Replication {
             }
         }
         // Before any later change: those of these endpoints queue behind the requeued ones.
-        for endpoint_id in requeued {
-            self.send(DispatchMsg::Requeued { endpoint_id, at: end_lsn }, shutdown).await?;
+        for (endpoint_id, tag) in requeued {
+            let ticket = self.tracker.ticket();
+            self.send(DispatchMsg::Requeued { endpoint_id, at: end_lsn, tag, ticket }, shutdown).await?;
         }
         Ok(())
     }

@@ -62,7 +62,7 @@ pub struct Router {
     /// The last `requeued_at` seen of each endpoint, and those whose value moved in the
     /// transaction being read (`webhooks-recover` requeued deliveries of theirs).
     requeued: HashMap<Uuid, String>,
-    requeued_now: Vec<Uuid>,
+    requeued_now: Vec<(Uuid, String)>,
     secrets: SecretBox,
 }
 
@@ -193,8 +193,8 @@ impl Router {
         if let Some(at) = row.requeued_at {
             if self.requeued.get(&id) != Some(&at) {
                 // (Also the first time a session sees it: a needless spill at most.)
-                self.requeued.insert(id, at);
-                self.requeued_now.push(id);
+                self.requeued.insert(id, at.clone());
+                self.requeued_now.push((id, at));
             }
         }
         let sending = self.find(id).map(|e| (e.url.clone(), e.signer.clone()));
@@ -230,16 +230,19 @@ impl Router {
         changed.into_iter().map(|(id, alive)| (id, alive.then(|| self.routing.get(&id).cloned()).flatten())).collect()
     }
 
-    /// The endpoints whose failed deliveries the transaction read so far requeued; clears
-    /// the list.
-    pub fn take_requeued(&mut self) -> Vec<Uuid> {
+    /// The endpoints whose deliveries the transaction read so far requeued, each with the
+    /// requeue's tag (`requeued_at`, as read); clears the list.
+    pub fn take_requeued(&mut self) -> Vec<(Uuid, String)> {
         std::mem::take(&mut self.requeued_now)
     }
 
     /// Forgets the changes of a transaction that will be read again.
     pub fn clear_changed(&mut self) {
         self.changed.clear();
-        self.requeued_now.clear();
+        // Read again, its requeues are told again.
+        for (id, _) in self.requeued_now.drain(..) {
+            self.requeued.remove(&id);
+        }
     }
 
     /// The endpoints that receive `change`: same account, active, subscribed.
@@ -279,11 +282,16 @@ mod tests {
         assert!(router.take_requeued().is_empty());
         let at = |t: &str| EndpointRow { requeued_at: Some(t.into()), ..row(e) };
         router.apply(at("2026-12-06 21:00:00+00"));
-        assert_eq!(router.take_requeued(), [e]);
+        assert_eq!(router.take_requeued(), [(e, "2026-12-06 21:00:00+00".to_owned())]);
         router.apply(at("2026-12-06 21:00:00+00"));
         assert!(router.take_requeued().is_empty(), "the same time is no new requeue");
         router.apply(at("2026-12-06 22:00:00+00"));
-        assert_eq!(router.take_requeued(), [e]);
+        assert_eq!(router.take_requeued(), [(e, "2026-12-06 22:00:00+00".to_owned())]);
+        // A transaction read again (after it was forgotten) tells its requeue again.
+        router.apply(at("2026-12-06 23:00:00+00"));
+        router.clear_changed();
+        router.apply(at("2026-12-06 23:00:00+00"));
+        assert_eq!(router.take_requeued(), [(e, "2026-12-06 23:00:00+00".to_owned())]);
     }
 
     #[test]

@@ -250,14 +250,19 @@ pub enum StoreOp {
         /// The endpoint.
         endpoint_id: Uuid,
     },
-    /// Release an endpoint's held (requeued) deliveries to the outbox, after every op sent
-    /// before this one; with `at` (the requeue's commit LSN, as the stream read it) they queue
-    /// there in their rows (`store::recover`).
+    /// Release the held deliveries of one requeue (`store::recover`) to the outbox, after
+    /// every op sent before this one, to queue in their rows at `at`; `ticket` (the requeue's
+    /// transaction) is settled once the release commits, so the slot is not confirmed past a
+    /// requeue whose deliveries are still held.
     ReleaseHeld {
         /// The endpoint.
         endpoint_id: Uuid,
-        /// Their place in their rows' queues.
-        at: Option<u64>,
+        /// The requeue's commit LSN, as the stream read it.
+        at: u64,
+        /// The requeue's tag: the endpoint's `requeued_at`, as the stream read it (text).
+        tag: String,
+        /// The requeue's transaction.
+        ticket: Option<Ticket>,
     },
 }
 
@@ -351,11 +356,9 @@ fn settle(batch: &mut Vec<StoreOp>) -> Vec<Probe> {
                     t.settle();
                 }
             }
-            StoreOp::Complete(_)
-            | StoreOp::Release(_)
-            | StoreOp::Disable { .. }
-            | StoreOp::FailPending { .. }
-            | StoreOp::ReleaseHeld { .. } => {}
+            StoreOp::ReleaseHeld { ticket: Some(t), .. } => t.settle(),
+            StoreOp::ReleaseHeld { ticket: None, .. } => {}
+            StoreOp::Complete(_) | StoreOp::Release(_) | StoreOp::Disable { .. } | StoreOp::FailPending { .. } => {}
             StoreOp::Probe(p) => probes.push(p),
         }
     }

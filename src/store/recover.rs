@@ -6,27 +6,32 @@
 //!
 //! What must hold: one transaction does each call, or nothing of it. A requeued delivery keeps
 //! its id (its `webhook-id`), is due now with a fresh retry schedule (`retry_base`: its attempt
-//! records keep counting), and is *held*: the outbox does not send it yet. Its endpoint row's
-//! `requeued_at` moves in the same transaction; that row is published, so the streaming
-//! replica reads the change at this commit, whichever replica served the call, and then
-//! releases the endpoint's held deliveries with their place in each row's queue set to that
-//! commit: behind everything of the row committed before it (stored or sent first, in flight
-//! included), ahead of everything committed after (docs/architecture.md, invariant 4). Among
-//! the deliveries one call requeues, a row keeps commit order. Only deliveries whose payload
-//! is still stored are requeued (one without could never be sent); a pending delivery is made
-//! due now, keeping its place, never requeued twice.
+//! records keep counting), and is *held*, tagged with the call (`held_at`): the outbox does
+//! not send it yet. Its endpoint row's `requeued_at` takes the tag's value in the same
+//! transaction; that row is published, so the streaming replica reads the change at this
+//! commit, whichever replica served the call, and then releases the deliveries of that tag
+//! with their place in each row's queue set to that commit: behind everything of the row
+//! committed before it (stored or sent first, in flight included), ahead of everything
+//! committed after (docs/architecture.md, invariant 4). Among the deliveries one call
+//! requeues, a row keeps commit order. Only deliveries whose payload is still stored are
+//! requeued (one without could never be sent), and the payload is locked (`FOR KEY SHARE`)
+//! until the call commits, so retention cannot delete it meanwhile. A pending delivery is
+//! made due now with a fresh schedule, keeping its place; one being attempted at that moment
+//! is left to its attempt. A call that requeues nothing changes nothing.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::pg::db::DbError;
 
-/// What the requeue of finished deliveries sets: pending, due now, a fresh schedule, held.
+/// What the requeue of finished deliveries sets (`$held` is the call's tag): pending, due
+/// now, a fresh schedule, held.
 const REQUEUE: &str = "status = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL, \
-     lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count, held = true, \
+     lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count, held_at = $held, \
      queue_lsn = (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint";
-/// The payload is still stored.
-const HAS_PAYLOAD: &str = "EXISTS (SELECT 1 FROM walhook.events e WHERE e.id = d.event_id)";
+/// The payload is still stored; locked until the call commits, so retention (which skips
+/// locked payloads) cannot delete it under a delivery being requeued.
+const HAS_PAYLOAD: &str = "EXISTS (SELECT 1 FROM walhook.events e WHERE e.id = d.event_id FOR KEY SHARE)";
 
 /// Requeues the failed deliveries of `endpoint` committed in `[since, until)`; returns how
 /// many.
@@ -37,20 +42,21 @@ pub async fn requeue_failed(
     until: DateTime<Utc>,
 ) -> Result<u64, DbError> {
     let tx = client.transaction().await?;
+    let Some(tag) = mark_requeued(&tx, endpoint).await? else { return Ok(0) };
     let n = tx
         .execute(
             &format!(
-                "UPDATE walhook.deliveries d SET {REQUEUE} \
+                "UPDATE walhook.deliveries d SET {} \
                  WHERE d.endpoint_id = $1 AND d.status = 'failed' AND d.created_at >= $2 AND d.created_at < $3 \
-                   AND {HAS_PAYLOAD}"
+                   AND {HAS_PAYLOAD}",
+                REQUEUE.replace("$held", "$4")
             ),
-            &[&endpoint, &since, &until],
+            &[&endpoint, &since, &until, &tag],
         )
         .await?;
     if n > 0 {
-        mark_requeued(&tx, endpoint).await?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(n)
 }
 
@@ -72,14 +78,19 @@ pub async fn requeue_finished(
     event_types: Option<&[String]>,
 ) -> Result<Replayed, DbError> {
     let tx = client.transaction().await?;
+    let Some(tag) = mark_requeued(&tx, endpoint).await? else { return Ok(Replayed::default()) };
     let window = "d.endpoint_id = $1 AND d.status <> 'pending' AND d.created_at >= $2 AND d.created_at < $3 \
                   AND ($4::text[] IS NULL OR d.event_type = ANY($4))";
     let requeued = tx
         .execute(
-            &format!("UPDATE walhook.deliveries d SET {REQUEUE} WHERE {window} AND {HAS_PAYLOAD}"),
-            &[&endpoint, &since, &until, &event_types],
+            &format!(
+                "UPDATE walhook.deliveries d SET {} WHERE {window} AND {HAS_PAYLOAD}",
+                REQUEUE.replace("$held", "$5")
+            ),
+            &[&endpoint, &since, &until, &event_types, &tag],
         )
         .await?;
+    // What is left unsent in the window has no payload.
     let unavailable: i64 = tx
         .query_one(
             &format!("SELECT count(*) FROM walhook.deliveries d WHERE {window}"),
@@ -88,9 +99,8 @@ pub async fn requeue_finished(
         .await?
         .get(0);
     if requeued > 0 {
-        mark_requeued(&tx, endpoint).await?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(Replayed { requeued, unavailable: unavailable as u64 })
 }
 
@@ -106,7 +116,8 @@ pub enum Redelivery {
 }
 
 /// Sends delivery `id` of `endpoint` again: a finished one is requeued; a pending one is made
-/// due now with a fresh schedule, keeping its place (one in flight is left to its attempt).
+/// due now with a fresh schedule, keeping its place (one being attempted is left to its
+/// attempt).
 pub async fn redeliver(
     client: &mut deadpool_postgres::Client,
     endpoint: Uuid,
@@ -117,7 +128,7 @@ pub async fn redeliver(
         .query_opt(
             &format!(
                 "SELECT d.status, {HAS_PAYLOAD} FROM walhook.deliveries d WHERE d.id = $1 AND d.endpoint_id = $2 \
-                 FOR UPDATE"
+                 FOR UPDATE OF d"
             ),
             &[&id, &endpoint],
         )
@@ -135,15 +146,26 @@ pub async fn redeliver(
         )
         .await?;
     } else {
-        tx.execute(&format!("UPDATE walhook.deliveries d SET {REQUEUE} WHERE d.id = $1"), &[&id]).await?;
-        mark_requeued(&tx, endpoint).await?;
+        let Some(tag) = mark_requeued(&tx, endpoint).await? else { return Ok(Redelivery::NotFound) };
+        let sql = format!("UPDATE walhook.deliveries d SET {} WHERE d.id = $1", REQUEUE.replace("$held", "$2"));
+        tx.execute(&sql, &[&id, &tag]).await?;
     }
     tx.commit().await?;
     Ok(Redelivery::Queued)
 }
 
-/// Moves the endpoint row's `requeued_at`, which the streaming replica reads in the stream.
-async fn mark_requeued(tx: &deadpool_postgres::Transaction<'_>, endpoint: Uuid) -> Result<(), DbError> {
-    tx.execute("UPDATE walhook.endpoints SET requeued_at = clock_timestamp() WHERE id = $1", &[&endpoint]).await?;
-    Ok(())
+/// Moves the endpoint row's `requeued_at` (the stream reads it; its value tags the call's
+/// held deliveries) and returns it; `None` when the endpoint is gone. (The endpoint row is
+/// locked before any delivery row, so two calls on one endpoint queue one behind the other.)
+async fn mark_requeued(
+    tx: &deadpool_postgres::Transaction<'_>,
+    endpoint: Uuid,
+) -> Result<Option<DateTime<Utc>>, DbError> {
+    let row = tx
+        .query_opt(
+            "UPDATE walhook.endpoints SET requeued_at = clock_timestamp() WHERE id = $1 RETURNING requeued_at",
+            &[&endpoint],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }

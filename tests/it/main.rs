@@ -41,6 +41,7 @@ mod production_setup;
 mod readiness;
 mod replay_routing;
 mod resend;
+mod resend_races;
 mod retention;
 mod signatures;
 mod slot_loss;

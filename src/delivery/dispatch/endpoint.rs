@@ -264,15 +264,18 @@ impl EndpointState {
         actions
     }
 
-    /// `webhooks-recover` put deliveries of this endpoint back in the outbox: it spills (if it
-    /// has not), and a probe already out cannot unspill it (its answer may predate them).
+    /// `webhooks-recover`, `-redeliver` or `-replay` put deliveries of this endpoint back in
+    /// the outbox: it spills (if it has not), and a probe already out cannot unspill it (its
+    /// answer may predate them). No row counts as accounted for any more: a requeued delivery
+    /// queues after its row's tracked tail, which may settle first, so the next probe asks
+    /// about every pending delivery of the endpoint, and rows unblock only through it.
     pub fn requeued(&mut self) -> Vec<Action> {
         self.untracked_spills += 1;
-        if self.spilled {
-            Vec::new()
-        } else {
-            self.spill()
-        }
+        let actions = if self.spilled { Vec::new() } else { self.spill() };
+        // Also the rows the spill just blocked behind what was in flight or waiting: all of
+        // it was committed before the requeue, so their tails settle before it.
+        self.blocked.clear();
+        actions
     }
 
     /// A probe answered: settled rows unblock; a spilled endpoint with nothing pending

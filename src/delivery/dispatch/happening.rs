@@ -11,7 +11,7 @@ use crate::ops::metrics::Metrics;
 
 /// Something an operator may want to see in the logs or the metrics.
 #[derive(Debug)]
-pub enum Happening<'a> {
+pub enum Happening {
     /// An HTTP attempt finished, of outcome class `class` (see `Attempt::class`).
     AttemptMade {
         /// Outcome class.
@@ -26,7 +26,7 @@ pub enum Happening<'a> {
         /// Its endpoint.
         endpoint: Uuid,
         /// What failed (`local: …`).
-        error: &'a str,
+        error: String,
     },
     /// The endpoint answered `410 Gone`; it is being disabled (the store writer reports
     /// the disable once it is written).
@@ -48,7 +48,7 @@ pub enum Happening<'a> {
     },
 }
 
-impl Happening<'_> {
+impl Happening {
     /// Logs and counts it.
     pub fn record(&self, metrics: &Metrics) {
         match self {

@@ -31,8 +31,9 @@
 //! How: each endpoint's order, blocking, spill and probe bookkeeping is a synchronous state
 //! machine ([`endpoint`], unit-tested there); this task feeds it what happens and carries out
 //! the actions it answers with. What an attempt means (delivered, retry at, failed, endpoint
-//! gone, local retry) is decided by [`outcome`], shared with the outbox workers; log lines
-//! and counters of what happens go through [`happening`].
+//! gone, local retry) is decided by [`outcome`], and what follows from it (the write, the
+//! happenings, a disable) by [`settle`], both shared with the outbox workers; log lines and
+//! counters of what happens go through [`happening`].
 
 pub mod budget;
 pub(crate) mod connect;
@@ -43,6 +44,7 @@ pub mod limits;
 pub(crate) mod outcome;
 pub mod policy;
 mod pressure;
+pub(crate) mod settle;
 pub mod shares;
 
 use std::collections::HashMap;
@@ -58,7 +60,7 @@ use crate::model::attempt::Attempt;
 use crate::model::delivery::{Delivery, Endpoint};
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
-use crate::store::{Completion, Probe, ProbeAnswer, Record, Release, Status, StoreOp, DISABLED_GONE};
+use crate::store::{Probe, ProbeAnswer, Record, Status, StoreOp, DISABLED_GONE};
 use budget::MemoryBudget;
 use endpoint::{Action, Bounds, EndpointState};
 use happening::Happening;
@@ -66,6 +68,7 @@ use http::Sender;
 use limits::{Limits, Permit};
 use outcome::Outcome;
 use policy::RetryPolicy;
+use settle::{Context, NewRow, Stored, Write};
 use shares::SharePin;
 
 /// How often waiting times are checked and blocked rows probed.
@@ -85,13 +88,17 @@ pub enum DispatchMsg {
     EndpointRemoved(Uuid),
     /// `webhooks-recover`, `-redeliver` or `-replay` put deliveries of this endpoint back in
     /// the outbox, held (read in the stream at the commit that did it): what of the endpoint
-    /// is in flight or waiting is stored first, then they are released to queue at `at`, and
-    /// its later changes queue behind them.
+    /// is in flight or waiting is stored first, then those of `tag` are released to queue at
+    /// `at`, and its later changes queue behind them.
     Requeued {
         /// The endpoint.
         endpoint_id: Uuid,
         /// The requeue's commit LSN.
         at: u64,
+        /// The requeue's tag (the endpoint's `requeued_at`, as read).
+        tag: String,
+        /// The requeue's transaction: settled once the release has committed.
+        ticket: Option<crate::model::progress::Ticket>,
     },
     /// A replication session starts (before anything it routes): these endpoints have
     /// deliveries waiting in the outbox, so they start spilled and their rows queue behind.
@@ -288,7 +295,7 @@ impl Dispatcher {
     async fn on_msg(&mut self, msg: DispatchMsg) {
         match msg {
             DispatchMsg::SessionStart { pending_endpoints } => {
-                let mut pending: std::collections::HashSet<Uuid> = pending_endpoints.iter().copied().collect();
+                let mut pending: std::collections::HashSet<Uuid> = pending_endpoints.into_iter().collect();
                 // States that outlived the last session (blocked rows, a spill) learn it too:
                 // another process may have stored deliveries of their rows meanwhile, and a
                 // row's next change must queue behind them, not go out directly.
@@ -299,15 +306,9 @@ impl Dispatcher {
                         self.spill_endpoint(id).await;
                     }
                 }
-                // Deliveries requeued before this session and not released yet (the
-                // release of the last session may not have committed): every endpoint with
-                // pending deliveries is spilled now, so they queue behind what it stored.
                 self.pending_at_start = pending;
-                for endpoint_id in pending_endpoints {
-                    let _ = self.store.send(StoreOp::ReleaseHeld { endpoint_id, at: None }).await;
-                }
             }
-            DispatchMsg::Requeued { endpoint_id: id, at } => {
+            DispatchMsg::Requeued { endpoint_id: id, at, tag, ticket } => {
                 if self.endpoints.contains_key(&id) {
                     // Spilled: what is in flight is stored under our lease, what waits is
                     // stored, both before the release below.
@@ -317,7 +318,7 @@ impl Dispatcher {
                     // Its state, made at its next delivery, starts spilled.
                     self.pending_at_start.insert(id);
                 }
-                let _ = self.store.send(StoreOp::ReleaseHeld { endpoint_id: id, at: Some(at) }).await;
+                let _ = self.store.send(StoreOp::ReleaseHeld { endpoint_id: id, at, tag, ticket }).await;
             }
             DispatchMsg::Deliver(d) => self.accept(d).await,
             DispatchMsg::EndpointChanged(ep) => {
@@ -415,92 +416,54 @@ impl Dispatcher {
         tracing::debug!(delivery = %d.id, endpoint = %ep_id, outcome = a.class(), error = ?a.error, "first attempt finished");
         let now = Utc::now();
         let outcome = outcome::decide(&a, 1, &self.settings.retry, now).given_disabled(disabled);
-        if let Outcome::LocalRetry(retry_at) = outcome {
-            self.on_local_failure(d, (flight.leased, removed, disabled), retry_at, a).await;
-            return self.pump(ep_id);
-        }
-        if outcome == Outcome::EndpointGone && !disabled && !removed {
-            self.disable(ep_id).await;
-        }
-        if outcome == Outcome::Delivered {
-            let lag = (now.timestamp_micros() - d.event.committed_at_us).max(0) as f64 / 1e6;
-            Happening::Delivered { lag_seconds: lag }.record(&self.metrics);
-        }
-        let (status, next) = outcome.status();
-        if status == Status::Failed {
-            Happening::DeliveryFailed.record(&self.metrics);
-        }
-        let completed_at = (status != Status::Pending).then_some(now);
-        if flight.leased {
-            // Already stored under our lease: record the outcome on that row.
-            let op = StoreOp::Complete(Completion {
-                id: d.id,
-                endpoint_id: ep_id,
-                lease: self.lease_token,
-                status,
-                http_status: a.status,
-                next_attempt_at: next,
-                last_error: a.error.clone(),
-                completed_at,
-                attempt_no: 1,
-                attempt: a,
-            });
-            let _ = self.store.send(op).await;
-        } else if removed {
-            if let Some(t) = d.ticket.take() {
-                t.settle(); // the endpoint is gone: nothing to record
-            }
-        } else {
-            Happening::Created { direct: status == Status::Delivered }.record(&self.metrics);
-            let record = Record {
-                attempt_count: 1,
-                http_status: a.status,
-                next_attempt_at: next,
-                last_error: a.error.clone(),
-                completed_at,
-                attempt: Some(a),
-                ..Record::new(&mut d, status)
-            };
-            let _ = self.store.send(StoreOp::Insert(record)).await;
-            self.first_attempt_settled(&d, status).await;
-        }
-        self.pump(ep_id);
-    }
-
-    /// The attempt failed before reaching the receiver (walhook ran out of descriptors or
-    /// memory): the delivery waits in the outbox, due at `retry_at`, with no attempt spent or
-    /// recorded. `(leased, removed, disabled)` describe the flight and its endpoint.
-    async fn on_local_failure(
-        &mut self,
-        mut d: Delivery,
-        flags: (bool, bool, bool),
-        retry_at: chrono::DateTime<Utc>,
-        a: Attempt,
-    ) {
-        let (leased, removed, disabled) = flags;
-        let error = format!("local: {}", a.error.unwrap_or_default());
-        Happening::LocalFailure { delivery: d.id, endpoint: d.endpoint.id, error: &error }.record(&self.metrics);
-        if leased {
-            let release = Release { id: d.id, lease: self.lease_token, next_attempt_at: retry_at, last_error: error };
-            let _ = self.store.send(StoreOp::Release(release)).await;
-        } else if removed {
-            if let Some(t) = d.ticket.take() {
-                t.settle(); // the endpoint is gone: nothing to record
-            }
-        } else if disabled {
-            // Like everything else waiting for a disabled endpoint.
+        if matches!(outcome, Outcome::LocalRetry(_)) && disabled && !flight.leased && !removed {
+            // Never reached the receiver, and its endpoint is disabled: it fails unsent, like
+            // everything else waiting for a disabled endpoint.
             self.first_attempt_settled(&d, Status::Failed).await;
             self.fail_unsent(d).await;
-        } else {
-            Happening::Created { direct: false }.record(&self.metrics);
-            let record = Record {
-                next_attempt_at: Some(retry_at),
-                last_error: Some(error),
-                ..Record::new(&mut d, Status::Pending)
-            };
-            let _ = self.store.send(StoreOp::Insert(record)).await;
-            self.first_attempt_settled(&d, Status::Pending).await;
+            return self.pump(ep_id);
         }
+        let stored = match (flight.leased, removed) {
+            (true, _) => Stored::Leased { lease: self.lease_token, attempt_no: 1 },
+            (false, true) => Stored::Dropped,
+            (false, false) => Stored::New,
+        };
+        let committed_at = chrono::DateTime::from_timestamp_micros(d.event.committed_at_us).unwrap_or(now);
+        let cx = Context { delivery: d.id, endpoint: ep_id, committed_at, now, stored };
+        let settled = settle::settle(outcome, a, &cx);
+        if settled.disable_endpoint && !disabled && !removed {
+            self.disable(ep_id).await;
+        }
+        for h in &settled.happenings {
+            h.record(&self.metrics);
+        }
+        let status = settled.status();
+        match settled.write {
+            Write::Leased(op) => {
+                let _ = self.store.send(op).await;
+            }
+            Write::Insert(row) => {
+                let NewRow { status, attempt_count, next_attempt_at, last_error, completed_at, attempt } = row;
+                let record = Record {
+                    attempt_count,
+                    http_status: attempt.as_ref().and_then(|a| a.status),
+                    next_attempt_at,
+                    last_error,
+                    completed_at,
+                    attempt,
+                    ..Record::new(&mut d, status)
+                };
+                let _ = self.store.send(StoreOp::Insert(record)).await;
+                self.first_attempt_settled(&d, status).await;
+            }
+            Write::Nothing => {
+                if let Some(t) = d.ticket.take() {
+                    t.settle(); // the endpoint is gone: nothing to record
+                }
+            }
+        }
+        debug_assert!(status.is_some() || stored == Stored::Dropped);
+        self.pump(ep_id);
     }
 
     /// Moves the row of `d` on after its first attempt was recorded with `status`.

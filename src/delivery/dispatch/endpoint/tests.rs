@@ -271,6 +271,28 @@ fn a_requeue_while_a_probe_is_out_keeps_the_endpoint_spilled() {
 }
 
 #[test]
+fn after_a_requeue_no_row_is_accounted_for_until_nothing_is_pending() {
+    // a1 in flight on the fast path when a delivery of row a is requeued (behind a1).
+    let mut f = Fixture::new();
+    let (a1, _) = f.arrive("contacts:a", ROOMY);
+    assert_eq!(f.start(), Some(a1));
+    assert_eq!(steps(f.state.requeued()), [Step::StoreLeased(a1)], "the flight is stored under the lease");
+    let (flight, _, _) = f.state.finished(a1, f.now).expect("in flight");
+    assert!(flight.leased);
+    // a1 settled first; row a is not accounted for by it: every pending delivery counts.
+    let q = f.state.probe().expect("probed");
+    assert_eq!(q, ProbeQuery { ids: Vec::new(), whole_endpoint: true, known_rows: Vec::new() });
+    f.state.probe_answered(&answer(&f.ep, Vec::new(), Some(true)));
+    assert!(f.state.spilled(), "the requeued delivery is pending");
+    let (a2, s) = f.arrive("contacts:a", ROOMY);
+    assert_eq!(s, [Step::Spill(a2)], "row a's next change queues behind it");
+    let q = f.state.probe().expect("probed again");
+    assert_eq!(q.known_rows, ["contacts:a"], "a2 queues after the requeued delivery: its row is accounted for");
+    f.state.probe_answered(&answer(&f.ep, vec![a2], Some(false)));
+    assert!(!f.state.spilled(), "nothing pending: sends directly again");
+}
+
+#[test]
 fn deliveries_spilled_untracked_since_the_probe_keep_the_endpoint_spilled() {
     let mut f = Fixture::spilled(true);
     for i in 0..MAX_BLOCKED_ROWS {
