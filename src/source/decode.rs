@@ -70,8 +70,9 @@ pub struct EndpointRow {
     pub is_active: Option<bool>,
     /// Why walhook disabled it (NULL: enabled, or disabled by hand).
     pub disabled_reason: Option<String>,
-    /// When `webhooks-recover` last requeued its failed deliveries.
-    pub requeued_at: Option<String>,
+    /// The tag of the last call that requeued its deliveries (`webhooks-recover`, `-redeliver`,
+    /// `-replay`).
+    pub requeue_tag: Option<i64>,
 }
 
 /// What a row message means to walhook.
@@ -403,7 +404,7 @@ fn endpoint_change(info: &RelInfo, op: Op, new: Option<&Tuple>, old: Option<&Tup
         }),
         is_active: text("is_active").map(|s| s == "t"),
         disabled_reason: text("disabled_reason"),
-        requeued_at: text("requeued_at"),
+        requeue_tag: text("requeue_tag").and_then(|s| s.parse().ok()),
     };
     match (op, row.id) {
         (Op::Deleted, Some(id)) => Decoded::EndpointDelete(id),

@@ -59,10 +59,10 @@ pub struct Router {
     routing: HashMap<Uuid, Routing>,
     /// Endpoints changed by the transaction being read (`false`: deleted).
     changed: HashMap<Uuid, bool>,
-    /// The last `requeued_at` seen of each endpoint, and those whose value moved in the
+    /// The last `requeue_tag` seen of each endpoint, and those whose value moved in the
     /// transaction being read (`webhooks-recover` requeued deliveries of theirs).
-    requeued: HashMap<Uuid, String>,
-    requeued_now: Vec<(Uuid, String)>,
+    requeued: HashMap<Uuid, i64>,
+    requeued_now: Vec<(Uuid, i64)>,
     secrets: SecretBox,
 }
 
@@ -190,11 +190,11 @@ impl Router {
             disabled_reason: row.disabled_reason,
         };
         self.changed.insert(id, true);
-        if let Some(at) = row.requeued_at {
-            if self.requeued.get(&id) != Some(&at) {
+        if let Some(tag) = row.requeue_tag {
+            if self.requeued.get(&id) != Some(&tag) {
                 // (Also the first time a session sees it: a needless spill at most.)
-                self.requeued.insert(id, at.clone());
-                self.requeued_now.push((id, at));
+                self.requeued.insert(id, tag);
+                self.requeued_now.push((id, tag));
             }
         }
         let sending = self.find(id).map(|e| (e.url.clone(), e.signer.clone()));
@@ -231,8 +231,8 @@ impl Router {
     }
 
     /// The endpoints whose deliveries the transaction read so far requeued, each with the
-    /// requeue's tag (`requeued_at`, as read); clears the list.
-    pub fn take_requeued(&mut self) -> Vec<(Uuid, String)> {
+    /// requeue's tag (`requeue_tag`, as read); clears the list.
+    pub fn take_requeued(&mut self) -> Vec<(Uuid, i64)> {
         std::mem::take(&mut self.requeued_now)
     }
 
@@ -270,28 +270,28 @@ mod tests {
             events: Some(vec!["contact.created".into()]),
             is_active: Some(true),
             disabled_reason: None,
-            requeued_at: None,
+            requeue_tag: None,
         }
     }
 
     #[test]
-    fn a_requeue_is_told_once_per_new_time() {
+    fn a_requeue_is_told_once_per_new_tag() {
         let mut router = Router::new(SecretBox::new(None).unwrap());
         let e = Uuid::from_u128(7);
         router.apply(row(e));
         assert!(router.take_requeued().is_empty());
-        let at = |t: &str| EndpointRow { requeued_at: Some(t.into()), ..row(e) };
-        router.apply(at("2026-12-06 21:00:00+00"));
-        assert_eq!(router.take_requeued(), [(e, "2026-12-06 21:00:00+00".to_owned())]);
-        router.apply(at("2026-12-06 21:00:00+00"));
-        assert!(router.take_requeued().is_empty(), "the same time is no new requeue");
-        router.apply(at("2026-12-06 22:00:00+00"));
-        assert_eq!(router.take_requeued(), [(e, "2026-12-06 22:00:00+00".to_owned())]);
+        let at = |tag: i64| EndpointRow { requeue_tag: Some(tag), ..row(e) };
+        router.apply(at(501));
+        assert_eq!(router.take_requeued(), [(e, 501)]);
+        router.apply(at(501));
+        assert!(router.take_requeued().is_empty(), "the same tag is no new requeue");
+        router.apply(at(502));
+        assert_eq!(router.take_requeued(), [(e, 502)]);
         // A transaction read again (after it was forgotten) tells its requeue again.
-        router.apply(at("2026-12-06 23:00:00+00"));
+        router.apply(at(503));
         router.clear_changed();
-        router.apply(at("2026-12-06 23:00:00+00"));
-        assert_eq!(router.take_requeued(), [(e, "2026-12-06 23:00:00+00".to_owned())]);
+        router.apply(at(503));
+        assert_eq!(router.take_requeued(), [(e, 503)]);
     }
 
     #[test]

@@ -259,8 +259,8 @@ pub enum StoreOp {
         endpoint_id: Uuid,
         /// The requeue's commit LSN, as the stream read it.
         at: u64,
-        /// The requeue's tag: the endpoint's `requeued_at`, as the stream read it (text).
-        tag: String,
+        /// The requeue's tag: the endpoint's `requeue_tag`, as the stream read it.
+        tag: i64,
         /// The requeue's transaction.
         ticket: Option<Ticket>,
     },

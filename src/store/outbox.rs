@@ -70,7 +70,7 @@ pub async fn claim(tx: &deadpool_postgres::Transaction<'_>, claim: &Claim<'_>) -
                CROSS JOIN LATERAL ( \
                  SELECT d.id FROM walhook.deliveries d \
                  WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now() \
-                   AND d.held_at IS NULL AND (d.lease_until IS NULL OR d.lease_until < now()) \
+                   AND d.held_by IS NULL AND (d.lease_until IS NULL OR d.lease_until < now()) \
                    AND NOT EXISTS ( \
                      SELECT 1 FROM walhook.deliveries p \
                      WHERE p.endpoint_id = d.endpoint_id AND p.entity_key = d.entity_key \
@@ -122,7 +122,7 @@ pub async fn due_endpoints(client: &impl GenericClient, skip: &[Uuid], limit: i6
         .query(
             "SELECT e.id FROM walhook.endpoints e WHERE e.is_active AND NOT (e.id = ANY($1)) AND EXISTS ( \
                SELECT 1 FROM walhook.deliveries d WHERE d.endpoint_id = e.id AND d.status = 'pending' \
-                 AND d.held_at IS NULL AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())) \
+                 AND d.held_by IS NULL AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now())) \
              LIMIT $2",
             &[&skip, &limit],
         )

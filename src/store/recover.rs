@@ -6,9 +6,9 @@
 //!
 //! What must hold: one transaction does each call, or nothing of it. A requeued delivery keeps
 //! its id (its `webhook-id`), is due now with a fresh retry schedule (`retry_base`: its attempt
-//! records keep counting), and is *held*, tagged with the call (`held_at`): the outbox does
-//! not send it yet. Its endpoint row's `requeued_at` takes the tag's value in the same
-//! transaction; that row is published, so the streaming replica reads the change at this
+//! records keep counting), and is *held*, tagged with the call (`held_by`, its transaction
+//! id): the outbox does not send it yet. Its endpoint row's `requeue_tag` takes the tag in the
+//! same transaction (and `requeued_at` the time); that row is published, so the streaming replica reads the change at this
 //! commit, whichever replica served the call, and then releases the deliveries of that tag
 //! with their place in each row's queue set to that commit: behind everything of the row
 //! committed before it (stored or sent first, in flight included), ahead of everything
@@ -27,7 +27,7 @@ use crate::pg::db::DbError;
 /// What the requeue of finished deliveries sets (`$held` is the call's tag): pending, due
 /// now, a fresh schedule, held.
 const REQUEUE: &str = "status = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL, \
-     lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count, held_at = $held, \
+     lease_until = NULL, leased_by = NULL, retry_base = d.attempt_count, held_by = $held, \
      queue_lsn = (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint";
 /// The payload is still stored; locked until the call commits, so retention (which skips
 /// locked payloads) cannot delete it under a delivery being requeued.
@@ -154,16 +154,14 @@ pub async fn redeliver(
     Ok(Redelivery::Queued)
 }
 
-/// Moves the endpoint row's `requeued_at` (the stream reads it; its value tags the call's
-/// held deliveries) and returns it; `None` when the endpoint is gone. (The endpoint row is
+/// Moves the endpoint row's `requeued_at` and `requeue_tag` (the call's transaction id: the
+/// stream reads it; it tags the call's held deliveries) and returns the tag; `None` when the endpoint is gone. (The endpoint row is
 /// locked before any delivery row, so two calls on one endpoint queue one behind the other.)
-async fn mark_requeued(
-    tx: &deadpool_postgres::Transaction<'_>,
-    endpoint: Uuid,
-) -> Result<Option<DateTime<Utc>>, DbError> {
+async fn mark_requeued(tx: &deadpool_postgres::Transaction<'_>, endpoint: Uuid) -> Result<Option<i64>, DbError> {
     let row = tx
         .query_opt(
-            "UPDATE walhook.endpoints SET requeued_at = clock_timestamp() WHERE id = $1 RETURNING requeued_at",
+            "UPDATE walhook.endpoints SET requeued_at = clock_timestamp(), requeue_tag = txid_current() \
+             WHERE id = $1 RETURNING requeue_tag",
             &[&endpoint],
         )
         .await?;

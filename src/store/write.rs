@@ -50,12 +50,12 @@ const RELEASE: &str = "UPDATE walhook.deliveries d SET attempt_count = greatest(
        next_attempt_at = u.next_at, lease_until = NULL, leased_by = NULL, last_error = u.err \
      FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[]) AS u(id, lease, next_at, err) \
      WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
-/// Requeued deliveries of one call (its tag, the endpoint's `requeued_at` as the stream read
+/// Requeued deliveries of one call (its tag, the endpoint's `requeue_tag` as the stream read
 /// it) released to the outbox, queued in their rows at the requeue's commit
 /// (`store::recover`); after the batch's inserts, so what was stored before queues first.
-const RELEASE_HELD: &str = "UPDATE walhook.deliveries d SET held_at = NULL, queue_lsn = u.at \
-     FROM unnest($1::uuid[], $2::int8[], $3::text[]) AS u(endpoint, at, tag) \
-     WHERE d.endpoint_id = u.endpoint AND d.held_at = u.tag::timestamptz AND d.status = 'pending'";
+const RELEASE_HELD: &str = "UPDATE walhook.deliveries d SET held_by = NULL, queue_lsn = u.at \
+     FROM unnest($1::uuid[], $2::int8[], $3::int8[]) AS u(endpoint, at, tag) \
+     WHERE d.endpoint_id = u.endpoint AND d.held_by = u.tag AND d.status = 'pending'";
 /// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
 const ENDPOINTS_OK: &str =
     "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($39) AND failing_since IS NOT NULL";
@@ -130,8 +130,8 @@ struct Columns<'a> {
     fail_pending: Vec<Uuid>,
     // Held deliveries released (transaction path only).
     held_ids: Vec<Uuid>,
-    held_at: Vec<i64>,
-    held_tag: Vec<&'a str>,
+    held_lsn: Vec<i64>,
+    held_tag: Vec<i64>,
 }
 
 impl<'a> Columns<'a> {
@@ -197,8 +197,8 @@ impl<'a> Columns<'a> {
                 StoreOp::FailPending { endpoint_id } => c.fail_pending.push(*endpoint_id),
                 StoreOp::ReleaseHeld { endpoint_id, at, tag, .. } => {
                     c.held_ids.push(*endpoint_id);
-                    c.held_at.push(*at as i64);
-                    c.held_tag.push(tag.as_str());
+                    c.held_lsn.push(*at as i64);
+                    c.held_tag.push(*tag);
                 }
             }
         }
@@ -345,7 +345,7 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp], archive: bool) -> Re
     }
     if !cols.held_ids.is_empty() {
         let st = tx.prepare_cached(RELEASE_HELD).await?;
-        tx.execute(&st, &[&cols.held_ids, &cols.held_at, &cols.held_tag]).await?;
+        tx.execute(&st, &[&cols.held_ids, &cols.held_lsn, &cols.held_tag]).await?;
     }
     tx.commit().await?;
     Ok(disabled)

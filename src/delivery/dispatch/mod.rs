@@ -95,8 +95,8 @@ pub enum DispatchMsg {
         endpoint_id: Uuid,
         /// The requeue's commit LSN.
         at: u64,
-        /// The requeue's tag (the endpoint's `requeued_at`, as read).
-        tag: String,
+        /// The requeue's tag (the endpoint's `requeue_tag`, as read).
+        tag: i64,
         /// The requeue's transaction: settled once the release has committed.
         ticket: Option<crate::model::progress::Ticket>,
     },
