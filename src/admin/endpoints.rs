@@ -23,7 +23,6 @@ use crate::pg::db::{Db, DbError};
 use crate::security::secrets::{SecretBox, SigningSecret};
 use crate::security::ssrf::AddressPolicy;
 use crate::store;
-pub use crate::store::deliveries::DeliveryView;
 use crate::store::endpoints::StoredEndpoint;
 
 /// Longest accepted URL, in characters as sent.
@@ -197,44 +196,6 @@ impl ListCursor {
     }
 }
 
-/// What `webhooks-deliveries` asks for besides the endpoint and the page size.
-#[derive(Debug, Clone, Default)]
-pub struct HistoryQuery {
-    /// Only deliveries of this status.
-    pub status: Option<String>,
-    /// Only deliveries of this event type.
-    pub event_type: Option<String>,
-    /// Only deliveries after this cursor's place.
-    pub after: Option<DeliveryCursor>,
-}
-
-/// Where a `webhooks-deliveries` page ends: the last delivery shown, by its change's place in
-/// the commit order (which deliveries recorded later never precede).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeliveryCursor {
-    commit_lsn: i64,
-    seq: i32,
-}
-
-impl DeliveryCursor {
-    /// The text handed to the client: `<commit position>.<place in the transaction>`, the
-    /// OpenAPI document's pattern (any text of that pattern is a valid place to start from).
-    pub fn encode(&self) -> String {
-        format!("{}.{}", self.commit_lsn, self.seq)
-    }
-
-    /// Reads a cursor of that pattern.
-    pub fn decode(text: &str) -> Result<Self, EndpointError> {
-        let bad = || invalid("cursor is not one webhooks-deliveries returned");
-        let (lsn, seq) = text.split_once('.').ok_or_else(bad)?;
-        let digits = |t: &str, max: usize| !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_digit());
-        if !digits(lsn, 18) || !digits(seq, 9) {
-            return Err(bad());
-        }
-        Ok(DeliveryCursor { commit_lsn: lsn.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
-    }
-}
-
 /// Endpoint management for one walhook process.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
@@ -363,44 +324,6 @@ impl Endpoints {
         Ok(())
     }
 
-    /// Up to `limit` deliveries of one of the caller's endpoints, newest commit first,
-    /// matching `query`; with the cursor of the next page when more remain.
-    pub async fn deliveries(
-        &self,
-        caller: Caller,
-        endpoint_id: Uuid,
-        query: HistoryQuery,
-        limit: i64,
-    ) -> Result<(Vec<DeliveryView>, Option<DeliveryCursor>), EndpointError> {
-        if let Some(status) = query.status.as_deref() {
-            if !["pending", "delivered", "failed"].contains(&status) {
-                let shown: String = status.chars().take(32).collect();
-                return Err(invalid(format!("status must be pending, delivered or failed, not {shown:?}")));
-            }
-        }
-        if let Some(event_type) = query.event_type.as_deref() {
-            if EventType::parse(event_type).is_none() {
-                let shown: String = event_type.chars().take(64).collect();
-                return Err(invalid(format!("event_type: unknown event {shown:?}")));
-            }
-        }
-        self.get(caller, endpoint_id).await?;
-        let client = self.db.get().await?;
-        let filter = store::deliveries::HistoryFilter {
-            status: query.status.as_deref(),
-            event_type: query.event_type.as_deref(),
-            before: query.after.map(|c| (c.commit_lsn, c.seq)),
-        };
-        let mut rows = store::deliveries::history_of_endpoint(&**client, endpoint_id, filter, limit + 1).await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit.max(0) as usize);
-        let next = rows
-            .last()
-            .filter(|_| more)
-            .map(|(_, (commit_lsn, seq))| DeliveryCursor { commit_lsn: *commit_lsn, seq: *seq });
-        Ok((rows.into_iter().map(|(view, _)| view).collect(), next))
-    }
-
     /// An absolute `https://` URL with a host, no credentials, at most 2,048 characters as sent
     /// (8,192 once normalised), and no literal address in a forbidden range.
     pub fn check_url(&self, url: Option<&str>) -> Result<String, EndpointError> {
@@ -441,7 +364,7 @@ impl Endpoints {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> EndpointError {
+pub(crate) fn invalid(msg: impl Into<String>) -> EndpointError {
     EndpointError::InvalidRequest(msg.into())
 }
 
@@ -492,19 +415,6 @@ pub(crate) fn check_events(events: &[String]) -> Result<Vec<String>, EndpointErr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn delivery_cursors_round_trip_and_forged_ones_are_refused() {
-        let c = DeliveryCursor { commit_lsn: 123_456_789, seq: 7 };
-        assert_eq!(c.encode(), "123456789.7");
-        assert_eq!(DeliveryCursor::decode(&c.encode()).unwrap(), c);
-        let widest = DeliveryCursor::decode("999999999999999999.999999999").unwrap();
-        assert_eq!(widest, DeliveryCursor { commit_lsn: 999_999_999_999_999_999, seq: 999_999_999 });
-        for forged in ["-1.0", "1.-1", "1", "1.2.3", "x.2", "9999999999999999999.1", "1.2147483648", "", ".", " 1.2"] {
-            assert!(DeliveryCursor::decode(forged).is_err(), "{forged}");
-        }
-        assert!(ListCursor::decode(&c.encode()).is_err(), "a deliveries cursor is not a list cursor");
-    }
 
     #[test]
     fn list_cursors_read_both_forms_and_refuse_forged_ones() {

@@ -5,6 +5,6 @@
 //! with a `webhooks.*` code naming the field and changes nothing.
 
 pub mod api;
+pub mod deliveries;
 pub mod endpoints;
-pub mod history;
 pub mod probe;

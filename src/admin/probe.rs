@@ -112,7 +112,7 @@ impl Prober {
         Ok(TestOutcome {
             http_status_code: attempt.status,
             duration_ms: attempt.duration.as_millis() as u64,
-            error: crate::admin::history::error_text(kind, attempt.status.map(i32::from), attempt.error.as_deref()),
+            error: crate::admin::deliveries::error_text(kind, attempt.status.map(i32::from), attempt.error.as_deref()),
             response_snippet: Some(attempt.response_snippet).filter(|s| !s.is_empty()),
         })
     }

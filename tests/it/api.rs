@@ -516,11 +516,11 @@ async fn the_openapi_document_and_the_router_agree() {
     assert_eq!(served, committed, "the served document is the committed one");
     assert_eq!(committed["openapi"], "3.1.0");
     let paths: HashSet<String> = committed["paths"].as_object().unwrap().keys().cloned().collect();
-    let routed: HashSet<String> = walhook::admin::api::OPERATIONS.iter().map(|o| format!("/api/{o}")).collect();
+    let routed: HashSet<String> = walhook::admin::api::operations().map(|o| format!("/api/{}", o.name)).collect();
     assert_eq!(paths, routed, "documented paths are exactly the routed operations");
     let api = Api::new(&env);
     let a = jwt(ACCOUNT_A);
-    for (op, fields) in walhook::admin::api::requests::FIELDS {
+    for walhook::admin::api::Operation { name: op, fields, .. } in walhook::admin::api::operations() {
         let item = &committed["paths"][format!("/api/{op}")];
         assert_eq!(item.as_object().unwrap().keys().collect::<Vec<_>>(), ["post"], "{op} is POST only");
         let props: HashSet<&str> = item["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

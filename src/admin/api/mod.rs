@@ -7,6 +7,8 @@
 //! logged.
 
 pub mod auth;
+mod delivery_ops;
+mod endpoint_ops;
 pub mod error;
 pub mod requests;
 
@@ -18,48 +20,35 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::endpoints::{
-    Caller, DeliveryCursor, EndpointPatch, Endpoints, HistoryQuery, ListCursor, NewEndpoint,
-};
-use crate::admin::probe::{ProbeError, Prober};
+use crate::admin::endpoints::{Caller, Endpoints};
+use crate::admin::probe::Prober;
 use crate::ops::metrics::Metrics;
 use auth::{Authenticator, RateLimiter};
 use error::ApiError;
-use requests::{
-    parse, time_field, uuid_field, AttemptsRequest, CreateRequest, DeliveriesRequest, IdRequest, ListRequest,
-    RecoverRequest, RedeliverRequest, ReplayRequest, UpdateRequest,
-};
 
 /// The OpenAPI 3.1 document of this API (also committed as `docs/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
-/// The operations, as routed (`POST /api/<name>`).
-pub const OPERATIONS: [&str; 11] = [
-    "webhooks-create",
-    "webhooks-list",
-    "webhooks-get",
-    "webhooks-update",
-    "webhooks-delete",
-    "webhooks-deliveries",
-    "webhooks-attempts",
-    "webhooks-test",
-    "webhooks-recover",
-    "webhooks-redeliver",
-    "webhooks-replay",
-];
+/// One operation, in one place: routed as `POST /api/<name>`, its body's fields, its handler.
+#[derive(Clone, Copy)]
+pub struct Operation {
+    /// e.g. `webhooks-create`.
+    pub name: &'static str,
+    /// The fields its body may carry (the OpenAPI document lists the same; a test checks).
+    pub fields: &'static [&'static str],
+    /// Its route.
+    route: fn() -> MethodRouter<ApiState>,
+}
 
-/// Default and bounds of `webhooks-deliveries`' `limit`.
-const DELIVERIES_LIMIT: (i64, i64, i64) = (50, 1, 100);
-/// Default and bounds of `webhooks-attempts`' `limit`.
-const ATTEMPTS_LIMIT: (i64, i64, i64) = (50, 1, 100);
-/// Default and bounds of `webhooks-list`' `limit` (the default is the default endpoint quota,
-/// so an account within it gets every endpoint in one answer, as before paging).
-const LIST_LIMIT: (i64, i64, i64) = (100, 1, 100);
+/// Every operation: the endpoints', then the deliveries'.
+pub fn operations() -> impl Iterator<Item = Operation> {
+    endpoint_ops::OPERATIONS.into_iter().chain(delivery_ops::OPERATIONS)
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -94,18 +83,8 @@ impl ApiState {
 
 /// The API's router.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/api/webhooks-create", post(create))
-        .route("/api/webhooks-list", post(list))
-        .route("/api/webhooks-get", post(get_one))
-        .route("/api/webhooks-update", post(update))
-        .route("/api/webhooks-delete", post(delete))
-        .route("/api/webhooks-deliveries", post(deliveries))
-        .route("/api/webhooks-attempts", post(attempts))
-        .route("/api/webhooks-test", post(test_endpoint))
-        .route("/api/webhooks-recover", post(recover))
-        .route("/api/webhooks-redeliver", post(redeliver))
-        .route("/api/webhooks-replay", post(replay))
+    let routed = operations().fold(Router::new(), |r, op| r.route(&format!("/api/{}", op.name), (op.route)()));
+    routed
         .route("/api/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -145,124 +124,6 @@ async fn prologue(state: &ApiState, headers: &HeaderMap, body: Body) -> Result<(
     state.limiter.check(caller.account_id)?;
     let bytes = axum::body::to_bytes(body, state.max_body).await.map_err(|_| ApiError::TooLarge(state.max_body))?;
     Ok((caller, bytes))
-}
-
-async fn create(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: CreateRequest = parse(&body)?;
-    let (endpoint, secret) =
-        s.endpoints.create(caller, NewEndpoint { url: r.url, description: r.description, events: r.events }).await?;
-    tracing::info!(endpoint = %endpoint.id, account = %caller.account_id, "webhook endpoint created");
-    Ok(ok(json!({ "endpoint": endpoint, "signing_secret": secret.expose() })))
-}
-
-async fn list(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: ListRequest = parse(&body)?;
-    let limit = limit_field(r.limit, LIST_LIMIT)?;
-    let after = r.cursor.as_deref().map(ListCursor::decode).transpose()?;
-    let (endpoints, next) = s.endpoints.list(caller, limit, after).await?;
-    let mut result = json!({ "endpoints": endpoints });
-    if let Some(next) = next {
-        result["next_cursor"] = next.encode().into();
-    }
-    Ok(ok(result))
-}
-
-async fn get_one(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: IdRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    Ok(ok(json!({ "endpoint": s.endpoints.get(caller, id).await? })))
-}
-
-async fn update(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: UpdateRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    let patch = EndpointPatch { url: r.url, description: r.description, events: r.events, is_active: r.is_active };
-    let endpoint = s.endpoints.update(caller, id, patch).await?;
-    tracing::info!(endpoint = %id, account = %caller.account_id, "webhook endpoint updated");
-    Ok(ok(json!({ "endpoint": endpoint })))
-}
-
-async fn delete(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: IdRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    s.endpoints.delete(caller, id).await?;
-    tracing::info!(endpoint = %id, account = %caller.account_id, "webhook endpoint deleted");
-    Ok(ok(json!({ "id": id, "deleted": true })))
-}
-
-async fn deliveries(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: DeliveriesRequest = parse(&body)?;
-    let endpoint_id = uuid_field("endpoint_id", r.endpoint_id.as_deref())?;
-    let limit = limit_field(r.limit, DELIVERIES_LIMIT)?;
-    let after = r.cursor.as_deref().map(DeliveryCursor::decode).transpose()?;
-    let query = HistoryQuery { status: r.status, event_type: r.event_type, after };
-    let (deliveries, next) = s.endpoints.deliveries(caller, endpoint_id, query, limit).await?;
-    Ok(ok(json!({ "deliveries": deliveries, "next_cursor": next.map(|c| c.encode()) })))
-}
-
-async fn attempts(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: AttemptsRequest = parse(&body)?;
-    let delivery_id = uuid_field("delivery_id", r.delivery_id.as_deref())?;
-    let limit = limit_field(r.limit, ATTEMPTS_LIMIT)?;
-    Ok(ok(json!({ "attempts": s.endpoints.attempts(caller, delivery_id, limit).await? })))
-}
-
-async fn test_endpoint(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: IdRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    let prober = s.prober.as_ref().ok_or_else(|| ApiError::Internal("webhooks-test has no prober".into()))?;
-    let outcome = prober.test(caller, id).await.map_err(|e| match e {
-        ProbeError::Endpoint(e) => ApiError::from(e),
-        ProbeError::Busy => ApiError::RateLimited(1),
-        e @ ProbeError::Secret(_) => ApiError::Internal(e.to_string()),
-    })?;
-    Ok(ok(json!(outcome)))
-}
-
-async fn recover(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: RecoverRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    let (since, until) = window(r.since.as_deref(), r.until.as_deref())?;
-    let recovered = s.endpoints.recover(caller, id, since, until).await?;
-    tracing::info!(endpoint = %id, account = %caller.account_id, recovered, "failed deliveries recovered");
-    Ok(ok(json!({ "recovered": recovered })))
-}
-
-async fn redeliver(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: RedeliverRequest = parse(&body)?;
-    let id = uuid_field("delivery_id", r.delivery_id.as_deref())?;
-    let delivery = s.endpoints.redeliver(caller, id).await?;
-    tracing::info!(delivery = %id, account = %caller.account_id, "delivery queued to be sent again");
-    Ok(ok(json!({ "delivery": delivery })))
-}
-
-async fn replay(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let (caller, body) = prologue(&s, &headers, body).await?;
-    let r: ReplayRequest = parse(&body)?;
-    let id = uuid_field("id", r.id.as_deref())?;
-    let window = window(r.since.as_deref(), r.until.as_deref())?;
-    let done = s.endpoints.replay(caller, id, window, r.events.as_deref()).await?;
-    tracing::info!(endpoint = %id, account = %caller.account_id, replayed = done.requeued, "deliveries replayed");
-    Ok(ok(json!({ "replayed": done.requeued, "payload_unavailable": done.unavailable })))
-}
-
-/// `since` (required) and `until` (now when absent), RFC 3339.
-fn window(
-    since: Option<&str>,
-    until: Option<&str>,
-) -> Result<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>), ApiError> {
-    let since = time_field("since", since)?.ok_or_else(|| ApiError::InvalidRequest("since is required".into()))?;
-    Ok((since, time_field("until", until)?.unwrap_or_else(chrono::Utc::now)))
 }
 
 /// A `limit` field: its default when absent, refused outside its bounds.

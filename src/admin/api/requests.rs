@@ -10,130 +10,6 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 
-/// `webhooks-create`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    /// Required HTTPS URL.
-    pub url: Option<String>,
-    /// Optional description.
-    pub description: Option<String>,
-    /// Required, non-empty.
-    pub events: Option<Vec<String>>,
-}
-
-/// `webhooks-list`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListRequest {
-    /// 1–100, default 100.
-    #[serde(default, deserialize_with = "integer")]
-    pub limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
-}
-
-/// `webhooks-get`, `webhooks-delete` and `webhooks-test`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdRequest {
-    /// Endpoint id.
-    pub id: Option<String>,
-}
-
-/// `webhooks-update`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateRequest {
-    /// Endpoint id.
-    pub id: Option<String>,
-    /// New URL.
-    pub url: Option<String>,
-    /// New description.
-    pub description: Option<String>,
-    /// New subscriptions.
-    pub events: Option<Vec<String>>,
-    /// Enable or disable.
-    pub is_active: Option<bool>,
-}
-
-/// `webhooks-deliveries`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeliveriesRequest {
-    /// Endpoint id.
-    pub endpoint_id: Option<String>,
-    /// 1–100, default 50.
-    #[serde(default, deserialize_with = "integer")]
-    pub limit: Option<i64>,
-    /// Only deliveries of this status (`pending`, `delivered`, `failed`).
-    pub status: Option<String>,
-    /// Only deliveries of this event type.
-    pub event_type: Option<String>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
-}
-
-/// `webhooks-attempts`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AttemptsRequest {
-    /// Delivery id.
-    pub delivery_id: Option<String>,
-    /// 1–100, default 50.
-    #[serde(default, deserialize_with = "integer")]
-    pub limit: Option<i64>,
-}
-
-/// `webhooks-recover`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecoverRequest {
-    /// Endpoint id.
-    pub id: Option<String>,
-    /// Start of the window (RFC 3339, inclusive).
-    pub since: Option<String>,
-    /// End of the window (RFC 3339, exclusive); now when absent.
-    pub until: Option<String>,
-}
-
-/// `webhooks-redeliver`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedeliverRequest {
-    /// Delivery id.
-    pub delivery_id: Option<String>,
-}
-
-/// `webhooks-replay`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplayRequest {
-    /// Endpoint id.
-    pub id: Option<String>,
-    /// Start of the window (RFC 3339, inclusive).
-    pub since: Option<String>,
-    /// End of the window (RFC 3339, exclusive); now when absent.
-    pub until: Option<String>,
-    /// Only deliveries of these event types.
-    pub events: Option<Vec<String>>,
-}
-
-/// Fields each operation accepts (checked against the OpenAPI document in tests).
-pub const FIELDS: [(&str, &[&str]); 11] = [
-    ("webhooks-create", &["url", "description", "events"]),
-    ("webhooks-list", &["limit", "cursor"]),
-    ("webhooks-get", &["id"]),
-    ("webhooks-update", &["id", "url", "description", "events", "is_active"]),
-    ("webhooks-delete", &["id"]),
-    ("webhooks-deliveries", &["endpoint_id", "limit", "status", "event_type", "cursor"]),
-    ("webhooks-attempts", &["delivery_id", "limit"]),
-    ("webhooks-test", &["id"]),
-    ("webhooks-recover", &["id", "since", "until"]),
-    ("webhooks-redeliver", &["delivery_id"]),
-    ("webhooks-replay", &["id", "since", "until", "events"]),
-];
-
 /// Parses a JSON object body into `T`, naming the field of any error.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
@@ -155,7 +31,7 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// An optional integer field, as JSON Schema counts integers: `16` and `16.0` alike; `null`
 /// is absent.
-fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+pub(super) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
     if let Some(i) = n.as_i64() {
         return Ok(Some(i));
@@ -189,6 +65,7 @@ pub fn uuid_field(name: &str, value: Option<&str>) -> Result<Uuid, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::api::endpoint_ops::{CreateRequest, ListRequest, UpdateRequest};
 
     #[test]
     fn errors_name_the_field() {

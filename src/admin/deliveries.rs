@@ -1,6 +1,8 @@
-//! What a customer reads about past deliveries besides their list (each delivery's attempts,
-//! with why each failed in words a customer can act on), and sending them again: what failed
-//! (`webhooks-recover`), one delivery (`webhooks-redeliver`), a window (`webhooks-replay`).
+//! An endpoint's deliveries, beside the endpoints themselves: their history
+//! (`webhooks-deliveries`, filtered and paged by commit order), each delivery's attempts
+//! (`webhooks-attempts`, with why each failed in words a customer can act on), and sending
+//! them again: what failed (`webhooks-recover`), one delivery (`webhooks-redeliver`), a
+//! window (`webhooks-replay`).
 //!
 //! What must hold of sending again (`store::recover`): a delivery keeps its id and
 //! `webhook-id`; it joins its row's queue behind what of that row is pending, in commit order
@@ -16,10 +18,50 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::admin::endpoints::{Caller, EndpointError, Endpoints};
+use crate::admin::endpoints::{invalid, Caller, EndpointError, Endpoints};
+use crate::model::event::EventType;
 use crate::store;
-use crate::store::deliveries::{AttemptRecord, DeliveryView};
+use crate::store::deliveries::AttemptRecord;
+pub use crate::store::deliveries::DeliveryView;
 use crate::store::recover::{Redelivery, Replayed};
+
+/// What `webhooks-deliveries` asks for besides the endpoint and the page size.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only deliveries of this status.
+    pub status: Option<String>,
+    /// Only deliveries of this event type.
+    pub event_type: Option<String>,
+    /// Only deliveries after this cursor's place.
+    pub after: Option<DeliveryCursor>,
+}
+
+/// Where a `webhooks-deliveries` page ends: the last delivery shown, by its change's place in
+/// the commit order (which deliveries recorded later never precede).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    commit_lsn: i64,
+    seq: i32,
+}
+
+impl DeliveryCursor {
+    /// The text handed to the client: `<commit position>.<place in the transaction>`, the
+    /// OpenAPI document's pattern (any text of that pattern is a valid place to start from).
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.commit_lsn, self.seq)
+    }
+
+    /// Reads a cursor of that pattern.
+    pub fn decode(text: &str) -> Result<Self, EndpointError> {
+        let bad = || invalid("cursor is not one webhooks-deliveries returned");
+        let (lsn, seq) = text.split_once('.').ok_or_else(bad)?;
+        let digits = |t: &str, max: usize| !t.is_empty() && t.len() <= max && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(lsn, 18) || !digits(seq, 9) {
+            return Err(bad());
+        }
+        Ok(DeliveryCursor { commit_lsn: lsn.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+    }
+}
 
 /// An attempt as `webhooks-attempts` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -41,6 +83,44 @@ pub struct AttemptView {
 }
 
 impl Endpoints {
+    /// Up to `limit` deliveries of one of the caller's endpoints, newest commit first,
+    /// matching `query`; with the cursor of the next page when more remain.
+    pub async fn deliveries(
+        &self,
+        caller: Caller,
+        endpoint_id: Uuid,
+        query: HistoryQuery,
+        limit: i64,
+    ) -> Result<(Vec<DeliveryView>, Option<DeliveryCursor>), EndpointError> {
+        if let Some(status) = query.status.as_deref() {
+            if !["pending", "delivered", "failed"].contains(&status) {
+                let shown: String = status.chars().take(32).collect();
+                return Err(invalid(format!("status must be pending, delivered or failed, not {shown:?}")));
+            }
+        }
+        if let Some(event_type) = query.event_type.as_deref() {
+            if EventType::parse(event_type).is_none() {
+                let shown: String = event_type.chars().take(64).collect();
+                return Err(invalid(format!("event_type: unknown event {shown:?}")));
+            }
+        }
+        self.get(caller, endpoint_id).await?;
+        let client = self.db().get().await?;
+        let filter = store::deliveries::HistoryFilter {
+            status: query.status.as_deref(),
+            event_type: query.event_type.as_deref(),
+            before: query.after.map(|c| (c.commit_lsn, c.seq)),
+        };
+        let mut rows = store::deliveries::history_of_endpoint(&**client, endpoint_id, filter, limit + 1).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit.max(0) as usize);
+        let next = rows
+            .last()
+            .filter(|_| more)
+            .map(|(_, (commit_lsn, seq))| DeliveryCursor { commit_lsn: *commit_lsn, seq: *seq });
+        Ok((rows.into_iter().map(|(view, _)| view).collect(), next))
+    }
+
     /// The newest `limit` attempts of one of the caller's deliveries, newest first.
     pub async fn attempts(
         &self,
@@ -171,6 +251,20 @@ pub(crate) fn error_text(kind: Option<&str>, status: Option<i32>, detail: Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::endpoints::ListCursor;
+
+    #[test]
+    fn delivery_cursors_round_trip_and_forged_ones_are_refused() {
+        let c = DeliveryCursor { commit_lsn: 123_456_789, seq: 7 };
+        assert_eq!(c.encode(), "123456789.7");
+        assert_eq!(DeliveryCursor::decode(&c.encode()).unwrap(), c);
+        let widest = DeliveryCursor::decode("999999999999999999.999999999").unwrap();
+        assert_eq!(widest, DeliveryCursor { commit_lsn: 999_999_999_999_999_999, seq: 999_999_999 });
+        for forged in ["-1.0", "1.-1", "1", "1.2.3", "x.2", "9999999999999999999.1", "1.2147483648", "", ".", " 1.2"] {
+            assert!(DeliveryCursor::decode(forged).is_err(), "{forged}");
+        }
+        assert!(ListCursor::decode(&c.encode()).is_err(), "a deliveries cursor is not a list cursor");
+    }
 
     #[test]
     fn an_error_starts_with_the_status_or_the_kind_of_failure() {
