@@ -159,6 +159,12 @@ fn print_reset(r: &crate::source::slot::ResetReport) {
     if r.dropped_invalidated {
         println!("dropped the invalidated replication slot {}", r.slot);
     }
+    if r.released_held > 0 {
+        println!(
+            "released {} deliveries that webhooks-recover, -redeliver or -replay requeued while the slot was lost",
+            r.released_held
+        );
+    }
     if r.adopted {
         println!(
             "adopted replication slot {}, which walhook did not create, at its confirmed position {}",

@@ -20,6 +20,7 @@
 //! is left to its attempt. A call that requeues nothing changes nothing.
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::pg::db::DbError;
@@ -166,4 +167,13 @@ async fn mark_requeued(tx: &deadpool_postgres::Transaction<'_>, endpoint: Uuid) 
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// Releases every held delivery, in the transaction of `walhook slot-reset`: the requeues that
+/// held them may lie before the new slot's start, where no session will read them, and the
+/// order across a recorded gap is not kept anyway. Returns how many.
+pub async fn release_all_held(client: &impl GenericClient) -> Result<u64, DbError> {
+    Ok(client
+        .execute("UPDATE walhook.deliveries SET held_by = NULL WHERE held_by IS NOT NULL AND status = 'pending'", &[])
+        .await?)
 }

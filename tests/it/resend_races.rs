@@ -2,7 +2,8 @@
 //! failed before its fix. A later call's delivery never borrows an earlier call's place; a call
 //! made while no walhook streams waits for the stream; a tracked tail settling first never
 //! lets a later change of the row overtake; retention never deletes a payload a call just
-//! accepted; a burst of calls never deadlocks the pool delivery shares.
+//! accepted; a burst of calls never deadlocks the pool delivery shares; a call made while the
+//! slot was lost is released by `walhook slot-reset`.
 
 use std::time::Duration;
 
@@ -201,5 +202,39 @@ async fn a_burst_of_calls_never_deadlocks_the_pool() {
     for c in calls {
         assert_eq!(c.await.unwrap(), 200, "a call ran out of the pool");
     }
+    wh.stop().await.unwrap();
+}
+
+/// A call made while the slot is lost (the API keeps answering) commits before the new slot's
+/// start, where no session reads it: `walhook slot-reset` releases what it held, and the row's
+/// later changes are not stuck behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_while_the_slot_was_lost_is_released_by_slot_reset() {
+    let env = Env::new("races_slot_reset").await;
+    let mut wh = env.start(&archive()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let id = endpoint(&env, &api, &a).await;
+    let x = "a2000000-0000-4000-8000-000000000001";
+    let x1 = delivered_row(&env, &api, &a, &id, x, "x1").await;
+    env.quiescent().await;
+    wh.stop().await.unwrap();
+    env.sql(&format!("SELECT pg_drop_replication_slot('{}')", env.name)).await;
+    let endpoints = walhook::admin::endpoints::Endpoints::new(
+        env.db.clone(),
+        walhook::security::secrets::SecretBox::new(None).unwrap(),
+        walhook::security::ssrf::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+    );
+    let caller = walhook::admin::endpoints::Caller { account_id: ACCOUNT_A, user_id: USER };
+    endpoints.redeliver(caller, x1.parse().unwrap()).await.expect("redelivered while the slot is lost");
+    let mut reset = env.spawn_command("slot-reset", "");
+    let status = reset.wait_exit(Duration::from_secs(60)).await.expect("slot-reset ends");
+    let out = reset.log_text();
+    assert!(status.success(), "{out}");
+    let from = env.receiver.count();
+    wh = env.start(&archive()).await;
+    env.sql(&format!("UPDATE contacts SET first_name = 'x2' WHERE id = '{x}'")).await;
+    let log = env.receiver.wait_until(Duration::from_secs(30), |rs| answered(rs, x, from).len() >= 2).await;
+    let xs = answered(&log.expect("x1 and x2 sent"), x, from);
+    assert_eq!(names(&xs), ["x1", "x2"]);
     wh.stop().await.unwrap();
 }

@@ -7,6 +7,8 @@
 //! fails, the new slot is dropped again. A *replaced* slot (one of that name walhook did not
 //! create: confirmed past its ceiling) is not dropped, since whoever made it may manage it: it
 //! is adopted, the gap running to its confirmed position, recorded in the same transaction.
+//! Deliveries held by calls to send them again (`store::recover`) are released in the same
+//! transaction: those calls may lie before the new slot's start, where no session reads them.
 
 use tokio_postgres::GenericClient;
 
@@ -44,6 +46,8 @@ pub struct ResetReport {
     pub failover: bool,
     /// The recorded gap; `None` when walhook had never streamed from the slot.
     pub gap: Option<Gap>,
+    /// Deliveries sent again by calls no session will read (held), released to the outbox.
+    pub released_held: u64,
 }
 
 /// Replaces a missing or invalidated slot and records the gap.
@@ -101,11 +105,14 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
         };
         reset_routing_versions(&tx, slot).await?;
         record_start(&tx, slot, &start_lsn).await?;
+        // Calls to send deliveries again made while the slot was lost committed before the new
+        // slot starts: no session reads them, so their held deliveries are released now.
+        let released = crate::store::recover::release_all_held(&tx).await?;
         tx.commit().await?;
-        Ok::<_, SlotError>((start_lsn, gap))
+        Ok::<_, SlotError>((start_lsn, gap, released))
     }
     .await;
-    let (start_lsn, gap) = match outcome {
+    let (start_lsn, gap, released_held) = match outcome {
         Ok(done) => done,
         Err(e) => {
             if created.is_some() {
@@ -140,6 +147,7 @@ pub async fn reset(db: &Db, cfg: &Config) -> Result<ResetReport, SlotError> {
         start_lsn,
         failover,
         gap,
+        released_held,
     })
 }
 
