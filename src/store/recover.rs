@@ -8,16 +8,17 @@
 //! its id (its `webhook-id`), is due now with a fresh retry schedule (`retry_base`: its attempt
 //! records keep counting), and is *held*, tagged with the call (`held_by`, its transaction
 //! id): the outbox does not send it yet. Its endpoint row's `requeue_tag` takes the tag in the
-//! same transaction (and `requeued_at` the time); that row is published, so the streaming replica reads the change at this
-//! commit, whichever replica served the call, and then releases the deliveries of that tag
-//! with their place in each row's queue set to that commit: behind everything of the row
-//! committed before it (stored or sent first, in flight included), ahead of everything
-//! committed after (docs/architecture.md, invariant 4). Among the deliveries one call
-//! requeues, a row keeps commit order. Only deliveries whose payload is still stored are
-//! requeued (one without could never be sent), and the payload is locked (`FOR KEY SHARE`)
-//! until the call commits, so retention cannot delete it meanwhile. A pending delivery is
-//! made due now with a fresh schedule, keeping its place; one being attempted at that moment
-//! is left to its attempt. A call that requeues nothing changes nothing.
+//! same transaction (and `requeued_at` the time); that row is published, so the streaming
+//! replica reads the change at this commit, whichever replica served the call, and then
+//! releases the deliveries of that tag with their place in each row's queue set to that
+//! commit: behind everything of the row committed before it (stored or sent first, in flight
+//! included), ahead of everything committed after (docs/architecture.md, invariant 4). Among
+//! the deliveries one call requeues, a row keeps commit order. Only deliveries whose payload
+//! is still stored are requeued (one without could never be sent), and the payload is locked
+//! (`FOR KEY SHARE`) until the call commits, so retention cannot delete it meanwhile. A
+//! pending delivery is made due now with a fresh schedule, keeping its place; one being
+//! attempted at that moment is left to its attempt. A call that requeues nothing changes
+//! nothing. `walhook slot-reset` releases whatever is held ([`release_all_held`]).
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;

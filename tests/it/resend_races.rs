@@ -42,6 +42,17 @@ fn names(rs: &[Received]) -> Vec<String> {
     rs.iter().map(|r| r.json()["data"]["first_name"].as_str().unwrap_or("?").to_owned()).collect()
 }
 
+/// Redelivers `delivery` of account A the way the API does, without a walhook running.
+async fn redeliver_directly(env: &Env, delivery: &str) {
+    let endpoints = walhook::admin::endpoints::Endpoints::new(
+        env.db.clone(),
+        walhook::security::secrets::SecretBox::new(None).unwrap(),
+        walhook::security::ssrf::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+    );
+    let caller = walhook::admin::endpoints::Caller { account_id: ACCOUNT_A, user_id: USER };
+    endpoints.redeliver(caller, delivery.parse().unwrap()).await.expect("redelivered");
+}
+
 /// Inserts row `id` of account A named `name`, waits until it is delivered, returns its
 /// `webhook-id`.
 async fn delivered_row(env: &Env, api: &Api, token: &str, endpoint: &str, id: &str, name: &str) -> String {
@@ -95,13 +106,7 @@ async fn a_call_made_while_nothing_streams_waits_for_the_stream() {
     ))
     .await;
     env.sql(&format!("UPDATE contacts SET first_name = 'x2' WHERE id = '{x}'")).await;
-    let endpoints = walhook::admin::endpoints::Endpoints::new(
-        env.db.clone(),
-        walhook::security::secrets::SecretBox::new(None).unwrap(),
-        walhook::security::ssrf::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-    );
-    let caller = walhook::admin::endpoints::Caller { account_id: ACCOUNT_A, user_id: USER };
-    endpoints.redeliver(caller, x1.parse().unwrap()).await.expect("redelivered while nothing streams");
+    redeliver_directly(&env, &x1).await; // no walhook runs to serve the API
     wh = env.start(&archive()).await;
     let log = env.receiver.wait_until(Duration::from_secs(120), |rs| answered(rs, x, from).len() >= 2).await;
     assert_eq!(names(&answered(&log.expect("x1 and x2"), x, from)), ["x2", "x1"]);
@@ -219,13 +224,7 @@ async fn a_call_made_while_the_slot_was_lost_is_released_by_slot_reset() {
     env.quiescent().await;
     wh.stop().await.unwrap();
     env.sql(&format!("SELECT pg_drop_replication_slot('{}')", env.name)).await;
-    let endpoints = walhook::admin::endpoints::Endpoints::new(
-        env.db.clone(),
-        walhook::security::secrets::SecretBox::new(None).unwrap(),
-        walhook::security::ssrf::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
-    );
-    let caller = walhook::admin::endpoints::Caller { account_id: ACCOUNT_A, user_id: USER };
-    endpoints.redeliver(caller, x1.parse().unwrap()).await.expect("redelivered while the slot is lost");
+    redeliver_directly(&env, &x1).await; // as the API of a replica would, while the slot is lost
     let mut reset = env.spawn_command("slot-reset", "");
     let status = reset.wait_exit(Duration::from_secs(60)).await.expect("slot-reset ends");
     let out = reset.log_text();
