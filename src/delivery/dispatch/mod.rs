@@ -419,6 +419,8 @@ impl Dispatcher {
         if matches!(outcome, Outcome::LocalRetry(_)) && disabled && !flight.leased && !removed {
             // Never reached the receiver, and its endpoint is disabled: it fails unsent, like
             // everything else waiting for a disabled endpoint.
+            let error = format!("local: {}", a.error.unwrap_or_default());
+            Happening::LocalFailure { delivery: d.id, endpoint: ep_id, error }.record(&self.metrics);
             self.first_attempt_settled(&d, Status::Failed).await;
             self.fail_unsent(d).await;
             return self.pump(ep_id);
