@@ -157,6 +157,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_the_payload_archive_delivered_rows_count_their_payloads_too() {
+        let delivered = |size: usize, name: &str| {
+            let StoreOp::Insert(mut r) = pending(size, name) else { unreachable!() };
+            r.status = Status::Delivered;
+            StoreOp::Insert(r)
+        };
+        // Without the archive a delivered row stores no payload; with it, every row does.
+        assert!(op_bytes(&delivered(5 << 20, "a"), false) < 1 << 10);
+        assert!(op_bytes(&delivered(5 << 20, "a"), true) >= 5 << 20);
+        let (tx, mut rx) = mpsc::channel(8);
+        for i in 0..4 {
+            tx.send(delivered(5 << 20, &i.to_string())).await.unwrap();
+        }
+        drop(tx);
+        let (mut carry, mut sizes) = (None, Vec::new());
+        while let Some(batch) = next(&mut rx, &mut carry, true).await {
+            sizes.push(batch.len());
+        }
+        assert_eq!(sizes, [3, 1], "payloads archived with delivered rows bound the batch");
+    }
+
+    #[tokio::test]
     async fn texts_are_made_safe_on_the_way_in() {
         let (tx, mut rx) = mpsc::channel(4);
         tx.send(pending(1, "bad\0text")).await.unwrap();

@@ -82,6 +82,13 @@ impl Api {
         v["result"].clone()
     }
 
+    /// How many of `endpoint`'s deliveries have `status` (up to 100), as its owner reads them
+    /// (what a user waits on, not walhook's tables).
+    pub(crate) async fn count_status(&self, token: &str, endpoint: &str, status: &str) -> usize {
+        let body = json!({ "endpoint_id": endpoint, "status": status, "limit": 100 });
+        self.ok("webhooks-deliveries", token, body).await["deliveries"].as_array().unwrap().len()
+    }
+
     /// Expects the error envelope with `code` and `status`; returns the message.
     pub(crate) async fn err(&self, op: &str, token: &str, body: Value, status: u16, code: &str) -> String {
         let (s, v) = self.call(op, token, body.clone()).await;

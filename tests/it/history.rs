@@ -13,13 +13,6 @@ use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
-/// How many of `endpoint`'s deliveries have `status`, as its owner reads them (what a user
-/// waits on, not walhook's tables).
-async fn count_status(api: &Api, token: &str, endpoint: &str, status: &str) -> usize {
-    let body = json!({ "endpoint_id": endpoint, "status": status, "limit": 100 });
-    ids(&api.ok("webhooks-deliveries", token, body).await).len()
-}
-
 fn ids(page: &Value) -> Vec<String> {
     page["deliveries"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect()
 }
@@ -38,7 +31,7 @@ async fn deliveries_filter_by_status_and_event_type_and_page_stably() {
         .await;
     env.receiver.set_secret("h", created["signing_secret"].as_str().unwrap());
     let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
-    let count = |status: &'static str| count_status(&api, &a, &id, status);
+    let count = |status: &'static str| api.count_status(&a, &id, status);
 
     // Five created and three updated, delivered; then two created that fail every attempt.
     for i in 0..5 {
@@ -134,7 +127,7 @@ async fn attempts_say_when_how_long_and_why_each_failed() {
         ],
     );
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'x')")).await;
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "delivered").await == 1 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 1 }).await;
     let history = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id })).await;
     let delivery = history["deliveries"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(env.receiver.received()[0].webhook_id, delivery);
@@ -261,7 +254,7 @@ async fn recover_resends_failed_deliveries_under_their_ids_in_row_order() {
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{x}', '{A}', 'x1')")).await;
     env.sql(&format!("UPDATE contacts SET first_name = 'x2' WHERE id = '{x}'")).await;
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{y}', '{A}', 'y1')")).await;
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "failed").await == 3 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "failed").await == 3 }).await;
     let ids_of_failed: HashSet<String> = {
         let page = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id, "status": "failed" })).await;
         ids(&page).into_iter().collect()
@@ -312,7 +305,7 @@ async fn recover_resends_failed_deliveries_under_their_ids_in_row_order() {
         sent.iter().filter(|r| r.json()["data"]["first_name"] != "x3").map(|r| r.webhook_id.clone()).collect();
     assert_eq!(resent, ids_of_failed, "each recovered delivery keeps its webhook-id");
     assert!(sent.iter().all(|r| r.verified));
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "failed").await == 0 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "failed").await == 0 }).await;
     // Nothing failed is left to recover; the attempts tell the whole story.
     assert_eq!(api.ok("webhooks-recover", &a, json!({ "id": id, "since": since })).await, json!({ "recovered": 0 }));
     let one = ids_of_failed.iter().next().unwrap();
@@ -360,7 +353,7 @@ async fn paging_250_deliveries_while_new_ones_arrive_skips_none_and_repeats_none
         ))
         .await;
     }
-    wait_for(Duration::from_secs(60), || async { count_status(&api, &a, &id, "delivered").await == 100 }).await;
+    wait_for(Duration::from_secs(60), || async { api.count_status(&a, &id, "delivered").await == 100 }).await;
     let delivered_all = || async {
         let mut n = 0;
         let mut cursor = Value::Null;

@@ -15,12 +15,6 @@ use crate::common::{wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 
-/// How many of `endpoint`'s deliveries have `status`, as its owner reads them.
-async fn count_status(api: &Api, token: &str, endpoint: &str, status: &str) -> usize {
-    let body = json!({ "endpoint_id": endpoint, "status": status, "limit": 100 });
-    api.ok("webhooks-deliveries", token, body).await["deliveries"].as_array().unwrap().len()
-}
-
 /// The endpoint's deliveries, newest first.
 async fn deliveries(api: &Api, token: &str, endpoint: &str) -> Vec<Value> {
     let body = json!({ "endpoint_id": endpoint, "limit": 100 });
@@ -36,11 +30,12 @@ async fn endpoint(env: &Env, api: &Api, token: &str, path: &str) -> String {
 }
 
 /// The 2xx-answered requests carrying row `row` in `log` from index `from` on.
-fn answered(log: &[Received], row: &str, from: usize) -> Vec<Received> {
+pub(crate) fn answered(log: &[Received], row: &str, from: usize) -> Vec<Received> {
     log[from..].iter().filter(|r| r.answered == 200 && r.json()["data"]["id"] == row).cloned().collect()
 }
 
-fn names(rs: &[Received]) -> Vec<String> {
+/// The `first_name`s of `rs`, in order.
+pub(crate) fn names(rs: &[Received]) -> Vec<String> {
     rs.iter().map(|r| r.json()["data"]["first_name"].as_str().unwrap().to_owned()).collect()
 }
 
@@ -60,7 +55,7 @@ async fn a_requeued_delivery_queues_behind_its_rows_change_in_flight_or_pending(
     env.receiver.set_default("r", Reply::Status(503));
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{x}', '{A}', 'x1')")).await;
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{y}', '{A}', 'y1')")).await;
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "failed").await == 2 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "failed").await == 2 }).await;
     let failed: HashSet<String> =
         deliveries(&api, &a, &id).await.iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
 
@@ -149,7 +144,7 @@ async fn redeliver_and_replay_with_and_without_the_payload_archive() {
     let id = endpoint(&env, &api, &a, "r").await;
     env.receiver.set_default("r", Reply::Status(200));
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'before')")).await;
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "delivered").await == 1 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 1 }).await;
     let before = deliveries(&api, &a, &id).await[0]["id"].as_str().unwrap().to_owned();
     let since = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
 
@@ -159,7 +154,7 @@ async fn redeliver_and_replay_with_and_without_the_payload_archive() {
     assert!(msg.contains("retention.payloads"), "{msg}");
     let got = api.ok("webhooks-replay", &a, json!({ "id": id, "since": since })).await;
     assert_eq!(got, json!({ "replayed": 0, "payload_unavailable": 1 }));
-    assert_eq!(count_status(&api, &a, &id, "delivered").await, 1);
+    assert_eq!(api.count_status(&a, &id, "delivered").await, 1);
     // Errors name the field; another account's delivery looks missing.
     api.err("webhooks-redeliver", &a, json!({}), 400, "webhooks.invalid_request").await;
     api.err("webhooks-redeliver", &a, json!({ "delivery_id": "nope" }), 400, "webhooks.invalid_id").await;
@@ -180,7 +175,7 @@ async fn redeliver_and_replay_with_and_without_the_payload_archive() {
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{p}', '{A}', 'p1')")).await;
     env.sql(&format!("UPDATE contacts SET first_name = 'p2' WHERE id = '{p}'")).await;
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{q}', '{A}', 'q1')")).await;
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "delivered").await == 4 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 4 }).await;
     let first = answered(&env.receiver.received(), p, 0);
     assert_eq!(names(&first), ["p1", "p2"]);
 
@@ -191,7 +186,7 @@ async fn redeliver_and_replay_with_and_without_the_payload_archive() {
     let log = env.receiver.wait_until(Duration::from_secs(30), |rs| !answered(rs, p, from).is_empty()).await;
     let again = answered(&log.expect("p1 sent again"), p, from);
     assert_eq!((names(&again), again[0].webhook_id.clone()), (vec!["p1".to_owned()], first[0].webhook_id.clone()));
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "delivered").await == 4 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 4 }).await;
 
     // Replay what was recorded, even of events the endpoint no longer subscribes to.
     api.ok("webhooks-update", &a, json!({ "id": id, "events": ["contact.created"] })).await;
@@ -199,7 +194,7 @@ async fn redeliver_and_replay_with_and_without_the_payload_archive() {
     assert_eq!(api.ok("webhooks-replay", &a, only_updates).await, json!({ "replayed": 1, "payload_unavailable": 0 }));
     let log = env.receiver.wait_until(Duration::from_secs(30), |rs| answered(rs, p, from).len() >= 2).await;
     assert_eq!(names(&answered(&log.expect("p2 replayed"), p, from)), ["p1", "p2"]);
-    wait_for(Duration::from_secs(30), || async { count_status(&api, &a, &id, "delivered").await == 4 }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 4 }).await;
     let from = env.receiver.count();
     let all = json!({ "id": id, "since": since });
     assert_eq!(api.ok("webhooks-replay", &a, all).await, json!({ "replayed": 3, "payload_unavailable": 1 }));

@@ -8,10 +8,11 @@
 use std::time::Duration;
 
 use serde_json::json;
-use walhook::local::receiver::{Received, Reply};
+use walhook::local::receiver::Reply;
 
 use crate::api::{auth_config, jwt, Api};
 use crate::common::{wait_for, Env, ACCOUNT_A, USER};
+use crate::resend::{answered, names};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 /// An account with no endpoint: its rows only make the stream busy.
@@ -29,19 +30,6 @@ async fn endpoint(env: &Env, api: &Api, token: &str) -> String {
     created["endpoint"]["id"].as_str().unwrap().to_owned()
 }
 
-async fn delivered(api: &Api, token: &str, endpoint: &str) -> usize {
-    let body = json!({ "endpoint_id": endpoint, "status": "delivered", "limit": 100 });
-    api.ok("webhooks-deliveries", token, body).await["deliveries"].as_array().unwrap().len()
-}
-
-fn answered(log: &[Received], row: &str, from: usize) -> Vec<Received> {
-    log[from..].iter().filter(|r| r.answered == 200 && r.json()["data"]["id"] == row).cloned().collect()
-}
-
-fn names(rs: &[Received]) -> Vec<String> {
-    rs.iter().map(|r| r.json()["data"]["first_name"].as_str().unwrap_or("?").to_owned()).collect()
-}
-
 /// Redelivers `delivery` of account A the way the API does, without a walhook running.
 async fn redeliver_directly(env: &Env, delivery: &str) {
     let endpoints = walhook::admin::endpoints::Endpoints::new(
@@ -56,9 +44,9 @@ async fn redeliver_directly(env: &Env, delivery: &str) {
 /// Inserts row `id` of account A named `name`, waits until it is delivered, returns its
 /// `webhook-id`.
 async fn delivered_row(env: &Env, api: &Api, token: &str, endpoint: &str, id: &str, name: &str) -> String {
-    let before = delivered(api, token, endpoint).await;
+    let before = api.count_status(token, endpoint, "delivered").await;
     env.sql(&format!("INSERT INTO contacts (id, account_id, first_name) VALUES ('{id}', '{A}', '{name}')")).await;
-    wait_for(Duration::from_secs(30), || async { delivered(api, token, endpoint).await > before }).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(token, endpoint, "delivered").await > before }).await;
     answered(&env.receiver.received(), id, 0)[0].webhook_id.clone()
 }
 
@@ -141,8 +129,14 @@ async fn a_later_change_waits_for_a_retrying_delivery_sent_again() {
         })
         .await
         .expect("y1 sent again, refused once");
-    // y2 has settled; a probe has run; then y3.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // y2 is delivered (its owner sees it); a while later (long enough for walhook to look at
+    // the outbox again) the row changes once more.
+    wait_for(Duration::from_secs(30), || async {
+        let newest = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id, "limit": 1 })).await;
+        newest["deliveries"][0]["status"] == "delivered"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     env.sql(&format!("UPDATE contacts SET first_name = 'y3' WHERE id = '{y}'")).await;
     let log = env.receiver.wait_until(Duration::from_secs(40), |rs| answered(rs, y, from).len() >= 3).await;
     assert_eq!(names(&answered(&log.expect("y1, y2, y3"), y, from)), ["y2", "y1", "y3"]);
@@ -178,7 +172,10 @@ async fn retention_never_deletes_a_payload_a_call_accepted() {
         let (api, a, x1) = (Api::new(&env), a.clone(), x1.clone());
         tokio::spawn(async move { api.call("webhooks-redeliver", &a, json!({ "delivery_id": x1 })).await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Commit the sweep once the call waits for it (or has answered without waiting).
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    wait_for(Duration::from_secs(30), || async { call.is_finished() || env.scalar_i64(waiting).await > 0 }).await;
     sweeper.batch_execute("COMMIT").await.unwrap();
     let (status, body) = call.await.unwrap();
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("webhooks.payload_unavailable")), "{body}");
