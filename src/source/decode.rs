@@ -9,14 +9,23 @@
 //! (`<entity>.deleted` with the old row, routed to the old account) and joining the new one
 //! (`<entity>.created` with the new row), so neither account ever sees the other's data;
 //! unknown column types are looked up in `pg_type` before any row of the relation is decoded.
+//! An `<entity>.updated` whose old row is known (a whole old image, REPLICA IDENTITY FULL)
+//! carries `previous` right after `data`: the old values of exactly the columns whose value
+//! changed, encoded as in `data` (`{}` when none did), and the same columns as
+//! [`RowChange::changed`]; an unchanged large (TOASTed) value never counts as changed. Without
+//! the old row (no old image, or only its key) there is no `previous` and no `changed`, and
+//! neither is there on creates, deletes or a row moving between accounts. The body is
+//! written once, into one buffer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::model::event::{EventType, Op, Table};
 use crate::pg::catalog::ENDPOINTS_TABLE;
+use crate::source::changed::ChangedColumns;
 use crate::source::pgoutput::{Datum, Message, PgOutputError, Relation, Tuple};
 use crate::source::values::{self, Kind};
 
@@ -49,8 +58,13 @@ pub struct RowChange {
     pub account_id: Option<Uuid>,
     /// `table:id`, the unit of ordering.
     pub entity_key: String,
-    /// The webhook body: `{"event":…,"timestamp":…,"data":{…}}`.
+    /// The webhook body: `{"event":…,"timestamp":…,"data":{…}}`, with `"previous":{…}` after
+    /// `data` when `changed` is known, and `"omitted":{…}` last when columns are left out.
     pub body: Bytes,
+    /// Which columns the update changed; `None`: not an update, or its old row is unknown
+    /// (the replica identity is not FULL).
+    #[allow(dead_code, reason = "read by routing's changed-column filters (issue 20)")]
+    pub changed: Option<ChangedColumns>,
 }
 
 /// A change of `walhook.endpoints`; `None` fields were not in the row image.
@@ -110,6 +124,8 @@ struct RelInfo {
     rel: Relation,
     role: Role,
     kinds: Vec<Kind>,
+    /// Column names in relation order, shared by every update's `ChangedColumns`.
+    names: Arc<[String]>,
     id_col: Option<usize>,
     account_col: Option<usize>,
 }
@@ -204,7 +220,8 @@ impl Decoder {
             .collect();
         let col = |name: &str| rel.columns.iter().position(|c| c.name == name);
         let (id_col, account_col) = (col("id"), col("account_id"));
-        self.relations.insert(rel.id, RelInfo { rel, role, kinds, id_col, account_col });
+        let names = rel.columns.iter().map(|c| c.name.clone()).collect();
+        self.relations.insert(rel.id, RelInfo { rel, role, kinds, names, id_col, account_col });
     }
 
     /// Decodes a row message. `prefix` is `{"event":"` … up to the commit timestamp's
@@ -271,7 +288,12 @@ fn row_change(
     // (A created event with an unchanged value is a row that moved in from another account:
     // its receiver never had that value.)
     let moved_in = event_type.op == Op::Created;
-    write_row(&mut body, info, (image, fallback, keys_only), moved_in);
+    // The old row is known for an update with a whole old image: what changed is known too.
+    let mut changed = match (event_type.op, fallback) {
+        (Op::Updated, Some(_)) => Some(ChangedColumns::new(info.names.clone())),
+        _ => None,
+    };
+    write_row(&mut body, info, (image, fallback, keys_only), moved_in, changed.as_mut());
     body.push(b'}');
     let id =
         text_of(info.id_col, image, fallback).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
@@ -280,6 +302,7 @@ fn row_change(
         account_id: account_of(info, image, fallback),
         entity_key: format!("{}:{id}", info.rel.name),
         body: Bytes::from(body),
+        changed,
     }
 }
 
@@ -314,13 +337,16 @@ fn datum_len(d: &Datum) -> usize {
 }
 
 /// Writes `{"col":value,…}` for `image`, filling unchanged-TOAST columns from `fallback`;
-/// then, when columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` after it
-/// (`moved_in`: the row joins this account, which never had the values left out).
+/// with `changed` (an update whose old row `fallback` is), marks there the columns whose value
+/// differs from the old row's and writes `,"previous":{"col":old value,…}` for them; then, when
+/// columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` (`moved_in`: the row
+/// joins this account, which never had the values left out).
 fn write_row(
     out: &mut Vec<u8>,
     info: &RelInfo,
     (image, fallback, keys_only): (&Tuple, Option<&Tuple>, bool),
     moved_in: bool,
+    mut changed: Option<&mut ChangedColumns>,
 ) {
     out.push(b'{');
     let mut first = true;
@@ -340,7 +366,14 @@ fn write_row(
                     continue;
                 }
             },
-            Some(d) => d,
+            Some(d) => {
+                if let Some(changed) = changed.as_deref_mut() {
+                    if differs(d, fallback.and_then(|f| f.0.get(i))) {
+                        changed.mark(i);
+                    }
+                }
+                d
+            }
             None => continue,
         };
         if !first {
@@ -349,13 +382,12 @@ fn write_row(
         first = false;
         values::write_string(out, col.name.as_bytes());
         out.push(b':');
-        match datum {
-            Datum::Text(t) => values::write_value(out, kind, t),
-            Datum::Binary(b) => values::write_string(out, format!("\\x{}", hex(b)).as_bytes()),
-            Datum::Null | Datum::Unchanged => out.extend_from_slice(b"null"),
-        }
+        write_datum(out, kind, datum);
     }
     out.push(b'}');
+    if let (Some(changed), Some(old)) = (changed, fallback) {
+        write_previous(out, info, old, changed);
+    }
     if omitted.is_empty() {
         return;
     }
@@ -377,6 +409,43 @@ fn write_row(
         values::write_string(out, name.as_bytes());
     }
     out.extend_from_slice(b"]}");
+}
+
+/// Whether a new value (never an unchanged TOAST one) differs from the old row's `old`: raw
+/// bytes against raw bytes, NULL against a value. An old value not in the stream is unknown,
+/// so not a change.
+fn differs(new: &Datum, old: Option<&Datum>) -> bool {
+    match old {
+        Some(old @ (Datum::Text(_) | Datum::Binary(_) | Datum::Null)) => new != old,
+        Some(Datum::Unchanged) | None => false,
+    }
+}
+
+/// `,"previous":{"col":old value,…}`: the old values of the `changed` columns, in relation
+/// order, encoded as `data` encodes values.
+fn write_previous(out: &mut Vec<u8>, info: &RelInfo, old: &Tuple, changed: &ChangedColumns) {
+    out.extend_from_slice(b",\"previous\":{");
+    let mut first = true;
+    for (i, (col, kind)) in info.rel.columns.iter().zip(&info.kinds).enumerate() {
+        let Some(datum) = old.0.get(i).filter(|_| changed.is_marked(i)) else { continue };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        values::write_string(out, col.name.as_bytes());
+        out.push(b':');
+        write_datum(out, kind, datum);
+    }
+    out.push(b'}');
+}
+
+/// Appends the JSON form of one column value.
+fn write_datum(out: &mut Vec<u8>, kind: &Kind, datum: &Datum) {
+    match datum {
+        Datum::Text(t) => values::write_value(out, kind, t),
+        Datum::Binary(b) => values::write_string(out, format!("\\x{}", hex(b)).as_bytes()),
+        Datum::Null | Datum::Unchanged => out.extend_from_slice(b"null"),
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -535,6 +604,139 @@ mod tests {
             "{}",
             std::str::from_utf8(&c.body).unwrap()
         );
+    }
+
+    /// `projects` with a text column and a text[] column too.
+    fn wide_projects() -> Relation {
+        let mut rel = projects("crm", "projects");
+        let col = |name: &str, type_oid| Column { flags: 0, name: name.into(), type_oid, type_mod: -1 };
+        rel.columns.extend([col("notes", 25), col("tags", 1009)]);
+        rel
+    }
+
+    const A: &str = "aaaa0000-0000-4000-8000-000000000001";
+
+    /// Decodes an update of `wide_projects` from `old` (an image of `kind`) to `new`.
+    fn update(old: Option<(u8, Vec<Datum>)>, new: Vec<Datum>) -> RowChange {
+        let mut d = Decoder::new("crm");
+        d.add_relation(wide_projects());
+        let msg = Message::Update { rel: 42, old: old.map(|(k, t)| (k, Tuple(t))), new: Tuple(new) };
+        match d.decode(msg, "t").unwrap() {
+            Decoded::Row(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn body(c: &RowChange) -> &str {
+        std::str::from_utf8(&c.body).unwrap()
+    }
+
+    fn changed(c: &RowChange) -> Option<Vec<&str>> {
+        c.changed.as_ref().map(|s| s.names().collect())
+    }
+
+    /// The body is what receivers verify signatures over: its bytes are pinned.
+    #[test]
+    fn an_update_with_the_old_row_carries_the_old_values_of_exactly_the_changed_columns() {
+        let old = vec![text("p1"), text(A), text("12"), text("same"), text("{vip}")];
+        let new = vec![text("p1"), text(A), text("13"), text("same"), text("{vip,\"new one\"}")];
+        let c = update(Some((b'O', old)), new);
+        assert_eq!(
+            body(&c),
+            format!(
+                r#"{{"event":"project.updated","timestamp":"t","data":{{"id":"p1","account_id":"{A}","budget":13,"notes":"same","tags":["vip","new one"]}},"previous":{{"budget":12,"tags":["vip"]}}}}"#
+            )
+        );
+        assert_eq!(changed(&c), Some(vec!["budget", "tags"]));
+        let set = c.changed.as_ref().unwrap();
+        assert!(set.contains("budget") && set.any_of(&["notes", "tags"]) && !set.contains("notes"));
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_carries_an_empty_previous() {
+        let row = vec![text("p1"), text(A), text("12"), Datum::Null, text("{}")];
+        let c = update(Some((b'O', row.clone())), row);
+        assert_eq!(
+            body(&c),
+            format!(
+                r#"{{"event":"project.updated","timestamp":"t","data":{{"id":"p1","account_id":"{A}","budget":12,"notes":null,"tags":[]}},"previous":{{}}}}"#
+            )
+        );
+        assert!(c.changed.as_ref().is_some_and(ChangedColumns::is_empty));
+    }
+
+    #[test]
+    fn without_the_old_row_there_is_no_previous() {
+        let new = vec![text("p1"), text(A), text("13"), text("n"), text("{}")];
+        let expected = format!(
+            r#"{{"event":"project.updated","timestamp":"t","data":{{"id":"p1","account_id":"{A}","budget":13,"notes":"n","tags":[]}}}}"#
+        );
+        // No old image (an identity whose key did not change).
+        let c = update(None, new.clone());
+        assert_eq!((body(&c), c.changed.is_none()), (expected.as_str(), true));
+        // A key-only old image (the key changed under an index identity): not the old row.
+        let key = vec![text("p0"), text(A), Datum::Null, Datum::Null, Datum::Null];
+        let c = update(Some((b'K', key)), new);
+        assert_eq!((body(&c), c.changed.is_none()), (expected.as_str(), true));
+    }
+
+    #[test]
+    fn an_unchanged_large_value_is_not_a_change_and_comes_from_the_old_row() {
+        let old = vec![text("p1"), text(A), text("12"), text("long text"), Datum::Null];
+        let new = vec![text("p1"), text(A), text("14"), Datum::Unchanged, Datum::Null];
+        let c = update(Some((b'O', old)), new);
+        assert_eq!(
+            body(&c),
+            format!(
+                r#"{{"event":"project.updated","timestamp":"t","data":{{"id":"p1","account_id":"{A}","budget":14,"notes":"long text","tags":null}},"previous":{{"budget":12}}}}"#
+            )
+        );
+        assert_eq!(changed(&c), Some(vec!["budget"]));
+        // An old value not in the stream (never under FULL) is unknown: not listed either.
+        let old = vec![text("p1"), text(A), Datum::Unchanged, text("x"), Datum::Null];
+        let new = vec![text("p1"), text(A), text("15"), text("x"), Datum::Null];
+        let c = update(Some((b'O', old)), new);
+        assert!(body(&c).ends_with(r#""budget":15,"notes":"x","tags":null},"previous":{}}"#), "{}", body(&c));
+        assert_eq!(changed(&c), Some(vec![]));
+    }
+
+    #[test]
+    fn null_against_a_value_is_a_change_both_ways() {
+        let old = vec![text("p1"), text(A), Datum::Null, Datum::Null, text("{a}")];
+        let new = vec![text("p1"), text(A), Datum::Null, text("now set"), Datum::Null];
+        let c = update(Some((b'O', old)), new);
+        assert!(
+            body(&c).ends_with(
+                r#""data":{"id":"p1","account_id":"aaaa0000-0000-4000-8000-000000000001","budget":null,"notes":"now set","tags":null},"previous":{"notes":null,"tags":["a"]}}"#
+            ),
+            "{}",
+            body(&c)
+        );
+        assert_eq!(changed(&c), Some(vec!["notes", "tags"]));
+        // Raw bytes decide: the same number written alike is unchanged, an empty string is not NULL.
+        let old = vec![text("p1"), text(A), text("12"), text(""), text("{}")];
+        let new = vec![text("p1"), text(A), text("12"), Datum::Null, text("{}")];
+        assert_eq!(changed(&update(Some((b'O', old)), new)), Some(vec!["notes"]));
+    }
+
+    #[test]
+    fn creates_deletes_and_moves_carry_no_previous() {
+        let mut d = Decoder::new("crm");
+        d.add_relation(wide_projects());
+        let b = "bbbb0000-0000-4000-8000-000000000002";
+        let old = Tuple(vec![text("p1"), text(A), text("12"), text("n"), text("{}")]);
+        let new = Tuple(vec![text("p1"), text(b), text("13"), text("n"), text("{}")]);
+        let moved = d.decode(Message::Update { rel: 42, old: Some((b'O', old.clone())), new: new.clone() }, "t");
+        let Decoded::Moved { left, joined } = moved.unwrap() else { panic!() };
+        for c in [&left, &joined] {
+            assert!(c.changed.is_none() && !body(c).contains("previous"), "{}", body(c));
+        }
+        let created = d.decode(Message::Insert { rel: 42, new }, "t").unwrap();
+        let deleted = d.decode(Message::Delete { rel: 42, kind: b'O', old }, "t").unwrap();
+        for decoded in [created, deleted] {
+            let Decoded::Row(c) = decoded else { panic!() };
+            assert!(c.changed.is_none() && !body(&c).contains("previous"), "{}", body(&c));
+        }
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Source: the replication slot read as events. `replication` owns the stream and its
 //! session, `pgoutput` parses the protocol, `decode` and `values` turn rows into webhook
-//! bodies, `route` (with `route_versions`) picks the endpoints, `leader` decides which
-//! replica may stream, and `slot` watches the slot and its prerequisites.
+//! bodies (`changed` says which columns an update changed), `route` (with
+//! `route_versions`) picks the endpoints, `leader` decides which replica may stream, and
+//! `slot` watches the slot and its prerequisites.
 //!
 //! What must hold: the slot confirms nothing past an unsettled delivery; a session routes
 //! with the endpoints valid at the position it replays from; a lost slot is never replaced
 //! silently.
 
+pub mod changed;
 pub mod decode;
 pub mod leader;
 pub mod pgoutput;
