@@ -179,6 +179,11 @@ pub struct ReplicationConfig {
     /// one that brings nothing for all of it is stuck (a frozen walsender, a half-open
     /// connection) and the session is rebuilt.
     pub stream_timeout: HumanDuration,
+    /// Whether `walhook migrate` sets REPLICA IDENTITY FULL on every CRM table, so that an
+    /// update's old row is in the stream (`previous` in `*.updated` bodies, changed-column
+    /// filters). `false`: it keeps each table's identity, except where deletes would lose
+    /// `account_id` (those it still sets to FULL).
+    pub replica_identity_full: bool,
 }
 
 /// `[auth]`

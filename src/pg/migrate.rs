@@ -3,7 +3,10 @@
 //! What must hold: running it twice changes nothing the second time; each migration file runs
 //! in its own transaction and its version is recorded with it; two processes migrating at
 //! once serialise on an advisory lock; CRM tables are never created, only their replica
-//! identity is set (FULL) when deletes would otherwise lose `account_id`; with
+//! identity is set: FULL on every CRM table not FULL yet (updates then carry the old row, which
+//! `previous` in `*.updated` bodies and changed-column filters need), or, with
+//! `replication.replica_identity_full = false`, FULL only where deletes would otherwise lose
+//! `account_id` (every other table keeps its identity); with
 //! `database.runtime_role` set, that role is granted what `walhook run` needs on walhook's
 //! schema and nothing more (see [`crate::pg::grants`]).
 
@@ -158,9 +161,17 @@ async fn migrate_locked(client: &mut tokio_postgres::Client, cfg: &Config) -> Re
         report.applied.push(version);
     }
 
-    for t in tables.iter().filter(|t| !t.deletes_keep_account_id()) {
+    let every_table = cfg.replication.replica_identity_full;
+    for t in tables.iter().filter(|t| t.replica_identity != 'f') {
+        let why = if !t.deletes_keep_account_id() {
+            "set REPLICA IDENTITY FULL so deletes keep account_id"
+        } else if every_table {
+            "set REPLICA IDENTITY FULL so updates carry the old row (replication.replica_identity_full)"
+        } else {
+            continue;
+        };
         client.batch_execute(&format!("ALTER TABLE {schema}.{} REPLICA IDENTITY FULL", t.name)).await?;
-        tracing::info!(table = %t.name, was = %t.identity_words(), "set REPLICA IDENTITY FULL so deletes keep account_id");
+        tracing::info!(table = %t.name, was = %t.identity_words(), "{why}");
         report.replica_identity_set.push(t.name.clone());
     }
 

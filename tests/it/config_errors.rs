@@ -50,6 +50,7 @@ fn bad_values_are_named() {
         ("dispatch", "max_concurrency", "0"),
         ("dispatch", "ca_certs", "[\"/nonexistent/ca.pem\"]"),
         ("replication", "slot", "\"Bad-Slot\""),
+        ("replication", "replica_identity_full", "\"yes\""),
         ("api", "listen", "\"not an address\""),
         ("log", "format", "\"xml\""),
         ("secrets", "encryption_key", "\"c2hvcnQ=\""),

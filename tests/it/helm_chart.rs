@@ -291,6 +291,7 @@ fn rendered_config_is_walhook_defaults_and_loads() {
         "config": {
             "dispatch": {"request_timeout": "20s", "retry_schedule": ["1s", "1m"], "jitter": 0.1, "allowed_cidrs": ["10.0.0.0/8"]},
             "api": {"rate_limit_per_second": 50},
+            "replication": {"replica_identity_full": false},
             "auth": {"static_tokens": [{
                 "token_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
                 "account_id": "aaaa0000-0000-4000-8000-000000000001",
@@ -306,6 +307,7 @@ fn rendered_config_is_walhook_defaults_and_loads() {
     assert_eq!(cfg.dispatch.request_timeout.0, std::time::Duration::from_secs(20));
     assert_eq!(cfg.dispatch.retry_schedule.len(), 2);
     assert_eq!(cfg.auth.static_tokens.len(), 1);
+    assert!(!cfg.replication.replica_identity_full, "a false boolean stays false through Helm");
 }
 
 #[test]

@@ -141,6 +141,7 @@ status_interval = {{ .Values.config.replication.status_interval | toString | toJ
 heartbeat_interval = {{ .Values.config.replication.heartbeat_interval | toString | toJson }}
 recheck_interval = {{ .Values.config.replication.recheck_interval | toString | toJson }}
 stream_timeout = {{ .Values.config.replication.stream_timeout | toString | toJson }}
+replica_identity_full = {{ .Values.config.replication.replica_identity_full | toJson }}
 
 [auth]
 account_claim = {{ .Values.config.auth.account_claim | toString | toJson }}
