@@ -37,6 +37,7 @@ mod ops;
 mod pg_restart;
 mod poison;
 mod preflight;
+mod previous;
 mod production_setup;
 mod readiness;
 mod replay_routing;
