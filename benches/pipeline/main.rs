@@ -214,14 +214,18 @@ impl Bench {
         let cfg = Config::from_toml(&self.config_toml())?;
         let db = Db::new(&cfg.database)?;
         walhook::app::migrate(&db, &cfg).await?;
-        let endpoints =
-            Endpoints::new(db, SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
+        let endpoints = Endpoints::new(
+            db,
+            SecretBox::new(None)?,
+            AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+            cfg.database.crm_schema.as_str(),
+        );
         let all: Vec<String> = EventType::ALL.iter().map(|e| e.name().to_owned()).collect();
         let make = |acct: usize, path: String| {
             let (endpoints, url, all) = (endpoints.clone(), self.receiver.url(&path), all.clone());
             async move {
                 let caller = Caller { account_id: account(acct), user_id: account(acct) };
-                let new = NewEndpoint { url: Some(url), description: None, events: Some(all) };
+                let new = NewEndpoint { url: Some(url), events: Some(all), ..Default::default() };
                 let (_, secret) = endpoints.create(caller, new).await?;
                 anyhow::Ok((path, secret.expose().to_owned()))
             }

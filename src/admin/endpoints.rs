@@ -18,9 +18,10 @@ use serde::Serialize;
 use url::{Host, Url};
 use uuid::Uuid;
 
+use crate::model::columns::UpdateColumns;
 use crate::model::event::EventType;
 use crate::pg::db::{Db, DbError};
-use crate::security::secrets::{SecretBox, SigningSecret};
+use crate::security::secrets::{Scheme, SecretBox, SigningSecret};
 use crate::security::ssrf::AddressPolicy;
 use crate::store;
 use crate::store::endpoints::StoredEndpoint;
@@ -102,7 +103,7 @@ pub struct EndpointView {
     pub url: String,
     /// Description.
     pub description: String,
-    /// First characters of the signing secret.
+    /// First characters of the signing secret (of the public key, for `v1a`).
     pub secret_prefix: String,
     /// Subscribed events.
     pub events: Vec<String>,
@@ -112,6 +113,14 @@ pub struct EndpointView {
     pub created_at: DateTime<Utc>,
     /// Last update time.
     pub updated_at: DateTime<Utc>,
+    /// `v1` (HMAC-SHA256, shared secret) or `v1a` (ed25519).
+    pub signature_scheme: String,
+    /// The `whpk_` public key receivers verify `v1a` signatures with (`null` for `v1`).
+    pub public_key: Option<String>,
+    /// Changed-column filters of updates (`null`: none).
+    pub update_columns: Option<UpdateColumns>,
+    /// While a rotated-out secret still signs beside the current one: when it stops.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
 }
 
 /// Fields of a new endpoint.
@@ -123,6 +132,10 @@ pub struct NewEndpoint {
     pub description: Option<String>,
     /// Events to subscribe to (required, non-empty).
     pub events: Option<Vec<String>>,
+    /// `v1` (the default) or `v1a`.
+    pub signature_scheme: Option<String>,
+    /// Changed-column filters, as sent (`null` or absent: none).
+    pub update_columns: Option<serde_json::Value>,
 }
 
 /// Fields to change; `None` leaves a field as it is.
@@ -136,11 +149,18 @@ pub struct EndpointPatch {
     pub events: Option<Vec<String>>,
     /// Enable or disable.
     pub is_active: Option<bool>,
+    /// New changed-column filters, as sent (`Some(null)` or `Some({})`: remove the filter).
+    pub update_columns: Option<serde_json::Value>,
 }
 
 /// What the API shows of a stored endpoint (never its secret).
-fn view(e: StoredEndpoint) -> EndpointView {
+pub(crate) fn view(e: StoredEndpoint) -> EndpointView {
+    let now = Utc::now();
     EndpointView {
+        signature_scheme: e.signature_scheme,
+        public_key: e.public_key,
+        update_columns: e.update_columns,
+        previous_secret_expires_at: e.previous_secret_expires_at.filter(|at| *at > now),
         id: e.id,
         account_id: e.account_id,
         created_by: e.created_by,
@@ -202,19 +222,26 @@ pub struct Endpoints {
     db: Db,
     secrets: SecretBox,
     policy: AddressPolicy,
+    crm_schema: String,
     max_per_account: Option<u32>,
 }
 
 impl Endpoints {
-    /// Endpoint management storing secrets through `secrets` and judging literal-IP URLs
-    /// with `policy`; no endpoint quota until [`Endpoints::with_quota`].
-    pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy) -> Self {
-        Endpoints { db, secrets, policy, max_per_account: None }
+    /// Endpoint management storing secrets through `secrets`, judging literal-IP URLs with
+    /// `policy` and changed-column filters against the CRM tables of `crm_schema`; no
+    /// endpoint quota until [`Endpoints::with_quota`].
+    pub fn new(db: Db, secrets: SecretBox, policy: AddressPolicy, crm_schema: &str) -> Self {
+        Endpoints { db, secrets, policy, crm_schema: crm_schema.to_owned(), max_per_account: None }
     }
 
     /// The database (for the other admin modules).
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// How secrets are stored (for the other admin modules).
+    pub(crate) fn secrets(&self) -> &SecretBox {
+        &self.secrets
     }
 
     /// At most `max` endpoints per account (`api.max_endpoints_per_account`).
@@ -223,7 +250,8 @@ impl Endpoints {
         self
     }
 
-    /// Creates an endpoint; the returned secret is the only time it is shown in full.
+    /// Creates an endpoint; the returned secret is the only time it is shown in full (for
+    /// `v1a` it is the private key, which is never shown: the view carries its public key).
     pub async fn create(
         &self,
         caller: Caller,
@@ -232,8 +260,17 @@ impl Endpoints {
         let url = self.check_url(new.url.as_deref())?;
         let description = check_description(new.description.as_deref())?.unwrap_or_default();
         let events = check_events(new.events.as_deref().ok_or_else(|| invalid("events is required"))?)?;
-        let secret = SigningSecret::generate();
+        let scheme = match new.signature_scheme.as_deref() {
+            None => Scheme::V1,
+            Some(name) => Scheme::parse(name).ok_or_else(|| invalid("signature_scheme must be \"v1\" or \"v1a\""))?,
+        };
+        let secret = SigningSecret::generate_for(scheme);
+        let public_key = secret.public_key();
         let mut client = self.db.get().await?;
+        let update_columns = match &new.update_columns {
+            Some(value) => crate::admin::columns::check(&**client, &self.crm_schema, value).await?,
+            None => None,
+        };
         let tx = client.transaction().await?;
         if let Some(max) = self.max_per_account {
             // Creates of one account wait for each other here, so the count cannot go stale.
@@ -255,8 +292,11 @@ impl Endpoints {
             url: &url,
             description: &description,
             secret: &self.secrets.seal(&secret, id),
-            secret_prefix: secret.prefix(),
+            secret_prefix: &secret.prefix(),
             events: &events,
+            signature_scheme: scheme.name(),
+            public_key: public_key.as_deref(),
+            update_columns: update_columns.as_ref(),
         };
         let row = store::endpoints::insert(&*tx, &new).await?;
         tx.commit().await?;
@@ -303,11 +343,16 @@ impl Endpoints {
             crate::store::secrets::reseal_plain(&self.db, &self.secrets, Some((id, caller.account_id))).await?;
         }
         let client = self.db.get().await?;
+        let update_columns = match &patch.update_columns {
+            Some(value) => Some(crate::admin::columns::check(&**client, &self.crm_schema, value).await?),
+            None => None,
+        };
         let change = store::endpoints::Update {
             url: url.as_deref(),
             description: description.as_deref(),
             events: events.as_deref(),
             is_active: patch.is_active,
+            update_columns: update_columns.as_ref().map(Option::as_ref),
         };
         let row = store::endpoints::update_in_account(&**client, caller.account_id, id, &change).await?;
         row.map(view).ok_or(EndpointError::NotFound)

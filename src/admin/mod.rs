@@ -5,6 +5,8 @@
 //! with a `webhooks.*` code naming the field and changes nothing.
 
 pub mod api;
+pub mod columns;
 pub mod deliveries;
 pub mod endpoints;
 pub mod probe;
+pub mod signing;

@@ -16,10 +16,9 @@ use uuid::Uuid;
 use crate::admin::endpoints::{Caller, EndpointError};
 use crate::delivery::dispatch::http::Sender;
 use crate::delivery::dispatch::limits::Limits;
-use crate::model::delivery::{event_mask, Endpoint};
+use crate::model::delivery::Endpoint;
 use crate::pg::db::Db;
 use crate::security::secrets::SecretBox;
-use crate::security::sign::Signer;
 use crate::store;
 
 /// How long a test waits for a free place among the account's requests.
@@ -50,9 +49,9 @@ pub enum ProbeError {
     /// Every place for the account's (or the endpoint's) requests stayed taken.
     #[error("the account's requests in flight are at their limit")]
     Busy,
-    /// The stored secret could not be opened.
-    #[error("the endpoint's signing secret cannot be opened: {0}")]
-    Secret(String),
+    /// The stored secret could not be opened, or the stored URL does not parse.
+    #[error("the endpoint cannot be opened: {0}")]
+    Open(String),
 }
 
 /// Sends test requests.
@@ -79,21 +78,8 @@ impl Prober {
                 .map_err(EndpointError::from)?
                 .ok_or(EndpointError::NotFound)?
         };
-        let url = url::Url::parse(&stored.url).map_err(|e| EndpointError::InvalidUrl(format!("is stored as {e}")))?;
-        let signer = self
-            .secrets
-            .open(&stored.secret, id)
-            .and_then(|s| Signer::new(&s))
-            .map_err(|e| ProbeError::Secret(e.to_string()))?;
-        let endpoint = Endpoint {
-            id,
-            account_id: caller.account_id,
-            url,
-            events: event_mask(&stored.events),
-            is_active: stored.is_active,
-            auto_disabled: false,
-            signer,
-        };
+        let endpoint = Endpoint::open(id, &stored.routing(), &stored.sending(), &self.secrets)
+            .map_err(|e| ProbeError::Open(e.to_string()))?;
         let _permit = tokio::time::timeout(PLACE_WAIT, self.limits.acquire(id, caller.account_id))
             .await
             .map_err(|_| ProbeError::Busy)?;

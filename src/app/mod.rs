@@ -155,6 +155,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
             db.clone(),
             secrets.clone(),
             crate::security::ssrf::AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+            cfg.database.crm_schema.as_str(),
         )
         .with_quota(cfg.api.max_endpoints_per_account),
         crate::admin::api::auth::Authenticator::new(&cfg.auth),

@@ -44,11 +44,10 @@ use crate::delivery::dispatch::outcome::{self, send_one};
 use crate::delivery::dispatch::policy::RetryPolicy;
 use crate::delivery::dispatch::settle::{settle, Context, Stored, Write};
 use crate::model::attempt::{Attempt, FailureKind};
-use crate::model::delivery::{event_mask, Endpoint};
+use crate::model::delivery::Endpoint;
 use crate::ops::metrics::Metrics;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
-use crate::security::sign::Signer;
 use crate::store::{self, StoreOp, DISABLED_GONE};
 
 /// An attempt that waited this long for its connection or its bytes checks that its endpoint
@@ -315,20 +314,12 @@ impl OutboxWorker {
             let endpoint = endpoints
                 .entry(ep_id)
                 .or_insert_with(|| {
-                    let signer = self.secrets.open(&r.endpoint.secret, ep_id).and_then(|s| Signer::new(&s));
-                    let url = crate::model::delivery::parse_url(ep_id, &r.endpoint.url)?;
-                    match signer {
-                        Ok(signer) => Some(Arc::new(Endpoint {
-                            id: ep_id,
-                            account_id: r.endpoint.account_id,
-                            url,
-                            events: event_mask(&r.endpoint.events),
-                            is_active: true,
-                            auto_disabled: false,
-                            signer,
-                        })),
+                    // (Claimed rows are of active endpoints only.)
+                    let routing = r.endpoint.routing();
+                    match Endpoint::open(ep_id, &routing, &r.endpoint.sending(), &self.secrets) {
+                        Ok(endpoint) => Some(Arc::new(endpoint)),
                         Err(e) => {
-                            tracing::error!(endpoint = %ep_id, error = %e, "cannot open endpoint secret");
+                            tracing::error!(endpoint = %ep_id, error = %e, "cannot open endpoint");
                             None
                         }
                     }

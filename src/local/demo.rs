@@ -68,8 +68,12 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
     crate::app::migrate(&db, &cfg).await?;
     println!("  migrated: schema walhook, publication and slot walhook_demo, REPLICA IDENTITY FULL on the CRM tables");
 
-    let endpoints =
-        Endpoints::new(db.clone(), SecretBox::new(None)?, AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()));
+    let endpoints = Endpoints::new(
+        db.clone(),
+        SecretBox::new(None)?,
+        AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+        cfg.database.crm_schema.as_str(),
+    );
     let caller = Caller { account_id: ACCOUNT_A, user_id: Uuid::new_v4() };
     let (endpoint, secret) = endpoints
         .create(
@@ -78,6 +82,7 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
                 url: Some(receiver.url("driftwood-hooks")),
                 description: Some("walhook demo receiver".into()),
                 events: Some(EventType::ALL.iter().map(|e| e.name().to_owned()).collect()),
+                ..Default::default()
             },
         )
         .await?;

@@ -3,19 +3,71 @@
 //!
 //! What must hold: event and delivery ids are derived from the change's [`Position`]
 //! (commit LSN, place in the transaction) and the endpoint only, so a replay produces the same ids and a receiver can
-//! deduplicate on `webhook-id`.
+//! deduplicate on `webhook-id`; outside unit tests an [`Endpoint`] is made only by
+//! [`Endpoint::open`] (routing, the outbox and `webhooks-test` alike), so each signs with the same keys, a rotated-out one
+//! included until its grace period ends.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::model::columns::UpdateColumns;
 use crate::model::event::EventType;
 use crate::model::position::Position;
 use crate::model::progress::Ticket;
+use crate::security::secrets::{SecretBox, SecretError};
 use crate::security::sign::Signer;
 
+/// What routing needs of an endpoint: the part kept per version (no URL, no secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Owning account.
+    pub account_id: Uuid,
+    /// Subscribed event names.
+    pub events: Vec<String>,
+    /// Enabled?
+    pub is_active: bool,
+    /// Why walhook disabled it itself (`None`: enabled, or disabled by hand).
+    pub disabled_reason: Option<String>,
+    /// Changed-column filters of updates (`None`: every update of a subscribed type).
+    pub update_columns: Option<UpdateColumns>,
+}
+
+/// How an endpoint's requests are made, as its row stores them (secrets sealed or plain).
+#[derive(Clone, PartialEq)]
+pub struct Sending {
+    /// Target URL.
+    pub url: String,
+    /// The signing secret (or `v1a` private key) as stored.
+    pub secret: String,
+    /// The secret a rotation replaced, as stored, while one is kept.
+    pub previous_secret: Option<String>,
+    /// When the replaced secret stops signing.
+    pub previous_expires_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for Sending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sending")
+            .field("url", &self.url)
+            .field("previous_expires_at", &self.previous_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an endpoint cannot be sent to. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`).
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The stored URL does not parse (the admin API never lets such a URL through).
+    #[error("stored endpoint URL does not parse: {0}")]
+    Url(#[from] url::ParseError),
+}
 /// A webhook endpoint as routing and dispatch need it.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -31,25 +83,37 @@ pub struct Endpoint {
     pub is_active: bool,
     /// Disabled by walhook itself (410 Gone, or failing too long): what waits for it fails.
     pub auto_disabled: bool,
-    /// Signs bodies with the endpoint's secret.
+    /// Changed-column filters of updates.
+    pub update_columns: Option<Arc<UpdateColumns>>,
+    /// Signs bodies with the endpoint's secret (and a rotated-out one during its grace).
     pub signer: Signer,
+}
+
+impl Endpoint {
+    /// Endpoint `id` as routing and dispatch use it: its routing state, and its stored URL and
+    /// secrets opened with `secrets`. The one way an [`Endpoint`] is made.
+    pub fn open(id: Uuid, routing: &Routing, sending: &Sending, secrets: &SecretBox) -> Result<Endpoint, OpenError> {
+        let url = url::Url::parse(&sending.url)?;
+        let mut signer = Signer::new(&secrets.open(&sending.secret, id)?)?;
+        if let (Some(previous), Some(until)) = (&sending.previous_secret, sending.previous_expires_at) {
+            signer = signer.with_previous(&secrets.open(previous, id)?, until.into())?;
+        }
+        Ok(Endpoint {
+            id,
+            account_id: routing.account_id,
+            url,
+            events: event_mask(&routing.events),
+            is_active: routing.is_active,
+            auto_disabled: !routing.is_active && routing.disabled_reason.is_some(),
+            update_columns: routing.update_columns.clone().filter(|f| !f.is_empty()).map(Arc::new),
+            signer,
+        })
+    }
 }
 
 /// Bitmask of the named events (unknown names ignored).
 pub fn event_mask<S: AsRef<str>>(names: &[S]) -> u16 {
     names.iter().filter_map(|n| EventType::parse(n.as_ref())).fold(0, |m, e| m | e.bit())
-}
-
-/// An endpoint's URL; `None` (logged) when the stored text is not a URL, which the admin
-/// API never lets through.
-pub fn parse_url(endpoint: Uuid, text: &str) -> Option<url::Url> {
-    match url::Url::parse(text) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            tracing::error!(%endpoint, error = %e, "stored endpoint URL does not parse; endpoint skipped");
-            None
-        }
-    }
 }
 
 /// One change, as every endpoint receives it.

@@ -7,6 +7,7 @@
 //! other.
 
 pub mod attempt;
+pub mod columns;
 pub mod delivery;
 pub mod event;
 pub mod position;

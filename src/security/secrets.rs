@@ -1,7 +1,9 @@
 //! Endpoint signing secrets: generation, the shown prefix, and encryption at rest.
 //!
-//! What must hold: a secret comes from the OS CSPRNG (`whsec_` + base64 of 32 bytes); the
-//! prefix shown after creation is too short to be used; when an encryption key is configured
+//! What must hold: a secret comes from the OS CSPRNG (`whsec_` + base64 of 32 bytes for `v1`;
+//! for `v1a` an ed25519 private key, `whsk_` + base64 of its 32-byte seed and 32-byte public
+//! key, whose public half is shown as `whpk_` + base64); the prefix shown after creation is too
+//! short to be used; when an encryption key is configured
 //! the stored form is AES-256-GCM ciphertext with a fresh nonce, bound to its endpoint (the
 //! endpoint's id is the associated data), so a ciphertext copied onto another endpoint's row
 //! does not open; secrets stored plain before the key was set, or sealed before they were
@@ -11,9 +13,14 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
-/// Prefix of every signing secret (Standard Webhooks).
+/// Prefix of every symmetric (`v1`) signing secret (Standard Webhooks).
 pub const SECRET_PREFIX: &str = "whsec_";
+/// Prefix of an ed25519 (`v1a`) private key (Standard Webhooks).
+pub const PRIVATE_KEY_PREFIX: &str = "whsk_";
+/// Prefix of an ed25519 (`v1a`) public key (Standard Webhooks).
+pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
 /// Marks an encrypted stored secret bound to its endpoint (the current form).
 pub const ENCRYPTED_PREFIX: &str = "enc:v2:";
 /// Marks an encrypted stored secret from before secrets were bound to their endpoint: read,
@@ -35,8 +42,8 @@ pub enum SecretError {
          a damaged value, or another endpoint's secret copied onto it)"
     )]
     Decrypt,
-    /// The secret is not `whsec_` + base64.
-    #[error("the signing secret is not whsec_ followed by base64")]
+    /// The secret is not `whsec_` + base64, nor `whsk_` + base64 of an ed25519 key.
+    #[error("the signing secret is not whsec_ followed by base64, nor whsk_ followed by an ed25519 key in base64")]
     Malformed,
     /// The configured key is not base64 of 32 bytes.
     #[error("secrets.encryption_key must be base64 of exactly 32 bytes")]
@@ -48,7 +55,35 @@ fn os_random(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the OS random number generator is unavailable");
 }
 
-/// A signing secret in its plain `whsec_…` form.
+/// How requests are signed (Standard Webhooks signature identifiers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// HMAC-SHA256 with a shared `whsec_` secret.
+    V1,
+    /// ed25519 with a `whsk_` private key; receivers verify with the `whpk_` public key.
+    V1a,
+}
+
+impl Scheme {
+    /// `v1` or `v1a`, as in the API and the signature header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::V1 => "v1",
+            Scheme::V1a => "v1a",
+        }
+    }
+
+    /// The scheme named `name`.
+    pub fn parse(name: &str) -> Option<Scheme> {
+        match name {
+            "v1" => Some(Scheme::V1),
+            "v1a" => Some(Scheme::V1a),
+            _ => None,
+        }
+    }
+}
+
+/// A signing secret in its plain form: `whsec_…` (v1) or `whsk_…` (v1a).
 #[derive(Clone)]
 pub struct SigningSecret(String);
 
@@ -66,11 +101,57 @@ impl SigningSecret {
         SigningSecret(format!("{SECRET_PREFIX}{}", B64.encode(bytes)))
     }
 
-    /// Wraps an existing `whsec_…` secret after checking its form.
+    /// A new secret of `scheme` from the OS CSPRNG (for `v1a`, a fresh ed25519 key pair).
+    pub fn generate_for(scheme: Scheme) -> Self {
+        match scheme {
+            Scheme::V1 => Self::generate(),
+            Scheme::V1a => {
+                let mut seed = [0u8; 32];
+                os_random(&mut seed);
+                let pair = Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are an ed25519 seed");
+                let mut both = seed.to_vec();
+                both.extend_from_slice(pair.public_key().as_ref());
+                SigningSecret(format!("{PRIVATE_KEY_PREFIX}{}", B64.encode(both)))
+            }
+        }
+    }
+
+    /// Wraps an existing `whsec_…` or `whsk_…` secret after checking its form.
     pub fn parse(s: &str) -> Result<Self, SecretError> {
         let secret = SigningSecret(s.to_owned());
-        secret.key_bytes()?;
-        Ok(secret)
+        match secret.scheme() {
+            Scheme::V1 => secret.key_bytes().map(|_| secret),
+            Scheme::V1a => secret.key_pair().map(|_| secret),
+        }
+    }
+
+    /// The scheme this secret signs with.
+    pub fn scheme(&self) -> Scheme {
+        if self.0.starts_with(PRIVATE_KEY_PREFIX) {
+            Scheme::V1a
+        } else {
+            Scheme::V1
+        }
+    }
+
+    /// The ed25519 key pair of a `whsk_` secret: base64 of the 32-byte seed followed by the
+    /// 32-byte public key (checked against the seed), or of the seed alone.
+    pub fn key_pair(&self) -> Result<Ed25519KeyPair, SecretError> {
+        let b64 = self.0.strip_prefix(PRIVATE_KEY_PREFIX).ok_or(SecretError::Malformed)?;
+        let bytes = B64.decode(b64).map_err(|_| SecretError::Malformed)?;
+        match bytes.len() {
+            32 => Ed25519KeyPair::from_seed_unchecked(&bytes).map_err(|_| SecretError::Malformed),
+            64 => {
+                Ed25519KeyPair::from_seed_and_public_key(&bytes[..32], &bytes[32..]).map_err(|_| SecretError::Malformed)
+            }
+            _ => Err(SecretError::Malformed),
+        }
+    }
+
+    /// The `whpk_…` public key of a `v1a` secret, which receivers verify with; `None` for `v1`.
+    pub fn public_key(&self) -> Option<String> {
+        let pair = self.key_pair().ok()?;
+        Some(format!("{PUBLIC_KEY_PREFIX}{}", B64.encode(pair.public_key().as_ref())))
     }
 
     /// The full secret, shown to the user once at creation.
@@ -78,9 +159,13 @@ impl SigningSecret {
         &self.0
     }
 
-    /// The `secret_prefix` shown afterwards.
-    pub fn prefix(&self) -> &str {
-        &self.0[..SHOWN_CHARS.min(self.0.len())]
+    /// The `secret_prefix` shown afterwards: the first characters of a `v1` secret; of a `v1a`
+    /// key, the first characters of its public key (the private key is never shown).
+    pub fn prefix(&self) -> String {
+        match self.public_key() {
+            Some(public) => public[..(PUBLIC_KEY_PREFIX.len() + 4).min(public.len())].to_owned(),
+            None => self.0[..SHOWN_CHARS.min(self.0.len())].to_owned(),
+        }
     }
 
     /// The HMAC key: the base64-decoded part after `whsec_`.

@@ -20,7 +20,6 @@ pub struct ChangedColumns {
 }
 
 // Until routing filters on changed columns (issue 20), only `decode` and tests use the set.
-#[allow(dead_code, reason = "the interface routing's changed-column filters code against")]
 impl ChangedColumns {
     /// A set over the relation's column `names` (relation order) in which nothing changed yet.
     pub fn new(names: Arc<[String]>) -> Self {
@@ -49,11 +48,13 @@ impl ChangedColumns {
     }
 
     /// The changed columns' names, in relation order.
+    #[cfg(test)]
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.iter().enumerate().filter(|(i, _)| self.is_marked(*i)).map(|(_, n)| n.as_str())
     }
 
     /// Whether no column changed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.bits.iter().all(|w| *w == 0)
     }

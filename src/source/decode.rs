@@ -23,6 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::model::columns::UpdateColumns;
 use crate::model::event::{EventType, Op, Table};
 use crate::pg::catalog::ENDPOINTS_TABLE;
 use crate::source::changed::ChangedColumns;
@@ -63,7 +64,6 @@ pub struct RowChange {
     pub body: Bytes,
     /// Which columns the update changed; `None`: not an update, or its old row is unknown
     /// (the replica identity is not FULL).
-    #[allow(dead_code, reason = "read by routing's changed-column filters (issue 20)")]
     pub changed: Option<ChangedColumns>,
 }
 
@@ -87,6 +87,8 @@ pub struct EndpointRow {
     /// The tag of the last call that requeued its deliveries (`webhooks-recover`, `-redeliver`,
     /// `-replay`).
     pub requeue_tag: Option<i64>,
+    /// Changed-column filters (`Some(None)`: the column is NULL, no filter).
+    pub update_columns: Option<Option<UpdateColumns>>,
 }
 
 /// What a row message means to walhook.
@@ -461,6 +463,15 @@ fn endpoint_change(info: &RelInfo, op: Op, new: Option<&Tuple>, old: Option<&Tup
             _ => None,
         }
     };
+    // `None`: not in the image (unchanged TOAST); `Some(None)`: NULL.
+    let nullable = |name: &str| -> Option<Option<String>> {
+        let i = info.rel.columns.iter().position(|c| c.name == name)?;
+        match image?.0.get(i)? {
+            Datum::Text(t) => Some(Some(String::from_utf8_lossy(t).into_owned())),
+            Datum::Null => Some(None),
+            _ => None,
+        }
+    };
     let row = EndpointRow {
         id: text("id").and_then(|s| Uuid::parse_str(&s).ok()),
         account_id: text("account_id").and_then(|s| Uuid::parse_str(&s).ok()),
@@ -474,6 +485,7 @@ fn endpoint_change(info: &RelInfo, op: Op, new: Option<&Tuple>, old: Option<&Tup
         is_active: text("is_active").map(|s| s == "t"),
         disabled_reason: text("disabled_reason"),
         requeue_tag: text("requeue_tag").and_then(|s| s.parse().ok()),
+        update_columns: nullable("update_columns").map(|t| t.and_then(|s| serde_json::from_str(&s).ok())),
     };
     match (op, row.id) {
         (Op::Deleted, Some(id)) => Decoded::EndpointDelete(id),

@@ -696,7 +696,7 @@ impl Replication {
                 continue;
             }
             match current.get(&id) {
-                Some((url, secret)) => self.router_mut().refresh(id, url, secret),
+                Some(sending) => self.router_mut().refresh(id, sending.clone()),
                 // Deleted since: its delete follows in the stream.
                 None => self.router_mut().unroute(id),
             }

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::model::delivery::{event_mask, parse_url, Endpoint};
+pub use crate::model::delivery::Routing;
+use crate::model::delivery::{Endpoint, OpenError, Sending};
+use crate::model::event::Op;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
-use crate::security::sign::Signer;
 use crate::source::decode::{EndpointRow, RowChange};
 
 /// Errors while loading endpoints.
@@ -27,27 +28,15 @@ pub enum RouteError {
     /// Reading `walhook.endpoints` failed.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`).
+    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`), or the
+    /// stored URL does not parse.
     #[error("endpoint {id}: {cause}")]
-    Secret {
+    Open {
         /// The endpoint.
         id: Uuid,
         /// Why.
-        cause: crate::security::secrets::SecretError,
+        cause: OpenError,
     },
-}
-
-/// What routing needs of an endpoint: the part kept per version (no URL, no secret).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Routing {
-    /// Owning account.
-    pub account_id: Uuid,
-    /// Subscribed event names.
-    pub events: Vec<String>,
-    /// Enabled?
-    pub is_active: bool,
-    /// Why walhook disabled it itself (`None`: enabled, or disabled by hand).
-    pub disabled_reason: Option<String>,
 }
 
 /// The endpoint set, by account.
@@ -57,6 +46,8 @@ pub struct Router {
     /// Routing state of every endpoint known, routable or not (an endpoint without a usable
     /// URL or secret is known but receives nothing).
     routing: HashMap<Uuid, Routing>,
+    /// How requests of each routable endpoint are made (URL and stored secrets), as last read.
+    sending: HashMap<Uuid, Sending>,
     /// Endpoints changed by the transaction being read (`false`: deleted).
     changed: HashMap<Uuid, bool>,
     /// The last `requeue_tag` seen of each endpoint, and those whose value moved in the
@@ -72,6 +63,7 @@ impl Router {
         Router {
             by_account: HashMap::new(),
             routing: HashMap::new(),
+            sending: HashMap::new(),
             changed: HashMap::new(),
             requeued: HashMap::new(),
             requeued_now: Vec::new(),
@@ -86,66 +78,49 @@ impl Router {
         let rows = crate::store::endpoints::all(&**client).await?;
         let mut router = Router::new(secrets);
         for e in rows {
-            let routing = Routing {
-                account_id: e.account_id,
-                events: e.events,
-                is_active: e.is_active,
-                disabled_reason: e.disabled_reason,
-            };
-            router.set(e.id, routing, Some(&e.url), Some(&e.secret))?;
+            router.set(e.id, e.routing(), Some(e.sending()))?;
         }
         Ok(router)
     }
 
-    /// Sets endpoint `id`'s routing state and, when both are given, the URL and stored secret
-    /// it is sent with. A secret that cannot be opened is an error.
-    pub fn set(
-        &mut self,
-        id: Uuid,
-        routing: Routing,
-        url: Option<&str>,
-        secret: Option<&str>,
-    ) -> Result<(), RouteError> {
+    /// Sets endpoint `id`'s routing state and, when given, how its requests are made. A secret
+    /// that cannot be opened (or a URL that does not parse) is an error.
+    pub fn set(&mut self, id: Uuid, routing: Routing, sending: Option<Sending>) -> Result<(), RouteError> {
         self.routing.insert(id, routing);
-        let (Some(url), Some(stored)) = (url, secret) else {
-            self.unroute(id);
-            return Ok(());
-        };
-        let secret = self.secrets.open(stored, id).map_err(|cause| RouteError::Secret { id, cause })?;
-        let signer = Signer::new(&secret).map_err(|cause| RouteError::Secret { id, cause })?;
-        match parse_url(id, url) {
-            Some(url) => self.route_with(id, url, signer),
-            None => self.unroute(id),
-        }
-        Ok(())
-    }
-
-    /// Like [`Router::set`] for a change read from the stream: a secret that cannot be opened
-    /// leaves the endpoint unroutable (logged).
-    pub fn refresh(&mut self, id: Uuid, url: &str, secret: &str) {
-        let Some(routing) = self.routing.get(&id).cloned() else { return };
-        if let Err(e) = self.set(id, routing, Some(url), Some(secret)) {
-            tracing::error!(endpoint = %id, error = %e, "cannot open endpoint secret; endpoint skipped");
+        match sending {
+            Some(sending) => self.route_with(id, sending).map_err(|cause| RouteError::Open { id, cause }),
+            None => {
+                self.unroute(id);
+                Ok(())
+            }
         }
     }
 
-    fn route_with(&mut self, id: Uuid, url: url::Url, signer: Signer) {
-        let Some(r) = self.routing.get(&id) else { return };
-        let ep = Endpoint {
-            id,
-            account_id: r.account_id,
-            url,
-            events: event_mask(&r.events),
-            is_active: r.is_active,
-            auto_disabled: !r.is_active && r.disabled_reason.is_some(),
-            signer,
-        };
+    /// Like [`Router::set`] for a change read from the stream: an endpoint that cannot be
+    /// opened is left unroutable (logged).
+    pub fn refresh(&mut self, id: Uuid, sending: Sending) {
+        if !self.routing.contains_key(&id) {
+            return;
+        }
+        if let Err(e) = self.route_with(id, sending) {
+            tracing::error!(endpoint = %id, error = %e, "cannot open endpoint; endpoint skipped");
+        }
+    }
+
+    /// Opens endpoint `id` with `sending` and its routing state, and routes to it; on error it
+    /// receives nothing.
+    fn route_with(&mut self, id: Uuid, sending: Sending) -> Result<(), OpenError> {
         self.unroute(id);
+        let Some(routing) = self.routing.get(&id) else { return Ok(()) };
+        let ep = Endpoint::open(id, routing, &sending, &self.secrets)?;
+        self.sending.insert(id, sending);
         self.by_account.entry(ep.account_id).or_default().push(Arc::new(ep));
+        Ok(())
     }
 
     /// Stops sending to `id` (its routing state is kept).
     pub fn unroute(&mut self, id: Uuid) {
+        self.sending.remove(&id);
         self.by_account.retain(|_, eps| {
             eps.retain(|e| e.id != id);
             !eps.is_empty()
@@ -175,7 +150,8 @@ impl Router {
     }
 
     /// Applies an inserted or updated endpoint row; fields absent from the row image
-    /// (unchanged TOAST) keep their current value.
+    /// (unchanged TOAST) keep their current value. The commit then reads the endpoint's
+    /// current URL and secrets ([`Router::refresh`]).
     pub fn apply(&mut self, row: EndpointRow) {
         let Some(id) = row.id else { return };
         let current = self.routing.get(&id).cloned();
@@ -188,6 +164,10 @@ impl Router {
             events: row.events.or(current.as_ref().map(|c| c.events.clone())).unwrap_or_default(),
             is_active: row.is_active.or(current.as_ref().map(|c| c.is_active)).unwrap_or(false),
             disabled_reason: row.disabled_reason,
+            update_columns: match row.update_columns {
+                Some(filter) => filter,
+                None => current.as_ref().and_then(|c| c.update_columns.clone()),
+            },
         };
         self.changed.insert(id, true);
         if let Some(tag) = row.requeue_tag {
@@ -197,29 +177,24 @@ impl Router {
                 self.requeued_now.push((id, tag));
             }
         }
-        let sending = self.find(id).map(|e| (e.url.clone(), e.signer.clone()));
+        let known = self.sending.get(&id).cloned();
         self.routing.insert(id, routing);
-        // URL and secret: from the row, else as they were; the commit refreshes both from the
-        // endpoint's current row.
-        let url = match (&row.url, &sending) {
-            (Some(text), _) => parse_url(id, text),
-            (None, Some((url, _))) => Some(url.clone()),
-            (None, None) => None,
+        // URL and secret: from the row, else as they were; a rotated-out secret as it was.
+        let sending = match (row.url, row.secret, known) {
+            (Some(url), Some(secret), known) => Some(Sending {
+                url,
+                secret,
+                previous_secret: known.as_ref().and_then(|k| k.previous_secret.clone()),
+                previous_expires_at: known.and_then(|k| k.previous_expires_at),
+            }),
+            (url, secret, Some(known)) => {
+                Some(Sending { url: url.unwrap_or(known.url), secret: secret.unwrap_or(known.secret), ..known })
+            }
+            (_, _, None) => None,
         };
-        let signer = match (&row.secret, sending) {
-            (Some(stored), _) => match self.secrets.open(stored, id).and_then(|s| Signer::new(&s)) {
-                Ok(signer) => Some(signer),
-                Err(e) => {
-                    tracing::error!(endpoint = %id, error = %e, "cannot open endpoint secret; endpoint skipped");
-                    None
-                }
-            },
-            (None, Some((_, signer))) => Some(signer),
-            (None, None) => None,
-        };
-        match (url, signer) {
-            (Some(url), Some(signer)) => self.route_with(id, url, signer),
-            _ => self.unroute(id),
+        match sending {
+            Some(sending) => self.refresh(id, sending),
+            None => self.unroute(id),
         }
     }
 
@@ -245,7 +220,8 @@ impl Router {
         }
     }
 
-    /// The endpoints that receive `change`: same account, active, subscribed.
+    /// The endpoints that receive `change`: same account, active, subscribed, and for an
+    /// update, passing the endpoint's changed-column filter of that table.
     pub fn targets<'a>(&'a self, change: &'a RowChange) -> impl Iterator<Item = &'a Arc<Endpoint>> + 'a {
         let bit = change.event_type.bit();
         change
@@ -253,7 +229,21 @@ impl Router {
             .and_then(|a| self.by_account.get(&a))
             .into_iter()
             .flatten()
-            .filter(move |e| e.is_active && e.events & bit != 0)
+            .filter(move |e| e.is_active && e.events & bit != 0 && passes_filter(e, change))
+    }
+}
+
+/// Whether `change` passes `endpoint`'s changed-column filter (only updates are filtered).
+fn passes_filter(endpoint: &Endpoint, change: &RowChange) -> bool {
+    let Some(filter) = endpoint.update_columns.as_deref() else { return true };
+    if change.event_type.op != Op::Updated {
+        return true;
+    }
+    match (filter.of(change.event_type.table.name()), &change.changed) {
+        // A table the filter does not name; or which columns changed is not known (the old row
+        // is not in the stream): the update is not provably irrelevant, so it passes.
+        (None, _) | (Some(_), None) => true,
+        (Some(columns), Some(changed)) => changed.any_of(columns),
     }
 }
 
@@ -271,6 +261,7 @@ mod tests {
             is_active: Some(true),
             disabled_reason: None,
             requeue_tag: None,
+            update_columns: None,
         }
     }
 
@@ -310,11 +301,53 @@ mod tests {
             events: vec!["contact.created".into()],
             is_active: false,
             disabled_reason: None,
+            update_columns: None,
         };
         assert_eq!(changed, vec![(e, Some(merged)), (f, None)]);
         assert!(router.take_changed().is_empty());
         let ep = router.get(e).expect("still routable with its URL and secret");
         assert!(!ep.is_active && ep.events != 0);
         assert!(router.get(f).is_none() && router.routing(f).is_none());
+    }
+
+    #[test]
+    fn an_update_reaches_a_filtered_endpoint_only_when_a_listed_column_changed_or_it_cannot_tell() {
+        use crate::model::columns::UpdateColumns;
+        use crate::model::event::{EventType, Op, Table};
+        use crate::source::changed::ChangedColumns;
+        let mut router = Router::new(SecretBox::new(None).unwrap());
+        let e = Uuid::from_u128(7);
+        let filter = UpdateColumns([("contacts".to_owned(), vec!["email".to_owned()])].into());
+        router.apply(EndpointRow {
+            events: Some(vec!["contact.updated".into(), "contact.created".into(), "company.updated".into()]),
+            update_columns: Some(Some(filter)),
+            ..row(e)
+        });
+        let names: std::sync::Arc<[String]> = ["id".to_owned(), "first_name".into(), "email".into()].into();
+        let change = |table, op, marked: Option<&[usize]>| RowChange {
+            event_type: EventType::new(table, op),
+            account_id: Some(Uuid::from_u128(1)),
+            entity_key: "k".into(),
+            body: bytes::Bytes::new(),
+            changed: marked.map(|m| {
+                let mut c = ChangedColumns::new(names.clone());
+                m.iter().for_each(|&i| c.mark(i));
+                c
+            }),
+        };
+        let reaches = |router: &Router, c: &RowChange| router.targets(c).count() == 1;
+        assert!(reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[2]))), "email changed");
+        assert!(!reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[1]))), "only first_name changed");
+        assert!(!reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[]))), "nothing changed");
+        assert!(reaches(&router, &change(Table::Contacts, Op::Updated, None)), "the old row is not known");
+        assert!(reaches(&router, &change(Table::Contacts, Op::Created, None)), "created is not filtered");
+        assert!(
+            reaches(&router, &change(Table::Companies, Op::Updated, Some(&[1]))),
+            "a table the filter does not name"
+        );
+        // Removing the filter (NULL in the row) lets every update through again.
+        router.apply(EndpointRow { update_columns: Some(None), ..row(e) });
+        router.apply(EndpointRow { events: Some(vec!["contact.updated".into()]), ..row(e) });
+        assert!(reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[1]))));
     }
 }

@@ -8,7 +8,7 @@
 //! - A session starts from the latest version of each endpoint valid at the slot's confirmed
 //!   position (the leader alone moves it), so the changes it reads next are routed with the
 //!   set the first pass had. Only routing is versioned (account, events, active, why
-//!   disabled): no URL and no secret; sending uses the endpoint's current row, and an
+//!   disabled, changed-column filters): no URL and no secret; sending uses the endpoint's current row, and an
 //!   endpoint whose row is gone is skipped (its delete replays).
 //! - A slot without versions is seeded from the current rows at position 0 once; a slot
 //!   created anew (or reset) is seeded again, so versions of an older slot never apply.
@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use crate::model::delivery::{Routing, Sending};
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
-use crate::source::route::{RouteError, Router, Routing};
+use crate::source::route::{RouteError, Router};
 use crate::store::versions;
 
 /// The router for a new session of `slot`: the endpoint set valid at the slot's confirmed
@@ -47,13 +48,7 @@ pub(crate) async fn load(db: &Db, slot: &str, secrets: SecretBox) -> Result<Rout
     let endpoints = rows.len();
     let mut router = Router::new(secrets);
     for v in rows {
-        let routing = Routing {
-            account_id: v.account_id,
-            events: v.events,
-            is_active: v.is_active,
-            disabled_reason: v.disabled_reason,
-        };
-        router.set(v.endpoint_id, routing, v.url.as_deref(), v.secret.as_deref())?;
+        router.set(v.endpoint_id, v.routing, v.sending)?;
     }
     tracing::debug!(slot, confirmed, endpoints, "routing versions loaded");
     Ok(router)
@@ -71,29 +66,24 @@ pub(crate) async fn reset_in(tx: &tokio_postgres::Transaction<'_>, slot: &str) -
 }
 
 /// Stores the routing state each endpoint in `changes` has from `valid_from` on (`None`:
-/// deleted), and returns the current URL and stored secret of those that still exist.
+/// deleted), and returns how requests of those that still exist are made now (URL, secrets).
 pub(crate) async fn record(
     db: &Db,
     slot: &str,
     valid_from: u64,
     changes: &[(Uuid, Option<Routing>)],
-) -> Result<HashMap<Uuid, (String, String)>, DbError> {
+) -> Result<HashMap<Uuid, Sending>, DbError> {
     let valid_from = valid_from as i64;
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     for (id, routing) in changes {
-        let state = routing.as_ref().map(|r| versions::State {
-            account_id: r.account_id,
-            events: &r.events,
-            is_active: r.is_active,
-            disabled_reason: r.disabled_reason.as_deref(),
-        });
+        let state = routing.as_ref().map(versions::State::of);
         versions::put(&tx, slot, *id, valid_from, state).await?;
     }
     tx.commit().await?;
     let alive: Vec<Uuid> = changes.iter().filter(|(_, r)| r.is_some()).map(|(id, _)| *id).collect();
     let rows = crate::store::endpoints::by_ids(&**client, &alive).await?;
-    Ok(rows.into_iter().map(|e| (e.id, (e.url, e.secret))).collect())
+    Ok(rows.into_iter().map(|e| (e.id, e.sending())).collect())
 }
 
 /// Seeds `slot` from the current endpoint rows at position 0 unless it was seeded before.

@@ -7,16 +7,20 @@
 //! boundaries stay where the caller draws them (create's quota check and insert are one).
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
+use crate::model::columns::UpdateColumns;
+use crate::model::delivery::{Routing, Sending};
 use crate::pg::db::DbError;
 
 /// The columns [`decode`] reads, in its order (prefix each with `e.` via [`columns_of`]).
 pub const COLUMNS: &str = "id, account_id, created_by, url, description, secret, secret_prefix, events, is_active, \
-                           disabled_reason, created_at, updated_at";
+                           disabled_reason, created_at, updated_at, signature_scheme, public_key, previous_secret, \
+                           previous_secret_expires_at, update_columns";
 /// How many columns [`COLUMNS`] has.
-pub const COLUMN_COUNT: usize = 12;
+pub const COLUMN_COUNT: usize = 17;
 
 /// An endpoint row as stored.
 #[derive(Clone, PartialEq)]
@@ -46,6 +50,39 @@ pub struct StoredEndpoint {
     pub created_at: DateTime<Utc>,
     /// Last update time.
     pub updated_at: DateTime<Utc>,
+    /// `v1` or `v1a`.
+    pub signature_scheme: String,
+    /// The `whpk_` public key of a `v1a` endpoint.
+    pub public_key: Option<String>,
+    /// The secret a rotation replaced, as stored (never shown by `Debug`).
+    pub previous_secret: Option<String>,
+    /// When the replaced secret stops signing.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// Changed-column filters of updates.
+    pub update_columns: Option<UpdateColumns>,
+}
+
+impl StoredEndpoint {
+    /// Its routing state.
+    pub fn routing(&self) -> Routing {
+        Routing {
+            account_id: self.account_id,
+            events: self.events.clone(),
+            is_active: self.is_active,
+            disabled_reason: self.disabled_reason.clone(),
+            update_columns: self.update_columns.clone(),
+        }
+    }
+
+    /// How its requests are made.
+    pub fn sending(&self) -> Sending {
+        Sending {
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+            previous_secret: self.previous_secret.clone(),
+            previous_expires_at: self.previous_secret_expires_at,
+        }
+    }
 }
 
 impl std::fmt::Debug for StoredEndpoint {
@@ -58,6 +95,9 @@ impl std::fmt::Debug for StoredEndpoint {
             .field("events", &self.events)
             .field("is_active", &self.is_active)
             .field("disabled_reason", &self.disabled_reason)
+            .field("signature_scheme", &self.signature_scheme)
+            .field("previous_secret_expires_at", &self.previous_secret_expires_at)
+            .field("update_columns", &self.update_columns)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +123,11 @@ pub fn decode(row: &Row, first: usize) -> StoredEndpoint {
         disabled_reason: row.get(c(9)),
         created_at: row.get(c(10)),
         updated_at: row.get(c(11)),
+        signature_scheme: row.get(c(12)),
+        public_key: row.get(c(13)),
+        previous_secret: row.get(c(14)),
+        previous_secret_expires_at: row.get(c(15)),
+        update_columns: row.get::<_, Option<Json<UpdateColumns>>>(c(16)).map(|j| j.0),
     }
 }
 
@@ -129,6 +174,12 @@ pub struct Insert<'a> {
     pub secret_prefix: &'a str,
     /// Validated event names.
     pub events: &'a [String],
+    /// `v1` or `v1a`.
+    pub signature_scheme: &'a str,
+    /// The `whpk_` public key of a `v1a` endpoint.
+    pub public_key: Option<&'a str>,
+    /// Validated changed-column filters.
+    pub update_columns: Option<&'a UpdateColumns>,
 }
 
 /// Inserts an endpoint; returns the stored row.
@@ -136,8 +187,9 @@ pub async fn insert(client: &impl GenericClient, new: &Insert<'_>) -> Result<Sto
     let row = client
         .query_one(
             &format!(
-                "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+                "INSERT INTO walhook.endpoints (id, account_id, created_by, url, description, secret, secret_prefix, events, \
+                   signature_scheme, public_key, update_columns) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLUMNS}"
             ),
             &[
                 &new.id,
@@ -148,6 +200,9 @@ pub async fn insert(client: &impl GenericClient, new: &Insert<'_>) -> Result<Sto
                 &new.secret,
                 &new.secret_prefix,
                 &new.events,
+                &new.signature_scheme,
+                &new.public_key,
+                &new.update_columns.map(Json),
             ],
         )
         .await?;
@@ -202,6 +257,8 @@ pub struct Update<'a> {
     /// Enable or disable; enabling a disabled endpoint clears its disable reason and failure
     /// streak.
     pub is_active: Option<bool>,
+    /// New changed-column filters (`Some(None)`: remove the filter).
+    pub update_columns: Option<Option<&'a UpdateColumns>>,
 }
 
 /// Updates endpoint `id` of `account`; `updated_at` moves. `None`: no such endpoint there.
@@ -218,10 +275,48 @@ pub async fn update_in_account(
                    events = COALESCE($5, events), is_active = COALESCE($6, is_active), \
                    disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
                    failing_since = CASE WHEN $6 AND NOT is_active THEN NULL ELSE failing_since END, \
+                   update_columns = CASE WHEN $7 THEN $8 ELSE update_columns END, \
                    updated_at = greatest(now(), updated_at + interval '1 microsecond') \
                  WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
             ),
-            &[&id, &account, &change.url, &change.description, &change.events, &change.is_active],
+            &[
+                &id,
+                &account,
+                &change.url,
+                &change.description,
+                &change.events,
+                &change.is_active,
+                &change.update_columns.is_some(),
+                &change.update_columns.flatten().map(Json),
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| decode(&r, 0)))
+}
+
+/// A new secret for endpoint `id` of `account` (all as stored): the current one is kept as
+/// the previous one until `grace` from now (the database's clock) has passed, dropped at once
+/// for a zero `grace`; a previous one still kept is dropped. `updated_at` moves. `None`: no
+/// such endpoint there.
+pub async fn rotate_in_account(
+    client: &impl GenericClient,
+    account: Uuid,
+    id: Uuid,
+    new: (&str, &str, Option<&str>),
+    grace: std::time::Duration,
+) -> Result<Option<StoredEndpoint>, DbError> {
+    let (secret, prefix, public_key) = new;
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE walhook.endpoints SET \
+                   previous_secret = CASE WHEN $6::float8 > 0 THEN secret END, \
+                   previous_secret_expires_at = CASE WHEN $6::float8 > 0 THEN now() + make_interval(secs => $6) END, \
+                   secret = $3, secret_prefix = $4, public_key = $5, \
+                   updated_at = greatest(now(), updated_at + interval '1 microsecond') \
+                 WHERE id = $1 AND account_id = $2 RETURNING {COLUMNS}"
+            ),
+            &[&id, &account, &secret, &prefix, &public_key, &grace.as_secs_f64()],
         )
         .await?;
     Ok(row.map(|r| decode(&r, 0)))
@@ -252,6 +347,6 @@ mod tests {
     fn columns_are_counted_and_qualified() {
         assert_eq!(COLUMNS.split(", ").count(), COLUMN_COUNT);
         assert!(columns_of("e").starts_with("e.id, e.account_id, e.created_by, "));
-        assert!(columns_of("e").ends_with(", e.updated_at"));
+        assert!(columns_of("e").ends_with(", e.previous_secret_expires_at, e.update_columns"));
     }
 }

@@ -1,5 +1,6 @@
 //! Background upkeep, every `retention.interval`: disabling endpoints that have failed for
-//! `dispatch.disable_after`, and retention of finished deliveries, their attempts and events.
+//! `dispatch.disable_after`, forgetting rotated-out signing secrets whose grace period has
+//! ended, and retention of finished deliveries, their attempts and events.
 //!
 //! What must hold: retention deletes in batches of `retention.batch_size` rows (short
 //! statements, `SKIP LOCKED`, so several replicas can run it and no sweep holds long locks);
@@ -38,10 +39,30 @@ pub async fn run(
         if let Err(e) = disable_failing(&db, &cfg, &store).await {
             tracing::warn!(error = %e, "checking for failing endpoints failed");
         }
+        if let Err(e) = forget_expired_secrets(&db).await {
+            tracing::warn!(error = %e, "forgetting expired rotated-out secrets failed");
+        }
         if let Err(e) = sweep(&db, &cfg, &metrics, &shutdown).await {
             tracing::warn!(error = %e, "retention sweep failed");
         }
     }
+}
+
+/// Drops the rotated-out secrets whose grace period has ended (they no longer sign, and a
+/// secret not kept cannot leak); `updated_at` does not move (nothing the customer set changed).
+async fn forget_expired_secrets(db: &Db) -> Result<(), DbError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "UPDATE walhook.endpoints SET previous_secret = NULL, previous_secret_expires_at = NULL \
+             WHERE previous_secret_expires_at <= now()",
+            &[],
+        )
+        .await?;
+    if n > 0 {
+        tracing::info!(endpoints = n, "forgot rotated-out signing secrets whose grace period ended");
+    }
+    Ok(())
 }
 
 /// Disables endpoints whose every attempt has failed for `dispatch.disable_after`.

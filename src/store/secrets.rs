@@ -1,5 +1,6 @@
 //! Signing secrets stored plain before an encryption key was configured, or sealed before they
-//! were bound to their endpoint, sealed (again) in place.
+//! were bound to their endpoint, sealed (again) in place: the current secret and a rotated-out
+//! one alike.
 //!
 //! What must hold: a row is replaced only if it still holds the value read, so concurrent
 //! replicas and updates never lose a write; no error here carries a secret.
@@ -44,19 +45,29 @@ pub async fn reseal_plain(db: &Db, secrets: &SecretBox, only: Option<(Uuid, Uuid
     loop {
         let rows = client
             .query(
-                "SELECT id, secret FROM walhook.endpoints WHERE left(secret, 7) <> $1 \
+                "SELECT id, secret, previous_secret FROM walhook.endpoints \
+                 WHERE (left(secret, 7) <> $1 OR left(previous_secret, 7) <> $1) \
                    AND ($2::uuid IS NULL OR (id = $2 AND account_id = $3)) ORDER BY id LIMIT $4",
                 &[&ENCRYPTED_PREFIX, &id, &account, &RESEAL_BATCH],
             )
             .await?;
         let mut changed = 0;
         for row in &rows {
-            let (ep, stored): (Uuid, String) = (row.get(0), row.get(1));
-            let secret = secrets.open(&stored, ep).map_err(|e| ResealError::Unreadable(ep, e))?;
+            let (ep, stored, previous): (Uuid, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
+            let reseal = |stored: &str| -> Result<String, ResealError> {
+                if secrets.is_current(stored) {
+                    return Ok(stored.to_owned());
+                }
+                let secret = secrets.open(stored, ep).map_err(|e| ResealError::Unreadable(ep, e))?;
+                Ok(secrets.seal(&secret, ep))
+            };
+            let sealed = reseal(&stored)?;
+            let sealed_previous = previous.as_deref().map(reseal).transpose()?;
             changed += client
                 .execute(
-                    "UPDATE walhook.endpoints SET secret = $3 WHERE id = $1 AND secret = $2",
-                    &[&ep, &stored, &secrets.seal(&secret, ep)],
+                    "UPDATE walhook.endpoints SET secret = $3, previous_secret = $5 \
+                     WHERE id = $1 AND secret = $2 AND previous_secret IS NOT DISTINCT FROM $4",
+                    &[&ep, &stored, &sealed, &previous, &sealed_previous],
                 )
                 .await?;
         }

@@ -5,9 +5,12 @@
 //! replaces the slot, records the gap and starts the versions over in one transaction); a
 //! slot is seeded from the current endpoint rows once, when its `routing_slots` row is new.
 
+use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 use uuid::Uuid;
 
+use crate::model::columns::UpdateColumns;
+use crate::model::delivery::{Routing, Sending};
 use crate::pg::db::DbError;
 
 /// One endpoint's routing state from a position on (what is versioned: no URL, no secret).
@@ -21,26 +24,33 @@ pub struct State<'a> {
     pub is_active: bool,
     /// Why walhook disabled it itself.
     pub disabled_reason: Option<&'a str>,
+    /// Changed-column filters of updates.
+    pub update_columns: Option<&'a UpdateColumns>,
 }
 
-/// The latest version of an endpoint valid at a position, with its current URL and stored
-/// secret (`None` when its row is gone).
+impl<'a> State<'a> {
+    /// The versioned part of `routing`.
+    pub fn of(routing: &'a Routing) -> Self {
+        State {
+            account_id: routing.account_id,
+            events: &routing.events,
+            is_active: routing.is_active,
+            disabled_reason: routing.disabled_reason.as_deref(),
+            update_columns: routing.update_columns.as_ref(),
+        }
+    }
+}
+
+/// The latest version of an endpoint valid at a position, with how its requests are made now
+/// (`None` when its row is gone).
 #[derive(Debug)]
 pub struct Valid {
     /// The endpoint.
     pub endpoint_id: Uuid,
-    /// Owning account.
-    pub account_id: Uuid,
-    /// Subscribed event names.
-    pub events: Vec<String>,
-    /// Enabled?
-    pub is_active: bool,
-    /// Why walhook disabled it itself.
-    pub disabled_reason: Option<String>,
-    /// Current URL.
-    pub url: Option<String>,
-    /// Current stored secret.
-    pub secret: Option<String>,
+    /// Its routing state then.
+    pub routing: Routing,
+    /// Its current URL and stored secrets.
+    pub sending: Option<Sending>,
 }
 
 /// The latest version of each endpoint of `slot` valid at `position`, endpoints deleted by
@@ -48,7 +58,8 @@ pub struct Valid {
 pub async fn valid_at(client: &impl GenericClient, slot: &str, position: i64) -> Result<Vec<Valid>, DbError> {
     let rows = client
         .query(
-            "SELECT v.endpoint_id, v.account_id, v.events, v.is_active, v.disabled_reason, e.url, e.secret \
+            "SELECT v.endpoint_id, v.account_id, v.events, v.is_active, v.disabled_reason, v.update_columns, \
+                    e.url, e.secret, e.previous_secret, e.previous_secret_expires_at \
              FROM (SELECT DISTINCT ON (endpoint_id) * FROM walhook.endpoint_versions \
                    WHERE slot = $1 AND valid_from <= $2 ORDER BY endpoint_id, valid_from DESC) v \
              LEFT JOIN walhook.endpoints e ON e.id = v.endpoint_id \
@@ -60,12 +71,19 @@ pub async fn valid_at(client: &impl GenericClient, slot: &str, position: i64) ->
         .iter()
         .map(|r| Valid {
             endpoint_id: r.get(0),
-            account_id: r.get(1),
-            events: r.get(2),
-            is_active: r.get(3),
-            disabled_reason: r.get(4),
-            url: r.get(5),
-            secret: r.get(6),
+            routing: Routing {
+                account_id: r.get(1),
+                events: r.get(2),
+                is_active: r.get(3),
+                disabled_reason: r.get(4),
+                update_columns: r.get::<_, Option<Json<UpdateColumns>>>(5).map(|j| j.0),
+            },
+            sending: match (r.get::<_, Option<String>>(6), r.get::<_, Option<String>>(7)) {
+                (Some(url), Some(secret)) => {
+                    Some(Sending { url, secret, previous_secret: r.get(8), previous_expires_at: r.get(9) })
+                }
+                _ => None,
+            },
         })
         .collect())
 }
@@ -87,11 +105,11 @@ pub async fn put(
 ) -> Result<(), DbError> {
     tx.execute(
         "INSERT INTO walhook.endpoint_versions \
-             (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason, update_columns) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (slot, endpoint_id, valid_from) DO UPDATE SET deleted = EXCLUDED.deleted, \
              account_id = EXCLUDED.account_id, events = EXCLUDED.events, is_active = EXCLUDED.is_active, \
-             disabled_reason = EXCLUDED.disabled_reason",
+             disabled_reason = EXCLUDED.disabled_reason, update_columns = EXCLUDED.update_columns",
         &[
             &slot,
             &id,
@@ -101,6 +119,7 @@ pub async fn put(
             &state.map(|s| s.events),
             &state.map(|s| s.is_active),
             &state.and_then(|s| s.disabled_reason),
+            &state.and_then(|s| s.update_columns).map(Json),
         ],
     )
     .await?;
@@ -118,8 +137,9 @@ pub async fn seed_if_new(tx: &Transaction<'_>, slot: &str) -> Result<Option<u64>
     let n = tx
         .execute(
             "INSERT INTO walhook.endpoint_versions \
-                 (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason) \
-             SELECT $1, id, 0, false, account_id, events, is_active, disabled_reason FROM walhook.endpoints",
+                 (slot, endpoint_id, valid_from, deleted, account_id, events, is_active, disabled_reason, update_columns) \
+             SELECT $1, id, 0, false, account_id, events, is_active, disabled_reason, update_columns \
+             FROM walhook.endpoints",
             &[&slot],
         )
         .await?;

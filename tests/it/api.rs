@@ -138,7 +138,13 @@ async fn create_get_list_update_delete_round_trip() {
         "updated_at",
     ]
     .into();
-    assert_eq!(fields, page_fields, "the endpoint object of the public page");
+    // The page's fields, and exactly the ones the signing and payload work added (DESIGN.md,
+    // "Endpoint fields").
+    let added: HashSet<&str> =
+        ["signature_scheme", "public_key", "update_columns", "previous_secret_expires_at"].into();
+    assert_eq!(fields, &page_fields | &added, "the endpoint object of the public page, and the added fields");
+    assert_eq!((ep["signature_scheme"].as_str(), ep["public_key"].is_null()), (Some("v1"), true));
+    assert!(ep["update_columns"].is_null() && ep["previous_secret_expires_at"].is_null());
 
     let got = api.ok("webhooks-get", &a, json!({ "id": id })).await;
     assert_eq!(got["endpoint"], *ep);

@@ -20,7 +20,7 @@ fn insert_contact(name: &str) -> String {
 }
 
 fn endpoints(env: &Env) -> Endpoints {
-    Endpoints::new(env.db.clone(), SecretBox::new(None).unwrap(), AddressPolicy::new(vec![]))
+    Endpoints::new(env.db.clone(), SecretBox::new(None).unwrap(), AddressPolicy::new(vec![]), "public")
 }
 
 async fn readyz(env: &Env) -> (u16, serde_json::Value) {

@@ -19,6 +19,7 @@ fn endpoints(env: &Env) -> Endpoints {
         env.db.clone(),
         SecretBox::new(None).unwrap(),
         AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]),
+        "public",
     )
 }
 

@@ -36,6 +36,7 @@ async fn redeliver_directly(env: &Env, delivery: &str) {
         env.db.clone(),
         walhook::security::secrets::SecretBox::new(None).unwrap(),
         walhook::security::ssrf::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+        "public",
     );
     let caller = walhook::admin::endpoints::Caller { account_id: ACCOUNT_A, user_id: USER };
     endpoints.redeliver(caller, delivery.parse().unwrap()).await.expect("redelivered");

@@ -41,7 +41,7 @@ async fn retention_removes_only_what_it_should() {
         doomed = doomed.id
     ))
     .await;
-    let endpoints = Endpoints::new(env.db.clone(), SecretBox::new(None).unwrap(), AddressPolicy::default());
+    let endpoints = Endpoints::new(env.db.clone(), SecretBox::new(None).unwrap(), AddressPolicy::default(), "public");
     endpoints.delete(Caller { account_id: ACCOUNT_A, user_id: common::USER }, doomed.id).await.unwrap();
     let wh =
         env.start("[retention]\ndelivered = \"1h\"\nfailed = \"2h\"\ninterval = \"200ms\"\nbatch_size = 1\n").await;

@@ -214,6 +214,12 @@ impl EndpointState {
         vec![Action::Pump]
     }
 
+    /// The endpoint as its row is now (attempts sign with its current keys, whatever the
+    /// delivery was routed with).
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// The delivery [`EndpointState::start_next`] would start.
     pub fn next_ready(&self) -> Option<&Delivery> {
         self.ready.front().map(|w| &w.delivery)

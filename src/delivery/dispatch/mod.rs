@@ -392,9 +392,11 @@ impl Dispatcher {
             let (account, event, bytes) = (next.endpoint.account_id, next.event.id, next.event.body.len());
             let Some(pin) = self.settings.budget.try_pin(account, event, bytes) else { break };
             let Some(permit) = self.limits.try_acquire(state.gate()) else { break };
+            // Signed with the endpoint's keys as they are now (a rotation since routing counts).
+            let endpoint = state.endpoint().clone();
             let d = state.start_next().expect("checked ready");
             self.waiting -= 1;
-            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, d, (permit, pin));
+            let abort = spawn_attempt(&self.sender, &self.metrics, &self.done_tx, (d, endpoint), (permit, pin));
             self.aborts.insert(d.id, abort);
         }
     }
@@ -573,11 +575,10 @@ fn spawn_attempt(
     sender: &Sender,
     metrics: &Arc<Metrics>,
     done: &mpsc::Sender<Done>,
-    d: &Delivery,
+    (d, endpoint): (&Delivery, Arc<Endpoint>),
     (permit, pin): (Permit, SharePin),
 ) -> tokio::task::AbortHandle {
     let (sender, metrics, done) = (sender.clone(), metrics.clone(), done.clone());
-    let endpoint = d.endpoint.clone();
     let body = d.event.body.clone();
     let delivery_id = d.id;
     let task = tokio::spawn(async move {

@@ -169,7 +169,7 @@ impl Env {
     /// some tests are about.)
     pub async fn endpoint_url(&self, account: Uuid, url: &str, events: &[&str]) -> (EndpointView, String) {
         let open = AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
-        let endpoints = Endpoints::new(self.db.clone(), SecretBox::new(None).unwrap(), open);
+        let endpoints = Endpoints::new(self.db.clone(), SecretBox::new(None).unwrap(), open, "public");
         let (view, secret) = endpoints
             .create(
                 Caller { account_id: account, user_id: USER },
@@ -177,6 +177,7 @@ impl Env {
                     url: Some(url.to_owned()),
                     description: None,
                     events: Some(events.iter().map(|e| e.to_string()).collect()),
+                    ..Default::default()
                 },
             )
             .await

@@ -21,6 +21,7 @@ fn endpoint(is_active: bool, auto_disabled: bool) -> Arc<Endpoint> {
         events: u16::MAX,
         is_active,
         auto_disabled,
+        update_columns: None,
         signer: Signer::new(&SigningSecret::generate()).expect("a fresh secret"),
     })
 }
@@ -363,6 +364,7 @@ fn clone(ep: &Endpoint) -> Endpoint {
         events: ep.events,
         is_active: true,
         auto_disabled: false,
+        update_columns: None,
         signer: ep.signer.clone(),
     }
 }
