@@ -138,8 +138,8 @@ async fn create_get_list_update_delete_round_trip() {
         "updated_at",
     ]
     .into();
-    // The page's fields, and exactly the ones the signing and payload work added (DESIGN.md,
-    // "Endpoint fields").
+    // The page's fields, and exactly the ones the signing and payload work added (the Endpoint
+    // schema of docs/openapi.json).
     let added: HashSet<&str> =
         ["signature_scheme", "public_key", "update_columns", "previous_secret_expires_at"].into();
     assert_eq!(fields, &page_fields | &added, "the endpoint object of the public page, and the added fields");
