@@ -7,12 +7,14 @@
 //! reference. Phases: backlog drain, live latency at two rates, fan-out, and a dead endpoint
 //! building a million-delivery backlog beside a healthy one. Every phase checks that the
 //! receiver got every expected event. `--memory` runs only the large-row memory cases
-//! (`memory.rs`) instead, `--archive` only the payload archive's cost (`archive.rs`).
+//! (`memory.rs`) instead, `--archive` only the payload archive's cost (`archive.rs`), `--signing`
+//! only what a signature costs per request by scheme and during a rotation (`signing.rs`).
 
 mod archive;
 mod load;
 mod measure;
 mod memory;
+mod signing;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -62,6 +64,9 @@ struct Args {
     /// Run only the payload archive's cost: the same backlog drained with it off, on, off.
     #[arg(long)]
     archive: bool,
+    /// Run only the signing cost per request: v1, v1a, and each during a rotation.
+    #[arg(long)]
+    signing: bool,
     /// Memory cases: the endpoint answers each request after this many milliseconds.
     #[arg(long, default_value_t = 1000)]
     answer_ms: u64,
@@ -96,6 +101,9 @@ const PHASE_MEMORY_MEDIUM: u8 = 8;
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if args.signing {
+        return signing::run(args.smoke);
+    }
     if args.smoke {
         (args.changes, args.accounts, args.latency_secs) = (2_000, 10, 3.0);
         (args.fanout_endpoints, args.fanout_changes, args.backlog) = (10, 100, 2_000);

@@ -244,3 +244,107 @@ async fn bad_rotations_and_schemes_are_refused_and_change_nothing() {
     assert!(left > chrono::Duration::hours(23) && left <= chrono::Duration::hours(24), "{left}");
     wh.stop().await.unwrap();
 }
+
+/// Plain secrets (no encryption key), a rotation, then a restart with `secrets.encryption_key`:
+/// both the current and the rotated-out secret must end up sealed, and requests still carry
+/// both signatures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_out_secrets_stored_plain_are_sealed_once_a_key_is_set_and_still_sign() {
+    let env = Env::new("signing_reseal_rotated").await;
+    let wh = env.start(&auth_config()).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created = create(&env, &api, &a, "r", json!({})).await;
+    let (id, old) = (created["endpoint"]["id"].clone(), created["signing_secret"].as_str().unwrap().to_owned());
+    let new = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wh.stop().await.unwrap();
+    let key = "[secrets]\nencryption_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n";
+    let wh = env.start(&format!("{}{key}", auth_config())).await;
+    let plain = env
+        .scalar_i64(
+            "SELECT count(*) FROM walhook.endpoints WHERE secret LIKE 'whsec_%' OR previous_secret LIKE 'whsec_%'",
+        )
+        .await;
+    assert_eq!(plain, 0, "a secret is still stored plain after a start with a key");
+    env.sql(&format!(
+        "INSERT INTO contacts (id, account_id, first_name) VALUES ('96000000-0000-4000-8000-000000000001', '{A}', 'x')"
+    ))
+    .await;
+    let r = env.receiver.wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.answered == 200)).await.unwrap()
+        [0]
+    .clone();
+    assert!(stock_accepts(&old, &r) && stock_accepts(&new, &r), "{}", r.signature);
+    // A further rotation with the key: the previous is the sealed form of `new`.
+    let newer = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.sql(&format!(
+        "INSERT INTO contacts (id, account_id, first_name) VALUES ('96000000-0000-4000-8000-000000000002', '{A}', 'y')"
+    ))
+    .await;
+    let rs = env
+        .receiver
+        .wait_until(Duration::from_secs(30), |rs| {
+            rs.iter().any(|r| r.answered == 200 && r.json()["data"]["first_name"] == "y")
+        })
+        .await
+        .unwrap();
+    let r = rs.iter().find(|r| r.json()["data"]["first_name"] == "y").unwrap();
+    assert!(stock_accepts(&new, r) && stock_accepts(&newer, r) && !stock_accepts(&old, r), "{}", r.signature);
+    wh.stop().await.unwrap();
+}
+
+/// Concurrent rotations, v1a rotations and a webhooks-test, with the real binary logging at
+/// debug: no secret (whsec_ body, whsk_) in any log line or answer; the final state is one
+/// answer's secret signing beside another answer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_leave_two_signing_secrets_and_no_key_in_the_logs() {
+    let env = Env::new("signing_concurrent").await;
+    let cfg = format!("{}[log]\nlevel = \"debug\"\n", auth_config());
+    let mut proc = env.spawn_binary(&cfg);
+    env.ready(Readiness::Streaming).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created = create(&env, &api, &a, "r", json!({})).await;
+    let id = created["endpoint"]["id"].clone();
+    let mut secrets = vec![created["signing_secret"].as_str().unwrap().to_owned()];
+    let calls = (0..8).map(|_| api.call("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })));
+    let answers = futures::future::join_all(calls).await;
+    for (s, v) in &answers {
+        assert_eq!(*s, 200, "{v}");
+        secrets.push(v["result"]["signing_secret"].as_str().unwrap().to_owned());
+    }
+    let v1a = create(&env, &api, &a, "k", json!({ "signature_scheme": "v1a" })).await;
+    let kid = v1a["endpoint"]["id"].clone();
+    let r1 = api.ok("webhooks-rotate-secret", &a, json!({ "id": kid })).await;
+    assert_eq!(r1["endpoint"]["signature_scheme"], "v1a");
+    assert!(!r1.to_string().contains("whsk_") && r1.get("signing_secret").is_none(), "{r1}");
+    let t = api.call("webhooks-test", &a, json!({ "id": kid })).await;
+    assert!(!t.1.to_string().contains("whsk_"), "{t:?}");
+    env.sql(&format!(
+        "INSERT INTO contacts (id, account_id, first_name) VALUES ('97000000-0000-4000-8000-000000000001', '{A}', 'x')"
+    ))
+    .await;
+    let rs = env
+        .receiver
+        .wait_until(Duration::from_secs(30), |rs| {
+            rs.iter().any(|r| r.path == "/r" && r.answered == 200 && r.json()["event"] == "contact.created")
+        })
+        .await
+        .unwrap();
+    let r = rs.iter().find(|r| r.path == "/r" && r.json()["event"] == "contact.created").unwrap();
+    let verifying: Vec<usize> = (0..secrets.len()).filter(|&i| stock_accepts(&secrets[i], r)).collect();
+    assert_eq!(verifying.len(), 2, "exactly the current and the previous secret sign: {}", r.signature);
+    let get = api.ok("webhooks-get", &a, json!({ "id": id })).await;
+    assert!(secrets.iter().all(|s| !get.to_string().contains(&s[6..])), "get shows no secret");
+    proc.kill9();
+    let log = proc.log_text();
+    for s in &secrets {
+        assert!(!log.contains(&s[6..]), "a secret is in the log");
+    }
+    assert!(!log.contains("whsk_"), "a private key is in the log");
+    let stored = env.scalar_i64("SELECT count(*) FROM walhook.endpoints WHERE previous_secret IS NOT NULL").await;
+    assert_eq!(stored, 2);
+}
