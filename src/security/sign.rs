@@ -41,14 +41,8 @@ impl Key {
     fn sign_into(&self, out: &mut String, msg_id: &str, timestamp: i64, body: &[u8]) {
         match self {
             Key::Hmac(key) => {
-                let mut mac = hmac::Context::with_key(key);
-                mac.update(msg_id.as_bytes());
-                mac.update(b".");
-                mac.update(timestamp.to_string().as_bytes());
-                mac.update(b".");
-                mac.update(body);
                 out.push_str("v1,");
-                B64.encode_string(mac.sign().as_ref(), out);
+                B64.encode_string(hmac_tag(key, msg_id, timestamp, body).as_ref(), out);
             }
             Key::Ed25519(pair) => {
                 let ts = timestamp.to_string();
@@ -120,18 +114,23 @@ impl Signer {
     /// must be a `v1` one (constant time; the local receiver and the tests verify with it).
     pub fn verify(&self, msg_id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
         let Key::Hmac(key) = &self.current else { return false };
-        let mut mac = hmac::Context::with_key(key);
-        mac.update(msg_id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        let tag = mac.sign();
+        let tag = hmac_tag(key, msg_id, timestamp, body);
         header.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
             let Ok(sig) = B64.decode(sig) else { return false };
             sig.len() == tag.as_ref().len() && sig.iter().zip(tag.as_ref()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
         })
     }
+}
+
+/// HMAC-SHA256 of `{msg_id}.{timestamp}.{body}`.
+fn hmac_tag(key: &hmac::Key, msg_id: &str, timestamp: i64, body: &[u8]) -> hmac::Tag {
+    let mut mac = hmac::Context::with_key(key);
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.sign()
 }
 
 #[cfg(test)]

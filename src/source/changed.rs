@@ -42,6 +42,11 @@ impl ChangedColumns {
         self.names.iter().position(|n| n == column).is_some_and(|i| self.is_marked(i))
     }
 
+    /// Whether the relation has a column named `column` (changed or not).
+    pub fn knows(&self, column: &str) -> bool {
+        self.names.iter().any(|n| n == column)
+    }
+
     /// Whether any of `columns` changed.
     pub fn any_of<S: AsRef<str>>(&self, columns: &[S]) -> bool {
         columns.iter().any(|c| self.contains(c.as_ref()))

@@ -378,13 +378,7 @@ fn write_row(
             }
             None => continue,
         };
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        values::write_string(out, col.name.as_bytes());
-        out.push(b':');
-        write_datum(out, kind, datum);
+        write_member(out, &mut first, &col.name, kind, datum);
     }
     out.push(b'}');
     if let (Some(changed), Some(old)) = (changed, fallback) {
@@ -430,15 +424,19 @@ fn write_previous(out: &mut Vec<u8>, info: &RelInfo, old: &Tuple, changed: &Chan
     let mut first = true;
     for (i, (col, kind)) in info.rel.columns.iter().zip(&info.kinds).enumerate() {
         let Some(datum) = old.0.get(i).filter(|_| changed.is_marked(i)) else { continue };
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        values::write_string(out, col.name.as_bytes());
-        out.push(b':');
-        write_datum(out, kind, datum);
+        write_member(out, &mut first, &col.name, kind, datum);
     }
     out.push(b'}');
+}
+
+/// `"name":value` of one column inside an object (a comma before it unless it is the `first`).
+fn write_member(out: &mut Vec<u8>, first: &mut bool, name: &str, kind: &Kind, datum: &Datum) {
+    if !std::mem::take(first) {
+        out.push(b',');
+    }
+    values::write_string(out, name.as_bytes());
+    out.push(b':');
+    write_datum(out, kind, datum);
 }
 
 /// Appends the JSON form of one column value.

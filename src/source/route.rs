@@ -10,7 +10,7 @@
 //! Delivery and event ids are derived from (commit LSN, position in transaction[, endpoint])
 //! so a replay produces the same ids.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -55,6 +55,8 @@ pub struct Router {
     requeued: HashMap<Uuid, i64>,
     requeued_now: Vec<(Uuid, i64)>,
     secrets: SecretBox,
+    /// (endpoint, column) pairs of filters naming a column the table lacks, already logged.
+    unknown_columns: std::sync::Mutex<HashSet<(Uuid, String)>>,
 }
 
 impl Router {
@@ -68,6 +70,7 @@ impl Router {
             requeued: HashMap::new(),
             requeued_now: Vec::new(),
             secrets,
+            unknown_columns: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -229,21 +232,37 @@ impl Router {
             .and_then(|a| self.by_account.get(&a))
             .into_iter()
             .flatten()
-            .filter(move |e| e.is_active && e.events & bit != 0 && passes_filter(e, change))
+            .filter(move |e| e.is_active && e.events & bit != 0 && self.passes_filter(e, change))
     }
-}
 
-/// Whether `change` passes `endpoint`'s changed-column filter (only updates are filtered).
-fn passes_filter(endpoint: &Endpoint, change: &RowChange) -> bool {
-    let Some(filter) = endpoint.update_columns.as_deref() else { return true };
-    if change.event_type.op != Op::Updated {
-        return true;
-    }
-    match (filter.of(change.event_type.table.name()), &change.changed) {
-        // A table the filter does not name; or which columns changed is not known (the old row
-        // is not in the stream): the update is not provably irrelevant, so it passes.
-        (None, _) | (Some(_), None) => true,
-        (Some(columns), Some(changed)) => changed.any_of(columns),
+    /// Whether `change` passes `endpoint`'s changed-column filter (only updates are filtered).
+    fn passes_filter(&self, endpoint: &Endpoint, change: &RowChange) -> bool {
+        let Some(filter) = endpoint.update_columns.as_deref() else { return true };
+        if change.event_type.op != Op::Updated {
+            return true;
+        }
+        let table = change.event_type.table.name();
+        match (filter.of(table), &change.changed) {
+            // A table the filter does not name; or which columns changed is not known (the old
+            // row is not in the stream): the update is not provably irrelevant, so it passes.
+            (None, _) | (Some(_), None) => true,
+            (Some(columns), Some(changed)) => {
+                for column in columns.iter().filter(|c| !changed.knows(c)) {
+                    // Renamed or dropped since the filter was set: it never matches. Said once
+                    // per session, so an operator can tell the customer why updates stopped.
+                    if self.unknown_columns.lock().is_ok_and(|mut told| told.insert((endpoint.id, column.clone()))) {
+                        tracing::warn!(
+                            endpoint = %endpoint.id,
+                            table,
+                            column = %column,
+                            "an update_columns filter names a column the table no longer has (renamed or dropped?); \
+                             it never matches until the filter is set again"
+                        );
+                    }
+                }
+                changed.any_of(columns)
+            }
+        }
     }
 }
 
@@ -345,6 +364,12 @@ mod tests {
             reaches(&router, &change(Table::Companies, Op::Updated, Some(&[1]))),
             "a table the filter does not name"
         );
+        // A column the table no longer has never matches (and is logged once).
+        let gone = UpdateColumns([("contacts".to_owned(), vec!["gone".to_owned()])].into());
+        router.apply(EndpointRow { update_columns: Some(Some(gone)), ..row(e) });
+        router.apply(EndpointRow { events: Some(vec!["contact.updated".into()]), ..row(e) });
+        assert!(!reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[0, 1, 2]))));
+        assert!(!reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[0, 1, 2]))));
         // Removing the filter (NULL in the row) lets every update through again.
         router.apply(EndpointRow { update_columns: Some(None), ..row(e) });
         router.apply(EndpointRow { events: Some(vec!["contact.updated".into()]), ..row(e) });

@@ -228,3 +228,47 @@ async fn the_documented_columns_are_the_crms() {
         assert_eq!(documented, actual, "{table}");
     }
 }
+
+/// A filter names columns, not their history: after the CRM renames a filtered column the
+/// filter never matches, walhook's log says so (naming endpoint and column), and setting the
+/// filter again with the new name brings the updates back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_column_stops_its_filter_loudly_until_the_filter_is_set_again() {
+    let env = Env::new("columns_renamed").await;
+    let mut wh = env.spawn_binary(&auth_config());
+    env.ready(Readiness::Streaming).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let body = json!({ "url": env.receiver.url("f"), "events": EVENTS, "update_columns": { "contacts": ["email"] } });
+    let created = api.ok("webhooks-create", &a, body).await;
+    env.receiver.set_secret("f", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].clone();
+    let c = "98000000-0000-4000-8000-000000000001";
+    env.sql(&format!("INSERT INTO contacts (id, account_id, first_name, email) VALUES ('{c}', '{A}', 'n0', 'e0')"))
+        .await;
+    env.sql("ALTER TABLE contacts RENAME COLUMN email TO email_address").await;
+    env.sql(&format!("UPDATE contacts SET email_address = 'e1' WHERE id = '{c}'")).await;
+    // Set again with the new name: the next change of it arrives; the delete closes the row.
+    let set = json!({ "id": id, "update_columns": { "contacts": ["email_address"] } });
+    api.ok("webhooks-update", &a, set).await;
+    env.sql(&format!("UPDATE contacts SET email_address = 'e2' WHERE id = '{c}'")).await;
+    env.sql(&format!("DELETE FROM contacts WHERE id = '{c}'")).await;
+    let rs = env
+        .receiver
+        .wait_until(Duration::from_secs(30), |rs| {
+            answered(rs, "/f").iter().any(|r| r.json()["event"] == "contact.deleted")
+        })
+        .await
+        .unwrap_or_else(|rs| panic!("{:?}\n{}", summary(&rs), wh.log_text()));
+    let got: Vec<String> = answered(&rs, "/f")
+        .iter()
+        .map(|r| format!("{} {}", r.json()["event"].as_str().unwrap(), r.json()["data"]["email_address"]))
+        .collect();
+    assert_eq!(got, ["contact.created null", "contact.updated \"e2\"", "contact.deleted \"e2\""]);
+    let log = wh.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("no longer has") && l.contains(id.as_str().unwrap()) && l.contains("email")),
+        "the log names the endpoint and the column:\n{log}"
+    );
+    wh.sigterm();
+    assert!(wh.wait_exit(Duration::from_secs(30)).await.expect("exits").success());
+}

@@ -37,6 +37,12 @@ fn ed25519_accepts(public_key: &str, id: &str, ts: i64, body: &[u8], header: &st
     })
 }
 
+/// Rotates endpoint `id` with a grace period of an hour; returns the new secret.
+async fn rotated_secret(api: &Api, token: &str, id: &Value) -> String {
+    let answer = api.ok("webhooks-rotate-secret", token, json!({ "id": id, "grace_period": "1h" })).await;
+    answer["signing_secret"].as_str().expect("a v1 secret").to_owned()
+}
+
 /// Creates an endpoint of account A on receiver path `path`; returns the create answer.
 async fn create(env: &Env, api: &Api, token: &str, path: &str, extra: Value) -> Value {
     let mut body = json!({ "url": env.receiver.url(path), "events": ["contact.created"] });
@@ -114,10 +120,7 @@ async fn a_retry_of_a_delivery_made_before_the_rotation_carries_both_signatures(
     let first = env.receiver.received()[0].clone();
     assert!(stock_accepts(&old, &first) && first.signature.split(' ').count() == 1);
 
-    let new = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let new = rotated_secret(&api, &a, &id).await;
     // Every attempt made once the rotation is read carries both; the receiver accepts the next.
     env.receiver.set_default("r", Reply::Status(200));
     let ok = env
@@ -159,10 +162,7 @@ async fn a_replica_taking_over_during_the_grace_period_signs_with_both() {
     env.ready(Readiness::Streaming).await;
     let created = create(&env, &api, &a, "r", json!({})).await;
     let (id, old) = (created["endpoint"]["id"].clone(), created["signing_secret"].as_str().unwrap().to_owned());
-    let new = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let new = rotated_secret(&api, &a, &id).await;
     let standby_cfg = format!(
         "{cfg}\n[api]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
         free_port(),
@@ -255,10 +255,7 @@ async fn rotated_out_secrets_stored_plain_are_sealed_once_a_key_is_set_and_still
     let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
     let created = create(&env, &api, &a, "r", json!({})).await;
     let (id, old) = (created["endpoint"]["id"].clone(), created["signing_secret"].as_str().unwrap().to_owned());
-    let new = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let new = rotated_secret(&api, &a, &id).await;
     wh.stop().await.unwrap();
     let key = "[secrets]\nencryption_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n";
     let wh = env.start(&format!("{}{key}", auth_config())).await;
@@ -277,10 +274,7 @@ async fn rotated_out_secrets_stored_plain_are_sealed_once_a_key_is_set_and_still
     .clone();
     assert!(stock_accepts(&old, &r) && stock_accepts(&new, &r), "{}", r.signature);
     // A further rotation with the key: the previous is the sealed form of `new`.
-    let newer = api.ok("webhooks-rotate-secret", &a, json!({ "id": id, "grace_period": "1h" })).await["signing_secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let newer = rotated_secret(&api, &a, &id).await;
     env.sql(&format!(
         "INSERT INTO contacts (id, account_id, first_name) VALUES ('96000000-0000-4000-8000-000000000002', '{A}', 'y')"
     ))
