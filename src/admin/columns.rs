@@ -33,13 +33,12 @@ pub async fn check(
         _ => return Err(shape()),
     };
     let mut filter = BTreeMap::new();
+    // Every unknown table and column is named in one answer.
+    let (mut unknown_tables, mut unknown_columns) = (Vec::new(), Vec::new());
     for (table, columns) in tables {
         if !CRM_TABLES.contains(&table.as_str()) {
-            let shown: String = table.chars().take(64).collect();
-            return Err(invalid(format!(
-                "update_columns: unknown table {shown:?} (the tables are {})",
-                CRM_TABLES.join(", ")
-            )));
+            unknown_tables.push(format!("{:?}", table.chars().take(64).collect::<String>()));
+            continue;
         }
         let Value::Array(list) = columns else {
             return Err(invalid(format!("update_columns.{table} must be a list of column names")));
@@ -63,13 +62,27 @@ pub async fn check(
             .map(|n| format!("{:?}", n.chars().take(64).collect::<String>()))
             .collect();
         if !unknown.is_empty() {
-            return Err(invalid(format!(
+            unknown_columns.push(format!(
                 "update_columns.{table}: unknown column{} {} (not a column of {schema}.{table})",
                 if unknown.len() == 1 { "" } else { "s" },
                 unknown.join(", ")
-            )));
+            ));
         }
         filter.insert(table.clone(), names);
+    }
+    if !unknown_tables.is_empty() {
+        unknown_columns.insert(
+            0,
+            format!(
+                "update_columns: unknown table{} {} (the tables are {})",
+                if unknown_tables.len() == 1 { "" } else { "s" },
+                unknown_tables.join(", "),
+                CRM_TABLES.join(", ")
+            ),
+        );
+    }
+    if !unknown_columns.is_empty() {
+        return Err(invalid(unknown_columns.join("; ")));
     }
     Ok(Some(UpdateColumns(filter)).filter(|f| !f.is_empty()))
 }

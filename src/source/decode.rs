@@ -7,11 +7,14 @@
 //! as null); deletes use the old row (all columns with REPLICA IDENTITY FULL, only the key
 //! columns otherwise); an update that changes `account_id` is a row leaving its old account
 //! (`<entity>.deleted` with the old row, routed to the old account) and joining the new one
-//! (`<entity>.created` with the new row), so neither account ever sees the other's data;
-//! unknown column types are looked up in `pg_type` before any row of the relation is decoded.
+//! (`<entity>.created` with the new row), so neither account ever sees the other's data, and
+//! one whose old image shows a NULL `account_id` joins the new account (`<entity>.created`,
+//! never filtered like an update); unknown column types are looked up in `pg_type` before any row of the relation is decoded.
 //! An `<entity>.updated` whose old row is known (a whole old image, REPLICA IDENTITY FULL)
 //! carries `previous` right after `data`: the old values of exactly the columns whose value
-//! changed, encoded as in `data` (`{}` when none did), and the same columns as
+//! changed (its text form as PostgreSQL sends it: `1.0` → `1.00` in a bare numeric is a
+//! change, the same jsonb or timestamptz written again is not), encoded as in `data` (`{}`
+//! when none did), and the same columns as
 //! [`RowChange::changed`]; an unchanged large (TOASTed) value never counts as changed. Without
 //! the old row (no old image, or only its key) there is no `previous` and no `changed`, and
 //! neither is there on creates, deletes or a row moving between accounts. The body is
@@ -264,6 +267,15 @@ impl Decoder {
                         .map(|_| old),
                     _ => None,
                 };
+                // An update whose old image shows no account (NULL) for a row that has one now:
+                // the row joins that account (there was no account to leave).
+                let joined_from_none = op == Op::Updated
+                    && old.as_ref().is_some_and(|old| account_is_null(info, old, old_kind))
+                    && account_of(info, image, fallback).is_some();
+                if joined_from_none {
+                    let joined_as = EventType::new(table, Op::Created);
+                    return Ok(Decoded::Row(row_change(info, joined_as, (image, fallback, keys_only), timestamp)));
+                }
                 if let Some(old) = moved_from {
                     let left_as = EventType::new(table, Op::Deleted);
                     let left = row_change(info, left_as, (old, None, old_kind == b'K'), timestamp);
@@ -323,6 +335,14 @@ fn text_of(col: Option<usize>, image: &Tuple, fallback: Option<&Tuple>) -> Optio
         (Some(Datum::Text(t)), _) | (Some(Datum::Unchanged), Some(Datum::Text(t))) => Some(t.clone()),
         _ => None,
     })
+}
+
+/// Whether `old` (an old image of kind `kind`) shows the row without an account: its
+/// `account_id` is NULL in a whole image, or in a key image whose key includes it.
+fn account_is_null(info: &RelInfo, old: &Tuple, kind: u8) -> bool {
+    let Some(col) = info.account_col else { return false };
+    let in_image = kind == b'O' || info.rel.columns.get(col).is_some_and(|c| c.flags & 1 != 0);
+    in_image && matches!(old.0.get(col), Some(Datum::Null))
 }
 
 /// The row's account, when the image carries it.
@@ -539,6 +559,24 @@ mod tests {
         };
         assert_eq!(c.event_type.to_string(), "project.deleted");
         assert!(std::str::from_utf8(&c.body).unwrap().starts_with(r#"{"event":"project.deleted","#));
+    }
+
+    #[test]
+    fn a_row_whose_account_goes_from_null_to_an_account_joins_it_as_created() {
+        let mut d = Decoder::new("crm");
+        d.add_relation(projects("crm", "projects"));
+        let b = "bbbb0000-0000-4000-8000-000000000002";
+        let old = Tuple(vec![text("p1"), Datum::Null, text("12")]);
+        let new = Tuple(vec![text("p1"), text(b), text("12")]);
+        let ts = "t";
+        let joined = d.decode(Message::Update { rel: 42, old: Some((b'O', old)), new: new.clone() }, ts).unwrap();
+        let Decoded::Row(c) = joined else { panic!("{joined:?}") };
+        assert_eq!((c.event_type.to_string(), c.account_id), ("project.created".into(), Uuid::parse_str(b).ok()));
+        assert!(c.changed.is_none() && !std::str::from_utf8(&c.body).unwrap().contains("previous"));
+        // A key image that does not carry account_id says nothing about it: an ordinary update.
+        let key = Tuple(vec![text("p0"), Datum::Null, Datum::Null]);
+        let update = d.decode(Message::Update { rel: 42, old: Some((b'K', key)), new }, ts).unwrap();
+        assert!(matches!(update, Decoded::Row(ref c) if c.event_type.to_string() == "project.updated"), "{update:?}");
     }
 
     #[test]

@@ -39,6 +39,7 @@ mod pg_restart;
 mod poison;
 mod preflight;
 mod previous;
+mod previous_edges;
 mod production_setup;
 mod readiness;
 mod replay_routing;
