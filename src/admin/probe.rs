@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::admin::endpoints::{Caller, EndpointError};
 use crate::delivery::dispatch::http::Sender;
 use crate::delivery::dispatch::limits::Limits;
-use crate::model::delivery::Endpoint;
+use crate::model::delivery::{Endpoint, OpenError};
 use crate::pg::db::Db;
 use crate::security::secrets::SecretBox;
 use crate::store;
@@ -49,8 +49,8 @@ pub enum ProbeError {
     /// Every place for the account's (or the endpoint's) requests stayed taken.
     #[error("the account's requests in flight are at their limit")]
     Busy,
-    /// The stored secret could not be opened, or the stored URL does not parse.
-    #[error("the endpoint cannot be opened: {0}")]
+    /// The stored secret could not be opened.
+    #[error("the endpoint's signing secret cannot be opened: {0}")]
     Open(String),
 }
 
@@ -78,8 +78,11 @@ impl Prober {
                 .map_err(EndpointError::from)?
                 .ok_or(EndpointError::NotFound)?
         };
-        let endpoint = Endpoint::open(id, &stored.routing(), &stored.sending(), &self.secrets)
-            .map_err(|e| ProbeError::Open(e.to_string()))?;
+        let endpoint =
+            Endpoint::open(id, &stored.routing(), &stored.sending(), &self.secrets).map_err(|e| match e {
+                OpenError::Url(e) => ProbeError::Endpoint(EndpointError::InvalidUrl(format!("is stored as {e}"))),
+                e => ProbeError::Open(e.to_string()),
+            })?;
         let _permit = tokio::time::timeout(PLACE_WAIT, self.limits.acquire(id, caller.account_id))
             .await
             .map_err(|_| ProbeError::Busy)?;

@@ -28,8 +28,7 @@ pub enum RouteError {
     /// Reading `walhook.endpoints` failed.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`), or the
-    /// stored URL does not parse.
+    /// A stored secret cannot be opened (wrong or missing `secrets.encryption_key`).
     #[error("endpoint {id}: {cause}")]
     Open {
         /// The endpoint.
@@ -87,15 +86,21 @@ impl Router {
     }
 
     /// Sets endpoint `id`'s routing state and, when given, how its requests are made. A secret
-    /// that cannot be opened (or a URL that does not parse) is an error.
+    /// that cannot be opened is an error (a wrong or missing key is the operator's to fix); a
+    /// stored URL that does not parse leaves the endpoint unroutable (logged), so one bad row
+    /// never stops the others.
     pub fn set(&mut self, id: Uuid, routing: Routing, sending: Option<Sending>) -> Result<(), RouteError> {
         self.routing.insert(id, routing);
-        match sending {
-            Some(sending) => self.route_with(id, sending).map_err(|cause| RouteError::Open { id, cause }),
-            None => {
-                self.unroute(id);
+        let Some(sending) = sending else {
+            self.unroute(id);
+            return Ok(());
+        };
+        match self.route_with(id, sending) {
+            Err(OpenError::Url(e)) => {
+                tracing::error!(endpoint = %id, error = %e, "stored endpoint URL does not parse; endpoint skipped");
                 Ok(())
             }
+            r => r.map_err(|cause| RouteError::Open { id, cause }),
         }
     }
 
@@ -374,5 +379,32 @@ mod tests {
         router.apply(EndpointRow { update_columns: Some(None), ..row(e) });
         router.apply(EndpointRow { events: Some(vec!["contact.updated".into()]), ..row(e) });
         assert!(reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[1]))));
+    }
+
+    #[test]
+    fn a_stored_url_that_does_not_parse_skips_only_that_endpoint() {
+        let mut router = Router::new(SecretBox::new(None).unwrap());
+        let (bad, good) = (Uuid::from_u128(7), Uuid::from_u128(8));
+        let routing = Routing {
+            account_id: Uuid::from_u128(1),
+            events: vec!["contact.created".into()],
+            is_active: true,
+            disabled_reason: None,
+            update_columns: None,
+        };
+        let sending = |url: &str| Sending {
+            url: url.into(),
+            secret: format!("whsec_{}", "A".repeat(43) + "="),
+            previous_secret: None,
+            previous_expires_at: None,
+        };
+        router.set(bad, routing.clone(), Some(sending("not a url"))).expect("skipped, not an error");
+        router.set(good, routing.clone(), Some(sending("https://example.com/hook"))).unwrap();
+        assert!(router.get(bad).is_none() && router.get(good).is_some());
+        let unreadable = Sending { secret: "enc:v2:AAAA".into(), ..sending("https://example.com/hook") };
+        assert!(
+            matches!(router.set(bad, routing, Some(unreadable)), Err(RouteError::Open { .. })),
+            "a key problem stops"
+        );
     }
 }
