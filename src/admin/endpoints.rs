@@ -338,15 +338,20 @@ impl Endpoints {
         };
         let description = check_description(patch.description.as_deref())?;
         let events = patch.events.as_deref().map(check_events).transpose()?;
+        // Every field is checked before anything is written (the catalog on its own connection,
+        // given back before the reseal takes one).
+        let update_columns = match &patch.update_columns {
+            Some(value) => {
+                let client = self.db.get().await?;
+                Some(crate::admin::columns::check(&**client, &self.crm_schema, value).await?)
+            }
+            None => None,
+        };
         if self.secrets.encrypts() {
             // A secret stored plain (before the key, or by a replica without it) is sealed now.
             crate::store::secrets::reseal_plain(&self.db, &self.secrets, Some((id, caller.account_id))).await?;
         }
         let client = self.db.get().await?;
-        let update_columns = match &patch.update_columns {
-            Some(value) => Some(crate::admin::columns::check(&**client, &self.crm_schema, value).await?),
-            None => None,
-        };
         let change = store::endpoints::Update {
             url: url.as_deref(),
             description: description.as_deref(),

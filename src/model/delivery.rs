@@ -95,8 +95,11 @@ impl Endpoint {
     pub fn open(id: Uuid, routing: &Routing, sending: &Sending, secrets: &SecretBox) -> Result<Endpoint, OpenError> {
         let url = url::Url::parse(&sending.url)?;
         let mut signer = Signer::new(&secrets.open(&sending.secret, id)?)?;
+        // (One whose grace period has ended signs nothing: it is not even opened.)
         if let (Some(previous), Some(until)) = (&sending.previous_secret, sending.previous_expires_at) {
-            signer = signer.with_previous(&secrets.open(previous, id)?, until.into())?;
+            if until > Utc::now() {
+                signer = signer.with_previous(&secrets.open(previous, id)?, until.into())?;
+            }
         }
         Ok(Endpoint {
             id,
