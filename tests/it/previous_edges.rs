@@ -227,10 +227,12 @@ async fn one_row_updated_several_times_in_a_transaction_and_toast_rewrites() {
     env.sql(&u("body = body || ''")).await;
     env.sql(&u(&format!("body = {big}, subject = 's1'"))).await;
     env.sql(&u("body = upper(body)")).await;
-    let bodies = wait_path(&env, "hook", |b| {
+    // Two rows, so two waits: order holds per row, not across them.
+    wait_path(&env, "hook", |b| {
         b["event"] == "activity.updated" && b["data"]["body"].as_str().is_some_and(|s| s.starts_with("C4CA"))
     })
     .await;
+    let bodies = wait_path(&env, "hook", |b| b["event"] == "contact.updated" && b["previous"]["lead_score"] == 1).await;
     wh.stop().await.unwrap();
     let contacts: Vec<Value> =
         bodies.iter().filter(|b| b["event"] == "contact.updated").map(|b| b["previous"].clone()).collect();
