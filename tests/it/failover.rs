@@ -477,11 +477,6 @@ async fn a_primary_holding_back_changes_for_a_missing_standby_is_loud_and_nothin
     // Unquoted, as an operator types it: PostgreSQL folds it to lower case.
     env.sql("ALTER SYSTEM SET synchronized_standby_slots = 'Gone_Standby'").await;
     env.sql("SELECT pg_reload_conf()").await;
-    env.sql(&format!(
-        "INSERT INTO contacts (id, account_id, first_name) VALUES ('{}', '{ACCOUNT_A}', 'held')",
-        row_id(1)
-    ))
-    .await;
     let ops = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
     let mut last = None;
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -498,6 +493,13 @@ async fn a_primary_holding_back_changes_for_a_missing_standby_is_loud_and_nothin
         assert!(Instant::now() < deadline, "never reported: /readyz said {last:?}\n{}", wh.log_text());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Written once walhook says it is held back (by then its walsender has long read the
+    // reloaded setting: a reload reaches a running walsender only when it next wakes).
+    env.sql(&format!(
+        "INSERT INTO contacts (id, account_id, first_name) VALUES ('{}', '{ACCOUNT_A}', 'held')",
+        row_id(1)
+    ))
+    .await;
     assert_eq!(env.metric("walhook_replication_held_back_by_standby").await, 1.0);
     assert_eq!(env.receiver.count(), 0, "held back: nothing reached walhook");
     assert!(wh.log_text().contains("the primary holds back every change from walhook"), "{}", wh.log_text());
