@@ -77,6 +77,17 @@ fn brief(bodies: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// `event previous` of each body (`-` when it carries no `previous`).
+fn event_and_previous(bodies: &[Value]) -> Vec<String> {
+    bodies
+        .iter()
+        .map(|b| {
+            let previous = b.get("previous").map(|p| p.to_string()).unwrap_or("-".into());
+            format!("{} {previous}", b["event"].as_str().unwrap())
+        })
+        .collect()
+}
+
 const TYPE_COLUMNS: &str = "
     CREATE DOMAIN rt_money AS numeric(12, 2);
     CREATE TYPE rt_mood AS ENUM ('ok', 'meh');
@@ -352,21 +363,10 @@ async fn ddl_while_rows_wait_then_kill_9_and_replay() {
     let all = wait_path(&env, "all", |b| b["event"] == "contact.deleted").await;
     second.sigterm();
     let _ = second.wait_exit(Duration::from_secs(30)).await;
-    let prevs = |bs: &[Value]| -> Vec<String> {
-        bs.iter()
-            .map(|b| {
-                format!(
-                    "{} {}",
-                    b["event"].as_str().unwrap(),
-                    b.get("previous").map(|p| p.to_string()).unwrap_or_default()
-                )
-            })
-            .collect()
-    };
     assert_eq!(
-        prevs(&all),
+        event_and_previous(&all),
         [
-            "contact.created ",
+            "contact.created -",
             r#"contact.updated {"email":"e0"}"#,
             r#"contact.updated {"extra":"x"}"#,
             r#"contact.updated {"extra":"y","phone":"p0"}"#, // (serde_json sorts keys)
@@ -374,20 +374,20 @@ async fn ddl_while_rows_wait_then_kill_9_and_replay() {
             r#"contact.updated {"email":"e1"}"#,
             r#"contact.updated {"email":"e2"}"#,
             r#"contact.updated {"extra":null}"#,
-            "contact.deleted ",
+            "contact.deleted -",
         ],
         "{}",
         second.log_text()
     );
     assert_eq!(
-        prevs(&f),
+        event_and_previous(&f),
         [
-            "contact.created ",
+            "contact.created -",
             r#"contact.updated {"email":"e0"}"#,
             r#"contact.updated {"extra":"y","phone":"p0"}"#,
             r#"contact.updated {"email":"e1"}"#,
             r#"contact.updated {"email":"e2"}"#,
-            "contact.deleted ",
+            "contact.deleted -",
         ],
         "{}",
         second.log_text()
@@ -441,17 +441,6 @@ async fn filter_edges() {
     env.sql(&format!("DELETE FROM contacts WHERE id = '{c2}'")).await;
     env.sql(&format!("DELETE FROM companies WHERE id = '{co}'")).await;
     let b = wait_path(&env, "b", |b| b["event"] == "contact.deleted").await;
-    let s = |bs: Vec<Value>| -> Vec<String> {
-        bs.iter()
-            .map(|b| {
-                format!(
-                    "{} {}",
-                    b["event"].as_str().unwrap(),
-                    b.get("previous").map(|p| p.to_string()).unwrap_or("-".into())
-                )
-            })
-            .collect()
-    };
     let both = |path: &'static str| {
         let env = &env;
         async move {
@@ -464,7 +453,7 @@ async fn filter_edges() {
                 })
                 .await
                 .unwrap_or_else(|rs| panic!("{path}: {:#?}", brief(&answered(&rs, &p))));
-            let mut v = s(answered(&rs, &p));
+            let mut v = event_and_previous(&answered(&rs, &p));
             v.sort();
             v
         }
@@ -502,7 +491,7 @@ async fn filter_edges() {
     );
     assert_eq!(acct, sorted(&["company.updated -", "contact.created -", "contact.deleted -", "company.deleted -"]));
     assert_eq!(
-        s(b),
+        event_and_previous(&b),
         ["contact.created -", r#"contact.updated {"email":null}"#, "contact.deleted -"],
         "the row joining B is a create; then B's filter"
     );
@@ -626,19 +615,8 @@ async fn a_row_whose_account_goes_from_null_to_an_account_joins_it() {
     let all = wait_path(&env, "all", |b| b["event"] == "contact.deleted").await;
     let f = wait_path(&env, "f", |b| b["event"] == "contact.deleted").await;
     wh.stop().await.unwrap();
-    let s = |bs: &[Value]| -> Vec<String> {
-        bs.iter()
-            .map(|b| {
-                format!(
-                    "{} {}",
-                    b["event"].as_str().unwrap(),
-                    b.get("previous").map(|p| p.to_string()).unwrap_or("-".into())
-                )
-            })
-            .collect()
-    };
     assert_eq!(
-        (s(&all), s(&f)),
+        (event_and_previous(&all), event_and_previous(&f)),
         (
             vec!["contact.created -".to_owned(), "contact.deleted -".into()],
             vec!["contact.created -".to_owned(), "contact.deleted -".into()]
