@@ -99,7 +99,7 @@ impl Endpoints {
             }
         }
         if let Some(event_type) = query.event_type.as_deref() {
-            if EventType::parse(event_type).is_none() {
+            if EventType::parse_sent(event_type).is_none() {
                 let shown: String = event_type.chars().take(64).collect();
                 return Err(invalid(format!("event_type: unknown event {shown:?}")));
             }

@@ -76,6 +76,15 @@ pub enum EndpointError {
          delete one before creating another"
     )]
     QuotaReached(u32),
+    /// The endpoint has a backfill running.
+    #[error(
+        "backfill {0} of this endpoint is still running: wait for it to finish (webhooks-backfill-get) or cancel \
+         it (webhooks-backfill-cancel) first"
+    )]
+    BackfillRunning(Uuid),
+    /// No such backfill in the caller's account.
+    #[error("backfill not found")]
+    BackfillNotFound,
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),

@@ -5,6 +5,7 @@
 //! with a `webhooks.*` code naming the field and changes nothing.
 
 pub mod api;
+pub mod backfills;
 pub mod columns;
 pub mod deliveries;
 pub mod endpoints;

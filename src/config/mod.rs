@@ -20,6 +20,9 @@ mod conninfo;
 /// Shortest accepted `auth.jwt_hs256_secret`, in bytes (the HMAC-SHA256 output size).
 pub const MIN_JWT_KEY_BYTES: usize = 32;
 
+/// The most rows one backfill chunk may read (`backfill.chunk_size`).
+pub const MAX_BACKFILL_CHUNK: usize = 100_000;
+
 /// The defaults every other layer overrides, embedded at build time.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -59,6 +62,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// How long finished deliveries are kept.
     pub retention: RetentionConfig,
+    /// How backfills (`webhooks-backfill`) read the CRM's tables.
+    pub backfill: BackfillConfig,
     /// Log format and level.
     pub log: LogConfig,
     /// Graceful shutdown.
@@ -287,6 +292,17 @@ pub struct RetentionConfig {
     pub batch_size: i64,
 }
 
+/// `[backfill]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackfillConfig {
+    /// Rows read per chunk: one short read transaction, between two watermarks in the WAL
+    /// (fewer when the chunk's text passes a quarter of `dispatch.memory_limit`).
+    pub chunk_size: usize,
+    /// Rows per second all backfills together read at most; 0: no limit.
+    pub rows_per_second: u32,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -402,6 +418,9 @@ impl Config {
         }
         if self.api.rate_limit_per_second > 0 && self.api.rate_limit_burst == 0 {
             return bad("api.rate_limit_burst", "must be at least 1 when api.rate_limit_per_second is set");
+        }
+        if !(1..=MAX_BACKFILL_CHUNK).contains(&self.backfill.chunk_size) {
+            return bad("backfill.chunk_size", &format!("must be between 1 and {MAX_BACKFILL_CHUNK}"));
         }
         if self.retention.batch_size < 1 {
             return bad("retention.batch_size", "must be at least 1");

@@ -161,6 +161,23 @@ pub fn delivery_id(at: Position, endpoint: Uuid) -> Uuid {
     derive_id(b"walhook:delivery", at, Some(endpoint))
 }
 
+/// An id from `domain`, `key`, `bytes` and, for a delivery, its `endpoint` (a backfill's
+/// event and delivery ids: the same on every read of the row).
+pub fn keyed_id(domain: &[u8], key: Uuid, bytes: &[u8], endpoint: Option<Uuid>) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(domain);
+    h.update(key.as_bytes());
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+    if let Some(e) = endpoint {
+        h.update(e.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    Uuid::new_v8(b)
+}
+
 fn derive_id(domain: &[u8], at: Position, endpoint: Option<Uuid>) -> Uuid {
     let mut h = Sha256::new();
     h.update(domain);

@@ -5,6 +5,9 @@
 //! then created, updated, deleted, and [`EventType::bit`] is `1 << position in ALL`.
 //! Endpoints' event bitmasks are computed from stored names with these bits and the metric
 //! children are created in this order, so neither the order nor the names may change.
+//! `<entity>.backfilled` ([`Op::Backfilled`]) is sent only by a backfill to the endpoint that
+//! asked for it: it is in no subscription, so it is not in [`EventType::ALL`], it is never
+//! parsed as a subscription ([`EventType::parse`]) and its [`EventType::bit`] is 0.
 
 use std::fmt;
 
@@ -64,6 +67,8 @@ pub enum Op {
     Updated,
     /// DELETE
     Deleted,
+    /// A row as it is, read by a backfill (never in a subscription or [`Op::ALL`]).
+    Backfilled,
 }
 
 impl Op {
@@ -76,6 +81,7 @@ impl Op {
             Op::Created => "created",
             Op::Updated => "updated",
             Op::Deleted => "deleted",
+            Op::Backfilled => "backfilled",
         }
     }
 }
@@ -123,7 +129,25 @@ impl EventType {
             (Projects, Created) => "project.created",
             (Projects, Updated) => "project.updated",
             (Projects, Deleted) => "project.deleted",
+            (Contacts, Backfilled) => "contact.backfilled",
+            (Companies, Backfilled) => "company.backfilled",
+            (Activities, Backfilled) => "activity.backfilled",
+            (Projects, Backfilled) => "project.backfilled",
         }
+    }
+
+    /// `<entity>.backfilled` of every table, in table order.
+    pub const BACKFILLED: [EventType; 4] = [
+        EventType { table: Table::Contacts, op: Op::Backfilled },
+        EventType { table: Table::Companies, op: Op::Backfilled },
+        EventType { table: Table::Activities, op: Op::Backfilled },
+        EventType { table: Table::Projects, op: Op::Backfilled },
+    ];
+
+    /// Any event type walhook sends, `<entity>.backfilled` included (a delivery's history
+    /// filter); [`EventType::parse`] is the subscribable twelve.
+    pub fn parse_sent(name: &str) -> Option<EventType> {
+        EventType::parse(name).or_else(|| EventType::BACKFILLED.into_iter().find(|e| e.name() == name))
     }
 
     /// The event type named `name`; `None` for anything but the twelve documented names.
@@ -131,14 +155,21 @@ impl EventType {
         EventType::ALL.into_iter().find(|e| e.name() == name)
     }
 
-    /// Its place in [`EventType::ALL`].
+    /// Its place in [`EventType::ALL`]; a backfilled type comes after the twelve, at
+    /// `12 + table` (in no array indexed by this).
     pub const fn index(self) -> usize {
-        self.table as usize * Op::ALL.len() + self.op as usize
+        match self.op {
+            Op::Backfilled => EventType::ALL.len() + self.table as usize,
+            op => self.table as usize * Op::ALL.len() + op as usize,
+        }
     }
 
-    /// Its bit in an endpoint's event mask.
+    /// Its bit in an endpoint's event mask (0 for a backfilled type: no endpoint subscribes).
     pub const fn bit(self) -> u16 {
-        1 << self.index()
+        match self.op {
+            Op::Backfilled => 0,
+            _ => 1 << self.index(),
+        }
     }
 }
 
@@ -202,8 +233,21 @@ mod tests {
             "deal.created",
             "contact.truncated",
             "contact.created.x",
+            "contact.backfilled",
         ] {
             assert_eq!(EventType::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn backfilled_types_are_sent_but_never_subscribed() {
+        for e in EventType::BACKFILLED {
+            assert_eq!(e.name(), format!("{}.backfilled", e.table.prefix()));
+            assert_eq!(EventType::parse_sent(e.name()), Some(e));
+            assert_eq!(EventType::parse(e.name()), None);
+            assert_eq!(e.bit(), 0);
+            assert!(e.index() >= EventType::ALL.len());
+        }
+        assert_eq!(EventType::parse_sent("contact.created"), EventType::parse("contact.created"));
     }
 }

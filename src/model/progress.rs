@@ -49,6 +49,24 @@ impl Drop for Ticket {
     }
 }
 
+/// One transaction's progress seen from outside: a backfill chunk is done once every delivery
+/// it produced is durable, whatever happens to the transactions around it.
+#[derive(Debug, Clone)]
+pub struct TxWatch(Arc<TxState>);
+
+impl TxWatch {
+    /// Committed, and every delivery settled.
+    pub fn settled(&self) -> bool {
+        self.0.end_lsn.load(Ordering::Acquire) != 0 && self.0.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// A delivery of it was dropped unsettled, or the stream broke while it was open: it
+    /// will never settle.
+    pub fn abandoned(&self) -> bool {
+        self.0.abandoned.load(Ordering::Acquire)
+    }
+}
+
 /// Transactions read from the stream and not yet confirmed, oldest first.
 #[derive(Debug, Default)]
 pub struct Tracker {
@@ -89,11 +107,18 @@ impl Tracker {
         }
     }
 
-    /// The stream broke inside a transaction: forget it (it will be replayed whole).
+    /// The stream broke inside a transaction: forget it (it will be replayed whole; a
+    /// [`TxWatch`] of it reports it abandoned).
     pub fn abandon_open(&mut self) {
         if let Some(open) = self.open.take() {
+            open.abandoned.store(true, Ordering::Release);
             self.queue.retain(|tx| !Arc::ptr_eq(tx, &open));
         }
+    }
+
+    /// A watch on the open transaction (a backfill chunk's, to learn when it is durable).
+    pub fn watch_open(&self) -> Option<TxWatch> {
+        self.open.clone().map(TxWatch)
     }
 
     /// Whether a transaction is being read.
@@ -167,5 +192,27 @@ mod tests {
         t.commit(60);
         assert_eq!(t.confirmable(), None);
         assert!(t.stuck(), "a dropped ticket: nothing more can be confirmed, so nobody waits for it");
+    }
+
+    #[test]
+    fn a_watch_sees_its_transaction_settle_or_be_abandoned() {
+        let mut t = Tracker::new();
+        t.begin();
+        let w = t.watch_open().unwrap();
+        let a = t.ticket().unwrap();
+        t.commit(70);
+        assert!(!w.settled());
+        a.settle();
+        assert!(w.settled() && !w.abandoned());
+        t.begin();
+        let w = t.watch_open().unwrap();
+        let _b = t.ticket().unwrap();
+        t.abandon_open();
+        assert!(w.abandoned() && !w.settled());
+        t.begin();
+        let w = t.watch_open().unwrap();
+        drop(t.ticket().unwrap());
+        t.commit(90);
+        assert!(w.abandoned() && !w.settled());
     }
 }

@@ -89,6 +89,13 @@ pub const PREREQUISITE_FAILING: &str = "walhook_replication_prerequisite_failing
 pub const PAYLOAD_MEMORY_BYTES: &str = "walhook_dispatch_payload_memory_bytes";
 /// `dispatch.memory_limit`: the most [`PAYLOAD_MEMORY_BYTES`] may reach.
 pub const PAYLOAD_MEMORY_LIMIT_BYTES: &str = "walhook_dispatch_payload_memory_limit_bytes";
+/// Rows backfills handed to dispatch (`*.backfilled` events), once their chunk settled.
+pub const BACKFILL_ROWS_TOTAL: &str = "walhook_backfill_rows_total";
+/// Backfill chunks, by outcome (`sent`: settled; `retried`: read again because the stream
+/// could not line it up, e.g. after a reconnect between its watermarks).
+pub const BACKFILL_CHUNKS_TOTAL: &str = "walhook_backfill_chunks_total";
+/// Backfills running (status `running`), as the streaming replica last read them.
+pub const BACKFILLS_RUNNING: &str = "walhook_backfills_running";
 
 /// Every metric of one walhook process.
 #[derive(Debug, Clone)]
@@ -98,6 +105,12 @@ pub struct Metrics {
     pub changes: IntCounterVec,
     /// See [`TRUNCATES_TOTAL`].
     pub truncates: IntCounterVec,
+    /// See [`BACKFILL_ROWS_TOTAL`].
+    pub backfill_rows: IntCounter,
+    /// See [`BACKFILL_CHUNKS_TOTAL`].
+    pub backfill_chunks: IntCounterVec,
+    /// See [`BACKFILLS_RUNNING`].
+    pub backfills_running: IntGauge,
     /// See [`UNROUTABLE_TOTAL`].
     pub unroutable: IntCounterVec,
     /// See [`SLOT_LAG_BYTES`].
@@ -330,6 +343,19 @@ impl Metrics {
                 "Event payload bytes held in memory: waiting, in flight, or on their way to the store.",
             ),
             payload_memory_limit: gauge(PAYLOAD_MEMORY_LIMIT_BYTES, "dispatch.memory_limit, in bytes."),
+            backfill_rows: reg(
+                &registry,
+                IntCounter::new(BACKFILL_ROWS_TOTAL, "Rows backfills sent (their chunk settled).")
+                    .expect("valid metric"),
+            ),
+            backfill_chunks: {
+                let c = counter_vec(BACKFILL_CHUNKS_TOTAL, "Backfill chunks, by outcome.", &["outcome"]);
+                for outcome in ["sent", "retried"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
+            backfills_running: gauge(BACKFILLS_RUNNING, "Backfills running."),
             registry,
         }
     }

@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "recover", include_str!("../../sql/0007_recover.sql")),
     (8, "requeue_order", include_str!("../../sql/0008_requeue_order.sql")),
     (9, "signing_and_columns", include_str!("../../sql/0009_signing_and_columns.sql")),
+    (10, "backfill", include_str!("../../sql/0010_backfill.sql")),
 ];
 
 /// The schema version this build expects.

@@ -289,6 +289,17 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// A CRM row read by a backfill (every column's text, in the relation's order) as
+    /// `<entity>.backfilled` read at `timestamp`; `None` for a relation that is not a CRM
+    /// table (or was never added). Written exactly as the stream writes the same row.
+    pub fn backfilled(&self, rel_id: u32, row: &Tuple, timestamp: &str) -> Option<RowChange> {
+        let info = self.relations.get(&rel_id)?;
+        let Role::Crm(table) = info.role else { return None };
+        Some(row_change(info, EventType::new(table, Op::Backfilled), (row, None, false), timestamp))
+    }
+}
+
 /// The change `image` (with `fallback` for unchanged-TOAST columns; only the key columns when
 /// `keys_only`) describes, as `event_type`.
 fn row_change(

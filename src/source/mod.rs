@@ -8,6 +8,7 @@
 //! with the endpoints valid at the position it replays from; a lost slot is never replaced
 //! silently.
 
+pub mod backfill;
 pub mod changed;
 pub mod decode;
 pub mod leader;

@@ -34,6 +34,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::status::StoreHealth;
 use crate::pg::db::{Db, DbError};
 
+pub(crate) mod backfills;
 mod batch;
 pub(crate) mod deliveries;
 pub(crate) mod endpoints;

@@ -181,6 +181,10 @@ payloads = {{ .Values.config.retention.payloads | toString | toJson }}
 interval = {{ .Values.config.retention.interval | toString | toJson }}
 batch_size = {{ .Values.config.retention.batch_size | int64 }}
 
+[backfill]
+chunk_size = {{ .Values.config.backfill.chunk_size | int64 }}
+rows_per_second = {{ .Values.config.backfill.rows_per_second | int64 }}
+
 [log]
 format = {{ .Values.config.log.format | toString | toJson }}
 level = {{ .Values.config.log.level | toString | toJson }}

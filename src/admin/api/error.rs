@@ -14,8 +14,9 @@ use crate::admin::endpoints::EndpointError;
 
 /// Every error code the API answers with: the public page's six, `auth.unauthorized`,
 /// `webhooks.rate_limited` (only when `api.rate_limit_per_second` is set, and for
-/// `webhooks-test`), and `webhooks.payload_unavailable` (redelivery without a payload).
-pub const ERROR_CODES: [&str; 9] = [
+/// `webhooks-test`), `webhooks.payload_unavailable` (redelivery without a payload) and
+/// `webhooks.backfill_running` (a second backfill of one endpoint).
+pub const ERROR_CODES: [&str; 10] = [
     "webhooks.invalid_request",
     "webhooks.invalid_id",
     "webhooks.not_found",
@@ -24,6 +25,7 @@ pub const ERROR_CODES: [&str; 9] = [
     "webhooks.internal",
     "webhooks.rate_limited",
     "webhooks.payload_unavailable",
+    "webhooks.backfill_running",
     "auth.unauthorized",
 ];
 
@@ -38,6 +40,8 @@ pub enum ApiError {
     NotFound,
     /// No such delivery of the caller's account (404, `webhooks.not_found`).
     DeliveryNotFound,
+    /// No such backfill of the caller's account (404, `webhooks.not_found`).
+    BackfillNotFound,
     /// `url` missing (400).
     UrlRequired,
     /// `url` unacceptable (400).
@@ -46,6 +50,8 @@ pub enum ApiError {
     TooLarge(usize),
     /// The delivery's payload is no longer stored (409), with how to keep payloads.
     PayloadUnavailable(String),
+    /// The endpoint has a backfill running (409), with what to do.
+    BackfillRunning(String),
     /// Over the account's request rate (429), with seconds to wait.
     RateLimited(u64),
     /// Missing or invalid credentials (401).
@@ -60,11 +66,12 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) | ApiError::TooLarge(_) => "webhooks.invalid_request",
             ApiError::InvalidId(_) => "webhooks.invalid_id",
-            ApiError::NotFound | ApiError::DeliveryNotFound => "webhooks.not_found",
+            ApiError::NotFound | ApiError::DeliveryNotFound | ApiError::BackfillNotFound => "webhooks.not_found",
             ApiError::UrlRequired => "webhooks.url_required",
             ApiError::InvalidUrl(_) => "webhooks.invalid_url",
             ApiError::RateLimited(_) => "webhooks.rate_limited",
             ApiError::PayloadUnavailable(_) => "webhooks.payload_unavailable",
+            ApiError::BackfillRunning(_) => "webhooks.backfill_running",
             ApiError::Unauthorized(_) => "auth.unauthorized",
             ApiError::Internal(_) => "webhooks.internal",
         }
@@ -76,9 +83,9 @@ impl ApiError {
             ApiError::InvalidRequest(_) | ApiError::InvalidId(_) | ApiError::UrlRequired | ApiError::InvalidUrl(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::NotFound | ApiError::DeliveryNotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::DeliveryNotFound | ApiError::BackfillNotFound => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::PayloadUnavailable(_) => StatusCode::CONFLICT,
+            ApiError::PayloadUnavailable(_) | ApiError::BackfillRunning(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,10 +94,14 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::InvalidRequest(m) | ApiError::InvalidId(m) | ApiError::PayloadUnavailable(m) => m.clone(),
+            ApiError::InvalidRequest(m)
+            | ApiError::InvalidId(m)
+            | ApiError::PayloadUnavailable(m)
+            | ApiError::BackfillRunning(m) => m.clone(),
             ApiError::InvalidUrl(m) => format!("url {m}"),
             ApiError::NotFound => "webhook endpoint not found".into(),
             ApiError::DeliveryNotFound => "delivery not found".into(),
+            ApiError::BackfillNotFound => "backfill not found".into(),
             ApiError::UrlRequired => "url is required".into(),
             ApiError::TooLarge(limit) => format!("request body is larger than {limit} bytes"),
             ApiError::RateLimited(_) => "too many requests for this account; retry later".into(),
@@ -109,6 +120,8 @@ impl From<EndpointError> for ApiError {
             EndpointError::NotFound => ApiError::NotFound,
             EndpointError::DeliveryNotFound => ApiError::DeliveryNotFound,
             e @ EndpointError::PayloadUnavailable => ApiError::PayloadUnavailable(e.to_string()),
+            e @ EndpointError::BackfillRunning(_) => ApiError::BackfillRunning(e.to_string()),
+            EndpointError::BackfillNotFound => ApiError::BackfillNotFound,
             e @ EndpointError::QuotaReached(_) => ApiError::InvalidRequest(e.to_string()),
             EndpointError::Db(e) => ApiError::Internal(e.to_string()),
             EndpointError::Reseal(e) => ApiError::Internal(e.to_string()),

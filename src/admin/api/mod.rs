@@ -7,6 +7,7 @@
 //! logged.
 
 pub mod auth;
+mod backfill_ops;
 mod delivery_ops;
 mod endpoint_ops;
 pub mod error;
@@ -45,9 +46,9 @@ pub struct Operation {
     route: fn() -> MethodRouter<ApiState>,
 }
 
-/// Every operation: the endpoints', then the deliveries'.
+/// Every operation: the endpoints', the deliveries', then the backfills'.
 pub fn operations() -> impl Iterator<Item = Operation> {
-    endpoint_ops::OPERATIONS.into_iter().chain(delivery_ops::OPERATIONS)
+    endpoint_ops::OPERATIONS.into_iter().chain(delivery_ops::OPERATIONS).chain(backfill_ops::OPERATIONS)
 }
 
 /// What the handlers share.
