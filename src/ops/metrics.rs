@@ -179,7 +179,8 @@ pub struct Metrics {
     attempt_children: Vec<(&'static str, IntCounter)>,
     /// Changes and events by [`EventType::index`], deliveries by path.
     change_children: [IntCounter; 12],
-    event_children: [IntCounter; 12],
+    /// The twelve subscribable event types, then the four `<entity>.backfilled` ([`EventType::index`]).
+    event_children: [IntCounter; 16],
     delivery_children: [IntCounter; 2],
 }
 
@@ -222,7 +223,11 @@ impl Metrics {
                 .map(|c| (c, attempts.with_label_values(&[c])))
                 .collect(),
             change_children: EventType::ALL.map(|e| changes.with_label_values(&[e.table.name(), e.op.name()])),
-            event_children: EventType::ALL.map(|e| events.with_label_values(&[e.name()])),
+            event_children: std::array::from_fn(|i| {
+                let e =
+                    EventType::ALL.get(i).copied().unwrap_or_else(|| EventType::BACKFILLED[i - EventType::ALL.len()]);
+                events.with_label_values(&[e.name()])
+            }),
             delivery_children: [deliveries.with_label_values(&["direct"]), deliveries.with_label_values(&["outbox"])],
             changes,
             events,
@@ -405,6 +410,8 @@ mod tests {
         m.change(EventType::new(Table::Projects, Op::Deleted)).inc();
         m.event(EventType::new(Table::Activities, Op::Updated)).inc();
         m.event(EventType::new(Table::Contacts, Op::Created)).inc();
+        m.event(EventType::new(Table::Projects, Op::Backfilled)).inc();
+        assert_eq!(value(&m, "walhook_events_total{event_type=\"project.backfilled\"}").as_deref(), Some("1"));
         assert_eq!(
             value(&m, "walhook_replication_changes_total{op=\"updated\",table=\"activities\"}").as_deref(),
             Some("1")
@@ -420,7 +427,7 @@ mod tests {
         assert_eq!(value(&m, "walhook_events_total{event_type=\"activity.updated\"}").as_deref(), Some("1"));
         assert_eq!(value(&m, "walhook_events_total{event_type=\"contact.created\"}").as_deref(), Some("1"));
         assert_eq!(value(&m, "walhook_events_total{event_type=\"project.deleted\"}").as_deref(), Some("0"));
-        assert_eq!(m.render().matches("walhook_events_total{").count(), 12);
+        assert_eq!(m.render().matches("walhook_events_total{").count(), 16, "the twelve and the four backfilled");
         assert_eq!(m.render().matches("walhook_replication_changes_total{").count(), 12);
     }
 }

@@ -48,7 +48,12 @@ pub(crate) struct Api {
 
 impl Api {
     pub(crate) fn new(env: &Env) -> Api {
-        Api { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{}/api", env.api_port) }
+        Self::on_port(env.api_port)
+    }
+
+    /// The API of a walhook listening on `port` (a second process beside the test's first).
+    pub(crate) fn on_port(port: u16) -> Api {
+        Api { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{port}/api") }
     }
 
     async fn raw(

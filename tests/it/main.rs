@@ -17,6 +17,7 @@ mod tools;
 mod alerts;
 mod api;
 mod architecture_doc;
+mod backfill;
 mod columns;
 mod config_errors;
 mod contract;
