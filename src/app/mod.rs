@@ -33,7 +33,8 @@ use crate::ops::status::{ReplicationStatus, StoreHealth};
 use crate::pg::db::{Db, DbError};
 use crate::pg::preflight::{self, PreflightError};
 use crate::security::secrets::{SecretBox, SecretError};
-use crate::source::replication::{Replication, ReplicationError};
+use crate::source::error::ReplicationError;
+use crate::source::replication::Replication;
 use crate::source::route::{RouteError, Router};
 use crate::store::StoreWriter;
 

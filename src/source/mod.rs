@@ -10,6 +10,7 @@
 
 pub mod changed;
 pub mod decode;
+pub mod error;
 pub mod leader;
 pub mod pgoutput;
 pub mod replication;
