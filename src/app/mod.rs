@@ -34,7 +34,7 @@ use crate::pg::db::{Db, DbError};
 use crate::pg::preflight::{self, PreflightError};
 use crate::security::secrets::{SecretBox, SecretError};
 use crate::source::error::ReplicationError;
-use crate::source::replication::Replication;
+use crate::source::replication::{Replication, ReplicationHandles};
 use crate::source::route::{RouteError, Router};
 use crate::store::StoreWriter;
 
@@ -204,9 +204,13 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
-    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status.clone())
-        .with_fence(dispatcher.fence())
-        .with_memory_budget(budget);
+    let replication = Replication::new(
+        cfg.clone(),
+        db.clone(),
+        secrets,
+        dispatch_tx,
+        ReplicationHandles { metrics: metrics.clone(), status: status.clone(), budget, fence: dispatcher.fence() },
+    );
 
     let delivered = {
         let metrics = metrics.clone();
