@@ -33,9 +33,10 @@ use crate::ops::status::{ReplicationStatus, StoreHealth};
 use crate::pg::db::{Db, DbError};
 use crate::pg::preflight::{self, PreflightError};
 use crate::security::secrets::{SecretBox, SecretError};
-use crate::source::replication::{Replication, ReplicationError};
+use crate::source::error::ReplicationError;
+use crate::source::replication::{Replication, ReplicationHandles};
 use crate::source::route::{RouteError, Router};
-use crate::store::StoreWriter;
+use crate::store::{StoreWriter, WriterSettings};
 
 /// Deliveries routed but not yet taken by dispatch. (Their payloads are charged to the
 /// memory budget, so this bounds a count; `dispatch.memory_limit` bounds the bytes.)
@@ -172,10 +173,16 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     let attempt_max = d.connect_timeout.get() + d.request_timeout.get();
     let lease_for = attempt_max * (crate::delivery::outbox::CLAIM_DEPTH as u32 + 2) + Duration::from_secs(5);
     let grace = cfg.shutdown.grace.get();
-    let (writer, store_tx) = StoreWriter::new(db.clone(), STORE_CHANNEL);
-    let writer = writer
-        .monitored(store_health, metrics.clone(), cfg.database.write_stall_after.get())
-        .archiving(!cfg.retention.payloads.get().is_zero());
+    let (writer, store_tx) = StoreWriter::new(
+        db.clone(),
+        STORE_CHANNEL,
+        WriterSettings {
+            health: store_health,
+            metrics: metrics.clone(),
+            stall_after: cfg.database.write_stall_after.get(),
+            archive: !cfg.retention.payloads.get().is_zero(),
+        },
+    );
     let outbox_wake = Arc::new(Notify::new());
     let (dispatch_tx, dispatch_rx) = mpsc::channel(DISPATCH_CHANNEL);
     let dispatcher = Dispatcher::new(
@@ -203,9 +210,13 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
-    let replication = Replication::new(cfg.clone(), db.clone(), secrets, dispatch_tx, metrics.clone(), status.clone())
-        .with_fence(dispatcher.fence())
-        .with_memory_budget(budget);
+    let replication = Replication::new(
+        cfg.clone(),
+        db.clone(),
+        secrets,
+        dispatch_tx,
+        ReplicationHandles { metrics: metrics.clone(), status: status.clone(), budget, fence: dispatcher.fence() },
+    );
 
     let delivered = {
         let metrics = metrics.clone();

@@ -9,3 +9,6 @@ pub(crate) mod health;
 pub(crate) mod logging;
 pub mod metrics;
 pub(crate) mod status;
+
+/// Built by whoever runs a store writer ([`crate::store::WriterSettings`]): `app`, or a test.
+pub use status::StoreHealth;

@@ -267,6 +267,21 @@ pub enum StoreOp {
     },
 }
 
+/// What the store writer shares with the rest of the process, and how it writes. Required:
+/// a writer whose stalls reach no `/readyz` would break invariant 14 silently.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    /// Where stalls and pinned records are reported (read by `/readyz`).
+    pub health: Arc<StoreHealth>,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// No commit for this long while ops wait is a stall (`database.write_stall_after`).
+    pub stall_after: Duration,
+    /// Store every event's payload once, not only those of pending deliveries (the payload
+    /// archive, `retention.payloads`).
+    pub archive: bool,
+}
+
 /// Applies [`StoreOp`]s in batches.
 pub struct StoreWriter {
     db: Db,
@@ -278,17 +293,11 @@ pub struct StoreWriter {
 }
 
 impl StoreWriter {
-    /// A writer and the channel feeding it (`capacity` ops).
-    pub fn new(db: Db, capacity: usize) -> (StoreWriter, mpsc::Sender<StoreOp>) {
+    /// A writer and the channel feeding it (`capacity` ops), reporting stalls (no commit for
+    /// `stall_after` while ops wait) to `settings.health` and counting in `settings.metrics`.
+    pub fn new(db: Db, capacity: usize, settings: WriterSettings) -> (StoreWriter, mpsc::Sender<StoreOp>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
-        (StoreWriter { db, rx, health, metrics, stall_after: DEFAULT_STALL_AFTER, archive: false }, tx)
-    }
-
-    /// Reports stalls (no commit for `stall_after` while ops wait) to `health`, and counts
-    /// in `metrics`.
-    pub fn monitored(self, health: Arc<StoreHealth>, metrics: Arc<Metrics>, stall_after: Duration) -> Self {
+        let WriterSettings { health, metrics, stall_after, archive } = settings;
         for form in ["without_texts", "failed", "rejected"] {
             metrics.store_set_aside.with_label_values(&[form]);
         }
@@ -297,13 +306,7 @@ impl StoreWriter {
         for reason in [DISABLED_GONE, DISABLED_FAILING] {
             metrics.endpoints_disabled.with_label_values(&[reason]);
         }
-        StoreWriter { health, metrics, stall_after, ..self }
-    }
-
-    /// Stores every event's payload once, not only those of pending deliveries (the payload
-    /// archive, `retention.payloads`).
-    pub fn archiving(self, archive: bool) -> Self {
-        StoreWriter { archive, ..self }
+        (StoreWriter { db, rx, health, metrics, stall_after, archive }, tx)
     }
 
     /// Runs until every sender is gone and everything sent is written.

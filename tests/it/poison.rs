@@ -164,7 +164,7 @@ async fn a_refused_batch_is_split_and_only_the_row_at_fault_is_set_aside() {
     .await;
     let endpoint = Uuid::new_v4();
     let mut tracker = Tracker::new();
-    let (writer, tx) = StoreWriter::new(env.db.clone(), 256);
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 256, crate::common::writer_settings());
     let mut ops = Vec::new();
     for seq in 1..=100u32 {
         tracker.begin();

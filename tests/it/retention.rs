@@ -143,7 +143,7 @@ async fn retention_never_deletes_the_payload_of_a_delivery_stored_meanwhile() {
     };
     wait_for(Duration::from_secs(20), || async { waiting_on("advisory").await == 1 }).await;
     // The sweep has chosen the event; now a new pending delivery of it is stored.
-    let (writer, tx) = StoreWriter::new(env.db.clone(), 8);
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 8, crate::common::writer_settings());
     let writer = tokio::spawn(writer.run());
     let delivery = walhook::model::delivery::delivery_id(walhook::model::position::Position::new(0x3000, 1), ep.id);
     tx.send(StoreOp::Insert(Record {

@@ -55,7 +55,7 @@ fn record(endpoint: Uuid, seq: u32, status: Status, lease: Option<(Uuid, chrono:
 
 /// Sends `ops` before the writer starts, so they reach it as one batch; waits for it to finish.
 async fn write_as_one_batch(env: &Env, ops: Vec<StoreOp>) {
-    let (writer, tx) = StoreWriter::new(env.db.clone(), 64);
+    let (writer, tx) = StoreWriter::new(env.db.clone(), 64, crate::common::writer_settings());
     for op in ops {
         tx.send(op).await.unwrap();
     }

@@ -7,49 +7,15 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::room::Conn;
 
-/// When a connection last read or wrote a byte.
-#[derive(Debug)]
-pub(super) struct Activity {
-    opened: Instant,
-    /// Milliseconds after `opened`.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    pub(super) fn new() -> Self {
-        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        let ms = self.opened.elapsed().as_millis().min(u64::MAX as u128) as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing has moved for `limit`.
-    pub(super) async fn idle_for(&self, limit: Duration) {
-        loop {
-            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// `TcpStream` reporting its reads and writes to its connection's [`Activity`].
+/// `TcpStream` reporting its reads and writes to its connection's [`Activity`](super::activity::Activity).
 pub(super) struct TrackedIo {
     inner: TcpStream,
     conn: Arc<Conn>,

@@ -26,6 +26,7 @@
 //! HTTP/2 is not offered on these listeners: its connections would need their own idle and
 //! header limits, and neither the API's clients nor Prometheus need it.
 
+mod activity;
 mod body;
 mod io;
 mod phase;

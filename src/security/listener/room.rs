@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::io::Activity;
+use super::activity::Activity;
 use super::phase::Phase;
 
 /// A connection whose answer has not been taken for this long may be closed to make room.

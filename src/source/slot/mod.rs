@@ -37,7 +37,6 @@ use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::SlotHealth;
 use crate::pg::db::{Db, DbError};
-use crate::source::replication::ReplicationError;
 use crate::store::slot_state::SlotRecord;
 
 pub mod ceiling;
@@ -122,15 +121,6 @@ pub enum SlotError {
 impl From<tokio_postgres::Error> for SlotError {
     fn from(e: tokio_postgres::Error) -> Self {
         SlotError::Db(DbError::Postgres(e))
-    }
-}
-
-impl From<SlotError> for ReplicationError {
-    fn from(e: SlotError) -> Self {
-        match e {
-            SlotError::Db(e) => ReplicationError::Db(e),
-            e => ReplicationError::Slot(e),
-        }
     }
 }
 

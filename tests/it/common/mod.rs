@@ -27,6 +27,14 @@ use walhook::pg::db::Db;
 use walhook::security::secrets::SecretBox;
 use walhook::security::ssrf::AddressPolicy;
 
+/// Store writer settings of a writer a test runs by itself: its own metrics and health,
+/// the default stall time, no payload archive.
+pub fn writer_settings() -> walhook::store::WriterSettings {
+    let metrics = Arc::new(walhook::ops::metrics::Metrics::new());
+    let health = Arc::new(walhook::ops::StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
+    walhook::store::WriterSettings { health, metrics, stall_after: walhook::store::DEFAULT_STALL_AFTER, archive: false }
+}
+
 /// Logs of in-process walhook instances go to `$WALHOOK_TEST_LOG` when set.
 fn init_test_logging() {
     static ONCE: OnceLock<()> = OnceLock::new();
