@@ -33,6 +33,8 @@ use crate::ops::status::{ReplicationStatus, StoreHealth};
 use crate::pg::db::{Db, DbError};
 use crate::pg::preflight::{self, PreflightError};
 use crate::security::secrets::{SecretBox, SecretError};
+use crate::source::backfill::window::Hub;
+use crate::source::backfill::Backfiller;
 use crate::source::error::ReplicationError;
 use crate::source::replication::{Replication, ReplicationHandles};
 use crate::source::route::{RouteError, Router};
@@ -210,12 +212,21 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         metrics.clone(),
         outbox_wake,
     );
+    // Backfill chunks pass from the runner to the stream through this one hub.
+    let hub = Arc::new(Hub::default());
+    let backfiller = Backfiller::new(cfg.clone(), db.clone(), hub.clone(), metrics.clone(), status.clone());
     let replication = Replication::new(
         cfg.clone(),
         db.clone(),
         secrets,
         dispatch_tx,
-        ReplicationHandles { metrics: metrics.clone(), status: status.clone(), budget, fence: dispatcher.fence() },
+        ReplicationHandles {
+            metrics: metrics.clone(),
+            status: status.clone(),
+            budget,
+            fence: dispatcher.fence(),
+            backfill: hub,
+        },
     );
 
     let delivered = {
@@ -243,6 +254,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
     stages.spawn(Stage::StoreWriter, writer.run());
     stages.spawn(Stage::Dispatcher, dispatcher.run(dispatch_rx, shutdown.clone(), grace));
     stages.spawn(Stage::Outbox, outbox.run(shutdown.clone(), grace));
+    stages.spawn(Stage::Backfill, backfiller.run(shutdown.clone()));
     stages.spawn_fallible(Stage::Replication, async move {
         match replication.run(shutdown.clone()).await {
             // The dispatcher ended: its end is the one to report, and it stops the stages.

@@ -54,11 +54,13 @@ pub enum Stage {
     MetricsListener,
     /// The admin API.
     ApiListener,
+    /// Reads backfill chunks for the stream to line up.
+    Backfill,
 }
 
 impl Stage {
     /// Every stage, in the order they are listed in logs.
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 10] = [
         Stage::Replication,
         Stage::Dispatcher,
         Stage::StoreWriter,
@@ -68,6 +70,7 @@ impl Stage {
         Stage::PoolLifetime,
         Stage::MetricsListener,
         Stage::ApiListener,
+        Stage::Backfill,
     ];
 
     /// The name in logs and errors.
@@ -82,6 +85,7 @@ impl Stage {
             Stage::PoolLifetime => "pool lifetime",
             Stage::MetricsListener => "metrics listener",
             Stage::ApiListener => "api listener",
+            Stage::Backfill => "backfill",
         }
     }
 }

@@ -196,6 +196,11 @@ impl Emitter {
         Ok(())
     }
 
+    /// The endpoints `change` would be routed to now (a backfill's window watches them).
+    pub fn target_ids(&self, change: &RowChange) -> Vec<Uuid> {
+        self.router.targets(change).map(|e| e.id).collect()
+    }
+
     /// Hands `event` (built by the caller, ids included; its body not charged yet) to the
     /// one endpoint `endpoint_id` as delivery `delivery_id`, in the open transaction: the
     /// body is charged to the memory budget (waiting as routing does), the delivery takes a
@@ -203,7 +208,6 @@ impl Emitter {
     /// recorded. `false` when nothing was handed on: no transaction is open, the router does
     /// not know the endpoint (or cannot send to it), it is inactive, it belongs to another
     /// account than the event, or shutdown came while waiting for budget.
-    #[allow(dead_code, reason = "for producers besides the stream (the backfill)")]
     pub async fn emit_to(
         &mut self,
         endpoint_id: Uuid,

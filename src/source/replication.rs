@@ -43,6 +43,10 @@ use crate::ops::metrics::Metrics;
 use crate::ops::status::ReplicationStatus;
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
+use crate::source::backfill::{
+    self,
+    window::{Hub, Windows},
+};
 use crate::source::emit::{Emitter, EmitterHandles};
 use crate::source::error::ReplicationError;
 use crate::source::leader::{self, Leadership};
@@ -72,6 +76,8 @@ pub struct ReplicationHandles {
     /// Makes dispatch drop what a session routed when leadership is lost, and holds the
     /// tenure dispatch sends within (invariant 10).
     pub fence: Fence,
+    /// Where backfill chunks wait for their high watermark (the runner's, invariant 9).
+    pub backfill: Arc<Hub>,
 }
 
 /// Reads the slot and feeds dispatch.
@@ -83,6 +89,10 @@ pub struct Replication {
     status: Arc<ReplicationStatus>,
     /// Routes, charges and hands deliveries to dispatch; keeps the transactions' tickets.
     emitter: Emitter,
+    /// Backfill chunks waiting for their high watermark.
+    hub: Arc<Hub>,
+    /// The session's open backfill windows (between a chunk's watermarks).
+    windows: Windows,
     /// Makes dispatch drop what a session routed when leadership is lost.
     fence: Fence,
     /// Renewed while this process holds the lock; dispatch sends only within it.
@@ -104,7 +114,7 @@ impl Replication {
         dispatch: mpsc::Sender<DispatchMsg>,
         handles: ReplicationHandles,
     ) -> Self {
-        let ReplicationHandles { metrics, status, budget, fence } = handles;
+        let ReplicationHandles { metrics, status, budget, fence, backfill } = handles;
         let emitter = Emitter::new(
             db.clone(),
             cfg.replication.slot.as_str(),
@@ -121,6 +131,8 @@ impl Replication {
             metrics,
             status,
             emitter,
+            hub: backfill,
+            windows: Windows::default(),
             ceiling: None,
             sessions_streamed: 0,
             failover_warned: false,
@@ -293,6 +305,8 @@ impl Replication {
         self.metrics.streaming.set(1);
         tracing::info!(slot = %slot, "replication streaming");
         let mut step = TxStep::new(self.cfg.database.crm_schema.as_str(), replay_until);
+        // A window opened in an earlier session never closes: its chunk is read again.
+        self.windows = Windows::default();
         let notify = self.emitter.tracker().notify();
         let heartbeat_every = self.cfg.replication.heartbeat_interval.get();
         let (mut heard, mut probed) = (tokio::time::Instant::now(), false);
@@ -375,13 +389,22 @@ impl Replication {
     ) -> Result<(), ReplicationError> {
         for out in step.apply(event)? {
             match out {
-                Step::Begin(tx) => self.emitter.begin(tx.commit_lsn, tx.commit_us, tx.replay),
+                Step::Begin(tx) => {
+                    self.windows.transaction(&self.hub, tx.xid);
+                    self.emitter.begin(tx.commit_lsn, tx.commit_us, tx.replay)
+                }
                 Step::NeedTypes { relation, oids } => {
                     let client = self.db.get().await?;
                     step.decoder_mut().resolve_types(&**client, oids).await?;
                     step.add_relation(relation);
                 }
-                Step::Row(change, position) => self.emitter.row(change, position, shutdown).await?,
+                Step::Row(change, position) => {
+                    if !self.windows.is_empty() {
+                        let targets = self.emitter.target_ids(&change);
+                        self.windows.routed(change.event_type.table, &change.entity_key, targets.iter().copied());
+                    }
+                    self.emitter.row(change, position, shutdown).await?
+                }
                 // Routing changes at once; stored and told to dispatch at the commit.
                 Step::EndpointUpsert(row) => self.emitter.upsert_endpoint(row),
                 Step::EndpointDelete(id) => self.emitter.delete_endpoint(id),
@@ -400,9 +423,15 @@ impl Replication {
                     self.confirm(stream);
                 }
                 Step::KeepAlive { wal_end } => self.confirm_idle(stream, wal_end),
-                // A non-transactional message (a heartbeat) is read at once: its position is
-                // an idle one. A transactional one is read at its transaction's commit.
-                Step::Message { transactional: false, lsn, .. } => self.confirm_idle(stream, lsn),
+                // A non-transactional message (a heartbeat, a backfill's watermark) is read at
+                // once: its position is an idle one, unless a backfill chunk is handed on
+                // there. A transactional one is read at its transaction's commit.
+                Step::Message { transactional: false, lsn, prefix, content } => {
+                    if let Some(at) = self.windows.message(&self.hub, &prefix, &content) {
+                        backfill::hand_on(&mut self.emitter, at, lsn, shutdown).await?;
+                    }
+                    self.confirm_idle(stream, lsn)
+                }
                 Step::Message { transactional: true, .. } => {}
             }
         }

@@ -67,7 +67,6 @@ pub enum Step {
         wal_end: u64,
     },
     /// A logical message (`pg_logical_emit_message`).
-    #[allow(dead_code, reason = "prefix and content are for the backfill's watermarks")]
     Message {
         /// Written inside a transaction (read at its commit) or not (read at once).
         transactional: bool,

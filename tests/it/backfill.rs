@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use walhook::local::receiver::Received;
 
 use crate::api::{auth_config, jwt, Api};
-use crate::common::{free_port, wait_for, Env, Readiness, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{free_port, wait_for, Env, ACCOUNT_A, ACCOUNT_B};
 
 const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 const B: &str = "bbbb0000-0000-4000-8000-000000000002";
@@ -43,10 +43,30 @@ async fn rows(env: &Env, account: &str, tables: &[&str], n: usize) {
     }
 }
 
-/// Creates an endpoint of account A on receiver path `path` subscribed to `events`.
+/// Creates an endpoint on receiver path `path` subscribed to `events` (the receiver checks
+/// its signatures).
 async fn endpoint(env: &Env, api: &Api, token: &str, path: &str, events: &[&str]) -> String {
     let created = api.ok("webhooks-create", token, json!({ "url": env.receiver.url(path), "events": events })).await;
+    env.receiver.set_secret(path, created["signing_secret"].as_str().unwrap());
     created["endpoint"]["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until the process `p` (on the test's ports) streams; panics with its log if not.
+async fn streaming(env: &Env, p: &mut crate::common::Proc) {
+    let ops: std::net::SocketAddr = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, body)) = crate::common::readyz(ops).await {
+            if body["standby"].as_bool() != Some(true) {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("walhook exited ({status})\n{}", p.log_text());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not streaming within 60 s\n{}", p.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until backfill `id` has `status`; returns it.
@@ -280,7 +300,7 @@ async fn a_backfill_killed_mid_way_finishes_after_a_restart_and_misses_no_row() 
     rows(&env, A, &["contacts"], 4000).await;
     let cfg = config(200, 1000);
     let mut first = env.spawn_binary(&cfg);
-    env.ready(Readiness::Streaming).await;
+    streaming(&env, &mut first).await;
     let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
     let ep = endpoint(&env, &api, &a, "wh", &["contact.created"]).await;
     let id = api.ok("webhooks-backfill", &a, json!({ "id": ep })).await["backfill"]["id"].as_str().unwrap().to_owned();
@@ -290,7 +310,7 @@ async fn a_backfill_killed_mid_way_finishes_after_a_restart_and_misses_no_row() 
         .unwrap_or_else(|_| panic!("backfill did not start\n{}", first.log_text()));
     first.kill9();
     let mut again = env.spawn_binary(&cfg);
-    env.ready(Readiness::Streaming).await;
+    streaming(&env, &mut again).await;
     let done = until_status(&api, &a, &id, "finished", Duration::from_secs(120)).await;
     env.quiescent().await;
     let expected = table_rows(&env, A, &[("contacts", "contact")]).await;
@@ -308,7 +328,7 @@ async fn a_standby_that_takes_over_mid_backfill_finishes_it() {
     rows(&env, A, &["contacts"], 4000).await;
     let cfg = config(200, 1000);
     let mut leader = env.spawn_binary(&cfg);
-    env.ready(Readiness::Streaming).await;
+    streaming(&env, &mut leader).await;
     let (standby_cfg, standby_api) = second(&cfg);
     let mut standby = env.spawn_binary(&standby_cfg);
     let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));

@@ -30,14 +30,18 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::model::event::Table;
+use crate::model::delivery::Event;
+use crate::model::event::{EventType, Op, Table};
+use crate::model::position::Position;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::ReplicationStatus;
 use crate::pg::db::{Db, DbError};
+use crate::source::emit::Emitter;
+use crate::source::error::ReplicationError;
 use crate::store;
 use crate::store::backfills::StoredBackfill;
 use read::Reader;
-use window::{Chunk, Hub, Intent, Lined, HIGH};
+use window::{AtHigh, Chunk, Hub, Intent, Lined, HIGH};
 
 /// How often an idle runner looks for running backfills.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -304,6 +308,56 @@ impl Backfiller {
             (Err(e), _) => tracing::warn!(backfill = %b.id, error = %e, "cannot record the end of a backfill"),
         }
     }
+}
+
+/// The stream's side at a high watermark at `lsn`: a chunk to read again is told so; one to
+/// send is handed on, row by row, in a transaction opened at `lsn` (after everything the
+/// stream read before the watermark, before everything after it), and the runner gets a watch
+/// on it.
+pub async fn hand_on(
+    emitter: &mut Emitter,
+    at: AtHigh,
+    lsn: u64,
+    shutdown: &CancellationToken,
+) -> Result<(), ReplicationError> {
+    let chunk = match at {
+        AtHigh::Unknown => return Ok(()),
+        AtHigh::Retry(chunk, why) => {
+            let _ = chunk.reply.send(Lined::Retry(why));
+            return Ok(());
+        }
+        AtHigh::Send(chunk) => chunk,
+    };
+    let Chunk { backfill_id, intent, account_id, rows, read_at_us, reply, .. } = chunk;
+    emitter.begin(lsn, read_at_us, false);
+    let watch = emitter.tracker().watch_open().expect("a transaction was just opened");
+    let event_type = EventType::new(intent.table, Op::Backfilled);
+    let (mut sent, mut refused) = (0usize, false);
+    for (seq, row) in rows.into_iter().enumerate() {
+        let event = Event {
+            id: event_id(backfill_id, &row.entity_key),
+            account_id,
+            event_type,
+            position: Position::new(lsn, u32::try_from(seq + 1).unwrap_or(u32::MAX)),
+            committed_at_us: read_at_us,
+            body: row.body,
+            entity_key: row.entity_key,
+        };
+        let id = delivery_id(backfill_id, &event.entity_key, intent.endpoint_id);
+        if !emitter.emit_to(intent.endpoint_id, event, id, shutdown).await? {
+            refused = true;
+            break;
+        }
+        sent += 1;
+    }
+    emitter.commit(lsn, shutdown).await?;
+    let answer = match (refused, shutdown.is_cancelled()) {
+        (false, _) => Lined::Sent { rows: sent, watch },
+        (true, true) => Lined::Retry("walhook is shutting down"),
+        (true, false) => Lined::EndpointGone,
+    };
+    let _ = reply.send(answer);
+    Ok(())
 }
 
 async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) {

@@ -156,7 +156,7 @@ impl Reader {
         }
         let unseen = tx
             .query(
-                "SELECT x::text FROM unnest(pg_snapshot_xip(pg_current_snapshot())) x \
+                "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x \
                  WHERE pg_xact_status(x) = 'committed'",
                 &[],
             )
