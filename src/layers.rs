@@ -1,6 +1,7 @@
 //! The layer rule of `lib.rs`, checked: a module imports only from its own folder and the
 //! layers below it, so the data flow reads one way (source → delivery → store) and the
-//! shared vocabulary lives in `model`.
+//! shared vocabulary lives in `model`. Within a folder the imports go one way too: no two
+//! modules of one folder name each other (unit tests aside).
 
 use std::path::Path;
 
@@ -75,6 +76,124 @@ fn the_checker_sees_a_backward_import() {
     );
     assert_eq!(found, vec![(1, "source".to_owned()), (2, "model".to_owned())]);
     assert!(rank("source") > rank("delivery"));
+}
+
+/// A file's module path under `src`: `source/emit.rs` is `source::emit`, `source/slot/mod.rs`
+/// is `source::slot`, `lib.rs` is the crate root (empty).
+fn module_of(rel: &Path) -> Vec<String> {
+    let mut parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let file = parts.pop().unwrap_or_default();
+    let stem = file.trim_end_matches(".rs");
+    if !matches!(stem, "mod" | "lib" | "main") {
+        parts.push(stem.to_owned());
+    }
+    parts
+}
+
+/// The paths a module names through `crate::`, `super::` or `self::` (comments left out),
+/// resolved against its own path `own`; a `{…}` group gives one path per item.
+fn paths_named(text: &str, own: &[String]) -> Vec<Vec<String>> {
+    let code: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(i) = code[at..].find("::").map(|i| i + at) {
+        at = i + 2;
+        // The path's first segment: the identifier just before `::`.
+        let start = code[..i].rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |j| j + 1);
+        if code[..start].ends_with("::") {
+            continue; // inside a path already read
+        }
+        let mut base: Vec<String> = match &code[start..i] {
+            "crate" => Vec::new(),
+            "self" => own.to_vec(),
+            "super" => own[..own.len().saturating_sub(1)].to_vec(),
+            _ => continue,
+        };
+        let mut rest = &code[i + 2..];
+        loop {
+            let seg = ident(rest);
+            if seg == "super" {
+                base.pop();
+            } else if !seg.is_empty() {
+                base.push(seg.clone());
+            }
+            rest = &rest[seg.len()..];
+            if let Some(more) = rest.strip_prefix("::") {
+                rest = more;
+            } else {
+                break;
+            }
+        }
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            for item in group.split(',') {
+                let seg = ident(item.trim_start());
+                if !seg.is_empty() && seg != "self" {
+                    found.push([base.clone(), vec![seg]].concat());
+                }
+            }
+        }
+        found.push(base);
+    }
+    found
+}
+
+/// Pairs of modules of one parent that name each other (`parent: a <-> b`), each file counting
+/// for the child of the parent it lies under (so `source/slot/` as a whole is `slot`).
+fn import_circles(modules: &[(Vec<String>, String)]) -> Vec<String> {
+    let known: std::collections::HashSet<&[String]> = modules.iter().map(|(m, _)| m.as_slice()).collect();
+    let mut edges = std::collections::BTreeSet::new();
+    for (own, text) in modules {
+        for path in paths_named(text, own) {
+            let common = own.iter().zip(&path).take_while(|(a, b)| a == b).count();
+            if own.len() > common && path.len() > common && known.contains(&path[..=common]) {
+                edges.insert((own[..common].join("::"), own[common].clone(), path[common].clone()));
+            }
+        }
+    }
+    edges
+        .iter()
+        .filter(|(parent, a, b)| a < b && edges.contains(&(parent.clone(), b.clone(), a.clone())))
+        .map(|(parent, a, b)| format!("{}: {a} <-> {b}", if parent.is_empty() { "crate" } else { parent }))
+        .collect()
+}
+
+#[test]
+fn no_two_modules_of_one_folder_import_each_other() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let modules: Vec<(Vec<String>, String)> = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).expect("readable");
+            // A unit test naming a sibling's types is no dependency of the code.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or_default().to_owned();
+            (module_of(f.strip_prefix(&src).expect("under src")), code)
+        })
+        .collect();
+    let circles = import_circles(&modules);
+    assert!(circles.is_empty(), "modules of one folder that import each other:\n{}", circles.join("\n"));
+}
+
+#[test]
+fn the_checker_sees_an_import_circle() {
+    let module = |path: &str, text: &str| (module_of(Path::new(path)), text.to_owned());
+    let modules = [
+        module("source/mod.rs", "pub mod slot;\npub mod emit;\npub mod step;"),
+        module("source/slot/mod.rs", "use crate::source::{emit::Emitter, step};\npub struct SlotError;"),
+        module("source/slot/ceiling.rs", "use super::SlotError; // crate::source::step in a comment"),
+        module("source/emit.rs", "fn f() -> crate::source::slot::ceiling::Ceiling { todo!() }"),
+        module("source/step.rs", "use super::super::source::emit;"),
+        module("security/listener/io.rs", "use super::room::Conn;"),
+        module("security/listener/room.rs", "use super::{io::Activity, phase};"),
+        module("security/listener/phase.rs", ""),
+    ];
+    assert_eq!(
+        import_circles(&modules),
+        vec!["security::listener: io <-> room".to_owned(), "source: emit <-> slot".to_owned()]
+    );
 }
 
 #[test]

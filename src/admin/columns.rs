@@ -12,9 +12,30 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 
-use crate::admin::endpoints::{invalid, EndpointError};
 use crate::model::columns::UpdateColumns;
 use crate::model::event::CRM_TABLES;
+use crate::pg::db::DbError;
+
+/// Why a filter was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ColumnsError {
+    /// The filter is refused; the message names what is wrong with it.
+    #[error("{0}")]
+    Invalid(String),
+    /// The catalog could not be read.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for ColumnsError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ColumnsError::Db(DbError::Postgres(e))
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ColumnsError {
+    ColumnsError::Invalid(msg.into())
+}
 
 /// Most columns one table of a filter may list.
 pub const MAX_COLUMNS: usize = 256;
@@ -25,7 +46,7 @@ pub async fn check(
     client: &impl GenericClient,
     schema: &str,
     value: &Value,
-) -> Result<Option<UpdateColumns>, EndpointError> {
+) -> Result<Option<UpdateColumns>, ColumnsError> {
     let shape = || invalid("update_columns must be an object of CRM table name to a list of column names, or null");
     let tables = match value {
         Value::Null => return Ok(None),
@@ -88,7 +109,7 @@ pub async fn check(
 }
 
 /// The columns table `table` of `schema` has now (none when it does not exist).
-async fn columns_of(client: &impl GenericClient, schema: &str, table: &str) -> Result<Vec<String>, EndpointError> {
+async fn columns_of(client: &impl GenericClient, schema: &str, table: &str) -> Result<Vec<String>, ColumnsError> {
     let rows = client
         .query(
             "SELECT a.attname::text FROM pg_attribute a \

@@ -93,6 +93,15 @@ pub enum EndpointError {
     Reseal(#[from] crate::store::secrets::ResealError),
 }
 
+impl From<crate::admin::columns::ColumnsError> for EndpointError {
+    fn from(e: crate::admin::columns::ColumnsError) -> Self {
+        match e {
+            crate::admin::columns::ColumnsError::Invalid(msg) => EndpointError::InvalidRequest(msg),
+            crate::admin::columns::ColumnsError::Db(e) => EndpointError::Db(e),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for EndpointError {
     fn from(e: tokio_postgres::Error) -> Self {
         EndpointError::Db(DbError::Postgres(e))
