@@ -19,8 +19,11 @@
 //!   for; a backfill that cannot go on (its table is gone, its endpoint deleted or disabled)
 //!   ends `failed` with the reason.
 
+mod error;
 pub mod read;
 pub mod window;
+
+pub use error::BackfillError;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,30 +52,6 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const LINE_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reads of one chunk that could not be lined up before the runner moves on to others.
 const TRIES_PER_TURN: u32 = 5;
-
-/// Why a backfill step failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BackfillError {
-    /// A query failed.
-    #[error(transparent)]
-    Db(#[from] DbError),
-    /// The table cannot be read as a CRM table.
-    #[error("{0}")]
-    Table(String),
-    /// A column type could not be looked up.
-    #[error("looking up column types: {0}")]
-    Types(String),
-}
-
-impl BackfillError {
-    fn is_transient(&self) -> bool {
-        match self {
-            BackfillError::Db(e) => e.is_transient(),
-            BackfillError::Types(_) => true,
-            BackfillError::Table(_) => false,
-        }
-    }
-}
 
 /// Id of row `entity_key`'s backfilled event in backfill `backfill`: the same on every read,
 /// so a chunk sent again after a crash carries the same `webhook-id`s.

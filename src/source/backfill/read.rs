@@ -20,8 +20,8 @@ use bytes::Bytes;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::error::BackfillError;
 use super::window::{ChunkRow, LOW};
-use super::BackfillError;
 use crate::model::event::Table;
 use crate::pg::db::{Db, DbError};
 use crate::source::decode::Decoder;
