@@ -306,7 +306,7 @@ impl Replication {
         tracing::info!(slot = %slot, "replication streaming");
         let mut step = TxStep::new(self.cfg.database.crm_schema.as_str(), replay_until);
         // A window opened in an earlier session never closes: its chunk is read again.
-        self.windows = Windows::default();
+        self.windows.new_session();
         let notify = self.emitter.tracker().notify();
         let heartbeat_every = self.cfg.replication.heartbeat_interval.get();
         let (mut heard, mut probed) = (tokio::time::Instant::now(), false);

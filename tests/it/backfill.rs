@@ -232,9 +232,13 @@ async fn a_receiver_applying_events_in_arrival_order_ends_with_exactly_the_table
         .map(|(k, v)| (k.clone(), *v, applied.get(k).copied()))
         .chain(applied.iter().filter(|(k, _)| !table.contains_key(*k)).map(|(k, v)| (k.clone(), -2, Some(*v))))
         .collect();
+    let (sent, retried) = (
+        env.metric("walhook_backfill_chunks_total{outcome=\"sent\"}").await,
+        env.metric("walhook_backfill_chunks_total{outcome=\"retried\"}").await,
+    );
     println!(
-        "backfill consistency: {} rows in the table, {} sent by the backfill, {changes} concurrent changes, {} \
-         mismatches",
+        "backfill consistency: {} rows in the table, {} sent by the backfill in {sent} chunks ({retried} read \
+         again), {changes} concurrent changes, {} mismatches",
         table.len(),
         done["rows_sent"],
         mismatches.len()

@@ -133,7 +133,15 @@ impl Backfiller {
                         tracing::warn!(backfill = %b.id, error = %e, "backfill chunk failed; it is read again");
                         sleep_or_stop(IDLE_POLL, &shutdown).await;
                     }
-                    Err(e) => self.end(&b, Some(&e.to_string())).await,
+                    Err(e) => {
+                        // The reason is shown to the customer: no database detail in it.
+                        tracing::error!(backfill = %b.id, endpoint = %b.endpoint_id, error = %e, "backfill cannot go on");
+                        let reason = match &e {
+                            BackfillError::Table(why) => why.clone(),
+                            _ => "reading the table failed; walhook's log names the cause".to_owned(),
+                        };
+                        self.end(&b, Some(&reason)).await
+                    }
                 }
             }
         }

@@ -9,14 +9,16 @@
 //!   of the chunk is what the stream last said of it, so it is handed on at the high watermark,
 //!   behind everything before it and ahead of everything after it.
 //! - A transaction the read could not see but that had committed when the runner checked
-//!   (`committed_unseen`: one waiting for a synchronous standby, say) must be one the stream
-//!   read between the watermarks; one it read before the low watermark would make the chunk
-//!   older than the stream, so the chunk is read again.
+//!   (`committed_unseen`: one waiting for a synchronous standby, say) must not be one the
+//!   stream read before the low watermark: that would make the chunk older than the stream, so
+//!   the chunk is read again. (One read between the watermarks is covered by the window; one
+//!   the stream never shows, touching no published table, cannot make a row stale.) The
+//!   stream remembers the last [`RECENT_XIDS`] transactions it read for this check.
 //! - A high watermark without its low one (the session reconnected between them, or a replay
 //!   found the low one already confirmed) is never lined up: the chunk is read again.
 //! - Windows belong to one session: a new session starts with none.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -30,6 +32,9 @@ use crate::model::progress::TxWatch;
 pub const LOW: &str = "walhook.backfill.low";
 /// Prefix of the high watermark's logical message; its content is the chunk's token.
 pub const HIGH: &str = "walhook.backfill.high";
+
+/// Transactions the stream remembers having read (for `committed_unseen`).
+pub const RECENT_XIDS: usize = 1 << 16;
 
 /// What the stream must watch between a chunk's watermarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +155,12 @@ struct Window {
     xids: HashSet<u32>,
 }
 
-/// The windows of one session.
+/// The windows of a session, and the transactions the stream read lately.
 #[derive(Debug, Default)]
 pub struct Windows {
     open: Vec<Window>,
+    /// The last [`RECENT_XIDS`] transactions read, oldest first (kept across sessions).
+    recent: VecDeque<u32>,
 }
 
 /// What to do at a high watermark.
@@ -189,9 +196,19 @@ impl Windows {
         }
     }
 
+    /// A new session: no window is open (one opened before never closes: its chunk is read
+    /// again); the transactions read lately are still remembered.
+    pub fn new_session(&mut self) {
+        self.open.clear();
+    }
+
     /// A transaction `xid` begins in the stream. Windows of chunks the runner gave up on
     /// close here, so none grows for ever.
     pub fn transaction(&mut self, hub: &Hub, xid: u32) {
+        if self.recent.len() == RECENT_XIDS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(xid);
         if self.open.is_empty() {
             return;
         }
@@ -216,7 +233,8 @@ impl Windows {
         let Some(window) = window else {
             return AtHigh::Retry(chunk, "the stream did not read the chunk's low watermark in this session");
         };
-        if chunk.committed_unseen.iter().any(|x| !window.xids.contains(x)) {
+        let read_before = |x: &u32| !window.xids.contains(x) && self.recent.contains(x);
+        if chunk.committed_unseen.iter().any(read_before) {
             return AtHigh::Retry(
                 chunk,
                 "a transaction committed before the low watermark was not yet visible to the read",
@@ -280,14 +298,21 @@ mod tests {
         hub.intend(token, Intent { table: Table::Contacts, endpoint_id: ep });
         let _rx = chunk(&hub, token, ep, &["contacts:1"], vec![]);
         assert!(matches!(w.message(&hub, HIGH, token.to_string().as_bytes()), Some(AtHigh::Retry(..))));
-        // A transaction the read could not see, committed before the low watermark (not read
-        // in the window).
+        // A transaction the read could not see, read by the stream before the low watermark.
         let token = Uuid::new_v4();
         hub.intend(token, Intent { table: Table::Contacts, endpoint_id: ep });
+        w.transaction(&hub, 5);
         w.message(&hub, LOW, token.to_string().as_bytes());
         w.transaction(&hub, 8);
         let _rx = chunk(&hub, token, ep, &["contacts:1"], vec![8, 5]);
         assert!(matches!(w.message(&hub, HIGH, token.to_string().as_bytes()), Some(AtHigh::Retry(..))));
+        // Ones read between the watermarks, or never shown (no published table), are fine.
+        let token = Uuid::new_v4();
+        hub.intend(token, Intent { table: Table::Contacts, endpoint_id: ep });
+        w.message(&hub, LOW, token.to_string().as_bytes());
+        w.transaction(&hub, 9);
+        let _rx = chunk(&hub, token, ep, &["contacts:1"], vec![9, 12]);
+        assert!(matches!(w.message(&hub, HIGH, token.to_string().as_bytes()), Some(AtHigh::Send(..))));
     }
 
     #[test]
