@@ -8,9 +8,11 @@
 //! building a million-delivery backlog beside a healthy one. Every phase checks that the
 //! receiver got every expected event. `--memory` runs only the large-row memory cases
 //! (`memory.rs`) instead, `--archive` only the payload archive's cost (`archive.rs`), `--signing`
-//! only what a signature costs per request by scheme and during a rotation (`signing.rs`).
+//! only what a signature costs per request by scheme and during a rotation (`signing.rs`),
+//! `--backfill` only a backfill's rows/s and the live latency beside it (`backfill.rs`).
 
 mod archive;
+mod backfill;
 mod load;
 mod measure;
 mod memory;
@@ -67,6 +69,12 @@ struct Args {
     /// Run only the signing cost per request: v1, v1a, and each during a rotation.
     #[arg(long)]
     signing: bool,
+    /// Run only the backfill: rows/s, and live latency at 200/s beside it.
+    #[arg(long)]
+    backfill: bool,
+    /// Backfill: rows of the backfilled account.
+    #[arg(long, default_value_t = 100_000)]
+    backfill_rows: usize,
     /// Memory cases: the endpoint answers each request after this many milliseconds.
     #[arg(long, default_value_t = 1000)]
     answer_ms: u64,
@@ -107,6 +115,7 @@ fn main() -> anyhow::Result<()> {
     if args.smoke {
         (args.changes, args.accounts, args.latency_secs) = (2_000, 10, 3.0);
         (args.fanout_endpoints, args.fanout_changes, args.backlog) = (10, 100, 2_000);
+        args.backfill_rows = 2_000;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(run(args))
@@ -353,6 +362,10 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             cases.push(memory::Case { phase: PHASE_MEMORY_MEDIUM, rows: args.medium_rows, kb: args.medium_row_kb });
         }
         return memory::run(&b, &args, &cases).await;
+    }
+    if args.backfill {
+        (args.accounts, args.fanout_endpoints) = (1, 0);
+        return backfill::run(&mut b, &args).await;
     }
     if args.archive {
         args.fanout_endpoints = 0;

@@ -68,6 +68,8 @@ pub struct RowChange {
     /// Which columns the update changed; `None`: not an update, or its old row is unknown
     /// (the replica identity is not FULL).
     pub changed: Option<ChangedColumns>,
+    /// Every column is in `data` (nothing `omitted`).
+    pub whole: bool,
 }
 
 /// A change of `walhook.endpoints`; `None` fields were not in the row image.
@@ -318,7 +320,7 @@ fn row_change(
         (Op::Updated, Some(_)) => Some(ChangedColumns::new(info.names.clone())),
         _ => None,
     };
-    write_row(&mut body, info, (image, fallback, keys_only), moved_in, changed.as_mut());
+    let whole = write_row(&mut body, info, (image, fallback, keys_only), moved_in, changed.as_mut());
     body.push(b'}');
     let id =
         text_of(info.id_col, image, fallback).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
@@ -328,6 +330,7 @@ fn row_change(
         entity_key: format!("{}:{id}", info.rel.name),
         body: Bytes::from(body),
         changed,
+        whole,
     }
 }
 
@@ -373,14 +376,14 @@ fn datum_len(d: &Datum) -> usize {
 /// with `changed` (an update whose old row `fallback` is), marks there the columns whose value
 /// differs from the old row's and writes `,"previous":{"col":old value,…}` for them; then, when
 /// columns had to be left out, `,"omitted":{"reason":…,"columns":[…]}` (`moved_in`: the row
-/// joins this account, which never had the values left out).
+/// joins this account, which never had the values left out). Whether nothing was left out.
 fn write_row(
     out: &mut Vec<u8>,
     info: &RelInfo,
     (image, fallback, keys_only): (&Tuple, Option<&Tuple>, bool),
     moved_in: bool,
     mut changed: Option<&mut ChangedColumns>,
-) {
+) -> bool {
     out.push(b'{');
     let mut first = true;
     let mut omitted: Vec<&str> = Vec::new();
@@ -416,7 +419,7 @@ fn write_row(
         write_previous(out, info, old, changed);
     }
     if omitted.is_empty() {
-        return;
+        return true;
     }
     // Why: a delete (or a row leaving its account) under an index identity carries only the
     // key; an update carries no unchanged large (TOASTed) value unless the identity is FULL.
@@ -436,6 +439,7 @@ fn write_row(
         values::write_string(out, name.as_bytes());
     }
     out.extend_from_slice(b"]}");
+    false
 }
 
 /// Whether a new value (never an unchanged TOAST one) differs from the old row's `old`: raw

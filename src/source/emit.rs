@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::delivery::dispatch::budget::MemoryBudget;
 use crate::delivery::dispatch::DispatchMsg;
 use crate::model::delivery::{self, Delivery, Event};
+use crate::model::event::{EventType, Op, Table};
 use crate::model::position::Position;
 use crate::model::progress::Tracker;
 use crate::ops::metrics::Metrics;
@@ -194,6 +195,13 @@ impl Emitter {
             self.hand_on(d, shutdown).await?;
         }
         Ok(())
+    }
+
+    /// Whether endpoint `id` subscribes to some event of `table` now; `None` when it cannot
+    /// be sent to (unknown, deleted, or its URL or secret unusable).
+    pub fn subscribes_to(&self, id: Uuid, table: Table) -> Option<bool> {
+        let endpoint = self.router.get(id)?;
+        Some(Op::ALL.into_iter().any(|op| endpoint.events & EventType::new(table, op).bit() != 0))
     }
 
     /// The endpoints `change` would be routed to now (a backfill's window watches them).
@@ -446,6 +454,7 @@ mod tests {
             entity_key: "contacts:c1".into(),
             body: Bytes::from_static(b"{}"),
             changed: None,
+            whole: true,
         };
         let at = Position::new(0x500, 3);
         emitter.row(change, at, &shutdown).await.unwrap();

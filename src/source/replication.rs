@@ -38,6 +38,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::delivery::dispatch::budget::MemoryBudget;
 use crate::delivery::dispatch::{DispatchMsg, Fence};
+use crate::model::event::Op;
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::ReplicationStatus;
@@ -401,7 +402,9 @@ impl Replication {
                 Step::Row(change, position) => {
                     if !self.windows.is_empty() {
                         let targets = self.emitter.target_ids(&change);
-                        self.windows.routed(change.event_type.table, &change.entity_key, targets.iter().copied());
+                        let whole = change.whole || change.event_type.op == Op::Deleted;
+                        let row = (change.event_type.table, change.entity_key.as_str(), whole);
+                        self.windows.routed(row, targets.iter().copied());
                     }
                     self.emitter.row(change, position, shutdown).await?
                 }

@@ -358,6 +358,7 @@ mod tests {
                 m.iter().for_each(|&i| c.mark(i));
                 c
             }),
+            whole: true,
         };
         let reaches = |router: &Router, c: &RowChange| router.targets(c).count() == 1;
         assert!(reaches(&router, &change(Table::Contacts, Op::Updated, Some(&[2]))), "email changed");

@@ -18,6 +18,7 @@ mod alerts;
 mod api;
 mod architecture_doc;
 mod backfill;
+mod backfill_edges;
 mod columns;
 mod config_errors;
 mod contract;

@@ -225,6 +225,15 @@ impl Backfiller {
                     tracing::debug!(backfill = %b.id, table = table.name(), rows, read = rows_read, "backfill chunk sent");
                     return Ok(Turn::Moved { rows_read });
                 }
+                Some(Lined::Unsubscribed) => {
+                    tracing::info!(backfill = %b.id, endpoint = %b.endpoint_id, table = table.name(), "the endpoint no longer subscribes to this table's events; the backfill skips the rest of it");
+                    self.advance(b, 0, index + 1, None).await?;
+                    if index + 1 == tables.len() {
+                        self.end(b, None).await;
+                        return Ok(Turn::Ended);
+                    }
+                    return Ok(Turn::Moved { rows_read: 0 });
+                }
                 Some(Lined::EndpointGone) => {
                     self.end(b, Some("the endpoint was deleted, disabled, or cannot be sent to")).await;
                     return Ok(Turn::Ended);
@@ -316,6 +325,19 @@ pub async fn hand_on(
         AtHigh::Send(chunk) => chunk,
     };
     let Chunk { backfill_id, intent, account_id, rows, read_at_us, reply, .. } = chunk;
+    // Its subscriptions as of this point of the stream: a table it no longer subscribes to
+    // is not sent.
+    match emitter.subscribes_to(intent.endpoint_id, intent.table) {
+        None => {
+            let _ = reply.send(Lined::EndpointGone);
+            return Ok(());
+        }
+        Some(false) => {
+            let _ = reply.send(Lined::Unsubscribed);
+            return Ok(());
+        }
+        Some(true) => {}
+    }
     emitter.begin(lsn, read_at_us, false);
     let watch = emitter.tracker().watch_open().expect("a transaction was just opened");
     let event_type = EventType::new(intent.table, Op::Backfilled);

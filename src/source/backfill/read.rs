@@ -17,7 +17,7 @@
 //!   never handed on.
 
 use bytes::Bytes;
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
 use super::error::BackfillError;
@@ -118,11 +118,15 @@ impl Reader {
             .await
             .map_err(DbError::from)?
             .get(0);
+        // The simple query protocol: values come back as their types' output functions write
+        // them, exactly as pgoutput sends them (a cast to text differs: `true::text` is
+        // `true`, not `t`; `inet::text` adds the mask). Its literals are a UUID and a count.
         let select = format!(
-            "SELECT {} FROM {}.{} WHERE account_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3",
-            rel.columns.iter().map(|c| format!("{}::text", quoted(&c.name))).collect::<Vec<_>>().join(", "),
+            "SELECT {} FROM {}.{} WHERE account_id = '{account}' {} ORDER BY id LIMIT {limit}",
+            rel.columns.iter().map(|c| quoted(&c.name)).collect::<Vec<_>>().join(", "),
             quoted(&self.schema),
             quoted(table.name()),
+            after.map(|k| format!("AND id > '{k}'")).unwrap_or_default(),
         );
         let tx = client
             .build_transaction()
@@ -137,8 +141,16 @@ impl Reader {
         )
         .await
         .map_err(DbError::from)?;
-        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = tx.query(select.as_str(), &[&account, &after, &limit_i]).await.map_err(DbError::from)?;
+        let rows: Vec<SimpleQueryRow> = tx
+            .simple_query(&select)
+            .await
+            .map_err(DbError::from)?
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
         let read_at = chrono::Utc::now();
         // The WAL flushed past the low watermark: a transaction whose commit record precedes
         // it has stopped waiting for its flush and shows as committed below.
@@ -175,10 +187,10 @@ impl Reader {
         for row in &rows {
             let tuple = Tuple(
                 (0..rel.columns.len())
-                    .map(|i| row.get::<_, Option<String>>(i).map_or(Datum::Null, |t| Datum::Text(Bytes::from(t))))
+                    .map(|i| row.get(i).map_or(Datum::Null, |t| Datum::Text(Bytes::copy_from_slice(t.as_bytes()))))
                     .collect(),
             );
-            let key = row.get::<_, Option<String>>(id_col).and_then(|t| Uuid::parse_str(&t).ok());
+            let key = row.get(id_col).and_then(|t| Uuid::parse_str(t).ok());
             let Some(change) = self.decoder.backfilled(rel.id, &tuple, &timestamp) else { continue };
             last_key = key;
             if change.account_id != Some(account) {

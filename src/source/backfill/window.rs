@@ -14,6 +14,9 @@
 //!   the chunk is read again. (One read between the watermarks is covered by the window; one
 //!   the stream never shows, touching no published table, cannot make a row stale.) The
 //!   stream remembers the last [`RECENT_XIDS`] transactions it read for this check.
+//! - A row the stream sent without its whole image between the watermarks (columns
+//!   `omitted`, under a replica identity other than FULL) can be neither dropped nor sent as
+//!   read: the chunk is read again.
 //! - A high watermark without its low one (the session reconnected between them, or a replay
 //!   found the low one already confirmed) is never lined up: the chunk is read again.
 //! - Windows belong to one session: a new session starts with none.
@@ -91,6 +94,9 @@ pub enum Lined {
     Retry(&'static str),
     /// The endpoint cannot receive it (deleted, disabled or unroutable); the backfill fails.
     EndpointGone,
+    /// The endpoint no longer subscribes to any event of the table: nothing of it was sent,
+    /// and the backfill moves on to its next table.
+    Unsubscribed,
 }
 
 /// Chunks between the runner and the stream, by token.
@@ -151,6 +157,9 @@ struct Window {
     intent: Intent,
     /// Rows of the table the stream sent the endpoint since the low watermark.
     changed: HashSet<String>,
+    /// Of those, rows sent without their whole image (columns `omitted`: an update leaving a
+    /// large value unchanged under a replica identity other than FULL).
+    partial: HashSet<String>,
     /// Transactions read since the low watermark.
     xids: HashSet<u32>,
 }
@@ -187,7 +196,8 @@ impl Windows {
             LOW => {
                 if let Some(intent) = hub.intent(token) {
                     self.open.retain(|w| w.token != token);
-                    self.open.push(Window { token, intent, changed: HashSet::new(), xids: HashSet::new() });
+                    let (changed, partial, xids) = (HashSet::new(), HashSet::new(), HashSet::new());
+                    self.open.push(Window { token, intent, changed, partial, xids });
                 }
                 None
             }
@@ -218,11 +228,19 @@ impl Windows {
         }
     }
 
-    /// The stream sends row `entity_key` of `table` to `endpoints`.
-    pub fn routed(&mut self, table: Table, entity_key: &str, endpoints: impl Iterator<Item = Uuid> + Clone) {
+    /// The stream sends row `entity_key` of `table` to `endpoints`, `whole` or with columns
+    /// left out (a delete is whole: the row is gone).
+    pub fn routed(
+        &mut self,
+        (table, entity_key, whole): (Table, &str, bool),
+        endpoints: impl Iterator<Item = Uuid> + Clone,
+    ) {
         for w in &mut self.open {
             if w.intent.table == table && endpoints.clone().any(|e| e == w.intent.endpoint_id) {
                 w.changed.insert(entity_key.to_owned());
+                if !whole {
+                    w.partial.insert(entity_key.to_owned());
+                }
             }
         }
     }
@@ -239,6 +257,11 @@ impl Windows {
                 chunk,
                 "a transaction committed before the low watermark was not yet visible to the read",
             );
+        }
+        // A row whose change came without its whole image cannot be dropped (the receiver
+        // would never get the columns left out) nor sent as read (older than that change).
+        if chunk.rows.iter().any(|r| window.partial.contains(&r.entity_key)) {
+            return AtHigh::Retry(chunk, "a row changed between the watermarks without its whole image");
         }
         chunk.rows.retain(|r| !window.changed.contains(&r.entity_key));
         AtHigh::Send(chunk)
@@ -275,12 +298,12 @@ mod tests {
         let t = token.to_string();
         hub.intend(token, Intent { table: Table::Contacts, endpoint_id: ep });
         // Before the low watermark: not the window's business.
-        w.routed(Table::Contacts, "contacts:1", [ep].into_iter());
+        w.routed((Table::Contacts, "contacts:1", true), [ep].into_iter());
         assert!(w.message(&hub, LOW, t.as_bytes()).is_none());
         w.transaction(&hub, 7);
-        w.routed(Table::Contacts, "contacts:2", [other, ep].into_iter());
-        w.routed(Table::Contacts, "contacts:3", [other].into_iter()); // another endpoint's
-        w.routed(Table::Companies, "contacts:4", [ep].into_iter()); // another table
+        w.routed((Table::Contacts, "contacts:2", true), [other, ep].into_iter());
+        w.routed((Table::Contacts, "contacts:3", false), [other].into_iter()); // another endpoint's
+        w.routed((Table::Companies, "contacts:4", false), [ep].into_iter()); // another table
         let _rx = chunk(&hub, token, ep, &["contacts:1", "contacts:2", "contacts:3", "contacts:4"], vec![7]);
         match w.message(&hub, HIGH, t.as_bytes()) {
             Some(AtHigh::Send(c)) => assert_eq!(keys(&c), ["contacts:1", "contacts:3", "contacts:4"]),
@@ -313,6 +336,13 @@ mod tests {
         w.transaction(&hub, 9);
         let _rx = chunk(&hub, token, ep, &["contacts:1"], vec![9, 12]);
         assert!(matches!(w.message(&hub, HIGH, token.to_string().as_bytes()), Some(AtHigh::Send(..))));
+        // A row of the chunk sent without its whole image meanwhile.
+        let token = Uuid::new_v4();
+        hub.intend(token, Intent { table: Table::Contacts, endpoint_id: ep });
+        w.message(&hub, LOW, token.to_string().as_bytes());
+        w.routed((Table::Contacts, "contacts:1", false), [ep].into_iter());
+        let _rx = chunk(&hub, token, ep, &["contacts:1"], vec![]);
+        assert!(matches!(w.message(&hub, HIGH, token.to_string().as_bytes()), Some(AtHigh::Retry(..))));
     }
 
     #[test]

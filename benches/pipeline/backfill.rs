@@ -1,0 +1,158 @@
+//! `--backfill`: what a backfill reads per second, and what it does to the live stream.
+//! `--backfill-rows` contacts of one account (about 0.7 kB each, like the other phases) are
+//! written before walhook starts. Then, each against a reference in this same run:
+//! 1. rows/s of an unthrottled backfill (`rows_per_second = 0`) against one `SELECT` reading
+//!    the same rows (as text, like the backfill) in this process;
+//! 2. live latency at 200 changes/s (another account) alone, then while a backfill at the
+//!    default pace (`rows_per_second = 2000`) runs throughout.
+//!
+//! Every backfilled row must arrive signed, each backfill under ids of its own.
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use walhook::admin::endpoints::{Caller, Endpoints, NewEndpoint};
+use walhook::config::Config;
+use walhook::pg::db::Db;
+use walhook::security::secrets::SecretBox;
+use walhook::security::ssrf::AddressPolicy;
+
+use crate::{account, latencies, load, measure, Args, Bench};
+
+/// Row ids of the backfilled rows carry this phase.
+const PHASE_ROWS: u8 = 12;
+/// Live changes alone.
+const PHASE_ALONE: u8 = 13;
+/// Live changes beside a backfill.
+const PHASE_BESIDE: u8 = 14;
+/// The account whose rows are backfilled.
+const BACKFILL_ACCOUNT: usize = 0xbf;
+
+pub async fn run(b: &mut Bench, args: &Args) -> anyhow::Result<()> {
+    let n = args.backfill_rows;
+    b.endpoints(args).await?;
+    let cfg = Config::from_toml(&b.config_toml())?;
+    let endpoints = Endpoints::new(
+        Db::new(&cfg.database)?,
+        SecretBox::new(None)?,
+        AddressPolicy::new(cfg.dispatch.allowed_cidrs.clone()),
+        cfg.database.crm_schema.as_str(),
+    );
+    let caller = Caller { account_id: account(BACKFILL_ACCOUNT), user_id: account(BACKFILL_ACCOUNT) };
+    let new = NewEndpoint {
+        url: Some(b.receiver.url("backfill")),
+        events: Some(vec!["contact.created".into()]),
+        ..Default::default()
+    };
+    let (ep, secret) = endpoints.create(caller, new).await?;
+    b.receiver.set_secret("backfill", secret.expose());
+    let t = Instant::now();
+    b.client
+        .batch_execute(&format!(
+            "INSERT INTO contacts (id, account_id, first_name, last_name, email, title, tags, custom_fields) \
+             SELECT ('b{PHASE_ROWS:07x}-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, '{acct}', 'Ann' || i, \
+             repeat('x', 420), 'a' || i || '@example.com', 'CTO', ARRAY['vip', 'tier ' || (i % 7)], \
+             jsonb_build_object('source', 'bench', 'score', i, 'nested', jsonb_build_object('a', ARRAY[1, 2, 3])) \
+             FROM generate_series(0, {last}) i",
+            acct = account(BACKFILL_ACCOUNT),
+            last = n - 1
+        ))
+        .await?;
+    println!("wrote {n} rows in {:.1} s", t.elapsed().as_secs_f64());
+
+    // The reference: the same rows read as text by one SELECT.
+    let t = Instant::now();
+    let read = b
+        .client
+        .simple_query(&format!(
+            "SELECT id::text, account_id::text, first_name, last_name, email, title, tags::text, custom_fields::text, \
+             created_at::text, updated_at::text FROM contacts WHERE account_id = '{}' ORDER BY id",
+            account(BACKFILL_ACCOUNT)
+        ))
+        .await?;
+    let select_rate = n as f64 / t.elapsed().as_secs_f64();
+    ensure!(read.len() > n, "the reference read {} rows", read.len());
+
+    // 1. Unthrottled.
+    b.retention_extra = "[backfill]\nrows_per_second = 0\n".into();
+    let mut walhook = b.spawn_walhook()?;
+    let pid = walhook.id();
+    wait_streaming(b).await?;
+    let cpu0 = measure::cpu_secs(pid);
+    let pg_before = measure::pg_cpu_by_kind();
+    let started = Instant::now();
+    let bf = endpoints.backfill(caller, ep.id, None).await?;
+    b.wait_for_phase(PHASE_ROWS, n, Duration::from_secs(1800)).await?;
+    let took = started.elapsed().as_secs_f64();
+    let walhook_cpu = measure::cpu_secs(pid) - cpu0;
+    let (pg_cpu, pg_parts) = measure::pg_cpu_delta(&pg_before, &measure::pg_cpu_by_kind());
+    let rate = n as f64 / took;
+    wait_finished(&endpoints, caller, bf.id).await?;
+    println!(
+        "backfill, unthrottled: {n} rows in {took:.2} s = {rate:.0} rows/s = {:.0}% of one SELECT of the same rows \
+         ({select_rate:.0} rows/s); CPU per 1,000 rows: walhook {:.3} s, postgres {:.3} s ({pg_parts})",
+        100.0 * rate / select_rate,
+        1e3 * walhook_cpu / n as f64,
+        1e3 * pg_cpu / n as f64
+    );
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = walhook.wait();
+
+    // 2. Live latency at 200/s, alone and beside a backfill at the default pace.
+    b.retention_extra = String::new();
+    let mut walhook = b.spawn_walhook()?;
+    let pid = walhook.id();
+    wait_streaming(b).await?;
+    let commits = load::paced(&b.url, PHASE_ALONE, 200.0, args.latency_secs, account(0)).await?;
+    b.wait_for_phase(PHASE_ALONE, commits.len(), Duration::from_secs(120)).await?;
+    let alone = latencies(b, PHASE_ALONE, &commits, |n| n);
+    let before = b.phase(PHASE_ROWS, |s| s.count);
+    let bf = endpoints.backfill(caller, ep.id, None).await?;
+    let commits = load::paced(&b.url, PHASE_BESIDE, 200.0, args.latency_secs, account(0)).await?;
+    let during = b.phase(PHASE_ROWS, |s| s.count) - before;
+    let running = endpoints.backfill_get(caller, bf.id).await?.status == "running";
+    b.wait_for_phase(PHASE_BESIDE, commits.len(), Duration::from_secs(120)).await?;
+    let beside = latencies(b, PHASE_BESIDE, &commits, |n| n);
+    b.wait_for_phase(PHASE_ROWS, before + n, Duration::from_secs(1800)).await?;
+    wait_finished(&endpoints, caller, bf.id).await?;
+    let (ids, unverified) = b.phase(PHASE_ROWS, |s| (s.ids.len(), s.unverified));
+    ensure!(ids == 2 * n, "{ids} distinct webhook ids for two backfills of {n} rows");
+    ensure!(unverified == 0, "{unverified} backfilled requests did not verify");
+    println!(
+        "live latency at 200/s: alone p50 {:.1} ms, p99 {:.1} ms; beside a backfill at 2000 rows/s ({during} rows \
+         during the window, {:.0}/s{}) p50 {:.1} ms ({:.2}×), p99 {:.1} ms ({:.2}×)",
+        alone.p50,
+        alone.p99,
+        during as f64 / args.latency_secs,
+        if running { ", still running at its end" } else { ", ended within it" },
+        beside.p50,
+        beside.p50 / alone.p50,
+        beside.p99,
+        beside.p99 / alone.p99,
+    );
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = walhook.wait();
+    Ok(())
+}
+
+/// Until the spawned walhook streams (its slot is active).
+async fn wait_streaming(b: &Bench) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'bench' AND active").await? == 0 {
+        ensure!(Instant::now() < deadline, "walhook did not start streaming");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn wait_finished(endpoints: &Endpoints, caller: Caller, id: uuid::Uuid) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = endpoints.backfill_get(caller, id).await?.status;
+        if status == "finished" {
+            return Ok(());
+        }
+        ensure!(status == "running" && Instant::now() < deadline, "backfill {id} is {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
