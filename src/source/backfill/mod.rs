@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::model::delivery::Event;
 use crate::model::event::{EventType, Op, Table};
 use crate::model::position::Position;
+use crate::model::progress::TxWatch;
 use crate::ops::metrics::Metrics;
 use crate::ops::status::ReplicationStatus;
 use crate::pg::db::{Db, DbError};
@@ -52,6 +53,10 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const LINE_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reads of one chunk that could not be lined up before the runner moves on to others.
 const TRIES_PER_TURN: u32 = 5;
+/// Pause before reading again a chunk the stream could not line up.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How often the runner looks whether a chunk's deliveries are durable.
+const SETTLE_POLL: Duration = Duration::from_millis(10);
 
 /// Id of row `entity_key`'s backfilled event in backfill `backfill`: the same on every read,
 /// so a chunk sent again after a crash carries the same `webhook-id`s.
@@ -119,14 +124,16 @@ impl Backfiller {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(next_read) => {}
                 }
+                let began = tokio::time::Instant::now();
                 let turn = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     turn = self.turn(&b) => turn,
                 };
                 match turn {
+                    // The pace counts from when the chunk was started, so the time it takes to
+                    // line up and settle is part of it, not added to it.
                     Ok(Turn::Moved { rows_read }) if rate > 0 => {
-                        next_read =
-                            tokio::time::Instant::now() + Duration::from_secs_f64(rows_read as f64 / rate as f64);
+                        next_read = began + Duration::from_secs_f64(rows_read as f64 / rate as f64);
                     }
                     Ok(_) => {}
                     Err(e) if e.is_transient() => {
@@ -180,12 +187,7 @@ impl Backfiller {
             let Some(last_key) = read.last_key else {
                 // The table has no more rows: on to the next one.
                 self.hub.forget(token);
-                self.advance(b, 0, index + 1, None).await?;
-                if index + 1 == tables.len() {
-                    self.end(b, None).await;
-                    return Ok(Turn::Ended);
-                }
-                return Ok(Turn::Moved { rows_read: 0 });
+                return self.next_table(b, index, tables.len()).await;
             };
             let rows_read = read.rows.len();
             let (reply, answer) = tokio::sync::oneshot::channel();
@@ -206,16 +208,10 @@ impl Backfiller {
             match self.lined_up(token, answer).await {
                 Some(Lined::Sent { rows, watch }) => {
                     // Durable, every row of it, before progress moves past it.
-                    loop {
-                        if watch.settled() {
-                            break;
-                        }
-                        if watch.abandoned() {
-                            tracing::debug!(backfill = %b.id, "backfill chunk abandoned by the stream; reading it again");
-                            self.metrics.backfill_chunks.with_label_values(&["retried"]).inc();
-                            return Ok(Turn::NotYet);
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    if !settled(&watch).await {
+                        tracing::debug!(backfill = %b.id, "backfill chunk abandoned by the stream; reading it again");
+                        self.metrics.backfill_chunks.with_label_values(&["retried"]).inc();
+                        return Ok(Turn::NotYet);
                     }
                     if !self.advance(b, rows as i64, index, Some(last_key)).await? {
                         return Ok(Turn::Ended); // cancelled meanwhile
@@ -227,12 +223,7 @@ impl Backfiller {
                 }
                 Some(Lined::Unsubscribed) => {
                     tracing::info!(backfill = %b.id, endpoint = %b.endpoint_id, table = table.name(), "the endpoint no longer subscribes to this table's events; the backfill skips the rest of it");
-                    self.advance(b, 0, index + 1, None).await?;
-                    if index + 1 == tables.len() {
-                        self.end(b, None).await;
-                        return Ok(Turn::Ended);
-                    }
-                    return Ok(Turn::Moved { rows_read: 0 });
+                    return self.next_table(b, index, tables.len()).await;
                 }
                 Some(Lined::EndpointGone) => {
                     self.end(b, Some("the endpoint was deleted, disabled, or cannot be sent to")).await;
@@ -241,6 +232,8 @@ impl Backfiller {
                 Some(Lined::Retry(why)) => {
                     tracing::debug!(backfill = %b.id, why, "backfill chunk read again");
                     self.metrics.backfill_chunks.with_label_values(&["retried"]).inc();
+                    // (A commit waiting for a synchronous standby becomes visible meanwhile.)
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 None => {
                     tracing::debug!(backfill = %b.id, "backfill chunk not lined up in time; reading it again");
@@ -255,6 +248,18 @@ impl Backfiller {
             }
         }
         Ok(Turn::NotYet)
+    }
+
+    /// Table `index` of `tables` is done: on to the next, or the backfill is.
+    async fn next_table(&self, b: &StoredBackfill, index: usize, tables: usize) -> Result<Turn, BackfillError> {
+        if !self.advance(b, 0, index + 1, None).await? {
+            return Ok(Turn::Ended); // cancelled meanwhile
+        }
+        if index + 1 == tables {
+            self.end(b, None).await;
+            return Ok(Turn::Ended);
+        }
+        Ok(Turn::Moved { rows_read: 0 })
     }
 
     async fn emit_high(&self, token: Uuid) -> Result<(), BackfillError> {
@@ -367,6 +372,20 @@ pub async fn hand_on(
     };
     let _ = reply.send(answer);
     Ok(())
+}
+
+/// Whether every delivery of the chunk `watch` watches is durable (`false`: one was dropped
+/// unsettled, or the stream broke while handing it on).
+async fn settled(watch: &TxWatch) -> bool {
+    loop {
+        if watch.settled() {
+            return true;
+        }
+        if watch.abandoned() {
+            return false;
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
 }
 
 async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) {
