@@ -169,13 +169,7 @@ pub fn keyed_id(domain: &[u8], key: Uuid, bytes: &[u8], endpoint: Option<Uuid>) 
     h.update(key.as_bytes());
     h.update((bytes.len() as u64).to_be_bytes());
     h.update(bytes);
-    if let Some(e) = endpoint {
-        h.update(e.as_bytes());
-    }
-    let digest = h.finalize();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&digest[..16]);
-    Uuid::new_v8(b)
+    finish_id(h, endpoint)
 }
 
 fn derive_id(domain: &[u8], at: Position, endpoint: Option<Uuid>) -> Uuid {
@@ -183,6 +177,11 @@ fn derive_id(domain: &[u8], at: Position, endpoint: Option<Uuid>) -> Uuid {
     h.update(domain);
     h.update(at.commit_lsn.to_be_bytes());
     h.update(at.seq.to_be_bytes());
+    finish_id(h, endpoint)
+}
+
+/// `h` after `endpoint` (for a delivery's id), its digest's first 16 bytes as a UUID.
+fn finish_id(mut h: Sha256, endpoint: Option<Uuid>) -> Uuid {
     if let Some(e) = endpoint {
         h.update(e.as_bytes());
     }

@@ -4,7 +4,8 @@
 //! scoped by their `WHERE`), except by the streaming replica's backfill runner, which moves
 //! running backfills on; one endpoint has at most one running backfill (the unique index
 //! `backfills_one_running`, so two concurrent calls cannot both start one); progress only
-//! moves while the backfill is running, so a chunk settling after a cancel changes nothing.
+//! moves while the backfill is running, and only forward, so a chunk settling after a cancel,
+//! or late in a process that lost the lead, changes nothing.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
@@ -171,7 +172,8 @@ pub async fn set_estimate(client: &impl GenericClient, id: Uuid, rows: i64) -> R
 }
 
 /// A settled chunk: `rows` more sent, reading goes on after `last_key` of table `table_index`
-/// (`None`: that table starts from its first key). Whether the backfill was still running.
+/// (`None`: that table starts from its first key). Progress only moves forward (a process
+/// that lost the lead and settles an older chunk late moves nothing). Whether it moved.
 pub async fn advance(
     client: &impl GenericClient,
     id: Uuid,
@@ -182,7 +184,9 @@ pub async fn advance(
     let n = client
         .execute(
             "UPDATE walhook.backfills SET rows_sent = rows_sent + $2, chunks = chunks + 1, table_index = $3, \
-             last_key = $4 WHERE id = $1 AND status = 'running'",
+             last_key = $4 WHERE id = $1 AND status = 'running' \
+             AND (table_index, coalesce(last_key, '00000000-0000-0000-0000-000000000000')) \
+                 < ($3, coalesce($4::uuid, '00000000-0000-0000-0000-000000000000'))",
             &[&id, &rows, &table_index, &last_key],
         )
         .await?;

@@ -214,7 +214,7 @@ impl Backfiller {
                         return Ok(Turn::NotYet);
                     }
                     if !self.advance(b, rows as i64, index, Some(last_key)).await? {
-                        return Ok(Turn::Ended); // cancelled meanwhile
+                        return Ok(Turn::Ended); // cancelled, or moved on by another process
                     }
                     self.metrics.backfill_rows.inc_by(rows as u64);
                     self.metrics.backfill_chunks.with_label_values(&["sent"]).inc();
@@ -253,7 +253,7 @@ impl Backfiller {
     /// Table `index` of `tables` is done: on to the next, or the backfill is.
     async fn next_table(&self, b: &StoredBackfill, index: usize, tables: usize) -> Result<Turn, BackfillError> {
         if !self.advance(b, 0, index + 1, None).await? {
-            return Ok(Turn::Ended); // cancelled meanwhile
+            return Ok(Turn::Ended); // cancelled, or moved on by another process
         }
         if index + 1 == tables {
             self.end(b, None).await;

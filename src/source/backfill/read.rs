@@ -3,7 +3,9 @@
 //!
 //! What must hold:
 //! - One short REPEATABLE READ, READ ONLY transaction per chunk: at most `backfill.chunk_size`
-//!   rows of one account, in key order after the last key sent; no snapshot outlives it.
+//!   rows of one account, in key order after the last key sent, fetched through a cursor
+//!   until their bodies reach the byte cap (a quarter of `dispatch.memory_limit`, at least
+//!   one row), so large rows are neither held nor read beyond it; no snapshot outlives it.
 //! - The read starts after the low watermark is written, and the transactions its snapshot
 //!   could not see that had committed by the time of the check are named in the chunk, after
 //!   the WAL is flushed past the low watermark (so one whose commit record came before it has
@@ -27,6 +29,10 @@ use crate::pg::db::{Db, DbError};
 use crate::source::decode::Decoder;
 use crate::source::pgoutput::{Column, Datum, Relation, Tuple};
 
+/// Rows fetched first from a chunk's cursor; later fetches are sized by the rows seen.
+const FIRST_FETCH: usize = 8;
+/// The most rows one fetch asks for.
+const MAX_FETCH: usize = 1000;
 /// How long to wait for the WAL to be flushed past the low watermark before checking.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -141,17 +147,53 @@ impl Reader {
         )
         .await
         .map_err(DbError::from)?;
-        let rows: Vec<SimpleQueryRow> = tx
-            .simple_query(&select)
-            .await
-            .map_err(DbError::from)?
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(row),
-                _ => None,
-            })
-            .collect();
         let read_at = chrono::Utc::now();
+        let timestamp = read_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        // A cursor, fetched a few rows at a time: rows past `byte_cap` are never read (nor
+        // held), so a chunk of large rows costs its cap, not `chunk_size` rows.
+        tx.batch_execute(&format!("DECLARE walhook_backfill NO SCROLL CURSOR FOR {select}"))
+            .await
+            .map_err(DbError::from)?;
+        let id_col = rel.columns.iter().position(|c| c.name == "id").expect("checked above");
+        let (mut out, mut bytes, mut last_key, mut fetched) = (Vec::new(), 0usize, None, 0usize);
+        let mut batch = FIRST_FETCH.min(limit);
+        'fetch: while batch > 0 {
+            let rows: Vec<SimpleQueryRow> = tx
+                .simple_query(&format!("FETCH {batch} FROM walhook_backfill"))
+                .await
+                .map_err(DbError::from)?
+                .into_iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => Some(row),
+                    _ => None,
+                })
+                .collect();
+            if rows.is_empty() {
+                break;
+            }
+            fetched += rows.len();
+            for row in &rows {
+                let tuple = Tuple(
+                    (0..rel.columns.len())
+                        .map(|i| row.get(i).map_or(Datum::Null, |t| Datum::Text(Bytes::copy_from_slice(t.as_bytes()))))
+                        .collect(),
+                );
+                let key = row.get(id_col).and_then(|t| Uuid::parse_str(t).ok());
+                let Some(change) = self.decoder.backfilled(rel.id, &tuple, &timestamp) else { continue };
+                last_key = key;
+                if change.account_id != Some(account) {
+                    continue; // never another account's row
+                }
+                bytes += change.body.len();
+                out.push(ChunkRow { entity_key: change.entity_key, body: change.body });
+                if bytes >= byte_cap {
+                    break 'fetch;
+                }
+            }
+            // As many more as the cap has room for, judging by the rows so far.
+            let average = (bytes / out.len().max(1)).max(1);
+            batch = ((byte_cap - bytes) / average).clamp(1, MAX_FETCH).min(limit - fetched);
+        }
         // The WAL flushed past the low watermark: a transaction whose commit record precedes
         // it has stopped waiting for its flush and shows as committed below.
         let flushed_by = tokio::time::Instant::now() + FLUSH_WAIT;
@@ -180,28 +222,6 @@ impl Reader {
             .filter_map(|r| r.get::<_, String>(0).parse::<u64>().ok())
             .map(|x| x as u32) // the stream names transactions by their 32-bit xid
             .collect();
-        let timestamp = read_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
-        let id_col = rel.columns.iter().position(|c| c.name == "id").expect("checked above");
-        let mut out = Vec::with_capacity(rows.len());
-        let (mut bytes, mut last_key) = (0usize, None);
-        for row in &rows {
-            let tuple = Tuple(
-                (0..rel.columns.len())
-                    .map(|i| row.get(i).map_or(Datum::Null, |t| Datum::Text(Bytes::copy_from_slice(t.as_bytes()))))
-                    .collect(),
-            );
-            let key = row.get(id_col).and_then(|t| Uuid::parse_str(t).ok());
-            let Some(change) = self.decoder.backfilled(rel.id, &tuple, &timestamp) else { continue };
-            last_key = key;
-            if change.account_id != Some(account) {
-                continue; // never another account's row
-            }
-            bytes += change.body.len();
-            out.push(ChunkRow { entity_key: change.entity_key, body: change.body });
-            if bytes >= byte_cap {
-                break;
-            }
-        }
         Ok(Read { rows: out, last_key, read_at_us: read_at.timestamp_micros(), committed_unseen })
     }
 
