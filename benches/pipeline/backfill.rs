@@ -6,7 +6,9 @@
 //! 2. live latency at 200 changes/s (another account) alone, then while a backfill at the
 //!    default pace (`rows_per_second = 2000`) runs throughout;
 //! 3. the same endpoint's live rate for the same rows (each updated once, 1,000 per
-//!    transaction), the bound a backfill to one endpoint shares with the stream.
+//!    transaction), the bound a backfill to one endpoint shares with the stream;
+//! 4. RSS while `--backfill-big-rows` rows of ~300 kB are backfilled under a 4 MiB
+//!    `dispatch.memory_limit`, against the same process idle.
 //!
 //! Every backfilled row must arrive signed, each backfill under ids of its own.
 
@@ -19,6 +21,7 @@ use walhook::pg::db::Db;
 use walhook::security::secrets::SecretBox;
 use walhook::security::ssrf::AddressPolicy;
 
+use crate::measure::{Memory, RssSampler};
 use crate::{account, latencies, load, measure, Args, Bench};
 
 /// Row ids of the backfilled rows carry this phase.
@@ -29,6 +32,10 @@ const PHASE_ALONE: u8 = 13;
 const PHASE_BESIDE: u8 = 14;
 /// The account whose rows are backfilled.
 const BACKFILL_ACCOUNT: usize = 0xbf;
+/// Large rows' ids carry this phase.
+const PHASE_BIG: u8 = 15;
+/// The account of the large rows.
+const BIG_ACCOUNT: usize = 0xb16;
 
 pub async fn run(b: &mut Bench, args: &Args) -> anyhow::Result<()> {
     let n = args.backfill_rows;
@@ -156,6 +163,57 @@ pub async fn run(b: &mut Bench, args: &Args) -> anyhow::Result<()> {
     );
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = walhook.wait();
+
+    // 4. Large rows under a small memory limit: RSS while backfilling them, against idle.
+    large_rows(b, &endpoints, args).await
+}
+
+/// `--backfill-big-rows` rows of about 300 kB backfilled with `dispatch.memory_limit = 4MiB`:
+/// peak RSS against the same process idle just before.
+async fn large_rows(b: &mut Bench, endpoints: &Endpoints, args: &Args) -> anyhow::Result<()> {
+    let n = args.backfill_big_rows;
+    let caller = Caller { account_id: account(BIG_ACCOUNT), user_id: account(BIG_ACCOUNT) };
+    b.client
+        .batch_execute(&format!(
+            "INSERT INTO contacts (id, account_id, first_name, title) \
+             SELECT ('b{PHASE_BIG:07x}-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, '{}', 'Big' || i, \
+             repeat(md5(i::text), 9600) FROM generate_series(0, {}) i",
+            account(BIG_ACCOUNT),
+            n - 1
+        ))
+        .await?;
+    let new = NewEndpoint {
+        url: Some(b.receiver.url("big")),
+        events: Some(vec!["contact.created".into()]),
+        ..Default::default()
+    };
+    let (ep, secret) = endpoints.create(caller, new).await?;
+    b.receiver.set_secret("big", secret.expose());
+    b.dispatch_extra = "memory_limit = \"4MiB\"\n".into();
+    b.retention_extra = "[backfill]\nrows_per_second = 0\n".into();
+    let mut walhook = b.spawn_walhook()?;
+    let pid = walhook.id();
+    let rss = RssSampler::start(pid);
+    wait_streaming(b).await?;
+    let idle_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let bf = endpoints.backfill(caller, ep.id, None).await?;
+    b.wait_for_phase(PHASE_BIG, n, Duration::from_secs(1800)).await?;
+    wait_finished(endpoints, caller, bf.id).await?;
+    let idle = Memory::of(&rss.between(idle_from, started));
+    let busy = Memory::of(&rss.between(started, Instant::now()));
+    println!(
+        "large rows: {n} rows of ~300 kB backfilled in {:.1} s with dispatch.memory_limit 4MiB: RSS idle {:.1} MiB, \
+         peak {:.1} MiB (+{:.1} MiB)",
+        started.elapsed().as_secs_f64(),
+        idle.median,
+        busy.peak,
+        busy.peak - idle.median
+    );
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = walhook.wait();
+    b.dispatch_extra.clear();
     Ok(())
 }
 

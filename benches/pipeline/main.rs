@@ -75,6 +75,9 @@ struct Args {
     /// Backfill: rows of the backfilled account.
     #[arg(long, default_value_t = 100_000)]
     backfill_rows: usize,
+    /// Backfill: rows of ~300 kB of the large-row case.
+    #[arg(long, default_value_t = 600)]
+    backfill_big_rows: usize,
     /// Memory cases: the endpoint answers each request after this many milliseconds.
     #[arg(long, default_value_t = 1000)]
     answer_ms: u64,
@@ -115,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     if args.smoke {
         (args.changes, args.accounts, args.latency_secs) = (2_000, 10, 3.0);
         (args.fanout_endpoints, args.fanout_changes, args.backlog) = (10, 100, 2_000);
-        args.backfill_rows = 2_000;
+        (args.backfill_rows, args.backfill_big_rows) = (2_000, 50);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(run(args))
