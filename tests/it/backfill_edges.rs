@@ -609,3 +609,134 @@ async fn a_walsender_terminated_again_and_again_mid_backfill_loses_nothing() {
     assert_eq!(two_ids, 0);
     wh.stop().await.unwrap();
 }
+
+/// Raw bytes of `data` in a body (it is the last member).
+fn raw_data(r: &Received) -> String {
+    let s = String::from_utf8_lossy(&r.body).into_owned();
+    let at = s.find("\"data\":").expect("data");
+    let end = s.rfind(",\"previous\":").unwrap_or(s.len() - 1);
+    s[at + 7..end].to_owned()
+}
+
+async fn sql_dbg(env: &Env, q: &str) {
+    if let Err(e) = env.client.batch_execute(q).await {
+        panic!("{e:?}");
+    }
+}
+
+/// Forty column types (numeric NaN and infinities, BC dates, bytea, arrays, ranges, enums,
+/// domains, composites, xml, hstore when installed, odd column names, a generated column) in
+/// a database whose own settings differ from the defaults: each backfilled row's `data` is
+/// byte for byte the stream's `data` of the same row.
+async fn types_case(name: &str, settings: &[&str]) {
+    let env = Env::new(name).await;
+    let _ = env.client.batch_execute("CREATE EXTENSION IF NOT EXISTS hstore").await;
+    let has_hstore = env.client.query_one("SELECT 1 FROM pg_extension WHERE extname = 'hstore'", &[]).await.is_ok();
+    env.sql(
+        "CREATE TYPE mood AS ENUM ('happy', 'sa\"d', 'o''k'); \
+         CREATE DOMAIN posnum AS numeric(10,3); \
+         CREATE TYPE pair AS (a int, b text); \
+         ALTER TABLE contacts ADD COLUMN n1 numeric(12,4), ADD COLUMN n2 numeric, ADD COLUMN r4 real, \
+           ADD COLUMN d8 double precision, ADD COLUMN tstz timestamptz, ADD COLUMN ts timestamp, ADD COLUMN dt date, \
+           ADD COLUMN tm time, ADD COLUMN ttz timetz, ADD COLUMN iv interval, ADD COLUMN by bytea, ADD COLUMN ua uuid[], \
+           ADD COLUMN ta text[], ADD COLUMN ir int4range, ADD COLUMN tr tstzrange, ADD COLUMN jb jsonb, ADD COLUMN js json, \
+           ADD COLUMN mo money, ADD COLUMN bi bit(4), ADD COLUMN vb varbit, ADD COLUMN en mood, ADD COLUMN dn posnum, \
+           ADD COLUMN cp pair, ADD COLUMN x xml, ADD COLUMN \"Weird \"\"Col\"\"\" text, ADD COLUMN \"UPPER\" int, \
+           ADD COLUMN gen int GENERATED ALWAYS AS (coalesce(lead_score, 0) * 2) STORED, \
+           ADD COLUMN tsa timestamptz[], ADD COLUMN f8a float8[], ADD COLUMN rc regclass, ADD COLUMN rt regtype, \
+           ADD COLUMN ena mood[], ADD COLUMN dna posnum[], ADD COLUMN cpa pair[], ADD COLUMN mr int4multirange, \
+           ADD COLUMN ch char(5), ADD COLUMN oi oid, ADD COLUMN pt point",
+    )
+    .await;
+    if has_hstore {
+        env.sql("ALTER TABLE contacts ADD COLUMN hs hstore").await;
+    }
+    sql_dbg(&env, &format!(
+        "INSERT INTO contacts (account_id, first_name, lead_score, n1, n2, r4, d8, tstz, ts, dt, tm, ttz, iv, by, ua, ta, ir, tr, jb, js, mo, bi, vb, en, dn, cp, x, \"Weird \"\"Col\"\"\", \"UPPER\", tsa, f8a, rc, rt, ena, dna, cpa, mr, ch, oi, pt) VALUES \
+         ('{A}', 'typical', 3, 12.3400, 1e20, 1.5, 0.1, '2025-06-15 14:30:00.123456+02', '2025-06-15 14:30:00.5', '2025-06-15', '14:30:00.25', '14:30:00+05:30', '1 year 2 mons 3 days 04:05:06.7', '\\xdeadbeef00', \
+          ARRAY['11111111-1111-4111-8111-111111111111'::uuid], ARRAY['a,b', 'q\"uote', NULL, 'NULL', '', 'back\\\\slash', 'uni ü'], '[1,10)', '[2025-01-01 00:00+00,2025-02-01 00:00+00)', \
+          '{{\"u\": \"\\u00e9\\u0001x\", \"big\": 123456789012345678901234567890, \"f\": 1.10}}', '{{\"dup\": 1, \"dup\": 2,  \"sp\" : [1,2] }}', 12.34, B'1010', B'101', 'o''k', 1.5, ROW(1, 'x,\"y\"'), '<a b=\"1\">t&amp;</a>', 'weird', 7, \
+          ARRAY['2025-06-15 14:30:00+00'::timestamptz, NULL], ARRAY[1.5, 'NaN', '-Infinity']::float8[], 'contacts', 'timestamptz', ARRAY['happy', 'sa\"d']::mood[], ARRAY[1.5]::posnum[], ARRAY[ROW(1,'a b')::pair], '{{[1,3),[5,7)}}', 'ab', 42, '(1.5,2)'), \
+         ('{A}', 'edges', 4, 'NaN', 'Infinity', '-0', 1e-7, 'infinity', '-infinity', '0044-03-15 BC', '24:00:00', '00:00:00-12', '-1 days +02:03:04', '', \
+          '{{}}', ARRAY[]::text[], 'empty', '(,)', '[]', 'null', '-12.34', B'0000', B'', 'happy', 0.001, ROW(NULL, NULL), '', '', -1, \
+          ARRAY[]::timestamptz[], ARRAY['-0'::float8, 1e300, 5e-324], 'pg_class', 'int4[]', '{{}}', '{{}}', '{{}}', '{{}}', ' ', 0, '(0,0)'), \
+         ('{A}', 'dates', 5, -1.5, '-Infinity', 'Infinity', '-Infinity', '0001-01-01 00:00:00+00 BC', '294276-12-31 23:59:59.999999', 'infinity', '00:00:00', '23:59:59.999999+14', '1000000 years', '\\x00', \
+          NULL, ARRAY[NULL]::text[], '[-5,-1]', '[2025-06-15 14:30:00.5+00,)', '{{\"a\": [1e300]}}', '\"s\"', 0, B'1111', B'0101010101', NULL, -0.0005, NULL, NULL, NULL, NULL, \
+          NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL), \
+         ('{A}', 'nulls', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+    ))
+    .await;
+    if has_hstore {
+        env.sql("UPDATE contacts SET hs = 'a=>1, \"b c\"=>NULL, \"q\\\"\"=>\"x\\\\y\"'").await;
+    }
+    for s in settings {
+        env.sql(&format!("DO $$ BEGIN EXECUTE format('ALTER {s}', current_database()); END $$")).await;
+    }
+    let wh = env.start(&config(2, 0)).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    endpoint(&env, &api, &a, "live", &["contact.updated"]).await;
+    env.sql("UPDATE contacts SET first_name = first_name").await;
+    let n = env.scalar_i64("SELECT count(*) FROM contacts").await as usize;
+    env.receiver
+        .wait_until(Duration::from_secs(30), |rs| rs.iter().filter(|r| r.path == "/live").count() >= n)
+        .await
+        .unwrap();
+    let bf = endpoint(&env, &api, &a, "bf", &["contact.created"]).await;
+    let id = api.ok("webhooks-backfill", &a, json!({ "id": bf })).await["backfill"]["id"].as_str().unwrap().to_owned();
+    let done = until_ended(&api, &a, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "finished", "{done}");
+    env.quiescent().await;
+    let rs = env.receiver.received();
+    for r in &rs {
+        if r.json().is_null() {
+            println!("INVALID JSON on {}: {}", r.path, String::from_utf8_lossy(&r.body));
+        }
+    }
+    let invalid = rs.iter().filter(|r| r.json().is_null()).count();
+    assert_eq!(invalid, 0, "bodies that are not JSON");
+    let by_id = |path: &str| -> HashMap<String, String> {
+        rs.iter()
+            .filter(|r| r.path == format!("/{path}"))
+            .map(|r| (r.json()["data"]["id"].as_str().unwrap().to_owned(), raw_data(r)))
+            .collect()
+    };
+    let (live, bfd) = (by_id("live"), by_id("bf"));
+    assert_eq!(live.len(), n);
+    assert_eq!(bfd.len(), n, "every row backfilled");
+    let mut bad = 0;
+    for (k, l) in &live {
+        let b = &bfd[k];
+        if l != b {
+            bad += 1;
+            let (lv, bv): (Value, Value) = (serde_json::from_str(l).unwrap(), serde_json::from_str(b).unwrap());
+            for (c, x) in lv.as_object().unwrap() {
+                if bv.get(c) != Some(x) {
+                    println!("  {name} {c}: stream {x} backfill {:?}", bv.get(c));
+                }
+            }
+            if lv == bv {
+                println!("  {name}: same JSON, different bytes:\n   stream   {l}\n   backfill {b}");
+            }
+        }
+    }
+    println!("{name}: {} rows, {} differ; sample stream data: {}", n, bad, live.values().next().unwrap());
+    wh.stop().await.unwrap();
+    assert_eq!(bad, 0, "backfilled data differs from the stream's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfilled_values_are_byte_for_byte_the_streams_under_other_database_settings() {
+    types_case(
+        "bfe_types_dbset",
+        &[
+            "DATABASE %I SET bytea_output = ''escape''",
+            "DATABASE %I SET DateStyle = ''SQL, DMY''",
+            "DATABASE %I SET TimeZone = ''Asia/Kolkata''",
+            "DATABASE %I SET IntervalStyle = ''iso_8601''",
+            "DATABASE %I SET extra_float_digits = 0",
+            "DATABASE %I SET search_path = pg_catalog",
+            "DATABASE %I SET lc_monetary = ''C''",
+        ],
+    )
+    .await;
+}
