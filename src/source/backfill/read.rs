@@ -29,6 +29,8 @@ use crate::pg::db::{Db, DbError};
 use crate::source::decode::Decoder;
 use crate::source::pgoutput::{Column, Datum, Relation, Tuple};
 
+/// `pg_type` OID of `uuid`.
+const UUID_OID: u32 = 2950;
 /// Rows fetched first from a chunk's cursor; later fetches are sized by the rows seen.
 const FIRST_FETCH: usize = 8;
 /// The most rows one fetch asks for.
@@ -92,6 +94,14 @@ impl Reader {
                     table.name()
                 )));
             }
+        }
+        // Chunks follow the key in uuid order (the CRM's keys are uuids).
+        if !columns.iter().any(|c| c.name == "id" && c.type_oid == UUID_OID) {
+            return Err(BackfillError::Table(format!(
+                "table {}.{}: its id column is not a uuid, and a backfill reads in uuid key order",
+                self.schema,
+                table.name()
+            )));
         }
         let rel = Relation {
             id: first.get(0),
