@@ -60,9 +60,6 @@ pub struct EmitterHandles {
 /// The transaction deliveries are handed on in.
 #[derive(Debug)]
 struct EmitTx {
-    /// The LSN it was opened at (a commit LSN, or the position a producer chose).
-    #[allow(dead_code, reason = "for producers besides the stream (the backfill)")]
-    lsn: u64,
     commit_us: i64,
     replay: bool,
     replay_buffer: Vec<Delivery>,
@@ -111,19 +108,14 @@ impl Emitter {
         self.tracker = Tracker::new();
     }
 
-    /// Opens a transaction at `lsn` (a commit LSN, or a position the caller chooses, such as
-    /// a logical message's), committed at `commit_us` (Unix epoch µs). With `replay`, what
+    /// Opens a transaction committed at `commit_us` (Unix epoch µs); its deliveries carry the
+    /// positions the caller gives them, and [`Emitter::commit`] says where it ends (a commit
+    /// LSN, or a position the caller chooses, such as a logical message's). With `replay`, what
     /// it hands on is sent only if not recorded yet. One transaction is open at a time.
-    pub fn begin(&mut self, lsn: u64, commit_us: i64, replay: bool) {
+    pub fn begin(&mut self, commit_us: i64, replay: bool) {
         self.tracker.begin();
         self.router.clear_changed();
-        self.tx = Some(EmitTx { lsn, commit_us, replay, replay_buffer: Vec::new() });
-    }
-
-    /// The LSN the open transaction was opened at, if one is open.
-    #[allow(dead_code, reason = "for producers besides the stream (the backfill)")]
-    pub fn open_at(&self) -> Option<u64> {
-        self.tx.as_ref().map(|tx| tx.lsn)
+        self.tx = Some(EmitTx { commit_us, replay, replay_buffer: Vec::new() });
     }
 
     /// Closes the open transaction, which ends at `end_lsn`: sends on its replayed
@@ -420,8 +412,8 @@ mod tests {
         assert!(!emitter.emit_to(ENDPOINT, event(ACCOUNT, at), Uuid::from_u128(0xd1), &shutdown).await.unwrap());
         assert!(rx.try_recv().is_err(), "nothing is handed on outside a transaction");
 
-        emitter.begin(0x900, 1_767_225_600_000_000, false);
-        assert_eq!(emitter.open_at(), Some(0x900));
+        emitter.begin(1_767_225_600_000_000, false);
+        assert!(emitter.tracker().in_transaction());
         let unknown = Uuid::from_u128(8);
         assert!(!emitter.emit_to(unknown, event(ACCOUNT, at), Uuid::from_u128(0xd0), &shutdown).await.unwrap());
         let other = Uuid::from_u128(2);
@@ -435,7 +427,7 @@ mod tests {
         );
         assert!(budget.held() > 0, "the body is charged");
         emitter.commit(0x930, &shutdown).await.unwrap();
-        assert_eq!(emitter.open_at(), None);
+        assert!(!emitter.tracker().in_transaction());
         assert_eq!(emitter.tracker().confirmable(), None, "its delivery is not settled yet");
         d.ticket.take().expect("a ticket of the transaction").settle();
         assert_eq!(emitter.tracker().confirmable(), Some(0x930));
@@ -447,7 +439,7 @@ mod tests {
     async fn a_row_goes_to_its_accounts_endpoints_with_ids_from_its_position() {
         let (mut emitter, mut rx, _) = emitter();
         let shutdown = CancellationToken::new();
-        emitter.begin(0x500, 1_767_225_600_000_000, false);
+        emitter.begin(1_767_225_600_000_000, false);
         let change = RowChange {
             event_type: EventType::parse("contact.created").unwrap(),
             account_id: Some(ACCOUNT),

@@ -127,13 +127,13 @@ impl TxStep {
     }
 
     /// The transaction being read, if one is open.
-    #[allow(dead_code, reason = "for producers besides the stream (the backfill)")]
+    #[cfg(test)]
     pub fn open(&self) -> Option<&TxInfo> {
         self.open.as_ref().map(|(tx, _)| tx)
     }
 
     /// The xid of the transaction being read, if one is open.
-    #[allow(dead_code, reason = "for producers besides the stream (the backfill)")]
+    #[cfg(test)]
     pub fn xid(&self) -> Option<u32> {
         self.open().map(|tx| tx.xid)
     }
