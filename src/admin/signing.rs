@@ -33,7 +33,9 @@ pub fn grace_period(text: Option<&str>) -> Result<Duration, EndpointError> {
              and at most \"7d\"",
         )
     };
-    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    // The unit is the last character, whatever its width (a multi-byte one is refused below).
+    let unit_at = text.char_indices().last().map_or(0, |(i, _)| i);
+    let (digits, unit) = text.split_at(unit_at);
     let well_formed =
         !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && (digits == "0" || !digits.starts_with('0'));
     // Most digits per unit, and the largest value (none above 7 days).
@@ -95,7 +97,25 @@ mod tests {
         assert_eq!(grace_period(Some("168h")).unwrap(), MAX_GRACE);
         assert_eq!(grace_period(Some("90m")).unwrap(), Duration::from_secs(5400));
         assert_eq!(grace_period(Some("99999s")).unwrap(), Duration::from_secs(99_999));
-        for bad in ["8d", "169h", "100000s", "10000m", "01h", "1h 30m", "soon", "-1h", "", "h", " 1h", "1H", "1.5h"] {
+        for bad in [
+            "8d",
+            "169h",
+            "100000s",
+            "10000m",
+            "01h",
+            "1h 30m",
+            "soon",
+            "-1h",
+            "",
+            "h",
+            " 1h",
+            "1H",
+            "1.5h",
+            "5ÿ",
+            "ÿ",
+            "񡞀𒛺Ôèÿ",
+            "1ｈ",
+        ] {
             let e = grace_period(Some(bad)).unwrap_err().to_string();
             assert!(e.contains("grace_period"), "{bad}: {e}");
         }
