@@ -632,8 +632,11 @@ async fn types_case(name: &str, settings: &[&str]) {
     let env = Env::new(name).await;
     let _ = env.client.batch_execute("CREATE EXTENSION IF NOT EXISTS hstore").await;
     let has_hstore = env.client.query_one("SELECT 1 FROM pg_extension WHERE extname = 'hstore'", &[]).await.is_ok();
+    // Servers built without libxml (the PostgreSQL 18 wheel) take the same values as text.
+    let xml = if env.client.batch_execute("SELECT '<a/>'::xml").await.is_ok() { "xml" } else { "text" };
+    let pg18 = env.scalar_i64("SELECT current_setting('server_version_num')::int8").await >= 180_000;
     env.sql(
-        "CREATE TYPE mood AS ENUM ('happy', 'sa\"d', 'o''k'); \
+        &"CREATE TYPE mood AS ENUM ('happy', 'sa\"d', 'o''k'); \
          CREATE DOMAIN posnum AS numeric(10,3); \
          CREATE TYPE pair AS (a int, b text); \
          ALTER TABLE contacts ADD COLUMN n1 numeric(12,4), ADD COLUMN n2 numeric, ADD COLUMN r4 real, \
@@ -645,7 +648,11 @@ async fn types_case(name: &str, settings: &[&str]) {
            ADD COLUMN gen int GENERATED ALWAYS AS (coalesce(lead_score, 0) * 2) STORED, \
            ADD COLUMN tsa timestamptz[], ADD COLUMN f8a float8[], ADD COLUMN rc regclass, ADD COLUMN rt regtype, \
            ADD COLUMN ena mood[], ADD COLUMN dna posnum[], ADD COLUMN cpa pair[], ADD COLUMN mr int4multirange, \
-           ADD COLUMN ch char(5), ADD COLUMN oi oid, ADD COLUMN pt point",
+           ADD COLUMN ch char(5), ADD COLUMN oi oid, ADD COLUMN pt point"
+            .replace("ADD COLUMN x xml", &format!("ADD COLUMN x {xml}"))
+            // PostgreSQL 18 refuses updates of a table whose REPLICA IDENTITY FULL holds a
+            // generated column the publication does not publish.
+            .replace(if pg18 { "ADD COLUMN gen int GENERATED ALWAYS AS (coalesce(lead_score, 0) * 2) STORED, " } else { "\u{0}" }, ""),
     )
     .await;
     if has_hstore {
@@ -667,7 +674,7 @@ async fn types_case(name: &str, settings: &[&str]) {
     ))
     .await;
     if has_hstore {
-        env.sql("UPDATE contacts SET hs = 'a=>1, \"b c\"=>NULL, \"q\\\"\"=>\"x\\\\y\"'").await;
+        sql_dbg(&env, "UPDATE contacts SET hs = 'a=>1, \"b c\"=>NULL, \"q\\\"\"=>\"x\\\\y\"'").await;
     }
     for s in settings {
         env.sql(&format!("DO $$ BEGIN EXECUTE format('ALTER {s}', current_database()); END $$")).await;
