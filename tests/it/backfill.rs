@@ -18,7 +18,7 @@ const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 const B: &str = "bbbb0000-0000-4000-8000-000000000002";
 
 /// `[backfill]` with `chunk_size` and `rows_per_second`, and the test's auth.
-fn config(chunk_size: usize, rows_per_second: u32) -> String {
+pub(crate) fn config(chunk_size: usize, rows_per_second: u32) -> String {
     format!("{}[backfill]\nchunk_size = {chunk_size}\nrows_per_second = {rows_per_second}\n", auth_config())
 }
 
@@ -45,7 +45,7 @@ async fn rows(env: &Env, account: &str, tables: &[&str], n: usize) {
 
 /// Creates an endpoint on receiver path `path` subscribed to `events` (the receiver checks
 /// its signatures).
-async fn endpoint(env: &Env, api: &Api, token: &str, path: &str, events: &[&str]) -> String {
+pub(crate) async fn endpoint(env: &Env, api: &Api, token: &str, path: &str, events: &[&str]) -> String {
     let created = api.ok("webhooks-create", token, json!({ "url": env.receiver.url(path), "events": events })).await;
     env.receiver.set_secret(path, created["signing_secret"].as_str().unwrap());
     created["endpoint"]["id"].as_str().unwrap().to_owned()
@@ -70,7 +70,7 @@ async fn streaming(env: &Env, p: &mut crate::common::Proc) {
 }
 
 /// Waits until backfill `id` has `status`; returns it.
-async fn until_status(api: &Api, token: &str, id: &str, status: &str, within: Duration) -> Value {
+pub(crate) async fn until_status(api: &Api, token: &str, id: &str, status: &str, within: Duration) -> Value {
     let mut last = Value::Null;
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
