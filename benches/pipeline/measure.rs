@@ -24,6 +24,23 @@ pub fn cpu_secs(pid: u32) -> f64 {
     proc_stats(pid).map(|s| s.1).unwrap_or(0) as f64 / CLK_TCK
 }
 
+/// CPU seconds of the children `pid` has reaped so far (for the postmaster: every backend and
+/// walsender that has exited, such as `pg_recvlogical`'s).
+pub fn reaped_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (field(13) + field(14)) as f64 / CLK_TCK
+}
+
+/// The parent of `pid` (for a backend: the postmaster).
+pub fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    after.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// CPU seconds per PostgreSQL process kind (walsender, client backends, background).
 pub fn pg_cpu_by_kind() -> BTreeMap<&'static str, f64> {
     let mut out = BTreeMap::new();

@@ -1,9 +1,9 @@
-//! `--memory`: resident memory with large rows behind a slow endpoint (issue: memory bounded
-//! by counts, not bytes). For each case, N rows of K kB are inserted (10 per transaction)
-//! while walhook runs, for one endpoint that answers every request after `--answer-ms`;
-//! reported: peak RSS from the first insert until every delivery is recorded, and idle RSS
-//! (median) 10–15 s after that and 75–80 s after it (past walhook's database connection
-//! lifetime, which is what returns the buffers a burst of stored payloads grew).
+//! `--memory`: resident memory with large rows (issue: memory bounded by counts, not bytes).
+//! For each case, N rows of K kB are inserted (10 per transaction, or one) while walhook
+//! runs, for one endpoint that answers every request after `--answer-ms` (or at once: the
+//! fast case, one large row per transaction); reported: idle RSS before the burst, peak RSS
+//! from the first insert until every delivery is recorded, and idle RSS (median) 10–15 s
+//! after that and 75–80 s after it (past walhook's database connection lifetime).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,17 +23,28 @@ pub struct Case {
     pub phase: u8,
     pub rows: usize,
     pub kb: usize,
+    /// The endpoint answers after this many milliseconds (0: at once).
+    pub answer_ms: u64,
+    /// Rows per transaction.
+    pub per_tx: usize,
 }
 
 /// Runs each case with a fresh walhook; prints a table row per case.
-pub async fn run(b: &Bench, args: &Args, cases: &[Case]) -> anyhow::Result<()> {
-    b.receiver.set_default(PATH, Reply::Delay(Duration::from_millis(args.answer_ms), 200));
+pub async fn run(b: &Bench, _args: &Args, cases: &[Case]) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for case in cases {
+        let reply = match case.answer_ms {
+            0 => Reply::Status(200),
+            ms => Reply::Delay(Duration::from_millis(ms), 200),
+        };
+        b.receiver.set_default(PATH, reply);
         let mut walhook = b.spawn_walhook()?;
         let pid = walhook.id();
         let rss = RssSampler::start(pid);
         wait_streaming(b).await?;
+        let quiet = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = Memory::of(&rss.between(quiet, Instant::now()));
         let stored_before = b.scalar("SELECT count(*) FROM walhook.events").await?;
         let started = Instant::now();
         load(b, case).await?;
@@ -58,19 +69,19 @@ pub async fn run(b: &Bench, args: &Args, cases: &[Case]) -> anyhow::Result<()> {
         let outbox = b.scalar("SELECT count(*) FROM walhook.events").await? - stored_before;
         let took = recorded.duration_since(started).as_secs_f64();
         println!(
-            "memory: {} rows of {} kB behind a {} ms endpoint: loaded in {:.1} s, recorded after {took:.1} s; RSS peak {:.1} MiB, idle {:.1} MiB after 10 s, {:.1} MiB after 75 s; {outbox} went through the outbox",
-            case.rows, case.kb, args.answer_ms, loaded.as_secs_f64(), during.peak, idle.median, idle_late.median
+            "memory: {} rows of {} kB, {} per transaction, behind a {} ms endpoint: loaded in {:.1} s, recorded after {took:.1} s; RSS idle before {:.1} MiB, peak {:.1} MiB, idle {:.1} MiB after 10 s, {:.1} MiB after 75 s; {outbox} went through the outbox",
+            case.rows, case.kb, case.per_tx, case.answer_ms, loaded.as_secs_f64(), before.median, during.peak, idle.median, idle_late.median
         );
         lines.push(format!(
-            "| {} rows × {} kB, endpoint answering in {} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {took:.0} s | {outbox} |",
-            case.rows, case.kb, args.answer_ms, during.peak, idle.median, idle_late.median
+            "| {} rows × {} kB, {} per transaction, endpoint answering in {} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {took:.0} s | {outbox} |",
+            case.rows, case.kb, case.per_tx, case.answer_ms, before.median, during.peak, idle.median, idle_late.median
         ));
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         let _ = walhook.wait();
         drop(rss);
     }
     println!(
-        "\n| Case | Peak RSS | Idle RSS 10 s after | Idle RSS 75 s after | Delivered and recorded in | Via the outbox |\n|---|---|---|---|---|---|"
+        "\n| Case | Idle RSS before | Peak RSS | Idle RSS 10 s after | Idle RSS 75 s after | Delivered and recorded in | Via the outbox |\n|---|---|---|---|---|---|---|"
     );
     for l in lines {
         println!("{l}");
@@ -78,9 +89,10 @@ pub async fn run(b: &Bench, args: &Args, cases: &[Case]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Inserts the case's rows, 10 per transaction, on 2 connections.
+/// Inserts the case's rows, `per_tx` per transaction, on 2 connections.
 async fn load(b: &Bench, case: &Case) -> anyhow::Result<()> {
-    let txs = case.rows.div_ceil(10);
+    let per = case.per_tx.max(1);
+    let txs = case.rows.div_ceil(per);
     let mut handles = Vec::new();
     for w in 0..2 {
         let (url, phase, chars, rows) = (b.url.clone(), case.phase, case.kb * 1000, case.rows);
@@ -88,7 +100,7 @@ async fn load(b: &Bench, case: &Case) -> anyhow::Result<()> {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
             for t in (w..txs).step_by(2) {
-                let (from, to) = (t * 10, (t * 10 + 9).min(rows - 1));
+                let (from, to) = (t * per, (t * per + per - 1).min(rows - 1));
                 client
                     .batch_execute(&format!(
                         "INSERT INTO contacts (id, account_id, first_name, last_name) \
