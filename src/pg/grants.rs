@@ -4,7 +4,7 @@
 //!
 //! What must hold: the runtime role gets USAGE on schema `walhook`, SELECT, INSERT, UPDATE and
 //! DELETE on walhook's tables (only SELECT on `schema_migrations`, which only migrate writes),
-//! USAGE and SELECT on its sequences, and nothing more: no CREATE on the schema, no TRUNCATE,
+//! SELECT on its views, USAGE and SELECT on its sequences, and nothing more: no CREATE on the schema, no TRUNCATE,
 //! no ownership. Tables a later migration adds are covered, because the list is read from the
 //! catalog after migrating, not written down here.
 
@@ -19,31 +19,48 @@ pub const VERSIONS_TABLE: &str = "schema_migrations";
 /// What the runtime role may do to rows of walhook's tables.
 pub const TABLE_PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
 
-/// Tables and sequences of schema `walhook`, as (name, is_sequence), sorted.
-async fn relations(client: &impl GenericClient) -> Result<Vec<(String, bool)>, DbError> {
+/// What a relation of schema `walhook` is, for what the runtime role gets on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Table,
+    View,
+    Sequence,
+}
+
+/// Tables, views and sequences of schema `walhook`, as (name, kind), sorted.
+async fn relations(client: &impl GenericClient) -> Result<Vec<(String, Kind)>, DbError> {
     let rows = client
         .query(
-            "SELECT c.relname::text, c.relkind = 'S' FROM pg_class c \
+            "SELECT c.relname::text, c.relkind::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'S') ORDER BY 1",
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'S') ORDER BY 1",
             &[&SCHEMA],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let kind = |k: &str| match k {
+        "S" => Kind::Sequence,
+        "v" => Kind::View,
+        _ => Kind::Table,
+    };
+    Ok(rows.iter().map(|r| (r.get(0), kind(r.get(1)))).collect())
 }
 
 /// The statements granting `role` what `walhook run` needs, given walhook's relations.
-fn statements(role: &str, relations: &[(String, bool)]) -> Vec<String> {
+fn statements(role: &str, relations: &[(String, Kind)]) -> Vec<String> {
     let qualified = |names: Vec<&String>| names.iter().map(|n| format!("{SCHEMA}.{n}")).collect::<Vec<_>>().join(", ");
-    let tables: Vec<&String> =
-        relations.iter().filter(|(n, seq)| !seq && n != VERSIONS_TABLE).map(|(n, _)| n).collect();
-    let sequences: Vec<&String> = relations.iter().filter(|(_, seq)| *seq).map(|(n, _)| n).collect();
+    let of = |kind: Kind| relations.iter().filter(move |(_, k)| *k == kind).map(|(n, _)| n);
+    let tables: Vec<&String> = of(Kind::Table).filter(|n| *n != VERSIONS_TABLE).collect();
+    let views: Vec<&String> = of(Kind::View).collect();
+    let sequences: Vec<&String> = of(Kind::Sequence).collect();
     let mut out = vec![format!("GRANT USAGE ON SCHEMA {SCHEMA} TO {role}")];
     if !tables.is_empty() {
         out.push(format!("GRANT {} ON {} TO {role}", TABLE_PRIVILEGES.join(", "), qualified(tables)));
     }
-    if relations.iter().any(|(n, seq)| !seq && n == VERSIONS_TABLE) {
+    if of(Kind::Table).any(|n| n == VERSIONS_TABLE) {
         out.push(format!("GRANT SELECT ON {SCHEMA}.{VERSIONS_TABLE} TO {role}"));
+    }
+    if !views.is_empty() {
+        out.push(format!("GRANT SELECT ON {} TO {role}", qualified(views)));
     }
     if !sequences.is_empty() {
         out.push(format!("GRANT USAGE, SELECT ON SEQUENCE {} TO {role}", qualified(sequences)));
@@ -91,6 +108,10 @@ pub async fn missing(client: &impl GenericClient) -> Result<Vec<String>, DbError
                AND (c.relname <> $3 OR p.privilege = 'SELECT') \
                AND NOT has_table_privilege(current_user, c.oid, p.privilege) \
              UNION ALL \
+             SELECT 'SELECT on ' || $1 || '.' || c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'v' AND NOT has_table_privilege(current_user, c.oid, 'SELECT') \
+             UNION ALL \
              SELECT 'USAGE on sequence ' || $1 || '.' || c.relname FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relkind = 'S' AND NOT has_sequence_privilege(current_user, c.oid, 'USAGE')",
@@ -106,12 +127,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statements_grant_rows_not_ddl_and_only_reads_of_the_versions() {
+    fn statements_grant_rows_not_ddl_and_only_reads_of_the_versions_and_views() {
         let relations = [
-            ("attempts".to_string(), false),
-            ("deliveries".to_string(), false),
-            ("schema_migrations".to_string(), false),
-            ("some_seq".to_string(), true),
+            ("attempt_log".to_string(), Kind::View),
+            ("attempts".to_string(), Kind::Table),
+            ("deliveries".to_string(), Kind::Table),
+            ("schema_migrations".to_string(), Kind::Table),
+            ("some_seq".to_string(), Kind::Sequence),
         ];
         assert_eq!(
             statements("walhook", &relations),
@@ -119,6 +141,7 @@ mod tests {
                 "GRANT USAGE ON SCHEMA walhook TO walhook",
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON walhook.attempts, walhook.deliveries TO walhook",
                 "GRANT SELECT ON walhook.schema_migrations TO walhook",
+                "GRANT SELECT ON walhook.attempt_log TO walhook",
                 "GRANT USAGE, SELECT ON SEQUENCE walhook.some_seq TO walhook",
             ]
         );

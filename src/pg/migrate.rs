@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "requeue_order", include_str!("../../sql/0008_requeue_order.sql")),
     (9, "signing_and_columns", include_str!("../../sql/0009_signing_and_columns.sql")),
     (10, "backfill", include_str!("../../sql/0010_backfill.sql")),
+    (11, "first_attempt", include_str!("../../sql/0011_first_attempt.sql")),
 ];
 
 /// The schema version this build expects.

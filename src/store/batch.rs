@@ -1,20 +1,30 @@
 //! Taking the next batch off the writer's channel.
 //!
 //! What must hold: a batch holds at most [`MAX_BATCH`] ops and at most [`MAX_BATCH_BYTES`] of
-//! payloads and texts (an op bigger than that goes alone), so one statement stays far below
-//! PostgreSQL's 1 GB limit on a parameter; ops keep their order (an op that does not fit
+//! payloads and texts, each payload counted once however many deliveries of its event the
+//! batch holds (it is stored once); an op bigger than that starts a batch of its own, which
+//! then takes at most [`MAX_BATCH_BYTES`]` / 8` more (the other deliveries of a large event
+//! fit, so a large row's fan-out is one write, not one per endpoint). One statement stays far
+//! below PostgreSQL's 1 GB limit on a parameter; ops keep their order (an op that does not fit
 //! starts the next batch); a probe ends its batch; every text reaching the database is safe
 //! to store whoever built the op.
 
+use std::collections::HashSet;
+
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::{Status, StoreOp};
 use crate::model::attempt::{safe_text, Attempt, ERROR_BYTES, SNIPPET_BYTES};
 
 /// Ops written per batch (one atomic write) at most.
 pub(super) const MAX_BATCH: usize = 1024;
-/// Bytes of payloads and texts per batch at most (see [`op_bytes`]).
-pub(super) const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Bytes of payloads and texts per batch at most (see [`op_bytes`]). tokio-postgres keeps
+/// the buffers a statement needed for the life of its connection (the encoded parameters,
+/// then the connection's write buffer), so this is also about what one pooled connection
+/// keeps after a burst of large payloads: at most about twice this, or the connection is
+/// closed after its batch (see `write::write_batch`).
+pub(super) const MAX_BATCH_BYTES: usize = 1 << 20;
 /// What an op's ids, numbers and times cost, on top of its payload and texts.
 const FIXED_OP_BYTES: usize = 256;
 
@@ -29,12 +39,15 @@ pub(super) async fn next(
         Some(op) => op,
         None => rx.recv().await?,
     };
-    let mut bytes = op_bytes(&first, archive);
+    let mut payloads = HashSet::new();
+    let mut bytes = op_bytes(&first, archive, &mut payloads);
+    let limit = MAX_BATCH_BYTES.max(bytes + MAX_BATCH_BYTES / 8);
     let mut batch = vec![made_safe(first)];
     while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(StoreOp::Probe(_))) {
         let Ok(op) = rx.try_recv() else { break };
-        let size = op_bytes(&op, archive);
-        if bytes + size > MAX_BATCH_BYTES {
+        // (An op that does not fit ends the batch: what it added to `payloads` no longer counts.)
+        let size = op_bytes(&op, archive, &mut payloads);
+        if bytes + size > limit {
             *carry = Some(op);
             break;
         }
@@ -44,9 +57,16 @@ pub(super) async fn next(
     Some(batch)
 }
 
+/// What a whole batch's parameters hold (see [`op_bytes`]).
+pub(super) fn batch_bytes(batch: &[StoreOp], archive: bool) -> usize {
+    let mut payloads = HashSet::new();
+    batch.iter().map(|op| op_bytes(op, archive, &mut payloads)).sum()
+}
+
 /// What `op` adds to a batch's parameters: its payload (stored for pending rows, and for
-/// every row with the payload archive on) and texts.
-pub(super) fn op_bytes(op: &StoreOp, archive: bool) -> usize {
+/// every row with the payload archive on) unless its event's is among `payloads` already
+/// (then added to it), and texts.
+pub(super) fn op_bytes(op: &StoreOp, archive: bool, payloads: &mut HashSet<Uuid>) -> usize {
     let texts = |err: &Option<String>, a: Option<&Attempt>| {
         err.as_ref().map_or(0, String::len)
             + a.map_or(0, |a| a.error.as_ref().map_or(0, String::len) + a.response_snippet.len())
@@ -54,7 +74,8 @@ pub(super) fn op_bytes(op: &StoreOp, archive: bool) -> usize {
     FIXED_OP_BYTES
         + match op {
             StoreOp::Insert(r) => {
-                let payload = if archive || r.status == Status::Pending { r.event.body.len() } else { 0 };
+                let stored = archive || r.status == Status::Pending;
+                let payload = if stored && payloads.insert(r.event.id) { r.event.body.len() } else { 0 };
                 payload + r.event.entity_key.len() + texts(&r.last_error, r.attempt.as_ref())
             }
             StoreOp::Complete(c) => texts(&c.last_error, Some(&c.attempt)),
@@ -136,8 +157,10 @@ mod tests {
     #[tokio::test]
     async fn batches_are_bounded_by_bytes_and_keep_their_order() {
         let (tx, mut rx) = mpsc::channel(64);
-        // 5 MiB rows: three fit in 16 MiB; a 40 MiB row goes alone; small rows fill up.
-        let sizes = [5 << 20, 5 << 20, 5 << 20, 5 << 20, 40 << 20, 10, 10];
+        // Rows of 5/16 of the bound: three fit; a row of 2.5 times the bound starts its own
+        // batch, which the small rows after it still join.
+        let row = MAX_BATCH_BYTES * 5 / 16;
+        let sizes = [row, row, row, row, MAX_BATCH_BYTES * 5 / 2, 10, 10];
         for (i, size) in sizes.iter().enumerate() {
             tx.send(pending(*size, &i.to_string())).await.unwrap();
         }
@@ -145,15 +168,39 @@ mod tests {
         let mut carry = None;
         let mut got = Vec::new();
         while let Some(batch) = next(&mut rx, &mut carry, false).await {
-            let bytes: usize = batch.iter().map(|op| op_bytes(op, false)).sum();
-            assert!(batch.len() == 1 || bytes <= MAX_BATCH_BYTES, "{bytes} bytes in {} ops", batch.len());
+            let first = op_bytes(&batch[0], false, &mut HashSet::new());
+            let bytes = batch_bytes(&batch, false);
+            assert!(bytes <= MAX_BATCH_BYTES.max(first + MAX_BATCH_BYTES / 8), "{bytes} bytes in {} ops", batch.len());
             let order = batch.iter().map(|op| match op {
                 StoreOp::Insert(r) => r.last_error.clone().unwrap(),
                 _ => unreachable!(),
             });
             got.push(order.collect::<Vec<_>>().join(","));
         }
-        assert_eq!(got, ["0,1,2", "3", "4", "5,6"]);
+        assert_eq!(got, ["0,1,2", "3", "4,5,6"]);
+    }
+
+    #[tokio::test]
+    async fn a_large_rows_deliveries_share_one_payload_and_one_batch() {
+        // One event of twice the bound for 40 endpoints: its payload counts once, and all 40
+        // are one write; the next event's starts the next.
+        let StoreOp::Insert(first) = pending(MAX_BATCH_BYTES * 2, "e1") else { unreachable!() };
+        let StoreOp::Insert(second) = pending(MAX_BATCH_BYTES * 2, "e2") else { unreachable!() };
+        let (tx, mut rx) = mpsc::channel(128);
+        for event in [&first.event, &second.event] {
+            for _ in 0..40 {
+                let StoreOp::Insert(mut r) = pending(0, "x") else { unreachable!() };
+                r.event = event.clone();
+                tx.send(StoreOp::Insert(r)).await.unwrap();
+            }
+        }
+        drop(tx);
+        let (mut carry, mut sizes) = (None, Vec::new());
+        while let Some(batch) = next(&mut rx, &mut carry, false).await {
+            assert!(batch_bytes(&batch, false) < MAX_BATCH_BYTES * 2 + MAX_BATCH_BYTES / 8);
+            sizes.push(batch.len());
+        }
+        assert_eq!(sizes, [40, 40]);
     }
 
     #[tokio::test]
@@ -164,11 +211,12 @@ mod tests {
             StoreOp::Insert(r)
         };
         // Without the archive a delivered row stores no payload; with it, every row does.
-        assert!(op_bytes(&delivered(5 << 20, "a"), false) < 1 << 10);
-        assert!(op_bytes(&delivered(5 << 20, "a"), true) >= 5 << 20);
+        let row = MAX_BATCH_BYTES * 5 / 16;
+        assert!(op_bytes(&delivered(row, "a"), false, &mut HashSet::new()) < 1 << 10);
+        assert!(op_bytes(&delivered(row, "a"), true, &mut HashSet::new()) >= row);
         let (tx, mut rx) = mpsc::channel(8);
         for i in 0..4 {
-            tx.send(delivered(5 << 20, &i.to_string())).await.unwrap();
+            tx.send(delivered(row, &i.to_string())).await.unwrap();
         }
         drop(tx);
         let (mut carry, mut sizes) = (None, Vec::new());

@@ -148,7 +148,7 @@ pub async fn attempts_in_account(
     let rows = client
         .query(
             "SELECT attempt, started_at, duration_ms, http_status_code, error_kind, error, response_snippet \
-             FROM walhook.attempts WHERE delivery_id = $1 ORDER BY attempt DESC LIMIT $2",
+             FROM walhook.attempt_log WHERE delivery_id = $1 ORDER BY attempt DESC LIMIT $2",
             &[&id, &limit],
         )
         .await?;

@@ -120,6 +120,14 @@ impl Record {
         }
     }
 
+    /// Whether this row records a delivery that succeeded on its first attempt: that attempt
+    /// is kept on the row itself (`first_*`), not in `walhook.attempts` (one tuple per event).
+    pub(crate) fn is_first_attempt_success(&self) -> bool {
+        self.status == Status::Delivered
+            && self.attempt_count == 1
+            && self.attempt.as_ref().is_some_and(Attempt::succeeded)
+    }
+
     /// A row of delivery `d` with `status`, taking its ticket: no attempt made or reported,
     /// not due, no lease, no error. Callers set what differs.
     pub fn new(d: &mut Delivery, status: Status) -> Record {

@@ -1,9 +1,12 @@
 //! Turns a batch of [`StoreOp`]s into SQL: column arrays, `unnest`, one round trip.
 //!
-//! What must hold: a batch commits as a whole or not at all; inserts are
-//! `ON CONFLICT DO NOTHING` (replays insert nothing twice), except payloads, which are
-//! touched on conflict so that retention cannot delete one a new pending delivery needs. A batch of inserts and completions
-//! is one statement (its data-modifying CTEs run atomically, and no sibling sees another's
+//! What must hold: a batch commits as a whole or not at all; inserts skip what is stored
+//! already (replays insert nothing twice; a row stored meanwhile by another writer is skipped
+//! too, on a second try), except payloads, which are touched on conflict so that retention
+//! cannot delete one a new pending delivery needs. A delivery that succeeded on its first
+//! attempt is one tuple: the attempt is written on its row (`first_*`, never changed after),
+//! every other attempt to `walhook.attempts` (`walhook.attempt_log` shows both). A batch of
+//! inserts and completions is one statement (its data-modifying CTEs run atomically, and no sibling sees another's
 //! rows); a batch that completes a row inserted in the same batch, or disables an endpoint,
 //! needs statements that see each other's writes, so it runs as a transaction in op order.
 
@@ -13,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::batch::{batch_bytes, MAX_BATCH_BYTES};
 use super::{Status, StoreOp};
 use crate::model::attempt::{Attempt, FailureKind};
 use crate::pg::db::{Db, DbError};
@@ -27,23 +31,40 @@ const INSERT_EVENTS: &str =
     "INSERT INTO walhook.events (id, account_id, event_type, commit_lsn, seq, body, created_at) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int4[], $6::bytea[], $7::timestamptz[]) \
      ON CONFLICT (id) DO UPDATE SET created_at = now()";
+/// New delivery rows; one already stored (a replay) is left alone. The rows a statement
+/// cannot see yet (a concurrent writer's, uncommitted) make it fail with a unique violation,
+/// and the batch is written again with [`ON_CONFLICT`] (see [`write_batch`]): the plain
+/// anti-join spares every row the speculative insertion `ON CONFLICT` costs (a `HEAP_CONFIRM`
+/// WAL record and an index probe more).
 const INSERT_DELIVERIES: &str = "INSERT INTO walhook.deliveries (id, endpoint_id, event_id, event_type, entity_key, \
        commit_lsn, seq, status, http_status_code, attempt_count, next_attempt_at, lease_until, leased_by, last_error, \
-       created_at, completed_at) \
+       created_at, completed_at, first_started_at, first_duration_ms, first_http_status, first_snippet) \
      SELECT * FROM unnest($8::uuid[], $9::uuid[], $10::uuid[], $11::text[], $12::text[], $13::int8[], $14::int4[], \
        $15::text[], $16::int4[], $17::int4[], $18::timestamptz[], $19::timestamptz[], $20::uuid[], $21::text[], \
-       $22::timestamptz[], $23::timestamptz[]) \
-     ON CONFLICT (id) DO NOTHING";
+       $22::timestamptz[], $23::timestamptz[], $24::timestamptz[], $25::int4[], $26::int4[], $27::text[]) \
+       AS u(id, endpoint_id, event_id, event_type, entity_key, commit_lsn, seq, status, http_status_code, \
+         attempt_count, next_attempt_at, lease_until, leased_by, last_error, created_at, completed_at, \
+         first_started_at, first_duration_ms, first_http_status, first_snippet) \
+     WHERE NOT EXISTS (SELECT 1 FROM walhook.deliveries d WHERE d.id = u.id)";
+/// What [`INSERT_DELIVERIES`] becomes when a concurrent writer stored some of the same rows.
+const ON_CONFLICT: &str = " ON CONFLICT (id) DO NOTHING";
+/// Outcomes of leased rows. A first attempt that succeeded is kept on the row (`first_*`,
+/// given only then), like the fast path's; the row's first attempt is never overwritten.
 const COMPLETE: &str = "UPDATE walhook.deliveries d SET status = u.status, \
        http_status_code = COALESCE(u.http, d.http_status_code), next_attempt_at = u.next_at, \
-       lease_until = NULL, leased_by = NULL, last_error = u.err, completed_at = u.done \
-     FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::int4[], $28::timestamptz[], $29::text[], \
-       $30::timestamptz[]) AS u(id, lease, status, http, next_at, err, done) \
+       lease_until = NULL, leased_by = NULL, last_error = u.err, completed_at = u.done, \
+       first_started_at = COALESCE(d.first_started_at, u.f_at), \
+       first_duration_ms = CASE WHEN d.first_started_at IS NULL THEN u.f_ms ELSE d.first_duration_ms END, \
+       first_http_status = CASE WHEN d.first_started_at IS NULL THEN u.f_http ELSE d.first_http_status END, \
+       first_snippet = CASE WHEN d.first_started_at IS NULL THEN u.f_snippet ELSE d.first_snippet END \
+     FROM unnest($28::uuid[], $29::uuid[], $30::text[], $31::int4[], $32::timestamptz[], $33::text[], \
+       $34::timestamptz[], $35::timestamptz[], $36::int4[], $37::int4[], $38::text[]) \
+       AS u(id, lease, status, http, next_at, err, done, f_at, f_ms, f_http, f_snippet) \
      WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
 const INSERT_ATTEMPTS: &str = "INSERT INTO walhook.attempts (delivery_id, attempt, started_at, duration_ms, \
        http_status_code, error_kind, error, response_snippet) \
-     SELECT * FROM unnest($31::uuid[], $32::int4[], $33::timestamptz[], $34::int4[], $35::int4[], $36::text[], \
-       $37::text[], $38::text[]) \
+     SELECT * FROM unnest($39::uuid[], $40::int4[], $41::timestamptz[], $42::int4[], $43::int4[], $44::text[], \
+       $45::text[], $46::text[]) \
      ON CONFLICT (delivery_id, attempt) DO NOTHING";
 /// Leased rows given back after a local failure: the claim's attempt does not count.
 const RELEASE: &str = "UPDATE walhook.deliveries d SET attempt_count = greatest(d.attempt_count - 1, 0), \
@@ -58,9 +79,9 @@ const RELEASE_HELD: &str = "UPDATE walhook.deliveries d SET held_by = NULL, queu
      WHERE d.endpoint_id = u.endpoint AND d.held_by = u.tag AND d.status = 'pending'";
 /// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
 const ENDPOINTS_OK: &str =
-    "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($39) AND failing_since IS NOT NULL";
+    "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($47) AND failing_since IS NOT NULL";
 const ENDPOINTS_FAILING: &str = "UPDATE walhook.endpoints SET failing_since = now() \
-     WHERE id = ANY($40) AND failing_since IS NULL AND NOT (id = ANY($39))";
+     WHERE id = ANY($48) AND failing_since IS NULL AND NOT (id = ANY($47))";
 const DISABLE: &str =
     "UPDATE walhook.endpoints e SET is_active = false, disabled_reason = u.reason, updated_at = now() \
      FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active \
@@ -82,7 +103,7 @@ struct Columns<'a> {
     e_seq: Vec<i32>,
     e_body: Vec<&'a [u8]>,
     e_at: Vec<DateTime<Utc>>,
-    // Deliveries: $8-$23.
+    // Deliveries: $8-$27 (a first-attempt success's attempt in $24-$27).
     d_id: Vec<Uuid>,
     d_ep: Vec<Uuid>,
     d_ev: Vec<Uuid>,
@@ -99,7 +120,11 @@ struct Columns<'a> {
     d_err: Vec<Option<&'a str>>,
     d_created: Vec<DateTime<Utc>>,
     d_done: Vec<Option<DateTime<Utc>>>,
-    // Completions of leased rows: $24-$30.
+    d_first_started: Vec<Option<DateTime<Utc>>>,
+    d_first_ms: Vec<Option<i32>>,
+    d_first_http: Vec<Option<i32>>,
+    d_first_snippet: Vec<Option<&'a str>>,
+    // Completions of leased rows: $28-$38 (a first-attempt success's attempt in $35-$38).
     c_id: Vec<Uuid>,
     c_lease: Vec<Uuid>,
     c_status: Vec<&'static str>,
@@ -107,7 +132,11 @@ struct Columns<'a> {
     c_next: Vec<Option<DateTime<Utc>>>,
     c_err: Vec<Option<&'a str>>,
     c_done: Vec<Option<DateTime<Utc>>>,
-    // Attempts: $31-$38.
+    c_first_started: Vec<Option<DateTime<Utc>>>,
+    c_first_ms: Vec<Option<i32>>,
+    c_first_http: Vec<Option<i32>>,
+    c_first_snippet: Vec<Option<&'a str>>,
+    // Attempts: $39-$46.
     a_delivery: Vec<Uuid>,
     a_number: Vec<i32>,
     a_started: Vec<DateTime<Utc>>,
@@ -116,7 +145,7 @@ struct Columns<'a> {
     a_kind: Vec<Option<&'static str>>,
     a_error: Vec<Option<&'a str>>,
     a_snippet: Vec<Option<&'a str>>,
-    // Endpoints whose attempts succeeded ($39) / failed ($40) in this batch.
+    // Endpoints whose attempts succeeded ($47) / failed ($48) in this batch.
     ep_ok: Vec<Uuid>,
     ep_failed: Vec<Uuid>,
     // Releases (transaction path only).
@@ -138,9 +167,12 @@ impl<'a> Columns<'a> {
     /// With `archive`, every event's payload is stored, else only those of pending rows.
     fn of(batch: &'a [StoreOp], archive: bool) -> Self {
         let mut c = Columns::default();
-        let mut events = HashSet::new();
+        let (mut events, mut deliveries) = (HashSet::new(), HashSet::new());
         for op in batch {
             match op {
+                // A row twice in one batch (a replay): the first is written, as a conflict
+                // would have it.
+                StoreOp::Insert(r) if !deliveries.insert(r.id) => {}
                 StoreOp::Insert(r) => {
                     let ev = &r.event;
                     if (archive || r.status == Status::Pending) && events.insert(ev.id) {
@@ -168,8 +200,24 @@ impl<'a> Columns<'a> {
                     c.d_err.push(r.last_error.as_deref());
                     c.d_created.push(micros_to_time(ev.committed_at_us));
                     c.d_done.push(r.completed_at);
-                    if let Some(a) = &r.attempt {
-                        c.attempt(r.id, r.endpoint_id, r.attempt_count, a);
+                    match &r.attempt {
+                        // One tuple per first-attempt success: the attempt lives on the row.
+                        Some(a) if r.is_first_attempt_success() => {
+                            c.d_first_started.push(Some(a.started_at));
+                            c.d_first_ms.push(Some(duration_ms(a)));
+                            c.d_first_http.push(a.status.map(i32::from));
+                            c.d_first_snippet.push(snippet(a));
+                            c.streak(r.endpoint_id, true);
+                        }
+                        attempt => {
+                            c.d_first_started.push(None);
+                            c.d_first_ms.push(None);
+                            c.d_first_http.push(None);
+                            c.d_first_snippet.push(None);
+                            if let Some(a) = attempt {
+                                c.attempt(r.id, r.endpoint_id, r.attempt_count, a);
+                            }
+                        }
                     }
                 }
                 StoreOp::Complete(x) => {
@@ -180,7 +228,20 @@ impl<'a> Columns<'a> {
                     c.c_next.push(x.next_attempt_at);
                     c.c_err.push(x.last_error.as_deref());
                     c.c_done.push(x.completed_at);
-                    c.attempt(x.id, x.endpoint_id, x.attempt_no, &x.attempt);
+                    let a = &x.attempt;
+                    if x.attempt_no == 1 && a.succeeded() {
+                        c.c_first_started.push(Some(a.started_at));
+                        c.c_first_ms.push(Some(duration_ms(a)));
+                        c.c_first_http.push(a.status.map(i32::from));
+                        c.c_first_snippet.push(snippet(a));
+                        c.streak(x.endpoint_id, true);
+                    } else {
+                        c.c_first_started.push(None);
+                        c.c_first_ms.push(None);
+                        c.c_first_http.push(None);
+                        c.c_first_snippet.push(None);
+                        c.attempt(x.id, x.endpoint_id, x.attempt_no, a);
+                    }
                 }
                 StoreOp::Probe(_) => {}
                 StoreOp::Release(x) => {
@@ -209,12 +270,17 @@ impl<'a> Columns<'a> {
         self.a_delivery.push(id);
         self.a_number.push(number);
         self.a_started.push(a.started_at);
-        self.a_duration_ms.push(a.duration.as_millis().min(i32::MAX as u128) as i32);
+        self.a_duration_ms.push(duration_ms(a));
         self.a_status.push(a.status.map(i32::from));
         self.a_kind.push(a.failure.map(FailureKind::record_name));
         self.a_error.push(a.error.as_deref());
-        self.a_snippet.push((!a.response_snippet.is_empty()).then_some(a.response_snippet.as_str()));
-        let list = if a.succeeded() { &mut self.ep_ok } else { &mut self.ep_failed };
+        self.a_snippet.push(snippet(a));
+        self.streak(endpoint, a.succeeded());
+    }
+
+    /// The endpoint's failure streak: ended by a success, started by a failure.
+    fn streak(&mut self, endpoint: Uuid, succeeded: bool) {
+        let list = if succeeded { &mut self.ep_ok } else { &mut self.ep_failed };
         if !list.contains(&endpoint) {
             list.push(endpoint);
         }
@@ -241,8 +307,8 @@ impl<'a> Columns<'a> {
         !self.c_id.iter().any(|id| inserted.contains(id))
     }
 
-    /// `$1`-`$40` in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 40] {
+    /// `$1`-`$48` in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 48] {
         [
             &self.e_id,
             &self.e_acct,
@@ -267,6 +333,10 @@ impl<'a> Columns<'a> {
             &self.d_err,
             &self.d_created,
             &self.d_done,
+            &self.d_first_started,
+            &self.d_first_ms,
+            &self.d_first_http,
+            &self.d_first_snippet,
             &self.c_id,
             &self.c_lease,
             &self.c_status,
@@ -274,6 +344,10 @@ impl<'a> Columns<'a> {
             &self.c_next,
             &self.c_err,
             &self.c_done,
+            &self.c_first_started,
+            &self.c_first_ms,
+            &self.c_first_http,
+            &self.c_first_snippet,
             &self.a_delivery,
             &self.a_number,
             &self.a_started,
@@ -288,26 +362,58 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The delivery insert: a plain one, or (`careful`) one that skips rows a concurrent writer
+/// stored meanwhile.
+fn insert_deliveries(careful: bool) -> String {
+    format!("{INSERT_DELIVERIES}{}", if careful { ON_CONFLICT } else { "" })
+}
+
 /// The whole batch as one statement (one round trip, one commit).
-fn one_statement() -> String {
+fn one_statement(careful: bool) -> String {
     format!(
-        "WITH ev AS ({INSERT_EVENTS}), dl AS ({INSERT_DELIVERIES}), cp AS ({COMPLETE}), at AS ({INSERT_ATTEMPTS}), \
-         ok AS ({ENDPOINTS_OK}), bad AS ({ENDPOINTS_FAILING}) SELECT 1"
+        "WITH ev AS ({INSERT_EVENTS}), dl AS ({}), cp AS ({COMPLETE}), at AS ({INSERT_ATTEMPTS}), \
+         ok AS ({ENDPOINTS_OK}), bad AS ({ENDPOINTS_FAILING}) SELECT 1",
+        insert_deliveries(careful)
     )
 }
 
 /// Writes `batch` atomically; returns the endpoints it disabled (an endpoint already
-/// disabled is not among them), with their reasons.
+/// disabled is not among them), with their reasons. A batch larger than
+/// [`MAX_BATCH_BYTES`] (one op too large to share a batch) closes its connection afterwards
+/// instead of returning it to the pool: tokio-postgres never shrinks the buffers that batch
+/// grew, and a pooled connection would keep them for its lifetime.
 pub(super) async fn write_batch(db: &Db, batch: &[StoreOp], archive: bool) -> Result<Vec<(Uuid, String)>, DbError> {
     let cols = Columns::of(batch, archive);
     if cols.is_empty() {
         return Ok(Vec::new());
     }
-    let params = cols.params();
     let mut client = db.get().await?;
+    let written = match write_on(&mut client, &cols, false).await {
+        Err(e) if is_unique_violation(&e) => write_on(&mut client, &cols, true).await,
+        written => written,
+    };
+    if batch_bytes(batch, archive) > MAX_BATCH_BYTES {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    written
+}
+
+/// Whether a write failed because a row it inserts was stored meanwhile by another writer.
+fn is_unique_violation(e: &DbError) -> bool {
+    matches!(e, DbError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
+/// [`write_batch`] on one connection; `careful`: with [`ON_CONFLICT`].
+async fn write_on(
+    client: &mut deadpool_postgres::Object,
+    cols: &Columns<'_>,
+    careful: bool,
+) -> Result<Vec<(Uuid, String)>, DbError> {
+    let params = cols.params();
     if cols.fits_one_statement() {
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let st = client.prepare_cached(SQL.get_or_init(one_statement)).await?;
+        static SQL: [std::sync::OnceLock<String>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+        let sql = SQL[usize::from(careful)].get_or_init(|| one_statement(careful));
+        let st = client.prepare_cached(sql).await?;
         client.execute(&st, &params).await?;
         return Ok(Vec::new());
     }
@@ -315,13 +421,14 @@ pub(super) async fn write_batch(db: &Db, batch: &[StoreOp], archive: bool) -> Re
     // attempts, failure streaks, releases, then disables and what they fail, then requeued
     // deliveries released.
     let tx = client.transaction().await?;
+    let deliveries = insert_deliveries(careful);
     let steps: [(&str, &[&(dyn ToSql + Sync)], bool); 6] = [
         (INSERT_EVENTS, &params[0..7], !cols.e_id.is_empty()),
-        (INSERT_DELIVERIES, &params[7..23], !cols.d_id.is_empty()),
-        (COMPLETE, &params[23..30], !cols.c_id.is_empty()),
-        (INSERT_ATTEMPTS, &params[30..38], !cols.a_delivery.is_empty()),
-        (ENDPOINTS_OK, &params[38..39], !cols.ep_ok.is_empty()),
-        (ENDPOINTS_FAILING, &params[38..40], !cols.ep_failed.is_empty()),
+        (&deliveries, &params[7..27], !cols.d_id.is_empty()),
+        (COMPLETE, &params[27..38], !cols.c_id.is_empty()),
+        (INSERT_ATTEMPTS, &params[38..46], !cols.a_delivery.is_empty()),
+        (ENDPOINTS_OK, &params[46..47], !cols.ep_ok.is_empty()),
+        (ENDPOINTS_FAILING, &params[46..48], !cols.ep_failed.is_empty()),
     ];
     for (sql, params, needed) in steps {
         if needed {
@@ -372,6 +479,16 @@ fn renumber(sql: &str) -> String {
     out
 }
 
+/// An attempt's duration as stored: whole milliseconds.
+fn duration_ms(a: &Attempt) -> i32 {
+    a.duration.as_millis().min(i32::MAX as u128) as i32
+}
+
+/// An attempt's response snippet as stored: NULL when empty.
+fn snippet(a: &Attempt) -> Option<&str> {
+    (!a.response_snippet.is_empty()).then_some(a.response_snippet.as_str())
+}
+
 fn micros_to_time(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
@@ -382,13 +499,13 @@ mod tests {
 
     #[test]
     fn renumbering_starts_each_statement_at_one() {
-        assert_eq!(renumber(ENDPOINTS_FAILING), ENDPOINTS_FAILING.replace("$40", "$2").replace("$39", "$1"));
+        assert_eq!(renumber(ENDPOINTS_FAILING), ENDPOINTS_FAILING.replace("$48", "$2").replace("$47", "$1"));
         let attempts = renumber(INSERT_ATTEMPTS);
         assert!(attempts.contains("$1::uuid[]") && attempts.contains("$8::text[]"), "{attempts}");
-        assert!(!attempts.contains("$31") && !attempts.contains("$38"), "{attempts}");
+        assert!(!attempts.contains("$39") && !attempts.contains("$46"), "{attempts}");
         assert_eq!(renumber(INSERT_EVENTS), INSERT_EVENTS);
         let deliveries = renumber(INSERT_DELIVERIES);
-        for n in 1..=16 {
+        for n in 1..=20 {
             assert_eq!(deliveries.matches(&format!("${n}::")).count(), 1, "${n} in {deliveries}");
         }
     }

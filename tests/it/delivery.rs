@@ -104,7 +104,10 @@ async fn a_failed_attempt_is_retried_with_the_same_webhook_id() {
     );
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(&q).await == 1 }).await;
     let attempts = env
-        .scalar_i64(&format!("SELECT count(*) FROM walhook.attempts WHERE delivery_id::text = '{}'", got[0].webhook_id))
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM walhook.attempt_log WHERE delivery_id::text = '{}'",
+            got[0].webhook_id
+        ))
         .await;
     assert_eq!(attempts, 3, "one attempt record per attempt");
     wh.stop().await.unwrap();

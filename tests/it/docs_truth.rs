@@ -182,7 +182,7 @@ async fn shutdown_starts_no_new_outbox_attempt() {
     let leased = format!(
         "SELECT count(*) FROM walhook.deliveries d WHERE endpoint_id = '{}' AND status = 'pending' \
            AND (lease_until IS NOT NULL \
-                OR attempt_count <> (SELECT count(*) FROM walhook.attempts a WHERE a.delivery_id = d.id))",
+                OR attempt_count <> (SELECT count(*) FROM walhook.attempt_log a WHERE a.delivery_id = d.id))",
         ep.id
     );
     assert_eq!(env.scalar_i64(&leased).await, 0, "unattempted claims are released with their attempt count");

@@ -20,7 +20,7 @@ async fn one_delivery(env: &Env) -> (String, i64, String) {
 
 async fn error_kinds(env: &Env) -> Vec<Option<String>> {
     env.client
-        .query("SELECT error_kind FROM walhook.attempts ORDER BY attempt", &[])
+        .query("SELECT error_kind FROM walhook.attempt_log ORDER BY attempt", &[])
         .await
         .unwrap()
         .iter()
@@ -54,8 +54,11 @@ async fn a_slow_answer_within_the_timeout_is_a_success() {
     let wh = env.start("[dispatch]\nrequest_timeout = \"3s\"\nspill_after = \"500ms\"\n").await;
     env.sql(&insert_contact("s")).await;
     wait_delivered(&env, 1).await;
-    let ms = env.scalar_i64("SELECT duration_ms::int8 FROM walhook.attempts").await;
+    let ms = env.scalar_i64("SELECT duration_ms::int8 FROM walhook.attempt_log").await;
     assert!(ms >= 1200, "the attempt record keeps the duration: {ms} ms");
+    let (rows, apart) =
+        (env.scalar_i64("SELECT count(*) FROM walhook.deliveries").await, "SELECT count(*) FROM walhook.attempts");
+    assert_eq!((rows, env.scalar_i64(apart).await), (1, 0), "a first attempt that succeeds is kept on its row");
     assert_eq!(env.scalar_i64("SELECT http_status_code::int8 FROM walhook.deliveries").await, 204);
     wh.stop().await.unwrap();
 }
@@ -82,7 +85,7 @@ async fn a_redirect_is_a_failure_and_is_not_followed() {
     env.sql(&insert_contact("m")).await;
     wait_delivered(&env, 2).await;
     assert!(env.receiver.received_on("elsewhere").is_empty(), "the redirect was followed");
-    let first = env.scalar_i64("SELECT http_status_code::int8 FROM walhook.attempts WHERE attempt = 1").await;
+    let first = env.scalar_i64("SELECT http_status_code::int8 FROM walhook.attempt_log WHERE attempt = 1").await;
     assert_eq!(first, 302);
     wh.stop().await.unwrap();
 }
@@ -102,7 +105,7 @@ async fn retry_after_is_honoured_but_clamped_to_the_schedule() {
         .client
         .query(
             "SELECT EXTRACT(EPOCH FROM started_at - lag(started_at) OVER (ORDER BY attempt))::float8 \
-             FROM walhook.attempts ORDER BY attempt",
+             FROM walhook.attempt_log ORDER BY attempt",
             &[],
         )
         .await
@@ -232,7 +235,7 @@ async fn a_dead_endpoint_does_not_delay_a_healthy_one() {
         .expect("the healthy endpoint got every change");
     // ...while not one request to the dead endpoint has even finished, and the slot has moved
     // past all of it (the dead endpoint's deliveries wait in the outbox, not in memory).
-    let q = format!("SELECT count(*) FROM walhook.attempts a JOIN walhook.deliveries d ON d.id = a.delivery_id WHERE d.endpoint_id = '{}'", dead.id);
+    let q = format!("SELECT count(*) FROM walhook.attempt_log a JOIN walhook.deliveries d ON d.id = a.delivery_id WHERE d.endpoint_id = '{}'", dead.id);
     assert_eq!(env.scalar_i64(&q).await, 0, "no dead attempt has completed yet");
     wait_for(Duration::from_secs(10), || async { env.confirmed_lsn().await >= last_commit }).await;
     assert_eq!(env.scalar_i64(&q).await, 0, "confirmed while the dead endpoint still hangs");
@@ -257,7 +260,7 @@ async fn attempt_records_describe_each_attempt() {
         .client
         .query(
             "SELECT attempt, started_at IS NOT NULL, duration_ms, http_status_code, error_kind, error, response_snippet \
-             FROM walhook.attempts WHERE delivery_id::text = $1 ORDER BY attempt",
+             FROM walhook.attempt_log WHERE delivery_id::text = $1 ORDER BY attempt",
             &[&id],
         )
         .await

@@ -173,6 +173,70 @@ async fn attempts_say_when_how_long_and_why_each_failed() {
     wh.stop().await.unwrap();
 }
 
+/// A delivery that succeeds on its first attempt is recorded as one row (its attempt on the
+/// delivery's own row, none in `walhook.attempts`), and its attempt reads as any other: over
+/// the API and in `walhook.attempt_log`. Sent again, attempt 1 keeps what it was, and the
+/// new attempts follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_attempt_success_is_one_row_and_keeps_its_attempt_through_a_redelivery() {
+    let env = Env::new("history_first_attempt").await;
+    let wh = env.start(&format!("{}[retention]\npayloads = \"1h\"\n", auth_config())).await;
+    let (api, a) = (Api::new(&env), jwt(ACCOUNT_A));
+    let created =
+        api.ok("webhooks-create", &a, json!({ "url": env.receiver.url("f"), "events": ["contact.created"] })).await;
+    env.receiver.set_secret("f", created["signing_secret"].as_str().unwrap());
+    let id = created["endpoint"]["id"].as_str().unwrap().to_owned();
+    env.receiver.script(
+        "f",
+        vec![
+            Reply::Raw(201, vec![], bytes::Bytes::from_static(b"accepted")),
+            Reply::Raw(500, vec![], bytes::Bytes::from_static(b"oops")),
+            Reply::Status(202),
+        ],
+    );
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'x')")).await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 1 }).await;
+    let history = api.ok("webhooks-deliveries", &a, json!({ "endpoint_id": id })).await;
+    let delivery = history["deliveries"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.attempts").await, 0, "no attempt row of its own");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.deliveries").await, 1);
+
+    let first = api.ok("webhooks-attempts", &a, json!({ "delivery_id": delivery })).await;
+    let attempts = first["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{first}");
+    let one = attempts[0].clone();
+    assert_eq!(
+        (one["attempt"].as_i64(), one["http_status_code"].as_i64(), &one["error"], one["response_snippet"].as_str()),
+        (Some(1), Some(201), &Value::Null, Some("accepted")),
+        "{one}"
+    );
+    assert!(one["duration_ms"].as_i64().unwrap() >= 0);
+    let sent_at = env.receiver.received()[0].at;
+    let started = chrono::DateTime::parse_from_rfc3339(one["started_at"].as_str().unwrap()).unwrap();
+    let sent_at = chrono::DateTime::<chrono::Utc>::from(sent_at);
+    let skew = (sent_at - started.with_timezone(&chrono::Utc)).num_milliseconds();
+    assert!((0..2000).contains(&skew), "started {started}, received {sent_at}");
+
+    // Sent again: fails once, then succeeds; attempt 1 is unchanged, 2 and 3 follow.
+    api.ok("webhooks-redeliver", &a, json!({ "delivery_id": delivery })).await;
+    wait_for(Duration::from_secs(60), || async {
+        let got = api.ok("webhooks-attempts", &a, json!({ "delivery_id": delivery })).await;
+        got["attempts"].as_array().unwrap().len() == 3
+    })
+    .await;
+    wait_for(Duration::from_secs(30), || async { api.count_status(&a, &id, "delivered").await == 1 }).await;
+    let all = api.ok("webhooks-attempts", &a, json!({ "delivery_id": delivery })).await;
+    let all = all["attempts"].as_array().unwrap();
+    let numbers: Vec<i64> = all.iter().map(|t| t["attempt"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [3, 2, 1]);
+    assert_eq!(all[2], one, "attempt 1 reads as it did before the redelivery");
+    assert_eq!((all[1]["http_status_code"].as_i64(), all[0]["http_status_code"].as_i64()), (Some(500), Some(202)));
+    let logged =
+        env.scalar_i64(&format!("SELECT count(*) FROM walhook.attempt_log WHERE delivery_id = '{delivery}'")).await;
+    assert_eq!(logged, 3, "walhook.attempt_log shows every attempt");
+    wh.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_request_is_signed_sent_now_once_and_answered_with_what_happened() {
     let env = Env::new("history_test_send").await;

@@ -82,7 +82,7 @@ async fn two_processes_never_send_the_same_attempt() {
     let rows = env
         .client
         .query(
-            "SELECT d.id::text, d.attempt_count::int8, (SELECT count(*) FROM walhook.attempts a WHERE a.delivery_id = d.id) \
+            "SELECT d.id::text, d.attempt_count::int8, (SELECT count(*) FROM walhook.attempt_log a WHERE a.delivery_id = d.id) \
              FROM walhook.deliveries d",
             &[],
         )

@@ -359,7 +359,7 @@ async fn an_attempt_failing_for_lack_of_descriptors_does_not_spend_an_attempt() 
     let count = format!("SELECT attempt_count::int8 FROM walhook.deliveries WHERE endpoint_id = '{}'", ep.id);
     assert_eq!(env.scalar_i64(&count).await, 1, "delivered on its first counted attempt");
     let attempts = format!(
-        "SELECT count(*) FROM walhook.attempts a JOIN walhook.deliveries d ON d.id = a.delivery_id \
+        "SELECT count(*) FROM walhook.attempt_log a JOIN walhook.deliveries d ON d.id = a.delivery_id \
          WHERE d.endpoint_id = '{}'",
         ep.id
     );

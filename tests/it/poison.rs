@@ -97,7 +97,7 @@ async fn a_hostile_receiver_stops_no_other_account() {
     let snippets = env
         .client
         .query(
-            "SELECT a.response_snippet FROM walhook.attempts a JOIN walhook.deliveries d ON d.id = a.delivery_id \
+            "SELECT a.response_snippet FROM walhook.attempt_log a JOIN walhook.deliveries d ON d.id = a.delivery_id \
              WHERE d.endpoint_id = $1 AND a.response_snippet IS NOT NULL",
             &[&evil.id],
         )
@@ -157,7 +157,7 @@ async fn a_refused_batch_is_split_and_only_the_row_at_fault_is_set_aside() {
     // whose texts are refused (stored again without them), one whose payload is refused
     // (stored as failed, with the reason), and one refused in every form.
     env.sql(
-        "ALTER TABLE walhook.attempts ADD CONSTRAINT no_poison CHECK (response_snippet IS DISTINCT FROM 'poison');
+        "ALTER TABLE walhook.deliveries ADD CONSTRAINT no_poison CHECK (first_snippet IS DISTINCT FROM 'poison');
          ALTER TABLE walhook.events ADD CONSTRAINT no_payload CHECK (seq <> 54);
          ALTER TABLE walhook.deliveries ADD CONSTRAINT no_cursed CHECK (entity_key <> 'contacts:cursed');",
     )
@@ -184,7 +184,7 @@ async fn a_refused_batch_is_split_and_only_the_row_at_fault_is_set_aside() {
     let count = |q: &'static str| env.scalar_i64(q);
     assert_eq!(count("SELECT count(*) FROM walhook.deliveries").await, 99, "all but the cursed row");
     assert_eq!(
-        count("SELECT count(*) FROM walhook.attempts WHERE response_snippet IS NULL").await,
+        count("SELECT count(*) FROM walhook.attempt_log WHERE response_snippet IS NULL").await,
         1,
         "the poisoned attempt is stored without its texts"
     );

@@ -52,7 +52,7 @@ async fn retention_removes_only_what_it_should() {
     };
     wait_for(Duration::from_secs(20), || async { ids().await == "457" }).await;
     // Kept: recent delivered (4), failed within 2h (5), pending of a live endpoint (7).
-    let attempts = env.scalar_i64("SELECT count(*) FROM walhook.attempts").await;
+    let attempts = env.scalar_i64("SELECT count(*) FROM walhook.attempt_log").await;
     assert_eq!(attempts, 3, "attempts of removed deliveries are removed with them");
     let events: Vec<String> = env
         .client

@@ -27,7 +27,7 @@ async fn internal_targets_are_refused_in_every_spelling_and_never_connected_to()
     wait_for(Duration::from_secs(20), || async { env.scalar_i64(q).await == hosts.len() as i64 }).await;
     let kinds: Vec<String> = env
         .client
-        .query("SELECT DISTINCT error_kind FROM walhook.attempts", &[])
+        .query("SELECT DISTINCT error_kind FROM walhook.attempt_log", &[])
         .await
         .unwrap()
         .iter()
@@ -51,7 +51,7 @@ async fn allowed_cidrs_open_exactly_their_range() {
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'failed'";
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
     let q = format!(
-        "SELECT count(*) FROM walhook.attempts a JOIN walhook.deliveries d ON d.id = a.delivery_id \
+        "SELECT count(*) FROM walhook.attempt_log a JOIN walhook.deliveries d ON d.id = a.delivery_id \
          WHERE d.endpoint_id = '{}' AND a.error_kind = 'refused'",
         v6.id
     );
@@ -126,7 +126,7 @@ async fn non_global_ranges_and_embedded_forms_are_refused_at_connect() {
     let not_refused: Vec<String> = env
         .client
         .query(
-            "SELECT e.url || ' ' || coalesce(a.error_kind, 'ok') FROM walhook.attempts a \
+            "SELECT e.url || ' ' || coalesce(a.error_kind, 'ok') FROM walhook.attempt_log a \
              JOIN walhook.deliveries d ON d.id = a.delivery_id JOIN walhook.endpoints e ON e.id = d.endpoint_id \
              WHERE a.error_kind IS DISTINCT FROM 'refused' ORDER BY 1",
             &[],
@@ -203,5 +203,5 @@ async fn a_proxy_in_the_environment_does_not_bypass_the_address_check() {
         ("failed", 2, 0, 0),
         "https://localhost must be refused, never tunnelled through HTTPS_PROXY (status, attempts, CONNECTs, received)"
     );
-    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.attempts WHERE error_kind <> 'refused'").await, 0);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.attempt_log WHERE error_kind <> 'refused'").await, 0);
 }

@@ -96,7 +96,7 @@ async fn a_completion_batched_with_its_own_insert_is_not_lost() {
     let got: Vec<(String, bool, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     let delivered = ("delivered".to_owned(), true, true);
     assert_eq!(got, vec![delivered.clone(), delivered], "the leased row's completion was applied");
-    let attempts = env.scalar_i64("SELECT count(*) FROM walhook.attempts").await;
+    let attempts = env.scalar_i64("SELECT count(*) FROM walhook.attempt_log").await;
     assert_eq!(attempts, 2, "one attempt row per attempt");
     let events = env.scalar_i64("SELECT count(*) FROM walhook.events").await;
     assert_eq!(events, 1, "the pending row's payload was stored, the delivered one's was not");
@@ -118,5 +118,46 @@ async fn a_replayed_batch_inserts_nothing_twice() {
     let count = |t: &str| format!("SELECT count(*) FROM walhook.{t}");
     assert_eq!(env.scalar_i64(&count("deliveries")).await, 2);
     assert_eq!(env.scalar_i64(&count("events")).await, 1);
-    assert_eq!(env.scalar_i64(&count("attempts")).await, 1);
+    assert_eq!(env.scalar_i64(&count("attempt_log")).await, 1);
+}
+
+/// Two writers storing the same rows at once (a replica replaying what another is storing)
+/// both succeed: each row is stored once, as it was sent, and neither takes the other's rows
+/// for a refusal of its own (nothing is set aside or stored in a reduced form).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_storing_the_same_rows_at_once_store_each_once() {
+    let env = Env::new("store_concurrent").await;
+    let endpoint = Uuid::new_v4();
+    let metrics = Arc::new(walhook::ops::metrics::Metrics::new());
+    let writer = |ops: Vec<StoreOp>| {
+        let health =
+            Arc::new(walhook::ops::StoreHealth::new(metrics.store_stalled.clone(), metrics.store_pinned.clone()));
+        let settings = walhook::store::WriterSettings {
+            health,
+            metrics: metrics.clone(),
+            stall_after: walhook::store::DEFAULT_STALL_AFTER,
+            archive: false,
+        };
+        let (writer, tx) = StoreWriter::new(env.db.clone(), 512, settings);
+        async move {
+            for op in ops {
+                tx.send(op).await.unwrap();
+            }
+            drop(tx);
+            tokio::time::timeout(Duration::from_secs(30), writer.run()).await.expect("the writer finishes");
+        }
+    };
+    for round in 0..10u32 {
+        let batch = || -> Vec<StoreOp> {
+            (1..=300).map(|s| StoreOp::Insert(record(endpoint, round * 1000 + s, Status::Delivered, None))).collect()
+        };
+        tokio::join!(writer(batch()), writer(batch()));
+    }
+    let count = |q: &'static str| env.scalar_i64(q);
+    assert_eq!(count("SELECT count(*) FROM walhook.deliveries").await, 3000);
+    assert_eq!(count("SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'").await, 3000);
+    assert_eq!(count("SELECT count(*) FROM walhook.attempt_log WHERE response_snippet = 'ok'").await, 3000);
+    let set_aside: u64 =
+        ["texts", "failed", "rejected"].iter().map(|f| metrics.store_set_aside.with_label_values(&[f]).get()).sum();
+    assert_eq!(set_aside, 0, "a row the other writer stored was taken for a refusal");
 }
