@@ -552,6 +552,10 @@ async fn a_slot_advanced_by_someone_else_past_what_walhook_handled_is_lost() {
     // Killed right after its first confirm: most of the backlog is not handled yet.
     wait_for(Duration::from_secs(60), || async { env.scalar_i64(ceiling).await > first }).await;
     wh.kill9();
+    // (The server notices the dead walsender's connection a moment later; the slot can be moved
+    // only once it is released.)
+    let active = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'slot_advanced' AND active";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(active).await == 0 }).await;
     let (confirmed, end) =
         (env.confirmed_lsn().await, env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await);
     env.sql(
