@@ -48,23 +48,24 @@ const INSERT_DELIVERIES: &str = "INSERT INTO walhook.deliveries (id, endpoint_id
      WHERE NOT EXISTS (SELECT 1 FROM walhook.deliveries d WHERE d.id = u.id)";
 /// What [`INSERT_DELIVERIES`] becomes when a concurrent writer stored some of the same rows.
 const ON_CONFLICT: &str = " ON CONFLICT (id) DO NOTHING";
-/// Outcomes of leased rows. A first attempt that succeeded is kept on the row (`first_*`,
-/// given only then), like the fast path's; the row's first attempt is never overwritten.
+/// Outcomes of leased rows. Their attempts are always written to `walhook.attempts`, first
+/// ones included: the attempt happened even when the row's lease has passed to another claim
+/// meanwhile (and this update then changes nothing).
 const COMPLETE: &str = "UPDATE walhook.deliveries d SET status = u.status, \
        http_status_code = COALESCE(u.http, d.http_status_code), next_attempt_at = u.next_at, \
-       lease_until = NULL, leased_by = NULL, last_error = u.err, completed_at = u.done, \
-       first_started_at = COALESCE(d.first_started_at, u.f_at), \
-       first_duration_ms = CASE WHEN d.first_started_at IS NULL THEN u.f_ms ELSE d.first_duration_ms END, \
-       first_http_status = CASE WHEN d.first_started_at IS NULL THEN u.f_http ELSE d.first_http_status END, \
-       first_snippet = CASE WHEN d.first_started_at IS NULL THEN u.f_snippet ELSE d.first_snippet END \
+       lease_until = NULL, leased_by = NULL, last_error = u.err, completed_at = u.done \
      FROM unnest($28::uuid[], $29::uuid[], $30::text[], $31::int4[], $32::timestamptz[], $33::text[], \
-       $34::timestamptz[], $35::timestamptz[], $36::int4[], $37::int4[], $38::text[]) \
-       AS u(id, lease, status, http, next_at, err, done, f_at, f_ms, f_http, f_snippet) \
+       $34::timestamptz[]) AS u(id, lease, status, http, next_at, err, done) \
      WHERE d.id = u.id AND d.leased_by = u.lease AND d.status = 'pending'";
+/// Attempt records; an attempt already recorded (a replay) is left alone, whether in
+/// `walhook.attempts` or, for attempt 1, on its delivery row (a first-attempt success).
 const INSERT_ATTEMPTS: &str = "INSERT INTO walhook.attempts (delivery_id, attempt, started_at, duration_ms, \
        http_status_code, error_kind, error, response_snippet) \
-     SELECT * FROM unnest($39::uuid[], $40::int4[], $41::timestamptz[], $42::int4[], $43::int4[], $44::text[], \
-       $45::text[], $46::text[]) \
+     SELECT * FROM unnest($35::uuid[], $36::int4[], $37::timestamptz[], $38::int4[], $39::int4[], $40::text[], \
+       $41::text[], $42::text[]) \
+       AS u(delivery_id, attempt, started_at, duration_ms, http_status_code, error_kind, error, response_snippet) \
+     WHERE u.attempt <> 1 OR NOT EXISTS ( \
+       SELECT 1 FROM walhook.deliveries d WHERE d.id = u.delivery_id AND d.first_started_at IS NOT NULL) \
      ON CONFLICT (delivery_id, attempt) DO NOTHING";
 /// Leased rows given back after a local failure: the claim's attempt does not count.
 const RELEASE: &str = "UPDATE walhook.deliveries d SET attempt_count = greatest(d.attempt_count - 1, 0), \
@@ -79,9 +80,9 @@ const RELEASE_HELD: &str = "UPDATE walhook.deliveries d SET held_by = NULL, queu
      WHERE d.endpoint_id = u.endpoint AND d.held_by = u.tag AND d.status = 'pending'";
 /// Failure streaks (for `dispatch.disable_after`); only rows that change are written.
 const ENDPOINTS_OK: &str =
-    "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($47) AND failing_since IS NOT NULL";
+    "UPDATE walhook.endpoints SET failing_since = NULL WHERE id = ANY($43) AND failing_since IS NOT NULL";
 const ENDPOINTS_FAILING: &str = "UPDATE walhook.endpoints SET failing_since = now() \
-     WHERE id = ANY($48) AND failing_since IS NULL AND NOT (id = ANY($47))";
+     WHERE id = ANY($44) AND failing_since IS NULL AND NOT (id = ANY($43))";
 const DISABLE: &str =
     "UPDATE walhook.endpoints e SET is_active = false, disabled_reason = u.reason, updated_at = now() \
      FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE e.id = u.id AND e.is_active \
@@ -124,7 +125,7 @@ struct Columns<'a> {
     d_first_ms: Vec<Option<i32>>,
     d_first_http: Vec<Option<i32>>,
     d_first_snippet: Vec<Option<&'a str>>,
-    // Completions of leased rows: $28-$38 (a first-attempt success's attempt in $35-$38).
+    // Completions of leased rows: $28-$34.
     c_id: Vec<Uuid>,
     c_lease: Vec<Uuid>,
     c_status: Vec<&'static str>,
@@ -132,11 +133,7 @@ struct Columns<'a> {
     c_next: Vec<Option<DateTime<Utc>>>,
     c_err: Vec<Option<&'a str>>,
     c_done: Vec<Option<DateTime<Utc>>>,
-    c_first_started: Vec<Option<DateTime<Utc>>>,
-    c_first_ms: Vec<Option<i32>>,
-    c_first_http: Vec<Option<i32>>,
-    c_first_snippet: Vec<Option<&'a str>>,
-    // Attempts: $39-$46.
+    // Attempts: $35-$42.
     a_delivery: Vec<Uuid>,
     a_number: Vec<i32>,
     a_started: Vec<DateTime<Utc>>,
@@ -145,7 +142,7 @@ struct Columns<'a> {
     a_kind: Vec<Option<&'static str>>,
     a_error: Vec<Option<&'a str>>,
     a_snippet: Vec<Option<&'a str>>,
-    // Endpoints whose attempts succeeded ($47) / failed ($48) in this batch.
+    // Endpoints whose attempts succeeded ($43) / failed ($44) in this batch.
     ep_ok: Vec<Uuid>,
     ep_failed: Vec<Uuid>,
     // Releases (transaction path only).
@@ -228,20 +225,7 @@ impl<'a> Columns<'a> {
                     c.c_next.push(x.next_attempt_at);
                     c.c_err.push(x.last_error.as_deref());
                     c.c_done.push(x.completed_at);
-                    let a = &x.attempt;
-                    if x.attempt_no == 1 && a.succeeded() {
-                        c.c_first_started.push(Some(a.started_at));
-                        c.c_first_ms.push(Some(duration_ms(a)));
-                        c.c_first_http.push(a.status.map(i32::from));
-                        c.c_first_snippet.push(snippet(a));
-                        c.streak(x.endpoint_id, true);
-                    } else {
-                        c.c_first_started.push(None);
-                        c.c_first_ms.push(None);
-                        c.c_first_http.push(None);
-                        c.c_first_snippet.push(None);
-                        c.attempt(x.id, x.endpoint_id, x.attempt_no, a);
-                    }
+                    c.attempt(x.id, x.endpoint_id, x.attempt_no, &x.attempt);
                 }
                 StoreOp::Probe(_) => {}
                 StoreOp::Release(x) => {
@@ -307,8 +291,8 @@ impl<'a> Columns<'a> {
         !self.c_id.iter().any(|id| inserted.contains(id))
     }
 
-    /// `$1`-`$48` in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 48] {
+    /// `$1`-`$44` in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 44] {
         [
             &self.e_id,
             &self.e_acct,
@@ -344,10 +328,6 @@ impl<'a> Columns<'a> {
             &self.c_next,
             &self.c_err,
             &self.c_done,
-            &self.c_first_started,
-            &self.c_first_ms,
-            &self.c_first_http,
-            &self.c_first_snippet,
             &self.a_delivery,
             &self.a_number,
             &self.a_started,
@@ -425,10 +405,10 @@ async fn write_on(
     let steps: [(&str, &[&(dyn ToSql + Sync)], bool); 6] = [
         (INSERT_EVENTS, &params[0..7], !cols.e_id.is_empty()),
         (&deliveries, &params[7..27], !cols.d_id.is_empty()),
-        (COMPLETE, &params[27..38], !cols.c_id.is_empty()),
-        (INSERT_ATTEMPTS, &params[38..46], !cols.a_delivery.is_empty()),
-        (ENDPOINTS_OK, &params[46..47], !cols.ep_ok.is_empty()),
-        (ENDPOINTS_FAILING, &params[46..48], !cols.ep_failed.is_empty()),
+        (COMPLETE, &params[27..34], !cols.c_id.is_empty()),
+        (INSERT_ATTEMPTS, &params[34..42], !cols.a_delivery.is_empty()),
+        (ENDPOINTS_OK, &params[42..43], !cols.ep_ok.is_empty()),
+        (ENDPOINTS_FAILING, &params[42..44], !cols.ep_failed.is_empty()),
     ];
     for (sql, params, needed) in steps {
         if needed {
@@ -499,10 +479,10 @@ mod tests {
 
     #[test]
     fn renumbering_starts_each_statement_at_one() {
-        assert_eq!(renumber(ENDPOINTS_FAILING), ENDPOINTS_FAILING.replace("$48", "$2").replace("$47", "$1"));
+        assert_eq!(renumber(ENDPOINTS_FAILING), ENDPOINTS_FAILING.replace("$44", "$2").replace("$43", "$1"));
         let attempts = renumber(INSERT_ATTEMPTS);
         assert!(attempts.contains("$1::uuid[]") && attempts.contains("$8::text[]"), "{attempts}");
-        assert!(!attempts.contains("$39") && !attempts.contains("$46"), "{attempts}");
+        assert!(!attempts.contains("$35") && !attempts.contains("$42"), "{attempts}");
         assert_eq!(renumber(INSERT_EVENTS), INSERT_EVENTS);
         let deliveries = renumber(INSERT_DELIVERIES);
         for n in 1..=20 {

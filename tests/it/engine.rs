@@ -56,9 +56,6 @@ async fn a_slow_answer_within_the_timeout_is_a_success() {
     wait_delivered(&env, 1).await;
     let ms = env.scalar_i64("SELECT duration_ms::int8 FROM walhook.attempt_log").await;
     assert!(ms >= 1200, "the attempt record keeps the duration: {ms} ms");
-    let (rows, apart) =
-        (env.scalar_i64("SELECT count(*) FROM walhook.deliveries").await, "SELECT count(*) FROM walhook.attempts");
-    assert_eq!((rows, env.scalar_i64(apart).await), (1, 0), "a first attempt that succeeds is kept on its row");
     assert_eq!(env.scalar_i64("SELECT http_status_code::int8 FROM walhook.deliveries").await, 204);
     wh.stop().await.unwrap();
 }

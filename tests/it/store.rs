@@ -161,3 +161,81 @@ async fn two_writers_storing_the_same_rows_at_once_store_each_once() {
         ["texts", "failed", "rejected"].iter().map(|f| metrics.store_set_aside.with_label_values(&[f]).get()).sum();
     assert_eq!(set_aside, 0, "a row the other writer stored was taken for a refusal");
 }
+
+fn failed_first(endpoint: Uuid, seq: u32) -> Record {
+    let mut r = record(endpoint, seq, Status::Pending, None);
+    r.attempt_count = 1;
+    r.http_status = Some(500);
+    r.last_error = Some("HTTP 500".into());
+    r.attempt = Some(Attempt {
+        status: Some(500),
+        failure: Some(walhook::model::attempt::FailureKind::Status),
+        error: Some("HTTP 500".into()),
+        response_snippet: "oops".into(),
+        ..ok_attempt()
+    });
+    r
+}
+
+async fn attempt_log(env: &Env, id: Uuid) -> Vec<(i32, Option<i32>)> {
+    let q = "SELECT attempt, http_status_code FROM walhook.attempt_log WHERE delivery_id = $1 ORDER BY attempt";
+    env.client.query(q, &[&id]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// A delivery written again with another outcome of its first attempt (a replay, or a second
+/// writer at the same time) keeps one attempt 1: the one stored first, whichever table holds
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_written_again_keeps_one_first_attempt() {
+    let env = Env::new("store_one_first").await;
+    let endpoint = Uuid::new_v4();
+    let (ok_first, failed_first_) = (record(endpoint, 1, Status::Delivered, None), failed_first(endpoint, 2));
+    let (a, b) = (ok_first.id, failed_first_.id);
+    write_as_one_batch(&env, vec![StoreOp::Insert(ok_first), StoreOp::Insert(failed_first_)]).await;
+    write_as_one_batch(&env, vec![StoreOp::Insert(failed_first(endpoint, 1))]).await;
+    write_as_one_batch(&env, vec![StoreOp::Insert(record(endpoint, 2, Status::Delivered, None))]).await;
+    assert_eq!(attempt_log(&env, a).await, [(1, Some(200))], "the success stored first stays the only attempt 1");
+    assert_eq!(attempt_log(&env, b).await, [(1, Some(500))], "the failure stored first stays the only attempt 1");
+    // Two writers at once, one with the successes, the other with failures of the same rows
+    // (60 rows each: a batch fits the writer's channel before it starts).
+    for round in 1..=10u32 {
+        let ok: Vec<StoreOp> =
+            (1..=60).map(|s| StoreOp::Insert(record(endpoint, round * 1000 + s, Status::Delivered, None))).collect();
+        let failed: Vec<StoreOp> =
+            (1..=60).map(|s| StoreOp::Insert(failed_first(endpoint, round * 1000 + s))).collect();
+        tokio::join!(write_as_one_batch(&env, ok), write_as_one_batch(&env, failed));
+    }
+    let twice = "SELECT count(*) FROM (SELECT delivery_id FROM walhook.attempt_log WHERE attempt = 1 \
+                 GROUP BY 1 HAVING count(*) > 1) x";
+    assert_eq!(env.scalar_i64(twice).await, 0, "a delivery with two attempt-1 records");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM walhook.attempt_log").await, 602);
+}
+
+/// An outbox attempt that succeeded but whose lease passed to another claim before its
+/// outcome was stored: the row is the other claim's, and the attempt is still recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_completed_after_its_lease_passed_on_is_still_recorded() {
+    let env = Env::new("store_stale_lease").await;
+    let endpoint = Uuid::new_v4();
+    let (mine, theirs) = (Uuid::new_v4(), Uuid::new_v4());
+    let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let leased = record(endpoint, 1, Status::Pending, Some((theirs, until)));
+    let id = leased.id;
+    write_as_one_batch(&env, vec![StoreOp::Insert(leased)]).await;
+    let done = Completion {
+        id,
+        endpoint_id: endpoint,
+        lease: mine,
+        status: Status::Delivered,
+        http_status: Some(200),
+        next_attempt_at: None,
+        last_error: None,
+        completed_at: Some(chrono::Utc::now()),
+        attempt_no: 1,
+        attempt: ok_attempt(),
+    };
+    write_as_one_batch(&env, vec![StoreOp::Complete(done)]).await;
+    assert_eq!(attempt_log(&env, id).await, [(1, Some(200))], "the receiver answered: the attempt is recorded");
+    let status = env.scalar_i64("SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'").await;
+    assert_eq!(status, 1, "the row stays the other claim's");
+}
