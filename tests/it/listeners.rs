@@ -221,7 +221,7 @@ async fn idle_connections_starve_neither_the_api_nor_readiness_nor_deliveries() 
 async fn refuses_to_start_when_the_caps_do_not_fit_the_descriptor_limit() {
     let _serial = SERIAL.lock().await;
     let env = Env::new("listeners_budget").await;
-    // Defaults: 1024 + 64 + 512 + 4 + 128 descriptors, far over 256.
+    // Defaults: 1024 + 64 + 1024 + 4 + 128 descriptors, far over 256.
     let mut wh = env.spawn_command_with("run", "", nofile(NOFILE));
     let status = wh.wait_exit(Duration::from_secs(20)).await;
     let log = wh.log_text();
