@@ -4,9 +4,9 @@
 //!
 //! What must hold: the runtime role gets USAGE on schema `walhook`, SELECT, INSERT, UPDATE and
 //! DELETE on walhook's tables (only SELECT on `schema_migrations`, which only migrate writes),
-//! SELECT on its views, USAGE and SELECT on its sequences, and nothing more: no CREATE on the schema, no TRUNCATE,
-//! no ownership. Tables a later migration adds are covered, because the list is read from the
-//! catalog after migrating, not written down here.
+//! SELECT on its views, USAGE and SELECT on its sequences, and nothing more: no CREATE on the
+//! schema, no TRUNCATE, no ownership. Tables and views a later migration adds are covered,
+//! because the list is read from the catalog after migrating, not written down here.
 
 use tokio_postgres::GenericClient;
 

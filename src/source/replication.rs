@@ -62,8 +62,8 @@ use crate::store;
 /// Messages the replication client reads ahead of decoding. They are not charged to the
 /// memory budget (a wide row is one message), and the client bounds them by count only, so
 /// the read-ahead is kept short: with rows of R bytes, at most 8 R waits here uncharged (64
-/// messages of 400 kB rows were 25 MiB of a burst's peak). Eight keep the decoder fed: the
-/// drain's rate is the same as with 64 (BENCHMARKS.md, issue 22).
+/// messages of 400 kB rows could hold 25 MiB). The drain measured with 8 (21–24k events/s)
+/// was within the noise of the runs with 64 (20–22k; BENCHMARKS.md, issue 22).
 const STREAM_BUFFER: usize = 8;
 /// Session settings that make decoded text values independent of server defaults.
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3";

@@ -53,6 +53,22 @@ fn record(endpoint: Uuid, seq: u32, status: Status, lease: Option<(Uuid, chrono:
     }
 }
 
+/// The outcome of a leased row's first attempt, a 200, under `lease`.
+fn delivered_on_attempt_1(id: Uuid, endpoint: Uuid, lease: Uuid) -> Completion {
+    Completion {
+        id,
+        endpoint_id: endpoint,
+        lease,
+        status: Status::Delivered,
+        http_status: Some(200),
+        next_attempt_at: None,
+        last_error: None,
+        completed_at: Some(chrono::Utc::now()),
+        attempt_no: 1,
+        attempt: ok_attempt(),
+    }
+}
+
 /// Sends `ops` before the writer starts, so they reach it as one batch; waits for it to finish.
 async fn write_as_one_batch(env: &Env, ops: Vec<StoreOp>) {
     let (writer, tx) = StoreWriter::new(env.db.clone(), 64, crate::common::writer_settings());
@@ -74,18 +90,7 @@ async fn a_completion_batched_with_its_own_insert_is_not_lost() {
     let ops = vec![
         StoreOp::Insert(leased),
         StoreOp::Insert(record(endpoint, 2, Status::Delivered, None)),
-        StoreOp::Complete(Completion {
-            id: leased_id,
-            endpoint_id: endpoint,
-            lease,
-            status: Status::Delivered,
-            http_status: Some(200),
-            next_attempt_at: None,
-            last_error: None,
-            completed_at: Some(chrono::Utc::now()),
-            attempt_no: 1,
-            attempt: ok_attempt(),
-        }),
+        StoreOp::Complete(delivered_on_attempt_1(leased_id, endpoint, lease)),
     ];
     write_as_one_batch(&env, ops).await;
     let rows = env
@@ -222,19 +227,7 @@ async fn an_attempt_completed_after_its_lease_passed_on_is_still_recorded() {
     let leased = record(endpoint, 1, Status::Pending, Some((theirs, until)));
     let id = leased.id;
     write_as_one_batch(&env, vec![StoreOp::Insert(leased)]).await;
-    let done = Completion {
-        id,
-        endpoint_id: endpoint,
-        lease: mine,
-        status: Status::Delivered,
-        http_status: Some(200),
-        next_attempt_at: None,
-        last_error: None,
-        completed_at: Some(chrono::Utc::now()),
-        attempt_no: 1,
-        attempt: ok_attempt(),
-    };
-    write_as_one_batch(&env, vec![StoreOp::Complete(done)]).await;
+    write_as_one_batch(&env, vec![StoreOp::Complete(delivered_on_attempt_1(id, endpoint, mine))]).await;
     assert_eq!(attempt_log(&env, id).await, [(1, Some(200))], "the receiver answered: the attempt is recorded");
     let status = env.scalar_i64("SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'").await;
     assert_eq!(status, 1, "the row stays the other claim's");
