@@ -6,9 +6,10 @@
 //! cannot delete one a new pending delivery needs. A delivery that succeeded on its first
 //! attempt is one tuple: the attempt is written on its row (`first_*`, never changed after),
 //! every other attempt to `walhook.attempts` (`walhook.attempt_log` shows both). A batch of
-//! inserts and completions is one statement (its data-modifying CTEs run atomically, and no sibling sees another's
-//! rows); a batch that completes a row inserted in the same batch, or disables an endpoint,
-//! needs statements that see each other's writes, so it runs as a transaction in op order.
+//! inserts and completions is one statement (its data-modifying CTEs run atomically, and no
+//! sibling sees another's rows); a batch that completes a row inserted in the same batch, or
+//! disables an endpoint, needs statements that see each other's writes, so it runs as a
+//! transaction in op order.
 
 use std::collections::HashSet;
 
