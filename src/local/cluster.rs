@@ -7,7 +7,6 @@
 //! it is removed when dropped, and a watchdog removes it if this process dies without
 //! dropping it (a test binary's statics are never dropped).
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -290,8 +289,7 @@ fn unique() -> u64 {
 }
 
 fn free_port() -> Result<u16, ClusterError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| step("find a free port", e))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| step("find a free port", e))
+    super::port::free().map_err(|e| step("find a free port", e))
 }
 
 /// `PGBIN`, `pg_config --bindir` (if it has initdb), or the newest

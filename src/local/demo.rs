@@ -54,7 +54,7 @@ pub async fn run(stay: bool) -> anyhow::Result<()> {
     let receiver = Receiver::start(&ca).await?;
     println!("  HTTPS receiver on {} (trusts walhook's throwaway CA)", receiver.url(""));
 
-    let (api_port, metrics_port) = (free_port()?, free_port()?);
+    let (api_port, metrics_port) = (super::port::free()?, super::port::free()?);
     let cfg = Config::from_toml(&format!(
         "[database]\nurl = \"{url}\"\n\
          [api]\nlisten = \"127.0.0.1:{api_port}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
@@ -176,8 +176,4 @@ async fn wait_ready(metrics_port: u16) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod port;
 pub mod receiver;
 pub mod tls;
 

@@ -84,8 +84,10 @@ pub struct Env {
     pub api_port: u16,
 }
 
+/// A port for a listener walhook opens later, from outside the range outgoing connections
+/// take their local ports from (see `walhook::local::port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    walhook::local::port::free().expect("a free port")
 }
 
 impl Env {
