@@ -3,7 +3,10 @@
 //! What must hold:
 //! - A row is claimed with `FOR UPDATE SKIP LOCKED` and a lease (`lease_until`,
 //!   `leased_by`), so two processes never make the same attempt, and a row whose claimer
-//!   died is claimed again once its lease has run out.
+//!   died is claimed again once its lease has run out. Each claim has its own lease token, so
+//!   an outcome recorded after its lease ran out (a stalled store) cannot complete or clear
+//!   a later claim of the same row, even by this worker, while that claim's attempt is in
+//!   flight (the next row would be claimable early, out of order).
 //! - Only the oldest pending delivery of a row (endpoint + `entity_key`) is claimable, so
 //!   deliveries of one row arrive in commit order across the fast path, the outbox and
 //!   restarts (docs/architecture.md, invariant 4).
@@ -111,14 +114,16 @@ pub struct OutboxWorker {
     busy: HashMap<Uuid, usize>,
     finished_tx: mpsc::Sender<Finished>,
     finished_rx: mpsc::Receiver<Finished>,
-    /// Claimed rows never attempted (shutdown came first, or no slot was free in time).
-    released: Vec<Uuid>,
+    /// Claimed rows never attempted (shutdown came first, or no slot was free in time), with
+    /// their claim's lease token.
+    released: Vec<(Uuid, Uuid)>,
     /// Endpoints whose due rows the database refuses to claim, until when they are left out.
     refused: HashMap<Uuid, std::time::Instant>,
 }
 
-/// A claim that ended: its endpoint, and the row if it was given back unattempted.
-type Finished = (Uuid, Option<Uuid>);
+/// A claim that ended: its endpoint, and the row and its lease token if it was given back
+/// unattempted.
+type Finished = (Uuid, Option<(Uuid, Uuid)>);
 
 impl OutboxWorker {
     /// A worker; `wake` makes it look for due rows at once.
@@ -153,11 +158,11 @@ impl OutboxWorker {
 
     /// Runs until `shutdown`; attempts in flight then get `grace` to finish.
     pub async fn run(mut self, shutdown: CancellationToken, grace: Duration) {
-        let lease_token = Uuid::new_v4();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            let lease_token = Uuid::new_v4();
             let started = std::time::Instant::now();
             let start_by = self.start_by(tokio::time::Instant::now());
             let claimed = if self.limits.global_available() > 0 {
@@ -199,7 +204,7 @@ impl OutboxWorker {
                 self.finished(ep);
             }
             // Claims that waited too long for a slot go back to the pool at once.
-            self.release(lease_token, tokio::time::Instant::now()).await;
+            self.release(tokio::time::Instant::now()).await;
         }
         let deadline = tokio::time::Instant::now() + grace;
         while !self.busy.is_empty() {
@@ -211,9 +216,9 @@ impl OutboxWorker {
                 self.finished(ep);
             }
             // Claims given back return to the pool now, not after the requests in flight.
-            self.release(lease_token, deadline).await;
+            self.release(deadline).await;
         }
-        self.release(lease_token, deadline).await;
+        self.release(deadline).await;
     }
 
     /// The latest moment an attempt of a row claimed at `claimed_at` may start: one attempt
@@ -227,15 +232,15 @@ impl OutboxWorker {
     /// Gives back the claims of rows never attempted (lease cleared, the claim's attempt
     /// count undone); what cannot be given back before `deadline` (at least a second) waits
     /// for its lease to run out.
-    async fn release(&mut self, lease_token: Uuid, deadline: tokio::time::Instant) {
+    async fn release(&mut self, deadline: tokio::time::Instant) {
         if self.released.is_empty() {
             return;
         }
-        let ids = std::mem::take(&mut self.released);
+        let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = std::mem::take(&mut self.released).into_iter().unzip();
         let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
         let result = tokio::time::timeout_at(until, async {
             let client = self.db.get().await?;
-            store::outbox::give_back(&**client, &ids, lease_token).await
+            store::outbox::give_back(&**client, &ids, &tokens).await
         })
         .await;
         match result {
@@ -352,7 +357,7 @@ impl OutboxWorker {
         let claimed_at = std::time::Instant::now();
         tokio::spawn(async move {
             let give_back = |finished: mpsc::Sender<Finished>, ep: Uuid, id: Uuid| async move {
-                let _ = finished.send((ep, Some(id))).await;
+                let _ = finished.send((ep, Some((id, lease)))).await;
             };
             // Shutdown, or too late to start within the lease: the claim is given back,
             // unattempted (no attempt outlives its lease, none starts after shutdown).

@@ -39,7 +39,7 @@ mod batch;
 pub(crate) mod deliveries;
 pub(crate) mod endpoints;
 pub mod maintenance;
-pub(crate) mod outbox;
+pub mod outbox;
 pub(crate) mod recover;
 mod resilient;
 pub(crate) use resilient::is_refusal;

@@ -8,7 +8,8 @@
 //! row is under a live lease (in flight), never one still held (requeued, not yet released by
 //! the streaming replica); of active endpoints outside `busy`, at most `per_endpoint` per
 //! endpoint, with `FOR UPDATE SKIP LOCKED`, and runs in the caller's transaction (the
-//! caller commits it); a give-back touches only rows still leased by the caller's token.
+//! caller commits it); a give-back touches only rows still leased by the claim's token and never
+//! waits on a row lock.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
@@ -130,15 +131,22 @@ pub async fn due_endpoints(client: &impl GenericClient, skip: &[Uuid], limit: i6
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Gives back the claims on `ids` still leased to `lease_token` and pending: lease cleared,
-/// the claim's attempt count undone. How many it gave back.
-pub async fn give_back(client: &impl GenericClient, ids: &[Uuid], lease_token: Uuid) -> Result<u64, DbError> {
+/// Gives back the claims on `ids[i]` still leased to `lease_tokens[i]` and pending: lease
+/// cleared, the claim's attempt count undone. How many it gave back. A row another
+/// transaction holds (a store batch completing or releasing it) is skipped, not waited for:
+/// waiting there while that batch waits on a row this statement holds is a deadlock. A
+/// skipped claim keeps its lease until it runs out.
+pub async fn give_back(client: &impl GenericClient, ids: &[Uuid], lease_tokens: &[Uuid]) -> Result<u64, DbError> {
     Ok(client
         .execute(
-            "UPDATE walhook.deliveries SET lease_until = NULL, leased_by = NULL, \
-               attempt_count = attempt_count - 1 \
-             WHERE id = ANY($1) AND leased_by = $2 AND status = 'pending'",
-            &[&ids, &lease_token],
+            "UPDATE walhook.deliveries d SET lease_until = NULL, leased_by = NULL, \
+               attempt_count = d.attempt_count - 1 \
+             FROM (SELECT c.id FROM walhook.deliveries c \
+                   JOIN unnest($1::uuid[], $2::uuid[]) AS g(id, lease) ON c.id = g.id AND c.leased_by = g.lease \
+                   WHERE c.status = 'pending' \
+                   FOR UPDATE OF c SKIP LOCKED) free \
+             WHERE d.id = free.id",
+            &[&ids, &lease_tokens],
         )
         .await?)
 }

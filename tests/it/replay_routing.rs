@@ -42,6 +42,11 @@ fn is_contact(r: &Received, id: &str) -> bool {
     r.json()["data"]["id"].as_str() == Some(id)
 }
 
+/// What the receiver got, one request per line: path and contact id.
+fn seen(rs: &[Received]) -> String {
+    rs.iter().map(|r| format!("{} {}", r.path, r.json()["data"]["id"])).collect::<Vec<_>>().join("\n")
+}
+
 /// Waits until the slot has confirmed everything written so far.
 async fn wait_confirmed_to_now(env: &Env) {
     let now = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
@@ -95,7 +100,7 @@ async fn an_endpoint_created_after_a_row_does_not_get_it_on_replay() {
     env.receiver
         .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/f" && is_contact(r, later)))
         .await
-        .expect("F receives the later row");
+        .unwrap_or_else(|rs| panic!("F did not receive the later row\n{}\n{}", seen(&rs), first.log_text()));
     first.kill9();
     let mut second = env.spawn_binary(SLOW);
     env.ready(Readiness::Streaming).await;
@@ -104,13 +109,13 @@ async fn an_endpoint_created_after_a_row_does_not_get_it_on_replay() {
     env.receiver
         .wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/f" && is_contact(r, last)))
         .await
-        .expect("F receives a row after the restart");
+        .unwrap_or_else(|rs| panic!("F did not receive a row after the restart\n{}\n{}", seen(&rs), second.log_text()));
     env.receiver
         .wait_until(Duration::from_secs(30), |rs| {
             rs.iter().filter(|r| r.path == "/g" && is_contact(r, old_row)).count() >= 2
         })
         .await
-        .expect("G gets the old row again after the restart");
+        .unwrap_or_else(|rs| panic!("G did not get the old row again\n{}\n{}", seen(&rs), second.log_text()));
     wait_confirmed_to_now(&env).await;
     let f_got_old: Vec<_> = env.receiver.received_on("f").into_iter().filter(|r| is_contact(r, old_row)).collect();
     assert!(f_got_old.is_empty(), "F, created after the row was committed, received it on replay");

@@ -232,3 +232,43 @@ async fn an_attempt_completed_after_its_lease_passed_on_is_still_recorded() {
     let status = env.scalar_i64("SELECT count(*) FROM walhook.deliveries WHERE status = 'pending'").await;
     assert_eq!(status, 1, "the row stays the other claim's");
 }
+
+/// A give-back never waits on a row another transaction holds (a store batch completing it):
+/// waiting there while that batch waits on a row the give-back holds was a deadlock, seen
+/// once under load as a 30 s stall and duplicate sends. It gives back only a row still
+/// leased by the claim it names (each claim has its own token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_back_claims_skips_rows_another_transaction_holds_or_another_claim_leased() {
+    let env = Env::new("store_give_back_skips_locked").await;
+    let endpoint = Uuid::new_v4();
+    let (token, later_claim) = (Uuid::new_v4(), Uuid::new_v4());
+    let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let lease = |seq| if seq == 4 { Some((later_claim, until)) } else { Some((token, until)) };
+    let rows: Vec<Record> = (1..=4).map(|seq| record(endpoint, seq, Status::Pending, lease(seq))).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    write_as_one_batch(&env, rows.into_iter().map(StoreOp::Insert).collect()).await;
+    let (mut locker, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM walhook.deliveries WHERE id = $1 FOR UPDATE", &[&ids[2]]).await.unwrap();
+    let given = tokio::time::timeout(
+        Duration::from_secs(10),
+        walhook::store::outbox::give_back(&env.client, &ids, &[token; 4]),
+    )
+    .await
+    .expect("the give-back waited on the locked row")
+    .unwrap();
+    assert_eq!(given, 2, "the two rows nobody holds and still leased by this claim are given back");
+    tx.rollback().await.unwrap();
+    let leased: Vec<Uuid> = env
+        .client
+        .query("SELECT id FROM walhook.deliveries WHERE leased_by IS NOT NULL ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut kept = vec![ids[2], ids[3]];
+    kept.sort();
+    assert_eq!(leased, kept, "the held row and the later claim's row keep their leases");
+}
