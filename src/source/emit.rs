@@ -16,7 +16,9 @@
 //!   routing waits for budget, so the buffer never holds the budget it waits for.
 //! - An endpoint change is stored as a routing version before its commit can be confirmed,
 //!   so a replay routes exactly as the first pass did (invariant 12,
-//!   [`crate::source::route_versions`]); dispatch learns of it at the commit.
+//!   [`crate::source::route_versions`]); dispatch learns of it at the commit, once queries
+//!   can see that commit ([`crate::source::visible`]): read earlier, a new endpoint's row is
+//!   not there yet and the endpoint would be taken for deleted.
 //! - An event goes only to active endpoints of its own account (invariant 3).
 //! - The dispatcher gone (its channel closed) is [`ReplicationError::DispatchClosed`], never a
 //!   lost connection (invariant 21).
@@ -41,10 +43,14 @@ use crate::source::decode::{EndpointRow, RowChange};
 use crate::source::error::ReplicationError;
 use crate::source::route::Router;
 use crate::source::route_versions;
+use crate::source::visible;
 use crate::store;
 
 /// Deliveries of a replayed transaction checked against the database at once.
 const REPLAY_CHECK_BATCH: usize = 512;
+/// How long a transaction that changed endpoints may stay invisible to queries after it was
+/// read before the session ends and reads it again (within `wal_sender_timeout`'s default).
+const VISIBLE_WITHIN: Duration = Duration::from_secs(20);
 /// Routing waiting this long for memory budget logs a WARN.
 const BUDGET_WAIT_WARN: Duration = Duration::from_secs(10);
 
@@ -62,6 +68,8 @@ pub struct EmitterHandles {
 struct EmitTx {
     commit_us: i64,
     replay: bool,
+    /// The transaction's xid, when it is one the stream read (not a backfill's).
+    xid: Option<u32>,
     replay_buffer: Vec<Delivery>,
 }
 
@@ -111,11 +119,12 @@ impl Emitter {
     /// Opens a transaction committed at `commit_us` (Unix epoch µs); its deliveries carry the
     /// positions the caller gives them, and [`Emitter::commit`] says where it ends (a commit
     /// LSN, or a position the caller chooses, such as a logical message's). With `replay`, what
-    /// it hands on is sent only if not recorded yet. One transaction is open at a time.
-    pub fn begin(&mut self, commit_us: i64, replay: bool) {
+    /// it hands on is sent only if not recorded yet. `xid` is the stream's transaction id: its
+    /// endpoint changes are acted on once queries can see it. One transaction is open at a time.
+    pub fn begin(&mut self, commit_us: i64, replay: bool, xid: Option<u32>) {
         self.tracker.begin();
         self.router.clear_changed();
-        self.tx = Some(EmitTx { commit_us, replay, replay_buffer: Vec::new() });
+        self.tx = Some(EmitTx { commit_us, replay, xid, replay_buffer: Vec::new() });
     }
 
     /// Closes the open transaction, which ends at `end_lsn`: sends on its replayed
@@ -323,6 +332,11 @@ impl Emitter {
         if changes.is_empty() {
             return Ok(());
         }
+        // The endpoints' current rows are read below: not before queries can see them.
+        if let Some(xid) = self.tx.as_ref().and_then(|tx| tx.xid) {
+            let client = self.db.get().await?;
+            visible::wait(&**client, xid, VISIBLE_WITHIN).await?;
+        }
         let current = route_versions::record(&self.db, &self.slot, end_lsn, &changes)
             .await
             .map_err(ReplicationError::RoutingVersions)?;
@@ -412,7 +426,7 @@ mod tests {
         assert!(!emitter.emit_to(ENDPOINT, event(ACCOUNT, at), Uuid::from_u128(0xd1), &shutdown).await.unwrap());
         assert!(rx.try_recv().is_err(), "nothing is handed on outside a transaction");
 
-        emitter.begin(1_767_225_600_000_000, false);
+        emitter.begin(1_767_225_600_000_000, false, None);
         assert!(emitter.tracker().in_transaction());
         let unknown = Uuid::from_u128(8);
         assert!(!emitter.emit_to(unknown, event(ACCOUNT, at), Uuid::from_u128(0xd0), &shutdown).await.unwrap());
@@ -439,7 +453,7 @@ mod tests {
     async fn a_row_goes_to_its_accounts_endpoints_with_ids_from_its_position() {
         let (mut emitter, mut rx, _) = emitter();
         let shutdown = CancellationToken::new();
-        emitter.begin(1_767_225_600_000_000, false);
+        emitter.begin(1_767_225_600_000_000, false, None);
         let change = RowChange {
             event_type: EventType::parse("contact.created").unwrap(),
             account_id: Some(ACCOUNT),

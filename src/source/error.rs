@@ -14,6 +14,7 @@ use crate::source::decode::DecodeError;
 use crate::source::route::RouteError;
 use crate::source::slot::ceiling::CeilingError;
 use crate::source::slot::SlotError;
+use crate::source::visible::VisibleError;
 
 /// Why replication stopped.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,10 @@ pub enum ReplicationError {
     /// unconfirmed and is read again).
     #[error("storing routing versions: {0}")]
     RoutingVersions(DbError),
+    /// A transaction read from the stream that changed endpoints could not be seen by
+    /// queries in time (its commit stays unconfirmed and is read again).
+    #[error(transparent)]
+    NotVisible(#[from] VisibleError),
     /// The confirm ceiling could not be raised: the query failed, or the slot is no longer
     /// the one walhook streamed from (the next session reports it lost).
     #[error("confirm ceiling: {0}")]
@@ -70,6 +75,8 @@ impl ReplicationError {
             ReplicationError::Closed | ReplicationError::LeadershipLost | ReplicationError::Silent(_) => true,
             ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
+            ReplicationError::NotVisible(VisibleError::Db(e)) => e.is_transient(),
+            ReplicationError::NotVisible(VisibleError::NotYet { .. }) => true,
             ReplicationError::Ceiling(CeilingError::Db(e)) => e.is_transient(),
             // The next session looks at the slot and reports it lost.
             ReplicationError::Ceiling(CeilingError::NotWalhooks(_)) => true,

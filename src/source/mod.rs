@@ -4,7 +4,8 @@
 //! every producer (routing, memory budget, ids, tickets, the replay filter), `pgoutput` parses
 //! the protocol, `decode` and `values` turn rows into webhook bodies (`changed` says which
 //! columns an update changed), `route` (with `route_versions`) picks the endpoints, `leader`
-//! decides which replica may stream, and `slot` watches the slot and its prerequisites.
+//! decides which replica may stream, `slot` watches the slot and its prerequisites, and
+//! `visible` waits until a transaction read from the stream can be seen by queries.
 //!
 //! What must hold: the slot confirms nothing past an unsettled delivery; a session routes
 //! with the endpoints valid at the position it replays from; a lost slot is never replaced
@@ -23,3 +24,4 @@ pub mod route_versions;
 pub mod slot;
 pub mod step;
 pub mod values;
+pub mod visible;

@@ -395,7 +395,7 @@ impl Replication {
             match out {
                 Step::Begin(tx) => {
                     self.windows.transaction(&self.hub, tx.xid);
-                    self.emitter.begin(tx.commit_us, tx.replay)
+                    self.emitter.begin(tx.commit_us, tx.replay, Some(tx.xid))
                 }
                 Step::NeedTypes { relation, oids } => {
                     let client = self.db.get().await?;

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, USER};
 use uuid::Uuid;
-use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints};
+use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints, NewEndpoint};
+use walhook::config::Config;
 use walhook::local::receiver::{Received, Reply};
+use walhook::pg::db::Db;
 use walhook::security::secrets::SecretBox;
 use walhook::security::ssrf::AddressPolicy;
 
@@ -212,5 +214,53 @@ async fn routing_versions_are_written_per_change_and_compacted_at_the_next_sessi
     // Still routed after the restart.
     insert_contact(&env, "84000000-0000-4000-8000-000000000001", "after").await;
     env.receiver.wait_until(Duration::from_secs(30), |rs| rs.iter().any(|r| r.path == "/e")).await.expect("E routed");
+    wh.stop().await.unwrap();
+}
+
+/// An endpoint whose creating transaction is streamed before anyone can see it (its commit
+/// waits for a synchronous standby that is not there; under load the same gap is shorter) is
+/// not taken for deleted: the rows committed after it reach it once it is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_it() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        own_cluster(&["synchronous_standby_names = 'walhook_absent_standby'", "synchronous_commit = local"])
+    })
+    .await
+    .unwrap();
+    let env = Env::on(&cluster, "replay_routing_invisible").await;
+    env.endpoint(ACCOUNT_A, "old", &["contact.created"]).await;
+    let wh = env.start("").await;
+    let url = format!("[database]\nurl = \"{}?options=-c%20synchronous_commit%3Don\"\n", env.url);
+    let waiting = Db::new(&Config::from_toml(&url).unwrap().database).unwrap();
+    let new_url = env.receiver.url("new");
+    let create = tokio::spawn(async move {
+        let open = AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]);
+        let new =
+            NewEndpoint { url: Some(new_url), events: Some(vec!["contact.created".to_owned()]), ..Default::default() };
+        Endpoints::new(waiting, SecretBox::new(None).unwrap(), open, "public")
+            .create(Caller { account_id: ACCOUNT_A, user_id: USER }, new)
+            .await
+            .expect("created")
+    });
+    let waits = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(waits).await == 1 }).await;
+    let (x1, x2) = ("84000000-0000-4000-8000-000000000001", "84000000-0000-4000-8000-000000000002");
+    insert_contact(&env, x1, "after-the-endpoint").await;
+    // Give walhook the time to route x1 while the endpoint is still invisible (it gets to the
+    // old endpoint at once when walhook does not wait for the endpoint's commit).
+    let _ = env
+        .receiver
+        .wait_until(Duration::from_secs(3), |rs| rs.iter().any(|r| r.path == "/old" && is_contact(r, x1)))
+        .await;
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
+    env.sql("SELECT pg_reload_conf()").await;
+    let (_, secret) = create.await.unwrap();
+    env.receiver.set_secret("new", secret.expose());
+    insert_contact(&env, x2, "once-visible").await;
+    let got_both = |rs: &[Received]| [x1, x2].iter().all(|x| rs.iter().any(|r| r.path == "/new" && is_contact(r, x)));
+    env.receiver
+        .wait_until(Duration::from_secs(30), got_both)
+        .await
+        .unwrap_or_else(|rs| panic!("the new endpoint did not get both rows after it\n{}", seen(&rs)));
     wh.stop().await.unwrap();
 }

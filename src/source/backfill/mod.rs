@@ -343,7 +343,7 @@ pub async fn hand_on(
         }
         Some(true) => {}
     }
-    emitter.begin(read_at_us, false);
+    emitter.begin(read_at_us, false, None);
     let watch = emitter.tracker().watch_open().expect("a transaction was just opened");
     let event_type = EventType::new(intent.table, Op::Backfilled);
     let (mut sent, mut refused) = (0usize, false);
