@@ -78,7 +78,8 @@ pub const PING_EVERY: Duration = Duration::from_secs(2);
 /// A check not answered within this counts as no answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// The streaming replica is not ready once the primary has held back changes for a standby
-/// nothing streams from for this long (a standby restarting is not an outage).
+/// nothing streams from for this long (a standby restarting is not an outage), or once a
+/// transaction it read has stayed invisible to queries this long.
 const HELD_BACK_NOT_READY: Duration = Duration::from_secs(30);
 /// The database counts as unreachable when no check answered for this long.
 const PING_FRESH: Duration = Duration::from_secs(7);
@@ -142,6 +143,13 @@ async fn readyz(State(s): State<Health>) -> impl IntoResponse {
         Some(not_streaming(&s.status))
     } else if let Some(why) = s.store.problem() {
         Some(format!("the store writer cannot make progress: {why}"))
+    } else if let Some((xid, waited)) = s.status.invisible_for(HELD_BACK_NOT_READY) {
+        Some(format!(
+            "transaction {xid} changed webhook endpoints and was read from the stream {}s ago, but queries still see \
+             it in progress (a synchronous standby not answering?); every webhook waits behind it until it becomes \
+             visible",
+            waited.as_secs()
+        ))
     } else {
         s.status.held_back(HELD_BACK_NOT_READY).filter(|_| streaming).map(|slots| {
             format!(

@@ -34,6 +34,9 @@ pub struct ReplicationStatus {
     failover: Mutex<Option<crate::pg::failover::FailoverView>>,
     /// Since when the primary has held back changes for a standby nothing streams from.
     held_back_since: Mutex<Option<std::time::Instant>>,
+    /// Since when, and for which transaction, replication has waited for a transaction it
+    /// read to become visible to queries (kept across the sessions that read it again).
+    invisible_since: Mutex<Option<(std::time::Instant, u32)>>,
 }
 
 impl ReplicationStatus {
@@ -83,6 +86,26 @@ impl ReplicationStatus {
         }
         let view = self.failover()?;
         Some(view.held_back_by().join(", ")).filter(|h| !h.is_empty())
+    }
+
+    /// Replication waits for transaction `xid`, which it read, to become visible to queries.
+    /// The first call for an xid starts the clock; a session reading it again keeps it.
+    pub(crate) fn waiting_for_visibility(&self, xid: u32) {
+        let mut waiting = self.invisible_since.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.map(|(_, x)| x) != Some(xid) {
+            *waiting = Some((std::time::Instant::now(), xid));
+        }
+    }
+
+    /// The transaction replication waited for is visible.
+    pub(crate) fn visible(&self) {
+        *self.invisible_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The transaction replication has waited at least `at_least` to see, and how long.
+    pub fn invisible_for(&self, at_least: std::time::Duration) -> Option<(u32, std::time::Duration)> {
+        let (since, xid) = (*self.invisible_since.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some((xid, since.elapsed())).filter(|(_, waited)| *waited >= at_least)
     }
 
     /// The latest failover view, if one was read.

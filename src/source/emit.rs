@@ -38,6 +38,7 @@ use crate::model::event::{EventType, Op, Table};
 use crate::model::position::Position;
 use crate::model::progress::Tracker;
 use crate::ops::metrics::Metrics;
+use crate::ops::status::ReplicationStatus;
 use crate::pg::db::Db;
 use crate::source::decode::{EndpointRow, RowChange};
 use crate::source::error::ReplicationError;
@@ -61,6 +62,8 @@ pub struct EmitterHandles {
     pub metrics: Arc<Metrics>,
     /// Event payload bytes in memory (the one dispatch and the outbox share).
     pub budget: Arc<MemoryBudget>,
+    /// Learns how long a commit read has waited to become visible (`/readyz`).
+    pub status: Arc<ReplicationStatus>,
 }
 
 /// The transaction deliveries are handed on in.
@@ -82,6 +85,7 @@ pub struct Emitter {
     dispatch: mpsc::Sender<DispatchMsg>,
     metrics: Arc<Metrics>,
     budget: Arc<MemoryBudget>,
+    status: Arc<ReplicationStatus>,
     tracker: Tracker,
     tx: Option<EmitTx>,
 }
@@ -96,8 +100,9 @@ impl Emitter {
         dispatch: mpsc::Sender<DispatchMsg>,
         handles: EmitterHandles,
     ) -> Emitter {
-        let EmitterHandles { metrics, budget } = handles;
-        Emitter { db, slot: slot.to_owned(), router, dispatch, metrics, budget, tracker: Tracker::new(), tx: None }
+        let EmitterHandles { metrics, budget, status } = handles;
+        let tracker = Tracker::new();
+        Emitter { db, slot: slot.to_owned(), router, dispatch, metrics, budget, status, tracker, tx: None }
     }
 
     /// Routes with `router` from now on (each session loads the set valid where it starts).
@@ -335,7 +340,7 @@ impl Emitter {
         // The endpoints' current rows are read below: not before queries can see them.
         if let Some(xid) = self.tx.as_ref().and_then(|tx| tx.xid) {
             let client = self.db.get().await?;
-            visible::wait(&**client, xid, VISIBLE_WITHIN).await?;
+            visible::wait(&**client, xid, VISIBLE_WITHIN, &self.status, shutdown).await?;
         }
         let current = route_versions::record(&self.db, &self.slot, end_lsn, &changes)
             .await
@@ -402,7 +407,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let budget = Arc::new(MemoryBudget::new(1 << 20, metrics.payload_memory.clone()));
         let (tx, rx) = mpsc::channel(16);
-        let handles = EmitterHandles { metrics, budget: budget.clone() };
+        let status = Arc::new(ReplicationStatus::default());
+        let handles = EmitterHandles { metrics, budget: budget.clone(), status };
         (Emitter::new(db, "walhook", router, tx, handles), rx, budget)
     }
 

@@ -76,7 +76,7 @@ impl ReplicationError {
             ReplicationError::DispatchClosed => false,
             ReplicationError::RoutingVersions(_) => true,
             ReplicationError::NotVisible(VisibleError::Db(e)) => e.is_transient(),
-            ReplicationError::NotVisible(VisibleError::NotYet { .. }) => true,
+            ReplicationError::NotVisible(VisibleError::NotYet { .. } | VisibleError::ShuttingDown(_)) => true,
             ReplicationError::Ceiling(CeilingError::Db(e)) => e.is_transient(),
             // The next session looks at the slot and reports it lost.
             ReplicationError::Ceiling(CeilingError::NotWalhooks(_)) => true,

@@ -124,7 +124,7 @@ impl Replication {
             cfg.replication.slot.as_str(),
             Router::new(secrets.clone()),
             dispatch,
-            EmitterHandles { metrics: metrics.clone(), budget },
+            EmitterHandles { metrics: metrics.clone(), budget, status: status.clone() },
         );
         Replication {
             tenure: fence.tenure(),
@@ -205,6 +205,11 @@ impl Replication {
                 {
                     self.status.set_last_error(format!("stopped: {e}"));
                     return Err(e);
+                }
+                // Shutdown ended the session (nothing to reconnect for).
+                Err(e) if shutdown.is_cancelled() => {
+                    tracing::debug!(error = %e, "replication stopped by shutdown");
+                    return Ok(());
                 }
                 Err(e) => {
                     self.status.set_last_error(format!("reconnecting after: {e}"));

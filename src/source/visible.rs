@@ -7,12 +7,15 @@
 //! replication only after the standby answers: until then every new snapshot still sees the
 //! transaction in progress. Read too early, a newly created endpoint looks deleted and
 //! silently gets nothing. A wait that outlasts its bound ends the session, which reads the
-//! transaction again; it is never skipped.
+//! transaction again; it is never skipped. A wait that lasts is reported (`/readyz` after
+//! 30 s, through [`ReplicationStatus`]) and ends at shutdown.
 
 use std::time::Duration;
 
 use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
 
+use crate::ops::status::ReplicationStatus;
 use crate::pg::db::DbError;
 
 /// Why a transaction could not be seen.
@@ -32,6 +35,9 @@ pub enum VisibleError {
         /// How long walhook waited.
         waited: Duration,
     },
+    /// Shutdown came first (the transaction is read again at the next start).
+    #[error("shutting down while waiting for transaction {0} to become visible")]
+    ShuttingDown(u32),
 }
 
 /// First pause between checks; each pause doubles up to [`MAX_PAUSE`].
@@ -52,20 +58,28 @@ const IN_PROGRESS: &str = "SELECT NOT pg_visible_in_snapshot( \
            FROM (SELECT pg_current_snapshot() AS snap) s) m";
 
 /// Returns once transaction `xid`, whose commit was read from the stream, is visible to new
-/// snapshots; [`VisibleError::NotYet`] after `within`.
-pub async fn wait(client: &impl GenericClient, xid: u32, within: Duration) -> Result<(), VisibleError> {
+/// snapshots; [`VisibleError::NotYet`] after `within`. `status` learns how long it waits.
+pub async fn wait(
+    client: &impl GenericClient,
+    xid: u32,
+    within: Duration,
+    status: &ReplicationStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), VisibleError> {
     let started = tokio::time::Instant::now();
     let mut pause = FIRST_PAUSE;
     let mut logged = false;
     loop {
         let in_progress: bool = client.query_one(IN_PROGRESS, &[&i64::from(xid)]).await.map_err(DbError::from)?.get(0);
         if !in_progress {
+            status.visible();
             if logged {
                 tracing::info!(xid, waited = ?started.elapsed(), "transaction read from the stream is visible now");
             }
             return Ok(());
         }
         let waited = started.elapsed();
+        status.waiting_for_visibility(xid);
         if waited >= within {
             return Err(VisibleError::NotYet { xid, waited });
         }
@@ -73,7 +87,10 @@ pub async fn wait(client: &impl GenericClient, xid: u32, within: Duration) -> Re
             logged = true;
             tracing::warn!(xid, waited = ?waited, "waiting for a transaction read from the stream to become visible to queries (synchronous replication waiting for a standby?)");
         }
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(VisibleError::ShuttingDown(xid)),
+            _ = tokio::time::sleep(pause) => {}
+        }
         pause = (pause * 2).min(MAX_PAUSE);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, USER};
+use crate::common::{own_cluster, readyz, wait_for, Env, Readiness, ACCOUNT_A, USER};
 use uuid::Uuid;
 use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints, NewEndpoint};
 use walhook::config::Config;
@@ -217,16 +217,25 @@ async fn routing_versions_are_written_per_change_and_compacted_at_the_next_sessi
     wh.stop().await.unwrap();
 }
 
+/// A cluster whose commits wait for a synchronous standby that is not there, except those
+/// of sessions that ask (`synchronous_commit = on`).
+const ABSENT_STANDBY: [&str; 2] =
+    ["synchronous_standby_names = 'walhook_absent_standby'", "synchronous_commit = local"];
+/// Sessions whose commit waits for the standby.
+const SYNC_WAITS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+
+/// The commits waiting for the absent standby go through (as if it answered).
+async fn standby_answers(env: &Env) {
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
+    env.sql("SELECT pg_reload_conf()").await;
+}
+
 /// An endpoint whose creating transaction is streamed before anyone can see it (its commit
 /// waits for a synchronous standby that is not there; under load the same gap is shorter) is
 /// not taken for deleted: the rows committed after it reach it once it is visible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_it() {
-    let cluster = tokio::task::spawn_blocking(|| {
-        own_cluster(&["synchronous_standby_names = 'walhook_absent_standby'", "synchronous_commit = local"])
-    })
-    .await
-    .unwrap();
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&ABSENT_STANDBY)).await.unwrap();
     let env = Env::on(&cluster, "replay_routing_invisible").await;
     env.endpoint(ACCOUNT_A, "old", &["contact.created"]).await;
     let wh = env.start("").await;
@@ -242,8 +251,7 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
             .await
             .expect("created")
     });
-    let waits = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
-    wait_for(Duration::from_secs(30), || async { env.scalar_i64(waits).await == 1 }).await;
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(SYNC_WAITS).await == 1 }).await;
     let (x1, x2) = ("84000000-0000-4000-8000-000000000001", "84000000-0000-4000-8000-000000000002");
     insert_contact(&env, x1, "after-the-endpoint").await;
     // Give walhook the time to route x1 while the endpoint is still invisible (it gets to the
@@ -252,8 +260,7 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
         .receiver
         .wait_until(Duration::from_secs(3), |rs| rs.iter().any(|r| r.path == "/old" && is_contact(r, x1)))
         .await;
-    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
-    env.sql("SELECT pg_reload_conf()").await;
+    standby_answers(&env).await;
     let (_, secret) = create.await.unwrap();
     env.receiver.set_secret("new", secret.expose());
     insert_contact(&env, x2, "once-visible").await;
@@ -262,5 +269,53 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
         .wait_until(Duration::from_secs(30), got_both)
         .await
         .unwrap_or_else(|rs| panic!("the new endpoint did not get both rows after it\n{}", seen(&rs)));
+    wh.stop().await.unwrap();
+}
+
+/// A transaction with rows and an endpoint change that stays invisible past the wait's bound:
+/// `/readyz` says so after 30 s (every webhook waits behind it), and the session that reads it
+/// again does not send its rows a second time while their first attempts are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_invisible_for_long_is_reported_and_its_rows_are_sent_once() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&ABSENT_STANDBY)).await.unwrap();
+    let env = Env::on(&cluster, "replay_routing_invisible_long").await;
+    env.endpoint(ACCOUNT_A, "slow", &["contact.created"]).await;
+    let other = env.endpoint(ACCOUNT_A, "other", &["contact.updated"]).await;
+    // Answers after the wait's bound (20 s), so the first attempts are in flight when the
+    // session ends.
+    env.receiver.set_default("slow", Reply::Delay(Duration::from_secs(25), 200));
+    let wh = env.start("[dispatch]\nrequest_timeout = \"60s\"\nspill_after = \"120s\"\n").await;
+    let url = format!("{}?options=-c%20synchronous_commit%3Don", env.url);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let ids: Vec<String> = (1..=3).map(|i| format!("86000000-0000-4000-8000-00000000000{i}")).collect();
+    let tx = format!(
+        "BEGIN; INSERT INTO contacts (id, account_id, first_name) SELECT unnest(ARRAY['{}']::uuid[]), '{A}', 'held'; \
+         UPDATE walhook.endpoints SET description = 'moved' WHERE id = '{}'; COMMIT;",
+        ids.join("','"),
+        other.id
+    );
+    let committing = tokio::spawn(async move { client.batch_execute(&tx).await });
+    wait_for(Duration::from_secs(30), || async { env.scalar_i64(SYNC_WAITS).await == 1 }).await;
+    let ops = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let reported = || async {
+        readyz(ops).await.is_some_and(|(code, body)| {
+            code == 503 && body["reason"].as_str().is_some_and(|r| r.contains("every webhook waits behind it"))
+        })
+    };
+    wait_for(Duration::from_secs(60), reported).await;
+    standby_answers(&env).await;
+    committing.await.unwrap().unwrap();
+    let sends = |rs: &[Received], id: &str| rs.iter().filter(|r| r.path == "/slow" && is_contact(r, id)).count();
+    env.receiver
+        .wait_until(Duration::from_secs(90), |rs| ids.iter().all(|id| sends(rs, id) >= 1))
+        .await
+        .unwrap_or_else(|rs| panic!("not every row arrived\n{}", seen(&rs)));
+    // A second send would follow its first within the endpoint's 25 s answer.
+    let twice = env.receiver.wait_until(Duration::from_secs(30), |rs| ids.iter().any(|id| sends(rs, id) >= 2)).await;
+    if let Ok(rs) = twice {
+        panic!("a row was sent twice although walhook never stopped\n{}", seen(&rs));
+    }
+    env.ready(Readiness::Streaming).await;
     wh.stop().await.unwrap();
 }
