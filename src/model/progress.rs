@@ -4,10 +4,7 @@
 //! delivery it produced is settled (delivered and recorded, or committed in the outbox), and
 //! only once every earlier transaction is settled too. A ticket settles one delivery; a
 //! ticket dropped without `settle` never lets its transaction be confirmed, so a bug or a
-//! crash errs towards replay, never towards loss. A transaction the stream broke in is
-//! read again whole by the next session; until the deliveries it already handed on settle
-//! (or are dropped) the tracker is not settled, so the next session does not start while
-//! they are in flight and send them a second time.
+//! crash errs towards replay, never towards loss.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,11 +18,8 @@ struct TxState {
     remaining: AtomicUsize,
     /// End LSN of the commit; 0 until the commit is seen.
     end_lsn: AtomicU64,
-    /// A ticket of it was dropped unsettled, or the stream broke while it was open: it can
-    /// never be confirmed in this session.
+    /// A ticket of it was dropped unsettled: it can never be confirmed in this session.
     abandoned: AtomicBool,
-    /// A ticket of it was dropped unsettled: waiting for it is useless.
-    dropped: AtomicBool,
 }
 
 /// A claim on one delivery of a transaction; `settle` it once the delivery is durable.
@@ -50,7 +44,6 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.settled {
             self.tx.abandoned.store(true, Ordering::Release);
-            self.tx.dropped.store(true, Ordering::Release);
             self.notify.notify_one();
         }
     }
@@ -79,9 +72,6 @@ impl TxWatch {
 pub struct Tracker {
     queue: VecDeque<Arc<TxState>>,
     open: Option<Arc<TxState>>,
-    /// Transactions abandoned while open whose deliveries already handed on may still be in
-    /// flight: the next session waits for them too, or it would send them again.
-    left_open: Vec<Arc<TxState>>,
     notify: Arc<Notify>,
 }
 
@@ -97,7 +87,6 @@ impl Tracker {
             remaining: AtomicUsize::new(1),
             end_lsn: AtomicU64::new(0),
             abandoned: AtomicBool::new(false),
-            dropped: AtomicBool::new(false),
         });
         self.queue.push_back(tx.clone());
         self.open = Some(tx);
@@ -124,10 +113,6 @@ impl Tracker {
         if let Some(open) = self.open.take() {
             open.abandoned.store(true, Ordering::Release);
             self.queue.retain(|tx| !Arc::ptr_eq(tx, &open));
-            // No longer being read: only what it handed on keeps it unsettled.
-            if open.remaining.fetch_sub(1, Ordering::AcqRel) > 1 {
-                self.left_open.push(open);
-            }
         }
     }
 
@@ -141,11 +126,9 @@ impl Tracker {
         self.open.is_some()
     }
 
-    /// Whether nothing read is unsettled (so a keepalive's position may be confirmed), the
-    /// deliveries handed on by a transaction abandoned while open included.
+    /// Whether nothing read is unsettled (so a keepalive's position may be confirmed).
     pub fn is_settled(&self) -> bool {
-        let done = |tx: &Arc<TxState>| tx.remaining.load(Ordering::Acquire) == 0 || tx.dropped.load(Ordering::Acquire);
-        self.queue.is_empty() && self.left_open.iter().all(done)
+        self.queue.is_empty()
     }
 
     /// Whether nothing more can be confirmed: the oldest unconfirmed transaction lost a
@@ -221,22 +204,11 @@ mod tests {
         assert!(!w.settled());
         a.settle();
         assert!(w.settled() && !w.abandoned());
-        assert_eq!(t.confirmable(), Some(70));
         t.begin();
         let w = t.watch_open().unwrap();
-        let b = t.ticket().unwrap();
+        let _b = t.ticket().unwrap();
         t.abandon_open();
         assert!(w.abandoned() && !w.settled());
-        assert!(!t.is_settled(), "its delivery handed on is still in flight");
-        b.settle();
-        assert!(t.is_settled() && !w.settled(), "settled, never confirmable");
-        t.begin();
-        let (c, d) = (t.ticket().unwrap(), t.ticket().unwrap());
-        t.abandon_open();
-        c.settle();
-        assert!(!t.is_settled());
-        drop(d);
-        assert!(t.is_settled(), "a delivery dropped unsettled is not waited for");
         t.begin();
         let w = t.watch_open().unwrap();
         drop(t.ticket().unwrap());
