@@ -97,13 +97,18 @@ impl ReplicationStatus {
         }
     }
 
-    /// The transaction replication waited for is visible.
-    pub(crate) fn visible(&self) {
+    /// Replication no longer waits: the transaction is visible, or the session ended for
+    /// another reason than that wait (a replica that lost the lock waits for nothing).
+    pub(crate) fn visibility_wait_over(&self) {
         *self.invisible_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// The transaction replication has waited at least `at_least` to see, and how long.
+    /// The transaction this replica, while it streams, has waited at least `at_least` to see,
+    /// and how long.
     pub fn invisible_for(&self, at_least: std::time::Duration) -> Option<(u32, std::time::Duration)> {
+        if !self.streaming.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let (since, xid) = (*self.invisible_since.lock().unwrap_or_else(|p| p.into_inner()))?;
         Some((xid, since.elapsed())).filter(|(_, waited)| *waited >= at_least)
     }
@@ -297,6 +302,26 @@ impl StoreHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_for_a_commit_is_reported_only_while_streaming_and_keeps_its_clock_for_one_xid() {
+        let s = ReplicationStatus::default();
+        let zero = std::time::Duration::ZERO;
+        s.waiting_for_visibility(747);
+        assert_eq!(s.invisible_for(zero), None, "a replica that does not stream waits for nothing");
+        s.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (xid, first) = s.invisible_for(zero).unwrap();
+        assert_eq!(xid, 747);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.waiting_for_visibility(747);
+        let kept = s.invisible_for(zero).unwrap().1;
+        assert!(kept > first, "the same xid read again keeps its clock");
+        assert_eq!(s.invisible_for(std::time::Duration::from_secs(30)), None);
+        s.waiting_for_visibility(752);
+        assert!(s.invisible_for(zero).unwrap().1 < kept, "another xid starts over");
+        s.visibility_wait_over();
+        assert_eq!(s.invisible_for(zero), None);
+    }
 
     #[test]
     fn a_lost_slot_is_the_reason_before_failing_prerequisites_and_changes_are_reported_once() {

@@ -57,6 +57,7 @@ use crate::source::route_versions;
 use crate::source::slot::ceiling::Ceiling;
 use crate::source::slot::SlotError;
 use crate::source::step::{Step, TxStep};
+use crate::source::visible::VisibleError;
 use crate::store;
 
 /// Messages the replication client reads ahead of decoding. They are not charged to the
@@ -191,6 +192,11 @@ impl Replication {
             }
             drop(stream);
             self.status.streaming.store(false, Ordering::Relaxed);
+            // A wait for a commit to become visible carries over only into the session that
+            // reads that commit again.
+            if !matches!(result, Err(ReplicationError::NotVisible(VisibleError::NotYet { .. }))) {
+                self.status.visibility_wait_over();
+            }
             self.metrics.streaming.set(0);
             self.emitter.abandon();
             match result {
