@@ -17,12 +17,12 @@ const A: &str = "aaaa0000-0000-4000-8000-000000000001";
 const SLOW: &str = "[dispatch]\nrequest_timeout = \"60s\"\nspill_after = \"60s\"\n";
 
 fn endpoints(env: &Env) -> Endpoints {
-    Endpoints::new(
-        env.db.clone(),
-        SecretBox::new(None).unwrap(),
-        AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]),
-        "public",
-    )
+    endpoints_on(env.db.clone())
+}
+
+/// The endpoint operations on pool `db`, with the address policy wide open.
+fn endpoints_on(db: Db) -> Endpoints {
+    Endpoints::new(db, SecretBox::new(None).unwrap(), AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]), "public")
 }
 
 async fn set_active(env: &Env, id: Uuid, active: bool) {
@@ -243,13 +243,9 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
     let waiting = Db::new(&Config::from_toml(&url).unwrap().database).unwrap();
     let new_url = env.receiver.url("new");
     let create = tokio::spawn(async move {
-        let open = AddressPolicy::new(vec!["0.0.0.0/0".parse().unwrap()]);
         let new =
             NewEndpoint { url: Some(new_url), events: Some(vec!["contact.created".to_owned()]), ..Default::default() };
-        Endpoints::new(waiting, SecretBox::new(None).unwrap(), open, "public")
-            .create(Caller { account_id: ACCOUNT_A, user_id: USER }, new)
-            .await
-            .expect("created")
+        endpoints_on(waiting).create(Caller { account_id: ACCOUNT_A, user_id: USER }, new).await.expect("created")
     });
     wait_for(Duration::from_secs(30), || async { env.scalar_i64(SYNC_WAITS).await == 1 }).await;
     let (x1, x2) = ("84000000-0000-4000-8000-000000000001", "84000000-0000-4000-8000-000000000002");
