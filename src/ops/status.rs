@@ -97,8 +97,18 @@ impl ReplicationStatus {
         }
     }
 
-    /// Replication no longer waits: the transaction is visible, or the session ended for
-    /// another reason than that wait (a replica that lost the lock waits for nothing).
+    /// Transaction `xid` is visible to queries: a wait for it is over. A wait for another
+    /// one is not (a session reading a commit again first reads the earlier ones it has not
+    /// confirmed, which are visible at once).
+    pub(crate) fn visible(&self, xid: u32) {
+        let mut waiting = self.invisible_since.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.is_some_and(|(_, x)| x == xid) {
+            *waiting = None;
+        }
+    }
+
+    /// Replication no longer waits: the session ended for another reason than a wait (a
+    /// replica that lost the lock waits for nothing).
     pub(crate) fn visibility_wait_over(&self) {
         *self.invisible_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -321,6 +331,25 @@ mod tests {
         assert!(s.invisible_for(zero).unwrap().1 < kept, "another xid starts over");
         s.visibility_wait_over();
         assert_eq!(s.invisible_for(zero), None);
+    }
+
+    #[test]
+    fn earlier_commits_seen_again_and_visible_do_not_restart_the_clock_of_the_one_waited_for() {
+        let s = ReplicationStatus::default();
+        let zero = std::time::Duration::ZERO;
+        s.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+        s.waiting_for_visibility(747);
+        let first = s.invisible_for(zero).unwrap().1;
+        // The session that reads 747 again first reads earlier endpoint changes, not yet
+        // confirmed, which are visible at once.
+        s.visible(745);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.waiting_for_visibility(747);
+        let (xid, kept) = s.invisible_for(zero).expect("still waiting for 747");
+        assert_eq!(xid, 747);
+        assert!(kept > first, "747 keeps the clock it started in the first session");
+        s.visible(747);
+        assert_eq!(s.invisible_for(zero), None, "747 is visible: no more wait");
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub async fn wait(
     loop {
         let in_progress: bool = client.query_one(IN_PROGRESS, &[&i64::from(xid)]).await.map_err(DbError::from)?.get(0);
         if !in_progress {
-            status.visibility_wait_over();
+            status.visible(xid);
             if logged {
                 tracing::info!(xid, waited = ?started.elapsed(), "transaction read from the stream is visible now");
             }

@@ -12,7 +12,7 @@ const NOISE: &[&str] =
 /// Runs `walhook demo` to its end (at most 120 s); `RUST_LOG` as given, or unset.
 fn run_demo(rust_log: Option<&str>) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhook"));
-    cmd.arg("demo").env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd.arg("demo").env_remove("RUST_LOG").env_remove("WALHOOK_TEST_LOG").env("NO_COLOR", "1");
     if let Some(filter) = rust_log {
         cmd.env("RUST_LOG", filter);
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{own_cluster, readyz, wait_for, Env, Readiness, ACCOUNT_A, USER};
+use crate::common::{own_cluster, readyz, wait_for, wait_until, Env, Readiness, ACCOUNT_A, USER};
 use uuid::Uuid;
 use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints, NewEndpoint};
 use walhook::config::Config;
@@ -269,8 +269,9 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
 }
 
 /// A transaction with rows and an endpoint change that stays invisible past the wait's bound:
-/// `/readyz` says so after 30 s (every webhook waits behind it), and every row is delivered
-/// and stored once, each under one webhook-id, through the sessions that read it again.
+/// `/readyz` says so after 30 s (every webhook waits behind it), also when the sessions that
+/// read it again first read an earlier endpoint change (visible at once), and every row is
+/// delivered and stored once, each under one webhook-id, through those sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_invisible_for_long_is_reported_and_its_rows_are_delivered_once() {
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&ABSENT_STANDBY)).await.unwrap();
@@ -284,22 +285,37 @@ async fn a_transaction_invisible_for_long_is_reported_and_its_rows_are_delivered
     let url = format!("{}?options=-c%20synchronous_commit%3Don", env.url);
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    let ids: Vec<String> = (1..=3).map(|i| format!("86000000-0000-4000-8000-00000000000{i}")).collect();
+    let ids: Vec<String> = (0..=3).map(|i| format!("86000000-0000-4000-8000-00000000000{i}")).collect();
+    // An endpoint change committed (and visible) just before, in a transaction whose row is
+    // unconfirmed until the slow endpoint answers: every session after the first reads it
+    // again before the held one.
+    env.sql(&format!(
+        "BEGIN; INSERT INTO contacts (id, account_id, first_name) VALUES ('{}', '{A}', 'before'); \
+         UPDATE walhook.endpoints SET description = 'moved first' WHERE id = '{}'; COMMIT;",
+        ids[0], other.id
+    ))
+    .await;
     let tx = format!(
         "BEGIN; INSERT INTO contacts (id, account_id, first_name) SELECT unnest(ARRAY['{}']::uuid[]), '{A}', 'held'; \
          UPDATE walhook.endpoints SET description = 'moved' WHERE id = '{}'; COMMIT;",
-        ids.join("','"),
+        ids[1..].join("','"),
         other.id
     );
     let committing = tokio::spawn(async move { client.batch_execute(&tx).await });
     wait_for(Duration::from_secs(30), || async { env.scalar_i64(SYNC_WAITS).await == 1 }).await;
     let ops = format!("127.0.0.1:{}", env.metrics_port).parse().unwrap();
+    let last = std::sync::Mutex::new(None);
     let reported = || async {
-        readyz(ops).await.is_some_and(|(code, body)| {
-            code == 503 && body["reason"].as_str().is_some_and(|r| r.contains("every webhook waits behind it"))
-        })
+        let answer = readyz(ops).await;
+        let hit = answer.as_ref().is_some_and(|(code, body)| {
+            *code == 503 && body["reason"].as_str().is_some_and(|r| r.contains("every webhook waits behind it"))
+        });
+        *last.lock().unwrap() = answer;
+        hit
     };
-    wait_for(Duration::from_secs(60), reported).await;
+    if !wait_until(Duration::from_secs(60), reported).await {
+        panic!("/readyz never reported the wait; it last said {:?}", last.lock().unwrap());
+    }
     standby_answers(&env).await;
     committing.await.unwrap().unwrap();
     let sends = |rs: &[Received], id: &str| rs.iter().filter(|r| r.path == "/slow" && is_contact(r, id)).count();
@@ -312,7 +328,7 @@ async fn a_transaction_invisible_for_long_is_reported_and_its_rows_are_delivered
     wait_confirmed_to_now(&env).await;
     let q =
         format!("SELECT count(*) FROM walhook.deliveries WHERE endpoint_id = '{}' AND status = 'delivered'", slow.id);
-    wait_for(Duration::from_secs(60), || async { env.scalar_i64(&q).await == 3 }).await;
+    wait_for(Duration::from_secs(60), || async { env.scalar_i64(&q).await == 4 }).await;
     let got = env.receiver.received_on("slow");
     for id in &ids {
         let webhook_ids: std::collections::HashSet<_> =

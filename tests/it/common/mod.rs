@@ -260,6 +260,8 @@ impl Env {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhook"));
         cmd.args([command, "--config", path.to_str().unwrap()])
             .env_remove("RUST_LOG")
+            // The tests' own log switch is no walhook setting (WALHOOK_* are config keys).
+            .env_remove("WALHOOK_TEST_LOG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         setup(&mut cmd);
@@ -453,7 +455,17 @@ pub async fn wait_ready(ops: std::net::SocketAddr, how: Readiness) {
 }
 
 /// Polls `cond` until it holds; panics after `timeout`.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut cond: F)
+pub async fn wait_for<F, Fut>(timeout: Duration, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(wait_until(timeout, cond).await, "condition not met within {timeout:?}");
+}
+
+/// Polls `cond` until it holds (true) or `timeout` passes (false), for a caller that says
+/// what it saw when it fails.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -461,9 +473,11 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if cond().await {
-            return;
+            return true;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
