@@ -183,7 +183,8 @@ pub(super) async fn watched<T>(ctx: &Ctx<'_>, write: impl std::future::Future<Ou
 }
 
 /// What walhook's own sessions wait on, read on a connection of its own (the pool's may all be
-/// waiting): the lock waits and who holds them, or what the server says about its sessions.
+/// waiting): the lock waits and who holds them, commits waiting for a synchronous standby, or
+/// what the server says about its sessions.
 async fn waits_of(db: &Db) -> String {
     const WAITS: &str = "SELECT DISTINCT CASE WHEN bp.pid = 0 THEN \
              format('waiting for a lock (%s) held by a prepared transaction (%s): COMMIT PREPARED or ROLLBACK \
@@ -203,7 +204,11 @@ async fn waits_of(db: &Db) -> String {
     let looked = tokio::time::timeout(Duration::from_secs(3), async {
         let client = db.connect().await?;
         let rows = client.query(WAITS, &[]).await?;
-        Ok::<_, DbError>(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        let mut waits = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
+        if waits.is_empty() {
+            waits.extend(client.query(SYNC_REP_WAITS, &[]).await?.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok::<_, DbError>(waits)
     })
     .await;
     match looked {
@@ -213,6 +218,16 @@ async fn waits_of(db: &Db) -> String {
         Err(_) => "the database does not answer a new connection within 3 s".to_owned(),
     }
 }
+
+/// walhook's sessions whose commit waits for a synchronous standby to confirm it (the commit
+/// is flushed locally, but the session waits, as does everything queued behind it).
+const SYNC_REP_WAITS: &str = "SELECT format('walhook''s commits wait for a synchronous standby to confirm them \
+       (%s session(s); synchronous_standby_names = %L): start or reconnect the standby, or take it out of \
+       synchronous_standby_names and reload', count(*), current_setting('synchronous_standby_names')) \
+     FROM pg_stat_activity \
+     WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid() \
+       AND wait_event = 'SyncRep' \
+     HAVING count(*) > 0";
 
 /// Reports the endpoints a committed write disabled: once each, however many 410 answers or
 /// maintenance passes asked for it (the DISABLE statement returns only rows it changed).

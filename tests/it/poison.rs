@@ -226,6 +226,39 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
     wh.stop().await.unwrap();
 }
 
+/// A store whose commits wait for a synchronous standby that does not answer is reported
+/// naming the standby setting (not as an overloaded database), and recovers once the
+/// standby answers, with the delivery stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_waiting_for_a_synchronous_standby_is_reported_naming_the_standby() {
+    // Its own cluster: its commits wait for a standby that is not there.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "poison_sync_standby").await;
+    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
+    assert_eq!(readyz(&env).await.0, 200);
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'walhook_absent_standby'").await;
+    env.sql("SELECT pg_reload_conf()").await;
+    // The CRM's own commit does not wait (its session commits locally); walhook's do.
+    env.sql(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = local; \
+         INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'waits for the standby'); COMMIT;"
+    ))
+    .await;
+    env.receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await.unwrap();
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "not ready while the store's commits wait for the standby: {body}");
+    assert!(body.contains("store writer cannot make progress"), "{body}");
+    assert!(body.contains("synchronous standby") && body.contains("walhook_absent_standby"), "{body}");
+    assert!(!body.contains("no lock wait found"), "{body}");
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
+    env.sql("SELECT pg_reload_conf()").await;
+    wait_for(Duration::from_secs(30), || async { readyz(&env).await.0 == 200 }).await;
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
+    wh.stop().await.unwrap();
+}
+
 /// A database that refuses walhook's writes (permissions, read-only, disk full) stalls the
 /// store; the ERROR line and `/readyz` carry the database's own words, not a guess.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
