@@ -179,7 +179,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
         db.clone(),
         STORE_CHANNEL,
         WriterSettings {
-            health: store_health,
+            health: store_health.clone(),
             metrics: metrics.clone(),
             stall_after: cfg.database.write_stall_after.get(),
             archive: !cfg.retention.payloads.get().is_zero(),
@@ -226,6 +226,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Ap
             budget,
             fence: dispatcher.fence(),
             backfill: hub,
+            store_health,
         },
     );
 

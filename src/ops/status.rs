@@ -253,19 +253,21 @@ impl StoreHealth {
         ))
     }
 
-    /// Whether a stall is being reported.
-    pub(crate) fn is_stalled(&self) -> bool {
-        self.stalled.lock().expect("lock").is_some()
-    }
-
-    /// The writer has not committed for too long; `why` says what it waits on.
+    /// The writer has not committed for too long; `why` says what it waits on now (a stall
+    /// already reported takes the new cause, logged once per change).
     pub(crate) fn stall(&self, why: String) {
         let mut stalled = self.stalled.lock().expect("lock");
-        if stalled.is_none() {
-            tracing::error!(cause = %why, "the store writer cannot make progress: deliveries are not recorded and the slot does not move");
-            self.set_gauge(|g| &g.0, 1);
-            *stalled = Some(why);
+        match stalled.as_deref() {
+            None => {
+                tracing::error!(cause = %why, "the store writer cannot make progress: deliveries are not recorded and the slot does not move");
+                self.set_gauge(|g| &g.0, 1);
+            }
+            Some(was) if was != why => {
+                tracing::warn!(cause = %why, was, "the store writer still cannot make progress, for another cause now");
+            }
+            Some(_) => return,
         }
+        *stalled = Some(why);
     }
 
     /// A write failed with `error`: a stall reported later names it as its cause.

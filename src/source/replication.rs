@@ -41,7 +41,7 @@ use crate::delivery::dispatch::{DispatchMsg, Fence};
 use crate::model::event::Op;
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
-use crate::ops::status::ReplicationStatus;
+use crate::ops::status::{ReplicationStatus, StoreHealth};
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::source::backfill::{
@@ -83,6 +83,9 @@ pub struct ReplicationHandles {
     pub fence: Fence,
     /// Where backfill chunks wait for their high watermark (the runner's, invariant 9).
     pub backfill: Arc<Hub>,
+    /// Where a write of walhook's that does not commit is reported (the store writer's): a
+    /// raise of the confirm ceiling is one.
+    pub store_health: Arc<StoreHealth>,
 }
 
 /// Reads the slot and feeds dispatch.
@@ -104,6 +107,8 @@ pub struct Replication {
     tenure: Arc<Tenure>,
     /// How far the session may confirm (loaded at each session start).
     ceiling: Option<Ceiling>,
+    /// Where a raise of the ceiling that does not commit is reported.
+    store_health: Arc<StoreHealth>,
     /// Sessions that reached streaming, for the reconnect backoff.
     sessions_streamed: u64,
     /// A slot without failover could not be altered, and that was said once.
@@ -119,7 +124,7 @@ impl Replication {
         dispatch: mpsc::Sender<DispatchMsg>,
         handles: ReplicationHandles,
     ) -> Self {
-        let ReplicationHandles { metrics, status, budget, fence, backfill } = handles;
+        let ReplicationHandles { metrics, status, budget, fence, backfill, store_health } = handles;
         let emitter = Emitter::new(
             db.clone(),
             cfg.replication.slot.as_str(),
@@ -139,6 +144,7 @@ impl Replication {
             hub: backfill,
             windows: Windows::default(),
             ceiling: None,
+            store_health,
             sessions_streamed: 0,
             failover_warned: false,
         }
@@ -340,7 +346,15 @@ impl Replication {
                 _ = notify.notified() => self.confirm(stream),
                 // 3. The confirm ceiling: raised (one write) when confirms wait for it.
                 _ = tokio::time::sleep_until(self.ceiling().next_raise()), if self.ceiling().wants_raise() => {
-                    self.ceiling.as_mut().expect("loaded at session start").raise(&self.db).await?;
+                    // (A raise that does not commit, a synchronous standby not answering say, is
+                    // reported as the store's stall: nothing is confirmed meanwhile.)
+                    let watch = store::Watch {
+                        db: &self.db,
+                        health: &self.store_health,
+                        stall_after: self.cfg.database.write_stall_after.get(),
+                    };
+                    let raise = self.ceiling.as_mut().expect("loaded at session start").raise(&self.db);
+                    store::watched_alone(watch, raise, tokio::time::Instant::now()).await?;
                     self.send_confirm(stream);
                 }
                 // 4. Heartbeat: a WAL message so an idle publication still moves the slot.

@@ -42,7 +42,9 @@ pub mod maintenance;
 pub mod outbox;
 pub(crate) mod recover;
 mod resilient;
+mod stall;
 pub(crate) use resilient::is_refusal;
+pub use stall::{watched, watched_alone, Watch};
 pub(crate) mod secrets;
 pub(crate) mod slot_state;
 pub(crate) mod versions;
@@ -346,7 +348,7 @@ impl StoreWriter {
             let probes = settle(&mut batch);
             for probe in probes {
                 // A probe waits on walhook's tables like a write does: a lock there is a stall.
-                resilient::watched(&ctx, answer_probe(&self.db, probe), tokio::time::Instant::now()).await;
+                stall::watched(ctx.watch(), answer_probe(&self.db, probe), tokio::time::Instant::now()).await;
                 ctx.health.progress();
             }
         }

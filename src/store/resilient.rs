@@ -12,14 +12,14 @@
 //! without a restart. At shutdown what is still parked is dropped, its ticket with it (its
 //! transaction replays after a restart). Any other op refused in every form is skipped with an
 //! ERROR (a completion left alone is claimed again once its lease ends). A write that does not
-//! commit for the stall limit is reported ([`StoreHealth`]).
+//! commit for the stall limit is reported ([`stall`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{write, Record, Status, StoreOp, DISABLED_GONE};
+use super::{stall, write, Record, Status, StoreOp, DISABLED_GONE};
 use crate::ops::metrics::Metrics;
 use crate::ops::status::StoreHealth;
 use crate::pg::db::{Db, DbError};
@@ -35,6 +35,13 @@ pub(super) struct Ctx<'a> {
     pub stall_after: Duration,
     /// Every event's payload is stored (`retention.payloads`).
     pub archive: bool,
+}
+
+impl Ctx<'_> {
+    /// What a write of this context is watched with for stalls.
+    pub fn watch(&self) -> stall::Watch<'_> {
+        stall::Watch { db: self.db, health: self.health, stall_after: self.stall_after }
+    }
 }
 
 /// Parked tries: first again after this, doubling up to the most.
@@ -138,7 +145,7 @@ fn sqlstate(e: &DbError) -> &str {
 async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Result<(), DbError> {
     let mut backoff = BACKOFF.0;
     loop {
-        match watched(ctx, write::write_batch(ctx.db, ops, ctx.archive), started).await {
+        match stall::watched(ctx.watch(), write::write_batch(ctx.db, ops, ctx.archive), started).await {
             Ok(disabled) => {
                 ctx.health.progress();
                 report_disabled(ctx.metrics, disabled);
@@ -161,73 +168,6 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
         }
     }
 }
-
-/// Awaits `write` (a batch, or a probe's queries), reporting a stall if it has not finished
-/// `stall_after` after `started`.
-pub(super) async fn watched<T>(ctx: &Ctx<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
-    tokio::pin!(write);
-    tokio::select! {
-        biased;
-        // 1. The write finished.
-        r = &mut write => return r,
-        // 2. It takes too long: say so, with what it waits on, and keep waiting.
-        _ = tokio::time::sleep_until(started + ctx.stall_after), if !ctx.health.is_stalled() => {
-            let cause = match ctx.health.last_error() {
-                Some(e) => format!("the database's last answer: {e}"),
-                None => waits_of(ctx.db).await,
-            };
-            ctx.health.stall(format!("a store write has not committed for {:?}: {cause}", ctx.stall_after));
-        }
-    }
-    write.await
-}
-
-/// What walhook's own sessions wait on, read on a connection of its own (the pool's may all be
-/// waiting): the lock waits and who holds them, commits waiting for a synchronous standby, or
-/// what the server says about its sessions.
-async fn waits_of(db: &Db) -> String {
-    const WAITS: &str = "SELECT DISTINCT CASE WHEN bp.pid = 0 THEN \
-             format('waiting for a lock (%s) held by a prepared transaction (%s): COMMIT PREPARED or ROLLBACK \
-                     PREPARED it', w.wait_event, coalesce((SELECT string_agg(format('gid %L prepared at %s by %s', \
-                     p.gid, to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), p.owner), ', ') \
-                     FROM pg_prepared_xacts p WHERE p.database = current_database()), 'see pg_prepared_xacts')) \
-           ELSE format('waiting for a lock (%s) held by pid %s (user %s, application %s, %s since %s, query: %s)', \
-                     w.wait_event, bp.pid, coalesce(b.usename::text, '?'), coalesce(b.application_name, '?'), \
-                     coalesce(b.state, '?'), coalesce(to_char(b.state_change AT TIME ZONE 'UTC', \
-                     'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '?'), coalesce(left(b.query, 120), '?')) END \
-         FROM pg_stat_activity w \
-         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid) \
-         LEFT JOIN pg_stat_activity b ON b.pid = bp.pid \
-         WHERE w.datname = current_database() AND w.usename = current_user \
-           AND w.pid <> pg_backend_pid() AND w.wait_event_type = 'Lock' \
-         LIMIT 3";
-    let looked = tokio::time::timeout(Duration::from_secs(3), async {
-        let client = db.connect().await?;
-        let rows = client.query(WAITS, &[]).await?;
-        let mut waits = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
-        if waits.is_empty() {
-            waits.extend(client.query(SYNC_REP_WAITS, &[]).await?.iter().map(|r| r.get::<_, String>(0)));
-        }
-        Ok::<_, DbError>(waits)
-    })
-    .await;
-    match looked {
-        Ok(Ok(waits)) if !waits.is_empty() => waits.join("; "),
-        Ok(Ok(_)) => "no lock wait found: an overloaded database, or a slow disk?".to_owned(),
-        Ok(Err(e)) => format!("the database does not answer a new connection either: {e}"),
-        Err(_) => "the database does not answer a new connection within 3 s".to_owned(),
-    }
-}
-
-/// walhook's sessions whose commit waits for a synchronous standby to confirm it (the commit
-/// is flushed locally, but the session waits, as does everything queued behind it).
-const SYNC_REP_WAITS: &str = "SELECT format('walhook''s commits wait for a synchronous standby to confirm them \
-       (%s session(s); synchronous_standby_names = %L): start or reconnect the standby, or take it out of \
-       synchronous_standby_names and reload', count(*), current_setting('synchronous_standby_names')) \
-     FROM pg_stat_activity \
-     WHERE datname = current_database() AND usename = current_user AND pid <> pg_backend_pid() \
-       AND wait_event = 'SyncRep' \
-     HAVING count(*) > 0";
 
 /// Reports the endpoints a committed write disabled: once each, however many 410 answers or
 /// maintenance passes asked for it (the DISABLE statement returns only rows it changed).

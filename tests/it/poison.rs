@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, Env, Readiness, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{own_cluster, wait_for, wait_until, Env, InProcess, Readiness, ACCOUNT_A, ACCOUNT_B};
 use bytes::Bytes;
 use uuid::Uuid;
 use walhook::local::receiver::Reply;
@@ -231,32 +231,101 @@ async fn a_store_that_cannot_commit_makes_readyz_fail_with_the_reason() {
 /// standby answers, with the delivery stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_waiting_for_a_synchronous_standby_is_reported_naming_the_standby() {
-    // Its own cluster: its commits wait for a standby that is not there.
+    // Its own cluster: its commits are made to wait for a standby that is not there.
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
-    let env = Env::on(&cluster, "poison_sync_standby").await;
-    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
-    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
+    let (env, wh) = stalling(&cluster, "poison_sync_standby").await;
     assert_eq!(readyz(&env).await.0, 200);
-    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'walhook_absent_standby'").await;
-    env.sql("SELECT pg_reload_conf()").await;
-    // The CRM's own commit does not wait (its session commits locally); walhook's do.
-    env.sql(&format!(
-        "BEGIN; SET LOCAL synchronous_commit = local; \
-         INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'waits for the standby'); COMMIT;"
-    ))
-    .await;
-    env.receiver.wait_until(Duration::from_secs(10), |r| !r.is_empty()).await.unwrap();
+    synchronous_standby(&env, ABSENT_STANDBY).await;
+    // The CRM's own commit does not wait (its session commits locally); walhook's do: its
+    // record of the delivery, and the raise of its confirm ceiling (which may come first).
+    insert_committed_locally(&env).await;
     let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
     assert_eq!(status, 503, "not ready while the store's commits wait for the standby: {body}");
     assert!(body.contains("store writer cannot make progress"), "{body}");
     assert!(body.contains("synchronous standby") && body.contains("walhook_absent_standby"), "{body}");
     assert!(!body.contains("no lock wait found"), "{body}");
-    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
-    env.sql("SELECT pg_reload_conf()").await;
-    wait_for(Duration::from_secs(30), || async { readyz(&env).await.0 == 200 }).await;
-    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
-    wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
-    wh.stop().await.unwrap();
+    standby_answers(&env, wh).await;
+}
+
+/// A raise of the confirm ceiling that cannot commit (the replication session waits on it)
+/// is reported like the store's own writes, naming the standby, though no delivery waits to
+/// be recorded; the rows behind it are delivered once the standby answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_ceiling_waiting_for_a_standby_is_reported() {
+    // Its own cluster: its commits are made to wait for a standby that is not there.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let (env, wh) = stalling(&cluster, "poison_ceiling_sync").await;
+    env.quiescent().await;
+    synchronous_standby(&env, ABSENT_STANDBY).await;
+    // A row no endpoint wants: nothing to record, only a position to confirm, past the ceiling.
+    env.sql(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = local; \
+         INSERT INTO contacts (account_id, first_name) VALUES ('{ACCOUNT_B}', 'nobody wants this'); COMMIT;"
+    ))
+    .await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "walhook cannot confirm (its ceiling waits for the standby), yet: {body}");
+    assert!(body.contains("synchronous standby") && body.contains("walhook_absent_standby"), "{body}");
+    insert_committed_locally(&env).await;
+    standby_answers(&env, wh).await;
+}
+
+/// A stall's cause is what the store waits on now, not what it waited on first: a stall that
+/// began as a lock wait names the synchronous standby once the lock is gone and walhook's
+/// commits wait for the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalls_cause_follows_what_the_store_waits_on_now() {
+    // Its own cluster: its commits are made to wait for a standby that is not there.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let (env, wh) = stalling(&cluster, "poison_cause_moves").await;
+    let (_locker, lock) = lock_deliveries(&env).await;
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'waits twice')")).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
+    assert!(status == 503 && body.contains("waiting for a lock"), "{body}");
+    synchronous_standby(&env, ABSENT_STANDBY).await;
+    // The lock goes (its holder commits without waiting for the standby); the write it held
+    // commits and now waits for the standby.
+    lock.batch_execute("SET LOCAL synchronous_commit = local; COMMIT").await.unwrap();
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(SYNC_WAITS).await >= 1 }).await;
+    let last = std::sync::Mutex::new(String::new());
+    let named = wait_until(Duration::from_secs(30), || async {
+        let (_, body) = readyz(&env).await;
+        let named = body.contains("synchronous standby") && !body.contains("waiting for a lock");
+        *last.lock().unwrap() = body;
+        named
+    })
+    .await;
+    assert!(
+        named,
+        "the lock is gone and walhook's commits wait for the standby, yet /readyz says {}",
+        last.lock().unwrap()
+    );
+    standby_answers(&env, wh).await;
+}
+
+/// A lock held by a transaction whose own commit waits for a synchronous standby is named
+/// with that wait: ending the holder is not the remedy, the standby is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_by_a_commit_waiting_for_a_standby_names_the_standby() {
+    // Its own cluster: its commits are made to wait for a standby that is not there.
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let (env, wh) = stalling(&cluster, "poison_lock_sync").await;
+    let (_locker, lock) = lock_deliveries(&env).await;
+    synchronous_standby(&env, ABSENT_STANDBY).await;
+    // The holder commits, and waits for the standby with the lock still held.
+    let holder: i32 = lock.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let committing = tokio::spawn(async move { lock.batch_execute("COMMIT").await });
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(SYNC_WAITS).await >= 1 }).await;
+    insert_committed_locally(&env).await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(20)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&format!("held by pid {holder}")), "{body}");
+    assert!(
+        body.contains("its commit waits for a synchronous standby") && body.contains("walhook_absent_standby"),
+        "{body}"
+    );
+    standby_answers(&env, wh).await;
+    committing.await.unwrap().unwrap();
 }
 
 /// A database that refuses walhook's writes (permissions, read-only, disk full) stalls the
@@ -314,6 +383,54 @@ async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
     assert_eq!(env.metric("walhook_store_stalled").await, 1.0);
     lock.batch_execute("ROLLBACK").await.unwrap();
     wait_for(Duration::from_secs(20), || async { readyz().await.0 == 200 }).await;
+    wh.stop().await.unwrap();
+}
+
+/// A standby that is not there.
+const ABSENT_STANDBY: &str = "walhook_absent_standby";
+/// Sessions whose commit waits for a synchronous standby.
+const SYNC_WAITS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+
+/// Sets `synchronous_standby_names` (commits with `synchronous_commit = on` wait for those
+/// standbys; none if empty) and waits until a new session sees it.
+async fn synchronous_standby(env: &Env, names: &str) {
+    env.sql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'")).await;
+    env.sql("SELECT pg_reload_conf()").await;
+    wait_for(Duration::from_secs(10), || async {
+        let (fresh, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let now: String = fresh.query_one("SHOW synchronous_standby_names", &[]).await.unwrap().get(0);
+        now == names
+    })
+    .await;
+}
+
+/// walhook on `cluster` with one endpoint for account A's new contacts, reporting a store
+/// write that takes over 1 s as a stall.
+async fn stalling(cluster: &walhook::local::cluster::TempCluster, name: &str) -> (Env, InProcess) {
+    let env = Env::on(cluster, name).await;
+    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
+    let wh = env.start("[database]\nwrite_stall_after = \"1s\"\n").await;
+    (env, wh)
+}
+
+/// A contact of account A, committed without waiting for a standby (as the CRM's sessions
+/// commit in these tests; walhook's wait).
+async fn insert_committed_locally(env: &Env) {
+    env.sql(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = local; \
+         INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'committed locally'); COMMIT;"
+    ))
+    .await;
+}
+
+/// The standby requirement goes: `/readyz` is 200 again, the one contact's delivery is
+/// stored, and `wh` stops.
+async fn standby_answers(env: &Env, wh: InProcess) {
+    synchronous_standby(env, "").await;
+    wait_for(Duration::from_secs(30), || async { readyz(env).await.0 == 200 }).await;
+    let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
+    wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;
     wh.stop().await.unwrap();
 }
 
