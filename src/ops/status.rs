@@ -219,10 +219,21 @@ impl Reachability {
     }
 }
 
+/// Whose write does not commit: each clears only its own report, so one that commits never
+/// hides another still stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallOf {
+    /// The store writer (batches, outbox probes): cleared by its next commit.
+    Store = 0,
+    /// The replication session's raise of its confirm ceiling: cleared when it commits.
+    Ceiling = 1,
+}
+
 /// The store writer's health, shared with the operations listener.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
-    stalled: Mutex<Option<String>>,
+    /// Each stalled writer's report ([`StallOf`]).
+    stalled: Mutex<[Option<String>; 2]>,
     /// The database's last error while ops wait (cleared by a commit).
     last_error: Mutex<Option<String>>,
     /// Delivery records the database refuses in every form, each holding the slot: why.
@@ -241,8 +252,8 @@ impl StoreHealth {
     /// Why the store cannot make progress, while it cannot: a stall, or records that hold
     /// the slot.
     pub fn problem(&self) -> Option<String> {
-        if let Some(stalled) = self.stalled.lock().expect("lock").clone() {
-            return Some(stalled);
+        if let Some(stalled) = self.stalled.lock().expect("lock").iter().flatten().next() {
+            return Some(stalled.clone());
         }
         let pinned = self.pinned.lock().expect("lock");
         let (id, why) = pinned.iter().next()?;
@@ -253,11 +264,11 @@ impl StoreHealth {
         ))
     }
 
-    /// The writer has not committed for too long; `why` says what it waits on now (a stall
+    /// `of`'s write has not committed for too long; `why` says what it waits on now (a stall
     /// already reported takes the new cause, logged once per change).
-    pub(crate) fn stall(&self, why: String) {
+    pub(crate) fn stall(&self, of: StallOf, why: String) {
         let mut stalled = self.stalled.lock().expect("lock");
-        match stalled.as_deref() {
+        match stalled[of as usize].as_deref() {
             None => {
                 tracing::error!(cause = %why, "the store writer cannot make progress: deliveries are not recorded and the slot does not move");
                 self.set_gauge(|g| &g.0, 1);
@@ -267,7 +278,23 @@ impl StoreHealth {
             }
             Some(_) => return,
         }
-        *stalled = Some(why);
+        stalled[of as usize] = Some(why);
+    }
+
+    /// `of`'s write committed: its stall, if it reported one, is over (another's is not).
+    pub(crate) fn unstall(&self, of: StallOf) {
+        let mut stalled = self.stalled.lock().expect("lock");
+        if stalled[of as usize].take().is_some() {
+            match of {
+                StallOf::Store => tracing::info!("the store writer makes progress again"),
+                StallOf::Ceiling => {
+                    tracing::info!("the confirm ceiling's raise committed; the slot is confirmed again")
+                }
+            }
+            if stalled.iter().all(Option::is_none) {
+                self.set_gauge(|g| &g.0, 0);
+            }
+        }
     }
 
     /// A write failed with `error`: a stall reported later names it as its cause.
@@ -280,14 +307,11 @@ impl StoreHealth {
         self.last_error.lock().expect("lock").clone()
     }
 
-    /// A write committed (or the database answered with a refusal the writer handles).
+    /// A write of the store writer committed (or the database answered with a refusal the
+    /// writer handles).
     pub(crate) fn progress(&self) {
         self.last_error.lock().expect("lock").take();
-        let mut stalled = self.stalled.lock().expect("lock");
-        if stalled.take().is_some() {
-            tracing::info!("the store writer makes progress again");
-            self.set_gauge(|g| &g.0, 0);
-        }
+        self.unstall(StallOf::Store);
     }
 
     /// Delivery `id`'s record is refused in every form (`why`) and holds the slot.
@@ -333,6 +357,21 @@ mod tests {
         assert!(s.invisible_for(zero).unwrap().1 < kept, "another xid starts over");
         s.visibility_wait_over();
         assert_eq!(s.invisible_for(zero), None);
+    }
+
+    #[test]
+    fn one_writer_committing_never_clears_another_writers_stall() {
+        let h = StoreHealth::default();
+        h.stall(StallOf::Ceiling, "raise waits".into());
+        h.progress();
+        assert_eq!(h.problem().as_deref(), Some("raise waits"), "a store commit does not clear a stuck raise");
+        h.stall(StallOf::Store, "write waits".into());
+        h.unstall(StallOf::Ceiling);
+        assert_eq!(h.problem().as_deref(), Some("write waits"), "a raise that commits does not clear a stuck write");
+        h.stall(StallOf::Store, "write waits elsewhere".into());
+        assert_eq!(h.problem().as_deref(), Some("write waits elsewhere"), "the cause as it is now");
+        h.progress();
+        assert_eq!(h.problem(), None);
     }
 
     #[test]

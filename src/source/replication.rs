@@ -41,7 +41,7 @@ use crate::delivery::dispatch::{DispatchMsg, Fence};
 use crate::model::event::Op;
 use crate::model::tenure::Tenure;
 use crate::ops::metrics::Metrics;
-use crate::ops::status::{ReplicationStatus, StoreHealth};
+use crate::ops::status::{ReplicationStatus, StallOf, StoreHealth};
 use crate::pg::db::{Db, DbError};
 use crate::security::secrets::SecretBox;
 use crate::source::backfill::{
@@ -352,6 +352,7 @@ impl Replication {
                         db: &self.db,
                         health: &self.store_health,
                         stall_after: self.cfg.database.write_stall_after.get(),
+                        of: StallOf::Ceiling,
                     };
                     let raise = self.ceiling.as_mut().expect("loaded at session start").raise(&self.db);
                     store::watched_alone(watch, raise, tokio::time::Instant::now()).await?;

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::{stall, write, Record, Status, StoreOp, DISABLED_GONE};
 use crate::ops::metrics::Metrics;
-use crate::ops::status::StoreHealth;
+use crate::ops::status::{StallOf, StoreHealth};
 use crate::pg::db::{Db, DbError};
 
 /// Backoff between retries of a failing write: first, and at most.
@@ -40,7 +40,7 @@ pub(super) struct Ctx<'a> {
 impl Ctx<'_> {
     /// What a write of this context is watched with for stalls.
     pub fn watch(&self) -> stall::Watch<'_> {
-        stall::Watch { db: self.db, health: self.health, stall_after: self.stall_after }
+        stall::Watch { db: self.db, health: self.health, stall_after: self.stall_after, of: StallOf::Store }
     }
 }
 
@@ -160,7 +160,8 @@ async fn write_retrying(ctx: &Ctx<'_>, ops: &[StoreOp], started: Instant) -> Res
                 tracing::warn!(error = %e, ops = ops.len(), retry_in = ?backoff, "store write failed; retrying");
                 ctx.health.note_error(e.to_string());
                 if started.elapsed() >= ctx.stall_after {
-                    ctx.health.stall(format!("store writes have failed for {:?}: {e}", started.elapsed()));
+                    ctx.health
+                        .stall(StallOf::Store, format!("store writes have failed for {:?}: {e}", started.elapsed()));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF.1);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::ops::status::StoreHealth;
+use crate::ops::status::{StallOf, StoreHealth};
 use crate::pg::db::{Db, DbError};
 
 /// What a write is watched with.
@@ -25,6 +25,8 @@ pub struct Watch<'a> {
     pub health: &'a StoreHealth,
     /// How long a write may take before it is a stall (`database.write_stall_after`).
     pub stall_after: Duration,
+    /// Whose write it is (each clears only its own report).
+    pub of: StallOf,
 }
 
 /// While a stall lasts, its cause is looked up again this often (on a connection of its own).
@@ -38,11 +40,11 @@ pub async fn watched<T>(ctx: Watch<'_>, write: impl std::future::Future<Output =
 }
 
 /// Like [`watched`], for a write outside the store writer (a raise of the confirm ceiling):
-/// a stall it reported is cleared when it finishes, and only then.
+/// the stall it reported is cleared when it finishes (and no other writer's).
 pub async fn watched_alone<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
     let (done, reported) = watch(ctx, write, started).await;
     if reported {
-        ctx.health.progress();
+        ctx.health.unstall(ctx.of);
     }
     done
 }
@@ -60,7 +62,11 @@ async fn watch<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, s
             // 2. It takes too long: say so, with what it waits on now, and keep waiting.
             _ = tokio::time::sleep_until(look_at) => {
                 let cause = cause(ctx).await;
-                ctx.health.stall(format!("a store write has not committed for {:?}: {cause}", ctx.stall_after));
+                let what = match ctx.of {
+                    StallOf::Store => "a store write",
+                    StallOf::Ceiling => "the replication session's raise of its confirm ceiling (walhook.slot_state)",
+                };
+                ctx.health.stall(ctx.of, format!("{what} has not committed for {:?}: {cause}", ctx.stall_after));
                 reported = true;
                 look_at = Instant::now() + RECHECK_EVERY;
             }

@@ -270,6 +270,49 @@ async fn a_confirm_ceiling_waiting_for_a_standby_is_reported() {
     standby_answers(&env, wh).await;
 }
 
+/// A raise of the confirm ceiling stuck on a lock stays reported while the store writer
+/// commits other work (retries of a failing endpoint): one writer's commits never hide
+/// another's stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_ceiling_raise_stays_reported_while_retries_commit() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
+    let env = Env::on(&cluster, "poison_ceiling_lock").await;
+    env.endpoint(ACCOUNT_A, "s", &["contact.created"]).await;
+    env.receiver.set_default("s", Reply::Status(500));
+    let every_second = format!("[{}]", vec!["\"1s\""; 60].join(", "));
+    let wh = env
+        .start(&format!("[database]\nwrite_stall_after = \"1s\"\n[dispatch]\nretry_schedule = {every_second}\n"))
+        .await;
+    env.sql(&format!(
+        "INSERT INTO contacts (account_id, first_name) SELECT '{A}', 'r' || i FROM generate_series(1, 5) i"
+    ))
+    .await;
+    let now = env.scalar_i64("SELECT (pg_current_wal_lsn() - '0/0')::int8").await;
+    wait_for(Duration::from_secs(15), || async { env.confirmed_lsn().await >= now }).await;
+    // The ceiling's row held: the next raise waits.
+    let (holder, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    holder.batch_execute("BEGIN; SELECT * FROM walhook.slot_state FOR NO KEY UPDATE").await.unwrap();
+    env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{ACCOUNT_B}', 'nobody wants this')"))
+        .await;
+    let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
+    assert!(status == 503 && body.contains("confirm ceiling") && body.contains("waiting for a lock"), "{body}");
+    // Longer than a recheck: the retries' commits do not hide it.
+    let retried = env.receiver.received_on("s").len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while tokio::time::Instant::now() < deadline {
+        let (status, body) = readyz(&env).await;
+        assert_eq!(status, 503, "the raise still waits, yet: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(env.receiver.received_on("s").len() > retried, "retries went on meanwhile");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    env.receiver.set_default("s", Reply::Status(200));
+    wait_for(Duration::from_secs(30), || async { readyz(&env).await.0 == 200 }).await;
+    env.quiescent().await;
+    wh.stop().await.unwrap();
+}
+
 /// A stall's cause is what the store waits on now, not what it waited on first: a stall that
 /// began as a lock wait names the synchronous standby once the lock is gone and walhook's
 /// commits wait for the standby.
