@@ -36,29 +36,13 @@ pub(super) const RECHECK_EVERY: Duration = Duration::from_secs(10);
 /// and again every [`RECHECK_EVERY`] while it waits, each time with its cause as it is then.
 /// (The store writer clears the report at its next commit.)
 pub async fn watched<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
-    watch(ctx, write, started).await.0
-}
-
-/// Like [`watched`], for a write outside the store writer (a raise of the confirm ceiling):
-/// the stall it reported is cleared when it finishes (and no other writer's).
-pub async fn watched_alone<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
-    let (done, reported) = watch(ctx, write, started).await;
-    if reported {
-        ctx.health.unstall(ctx.of);
-    }
-    done
-}
-
-/// `write`'s output, and whether a stall was reported while it waited.
-async fn watch<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> (T, bool) {
     tokio::pin!(write);
     let mut look_at = started + ctx.stall_after;
-    let mut reported = false;
     loop {
         tokio::select! {
             biased;
             // 1. The write finished.
-            r = &mut write => return (r, reported),
+            r = &mut write => return r,
             // 2. It takes too long: say so, with what it waits on now, and keep waiting.
             _ = tokio::time::sleep_until(look_at) => {
                 let cause = cause(ctx).await;
@@ -67,11 +51,25 @@ async fn watch<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, s
                     StallOf::Ceiling => "the replication session's raise of its confirm ceiling (walhook.slot_state)",
                 };
                 ctx.health.stall(ctx.of, format!("{what} has not committed for {:?}: {cause}", ctx.stall_after));
-                reported = true;
                 look_at = Instant::now() + RECHECK_EVERY;
             }
         }
     }
+}
+
+/// Like [`watched`], for a write outside the store writer, the only one of its kind at a time
+/// (a raise of the confirm ceiling): its stall is cleared when it finishes, or is dropped
+/// unfinished (a session ended around it), and no other writer's is.
+pub async fn watched_alone<T>(ctx: Watch<'_>, write: impl std::future::Future<Output = T>, started: Instant) -> T {
+    /// Clears `of`'s report however the write ends.
+    struct Unstall<'a>(&'a StoreHealth, StallOf);
+    impl Drop for Unstall<'_> {
+        fn drop(&mut self) {
+            self.0.unstall(self.1);
+        }
+    }
+    let _clear = Unstall(ctx.health, ctx.of);
+    watched(ctx, write, started).await
 }
 
 /// What the writer waits on: what walhook's sessions are found waiting on, else the
@@ -144,5 +142,39 @@ async fn waits_of(db: &Db) -> Waits {
         Ok(Ok(_)) => Waits::Nothing,
         Ok(Err(e)) => Waits::Unanswered(format!("the database does not answer a new connection either: {e}")),
         Err(_) => Waits::Unanswered("the database does not answer a new connection within 3 s".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A write outside the store writer that is dropped while reported stalled (its session
+    /// ended around it) leaves no stale report; one that finishes clears its own only.
+    #[tokio::test]
+    async fn a_raise_dropped_or_finished_clears_its_own_stall_only() {
+        // Nothing listens on port 1: the cause lookup fails at once.
+        let cfg = Config::from_toml("[database]\nurl = \"postgres://u@127.0.0.1:1/db\"\n").unwrap();
+        let db = Db::new(&cfg.database).unwrap();
+        let health = StoreHealth::default();
+        let ceiling = Watch { db: &db, health: &health, stall_after: Duration::ZERO, of: StallOf::Ceiling };
+        let never = std::future::pending::<()>();
+        let mut stuck = Box::pin(watched_alone(ceiling, never, Instant::now()));
+        let reported = async {
+            while health.problem().is_none() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::select! {
+            _ = &mut stuck => unreachable!("the write never finishes"),
+            _ = tokio::time::timeout(Duration::from_secs(10), reported) => {}
+        }
+        assert!(health.problem().is_some_and(|p| p.contains("confirm ceiling")), "{:?}", health.problem());
+        drop(stuck);
+        assert_eq!(health.problem(), None, "a dropped raise leaves no stale report");
+        health.stall(StallOf::Store, "store write waits".into());
+        watched_alone(ceiling, async {}, Instant::now()).await;
+        assert_eq!(health.problem().as_deref(), Some("store write waits"), "a finished raise clears its own only");
     }
 }
