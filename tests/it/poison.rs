@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{own_cluster, wait_for, wait_until, Env, InProcess, Readiness, ACCOUNT_A, ACCOUNT_B};
+use crate::common::{
+    own_cluster, wait_for, wait_until, Env, InProcess, Readiness, ABSENT_STANDBY, ACCOUNT_A, ACCOUNT_B, SYNC_WAITS,
+};
 use bytes::Bytes;
 use uuid::Uuid;
 use walhook::local::receiver::Reply;
@@ -235,7 +237,7 @@ async fn a_store_waiting_for_a_synchronous_standby_is_reported_naming_the_standb
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
     let (env, wh) = stalling(&cluster, "poison_sync_standby").await;
     assert_eq!(readyz(&env).await.0, 200);
-    synchronous_standby(&env, ABSENT_STANDBY).await;
+    env.synchronous_standby(ABSENT_STANDBY).await;
     // The CRM's own commit does not wait (its session commits locally); walhook's do: its
     // record of the delivery, and the raise of its confirm ceiling (which may come first).
     insert_committed_locally(&env).await;
@@ -256,7 +258,7 @@ async fn a_confirm_ceiling_waiting_for_a_standby_is_reported() {
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
     let (env, wh) = stalling(&cluster, "poison_ceiling_sync").await;
     env.quiescent().await;
-    synchronous_standby(&env, ABSENT_STANDBY).await;
+    env.synchronous_standby(ABSENT_STANDBY).await;
     // A row no endpoint wants: nothing to record, only a position to confirm, past the ceiling.
     env.sql(&format!(
         "BEGIN; SET LOCAL synchronous_commit = local; \
@@ -325,7 +327,7 @@ async fn a_stalls_cause_follows_what_the_store_waits_on_now() {
     env.sql(&format!("INSERT INTO contacts (account_id, first_name) VALUES ('{A}', 'waits twice')")).await;
     let (status, body) = readyz_until_503(&env, Duration::from_secs(15)).await;
     assert!(status == 503 && body.contains("waiting for a lock"), "{body}");
-    synchronous_standby(&env, ABSENT_STANDBY).await;
+    env.synchronous_standby(ABSENT_STANDBY).await;
     // The lock goes (its holder commits without waiting for the standby); the write it held
     // commits and now waits for the standby.
     lock.batch_execute("SET LOCAL synchronous_commit = local; COMMIT").await.unwrap();
@@ -354,7 +356,7 @@ async fn a_lock_held_by_a_commit_waiting_for_a_standby_names_the_standby() {
     let cluster = tokio::task::spawn_blocking(|| own_cluster(&[])).await.unwrap();
     let (env, wh) = stalling(&cluster, "poison_lock_sync").await;
     let (_locker, lock) = lock_deliveries(&env).await;
-    synchronous_standby(&env, ABSENT_STANDBY).await;
+    env.synchronous_standby(ABSENT_STANDBY).await;
     // The holder commits, and waits for the standby with the lock still held.
     let holder: i32 = lock.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     let committing = tokio::spawn(async move { lock.batch_execute("COMMIT").await });
@@ -429,25 +431,6 @@ async fn a_store_stuck_on_an_outbox_probe_is_reported_as_stalled() {
     wh.stop().await.unwrap();
 }
 
-/// A standby that is not there.
-const ABSENT_STANDBY: &str = "walhook_absent_standby";
-/// Sessions whose commit waits for a synchronous standby.
-const SYNC_WAITS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
-
-/// Sets `synchronous_standby_names` (commits with `synchronous_commit = on` wait for those
-/// standbys; none if empty) and waits until a new session sees it.
-async fn synchronous_standby(env: &Env, names: &str) {
-    env.sql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'")).await;
-    env.sql("SELECT pg_reload_conf()").await;
-    wait_for(Duration::from_secs(10), || async {
-        let (fresh, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        let now: String = fresh.query_one("SHOW synchronous_standby_names", &[]).await.unwrap().get(0);
-        now == names
-    })
-    .await;
-}
-
 /// walhook on `cluster` with one endpoint for account A's new contacts, reporting a store
 /// write that takes over 1 s as a stall.
 async fn stalling(cluster: &walhook::local::cluster::TempCluster, name: &str) -> (Env, InProcess) {
@@ -470,7 +453,7 @@ async fn insert_committed_locally(env: &Env) {
 /// The standby requirement goes: `/readyz` is 200 again, the one contact's delivery is
 /// stored, and `wh` stops.
 async fn standby_answers(env: &Env, wh: InProcess) {
-    synchronous_standby(env, "").await;
+    env.synchronous_standby("").await;
     wait_for(Duration::from_secs(30), || async { readyz(env).await.0 == 200 }).await;
     let q = "SELECT count(*) FROM walhook.deliveries WHERE status = 'delivered'";
     wait_for(Duration::from_secs(10), || async { env.scalar_i64(q).await == 1 }).await;

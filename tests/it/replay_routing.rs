@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{own_cluster, readyz, wait_for, wait_until, Env, Readiness, ACCOUNT_A, USER};
+use crate::common::{own_cluster, readyz, wait_for, wait_until, Env, Readiness, ACCOUNT_A, SYNC_WAITS, USER};
 use uuid::Uuid;
 use walhook::admin::endpoints::{Caller, EndpointPatch, Endpoints, NewEndpoint};
 use walhook::config::Config;
@@ -217,17 +217,14 @@ async fn routing_versions_are_written_per_change_and_compacted_at_the_next_sessi
     wh.stop().await.unwrap();
 }
 
-/// A cluster whose commits wait for a synchronous standby that is not there, except those
-/// of sessions that ask (`synchronous_commit = on`).
-const ABSENT_STANDBY: [&str; 2] =
+/// A cluster whose commits wait for a synchronous standby that is not there
+/// (`common::ABSENT_STANDBY`), except those of sessions that ask (`synchronous_commit = on`).
+const SYNC_ONLY_IF_ASKED: [&str; 2] =
     ["synchronous_standby_names = 'walhook_absent_standby'", "synchronous_commit = local"];
-/// Sessions whose commit waits for the standby.
-const SYNC_WAITS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
 
 /// The commits waiting for the absent standby go through (as if it answered).
 async fn standby_answers(env: &Env) {
-    env.sql("ALTER SYSTEM SET synchronous_standby_names = ''").await;
-    env.sql("SELECT pg_reload_conf()").await;
+    env.synchronous_standby("").await;
 }
 
 /// An endpoint whose creating transaction is streamed before anyone can see it (its commit
@@ -235,7 +232,7 @@ async fn standby_answers(env: &Env) {
 /// not taken for deleted: the rows committed after it reach it once it is visible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_it() {
-    let cluster = tokio::task::spawn_blocking(|| own_cluster(&ABSENT_STANDBY)).await.unwrap();
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&SYNC_ONLY_IF_ASKED)).await.unwrap();
     let env = Env::on(&cluster, "replay_routing_invisible").await;
     env.endpoint(ACCOUNT_A, "old", &["contact.created"]).await;
     let wh = env.start("").await;
@@ -274,7 +271,7 @@ async fn an_endpoint_streamed_before_its_commit_is_visible_gets_the_rows_after_i
 /// delivered and stored once, each under one webhook-id, through those sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_invisible_for_long_is_reported_and_its_rows_are_delivered_once() {
-    let cluster = tokio::task::spawn_blocking(|| own_cluster(&ABSENT_STANDBY)).await.unwrap();
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(&SYNC_ONLY_IF_ASKED)).await.unwrap();
     let env = Env::on(&cluster, "replay_routing_invisible_long").await;
     let slow = env.endpoint(ACCOUNT_A, "slow", &["contact.created"]).await;
     let other = env.endpoint(ACCOUNT_A, "other", &["contact.updated"]).await;

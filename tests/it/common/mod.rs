@@ -219,6 +219,20 @@ impl Env {
         self.client.query_one(q, &[]).await.unwrap_or_else(|e| panic!("{q}: {e}")).get(0)
     }
 
+    /// Sets `synchronous_standby_names` (commits with `synchronous_commit = on` wait for
+    /// those standbys; none if empty) and waits until a new session sees it.
+    pub async fn synchronous_standby(&self, names: &str) {
+        self.sql(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'")).await;
+        self.sql("SELECT pg_reload_conf()").await;
+        wait_for(Duration::from_secs(10), || async {
+            let (fresh, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let now: String = fresh.query_one("SHOW synchronous_standby_names", &[]).await.unwrap().get(0);
+            now == names
+        })
+        .await;
+    }
+
     /// Runs walhook in this process with `extra` config and waits, as a user does, until its
     /// `/readyz` says it is ready and streams (not standing by); stop it with `InProcess::stop`.
     pub async fn start(&self, extra: &str) -> InProcess {
@@ -453,6 +467,11 @@ pub async fn wait_ready(ops: std::net::SocketAddr, how: Readiness) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A synchronous standby that is not there (for `synchronous_standby_names`).
+pub const ABSENT_STANDBY: &str = "walhook_absent_standby";
+/// Sessions whose commit waits for a synchronous standby.
+pub const SYNC_WAITS: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
 
 /// Polls `cond` until it holds; panics after `timeout`.
 pub async fn wait_for<F, Fut>(timeout: Duration, cond: F)
